@@ -1,0 +1,305 @@
+"""The FetalCLIP teacher and the MobileFetalCLIP student, built from timm towers.
+
+    model = create_model("mobilefetalclip")              # FastViT-MCi0 + 12-layer text tower, 74.9M
+    load_checkpoint(model, "mobileclip2_s0.pt")          # open_clip, Apple or our own checkpoints
+    image_features, text_features, logit_scale = model(images, tokens)
+
+Image towers come from `timm.create_model` (never with pretrained weights: every weight is loaded
+from a local file). The only thing timm lacks is the CLIP text tower, written here once for both
+models with open_clip's parameter names, so open_clip checkpoints load by name.
+"""
+import copy
+import math
+import os
+import re
+from collections import OrderedDict
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import fastvit, vision_transformer
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# image: timm model name + kwargs; text: width/layers/heads; causal: text attention mask or none.
+MODEL_CONFIGS = {
+    # FetalCLIP (SPEC 1): open_clip CLIP, ViT-L/14 with exact GELU, causal text tower, 427.6M.
+    "fetalclip": dict(image="vit_large_patch14_clip_224", image_kwargs={}, image_size=224,
+                      mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, embed_dim=768,
+                      text_width=768, text_layers=12, text_heads=12, causal=True),
+    # MobileFetalCLIP (SPEC 1): open_clip CustomTextCLIP "MobileCLIP2-S0", context 117, 74.9M.
+    "mobilefetalclip": dict(image="fastvit_mci0", image_kwargs={}, image_size=256,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=512,
+                            text_width=512, text_layers=12, text_heads=8, causal=False),
+    # Demo pair for the built-in synthetic benchmark on a CPU: same families, a fraction of the size.
+    # Teacher: a 6-layer CLIP-style ViT-S/8 at 64 px (22M with its text tower).
+    "demo_teacher": dict(image="vit_base_patch16_clip_224",
+                         image_kwargs=dict(img_size=64, patch_size=8, embed_dim=256, depth=6, num_heads=4),
+                         image_size=64, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, embed_dim=256,
+                         text_width=256, text_layers=4, text_heads=4, causal=True),
+    # Student: FastViT-T8 at 64 px with a 4-layer bidirectional text tower (10M, mostly token table).
+    "demo_student": dict(image="fastvit_t8", image_kwargs={}, image_size=64,
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=128,
+                         text_width=128, text_layers=4, text_heads=4, causal=False),
+}
+CONTEXT_LENGTH = 117  # FetalCLIP's text context (SPEC 1); MobileCLIP2 ships 77 and is resized
+VOCAB_SIZE = 49408
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block with open_clip's parameter names (ln_1, attn, ln_2, mlp.c_fc/c_proj)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)),
+            ("gelu", nn.GELU()),  # exact GELU, not QuickGELU (SPEC 1)
+            ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+
+    def forward(self, x, attn_mask=None):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    """CLIP text tower for both models: causal mask (FetalCLIP) or none at all (MobileCLIP2).
+
+    Pools at the first end token, found as the argmax of the ids (49407 is the largest id).
+    """
+
+    def __init__(self, width, layers, heads, embed_dim, causal, context_length=CONTEXT_LENGTH):
+        super().__init__()
+        self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = nn.ModuleDict(
+            {"resblocks": nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))})
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        mask = torch.full((context_length, context_length), float("-inf")).triu(1) if causal else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+        self.init_weights(width, layers)
+
+    def init_weights(self, width, layers):
+        # open_clip's initialisation, so the demo teacher trains from scratch as CLIP does
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def forward(self, tokens):  # (B, L) -> (B, D)
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, W)
+        mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
+        for block in self.transformer.resblocks:
+            x = block(x, attn_mask=mask)
+        x = self.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
+        return pooled @ self.text_projection
+
+
+class CLIP(nn.Module):
+    """A timm image tower, our text tower and a learnable temperature stored as a log."""
+
+    def __init__(self, name):
+        super().__init__()
+        cfg = MODEL_CONFIGS[name]
+        self.name, self.embed_dim, self.context_length = name, cfg["embed_dim"], CONTEXT_LENGTH
+        self.image_size, self.image_mean, self.image_std = cfg["image_size"], cfg["mean"], cfg["std"]
+        self.visual = timm.create_model(cfg["image"], pretrained=False, num_classes=cfg["embed_dim"],
+                                        **cfg["image_kwargs"])
+        if self.is_vit:  # open_clip's ViT projects without a bias; timm's converter would add zeros
+            self.visual.head = nn.Linear(self.visual.embed_dim, cfg["embed_dim"], bias=False)
+        self.text = TextTransformer(cfg["text_width"], cfg["text_layers"], cfg["text_heads"],
+                                    cfg["embed_dim"], cfg["causal"])
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @property
+    def is_vit(self):
+        """True when open_clip stores this image tower as its own ViT (`CLIP`), else as a timm trunk."""
+        return isinstance(self.visual, vision_transformer.VisionTransformer)
+
+    def encode_image(self, images):  # (B, 3, S, S) -> (B, D), unnormalised as in open_clip
+        return self.visual(images)
+
+    def encode_text(self, tokens):  # (B, L) -> (B, D), unnormalised
+        return self.text(tokens)
+
+    def forward(self, images, tokens):
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        return image_features, text_features, self.logit_scale.exp()
+
+
+def create_model(name):
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODEL_CONFIGS)}")
+    return CLIP(name)
+
+
+def reparameterize(model):
+    """An inference copy with FastViT's branches fused by timm (same outputs, fewer parameters)."""
+    return timm.utils.reparameterize_model(copy.deepcopy(model).eval())
+
+
+# ----------------------------------------------------------------------------- checkpoint formats
+# open_clip ViT <-> timm ViT names; timm's own converter does open_clip -> timm, this is the inverse.
+TIMM_TO_OPEN_CLIP_VIT = [
+    (r"^patch_embed\.proj\.", "conv1."), (r"^norm_pre\.", "ln_pre."), (r"^norm\.", "ln_post."),
+    (r"^blocks\.", "transformer.resblocks."), (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
+    (r"\.attn\.qkv\.", ".attn.in_proj_"), (r"\.attn\.proj\.", ".attn.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+]
+# Apple's MobileCLIP text encoder -> open_clip names (SPEC 1).
+APPLE_TO_OPEN_CLIP_TEXT = [
+    (r"^embedding_layer\.", "token_embedding."), (r"^final_layer_norm\.", "ln_final."),
+    (r"^positional_embedding\.pos_embed\.pos_embed$", "positional_embedding"),
+    (r"^projection_layer$", "text_projection"), (r"^transformer\.(\d+)\.", r"transformer.resblocks.\1."),
+    (r"\.pre_norm_mha\.0\.", ".ln_1."), (r"\.pre_norm_mha\.1\.qkv_proj\.", ".attn.in_proj_"),
+    (r"\.pre_norm_mha\.1\.out_proj\.", ".attn.out_proj."), (r"\.pre_norm_ffn\.0\.", ".ln_2."),
+    (r"\.pre_norm_ffn\.1\.", ".mlp.c_fc."), (r"\.pre_norm_ffn\.4\.", ".mlp.c_proj."),
+]
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def rename(state_dict, rules):
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def with_prefix(state_dict, prefix, strip=""):
+    """Keys starting with `strip`, re-prefixed by `prefix`."""
+    return {prefix + k[len(strip):]: v for k, v in state_dict.items() if k.startswith(strip)}
+
+
+def read_checkpoint(path):
+    """The file's tensors and metadata; never runs code (`weights_only=True`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickles with code, or not a torch file at all
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def unwrap_state_dict(checkpoint):
+    """A bare state dict from a project checkpoint, `{"state_dict": ...}` or DDP `module.` keys."""
+    state_dict = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def to_our_keys(state_dict, model):
+    """Convert open_clip (CLIP or CustomTextCLIP), Apple MobileCLIP or our own keys to ours."""
+    if any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):  # Apple
+        text = rename(with_prefix(state_dict, "", "text_encoder."), APPLE_TO_OPEN_CLIP_TEXT)
+        pos = "positional_embedding"
+        if pos in text:  # Apple stores it as (1, 1, L, W)
+            text[pos] = text[pos].reshape(-1, text[pos].shape[-1])
+        trunk = with_prefix(state_dict, "", "image_encoder.model.")
+        trunk = fastvit.checkpoint_filter_fn(trunk, model.visual)  # Apple's MCi names -> timm, if needed
+        rest = {k: v for k, v in state_dict.items() if k == "logit_scale"}
+        return {**with_prefix(trunk, "visual."), **with_prefix(text, "text."), **rest}
+    out = {k: v for k, v in state_dict.items() if not k.startswith(("visual.", "text.") + TEXT_KEYS)}
+    out.update({"text." + k: v for k, v in state_dict.items() if k.startswith(TEXT_KEYS)})  # CLIP
+    out.update(with_prefix(state_dict, "text.", "text."))  # CustomTextCLIP and ours
+    visual = with_prefix(state_dict, "visual.", "visual.")
+    if "visual.class_embedding" in visual:  # open_clip's own ViT -> timm, by timm's converter
+        visual = vision_transformer.checkpoint_filter_fn(visual, model.visual)
+        visual.pop("head.bias", None)  # timm adds zeros; open_clip has no bias
+        visual = with_prefix(visual, "visual.")
+    elif any(k.startswith("visual.trunk.") for k in visual):  # open_clip TimmModel
+        visual = with_prefix(visual, "visual.", "visual.trunk.")
+    out.update(visual)
+    return out
+
+
+def resize_text_positions(state_dict, context_length):
+    """MobileCLIP2 has 77 text positions; FetalCLIP uses 117: 1-D linear, align_corners=False."""
+    key = "text.positional_embedding"
+    positions = state_dict.get(key)
+    if positions is not None and positions.shape[0] != context_length:
+        resized = F.interpolate(positions.T[None].float(), size=context_length, mode="linear",
+                                align_corners=False)
+        state_dict[key] = resized[0].T.to(positions.dtype).contiguous()
+    return state_dict
+
+
+def load_checkpoint(model, path):
+    """Load any supported checkpoint into `model`; every key must be accounted for."""
+    state_dict = unwrap_state_dict(read_checkpoint(path))
+    state_dict = resize_text_positions(to_our_keys(state_dict, model), model.context_length)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit model {model.name!r}: "
+                         f"{len(missing)} missing keys {missing[:8]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, "
+                             f"model {model.name!r} expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state_dict)
+    return model
+
+
+def guess_model_name(state_dict):
+    """Name a model from its keys, for files that do not say (open_clip and Apple checkpoints)."""
+    state_dict = unwrap_state_dict(state_dict)
+    for key in ("token_embedding.weight", "text.token_embedding.weight",
+                "text_encoder.embedding_layer.weight"):
+        if key in state_dict:
+            width = state_dict[key].shape[1]
+            names = [n for n, cfg in MODEL_CONFIGS.items() if cfg["text_width"] == width]
+            if len(names) == 1:
+                return names[0]
+    raise ValueError("cannot tell which model this checkpoint holds; pass its name "
+                     f"(one of {sorted(MODEL_CONFIGS)})")
+
+
+def load_model(path, name=""):
+    """Build the model a checkpoint holds and load it; `name` overrides what the file says."""
+    checkpoint = read_checkpoint(path)
+    name = name or checkpoint.get("model_name", "") or guess_model_name(checkpoint)
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: model_name should be a string, got {name!r}")
+    return load_checkpoint(create_model(name), path)
+
+
+def save_open_clip(model, path):
+    """Write a state dict that open_clip loads: `CLIP` for ViT towers, `CustomTextCLIP` otherwise."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    text = with_prefix(state_dict, "", "text.")
+    visual = with_prefix(state_dict, "", "visual.")
+    if model.is_vit:
+        visual = rename(visual, TIMM_TO_OPEN_CLIP_VIT)
+        visual["class_embedding"] = visual.pop("cls_token").reshape(-1)
+        visual["positional_embedding"] = visual.pop("pos_embed")[0]
+        visual["proj"] = visual.pop("head.weight").T.contiguous()
+        out = {**with_prefix(visual, "visual."), **text}
+    else:
+        out = {**with_prefix(visual, "visual.trunk."), **with_prefix(text, "text.")}
+    out["logit_scale"] = state_dict["logit_scale"]
+    torch.save(out, path)

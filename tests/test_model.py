@@ -1,0 +1,202 @@
+"""model.py against open_clip itself: same weights in every file format give the same outputs."""
+import os
+import re
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+ATOL = 1e-4  # on unit-normalised features, fp32
+
+
+def open_clip_model(config_name, context_length):
+    """open_clip's own model, built from its bundled config with FetalCLIP's text context."""
+    cfg = open_clip.get_model_config(config_name)
+    cfg["text_cfg"]["context_length"] = context_length
+    custom_text = cfg.pop("custom_text", False)
+    torch.manual_seed(0)
+    net = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and temperature
+        for name, buffer in net.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+        net.logit_scale.fill_(3.3)
+    return net
+
+
+def random_tokens(batch, length, seed=0):
+    """[start, random ids, end, 0 ...] rows of different lengths, written without data.py."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    for row in range(batch):
+        n = int(torch.randint(1, length - 2, (1,), generator=generator))
+        tokens[row, 0] = 49406
+        tokens[row, 1:n + 1] = torch.randint(1, 49406, (n,), generator=generator)
+        tokens[row, n + 1] = 49407
+    return tokens
+
+
+def assert_same_outputs(ours, theirs, image_size, context_length=117):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, image_size, image_size)
+    tokens = random_tokens(3, context_length)
+    with torch.no_grad():
+        their_image = F.normalize(theirs.encode_image(images), dim=-1)
+        their_text = F.normalize(theirs.encode_text(tokens), dim=-1)
+        image_features, text_features, logit_scale = ours.eval()(images, tokens)
+    torch.testing.assert_close(image_features, their_image, atol=ATOL, rtol=0)
+    torch.testing.assert_close(text_features, their_text, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logit_scale, theirs.logit_scale.exp())
+    torch.testing.assert_close(logit_scale * image_features @ text_features.T,
+                               theirs.logit_scale.exp() * their_image @ their_text.T, atol=30 * ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_pair():
+    return open_clip_model("ViT-L-14", 117), M.create_model("fetalclip")
+
+
+@pytest.fixture(scope="module")
+def student_pair():
+    return open_clip_model("MobileCLIP2-S0", 117), M.create_model("mobilefetalclip")
+
+
+def envelopes(state_dict):
+    yield "bare", state_dict
+    yield "state_dict", {"state_dict": state_dict}
+    yield "module", {"state_dict": {"module." + k: v for k, v in state_dict.items()}}
+
+
+@pytest.mark.parametrize("pair", ["teacher_pair", "student_pair"])
+def test_open_clip_checkpoints_load_and_match(pair, request, tmp_path):
+    theirs, ours = request.getfixturevalue(pair)
+    for envelope, payload in envelopes(theirs.state_dict()):
+        path = tmp_path / f"{envelope}.pt"
+        torch.save(payload, path)
+        M.load_checkpoint(ours, str(path))
+        assert_same_outputs(ours, theirs, ours.image_size)
+
+
+def test_parameter_counts(teacher_pair, student_pair):
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    for theirs, ours, total, image in [(*teacher_pair, 427_647_233, 303_966_208),
+                                       (*student_pair, 74_855_553, 11_406_976)]:
+        assert count(theirs) == count(ours) == total
+        assert count(theirs.visual) == count(ours.visual) == image
+        assert len(theirs.state_dict()) == len(ours.state_dict())
+    assert count(M.reparameterize(student_pair[1]).visual) == 11_357_504
+
+
+@pytest.mark.parametrize("pair", ["teacher_pair", "student_pair"])
+def test_open_clip_loads_what_we_save(pair, request, tmp_path):
+    theirs, ours = request.getfixturevalue(pair)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in ours.parameters():  # weights unlike the fixture's, so the load must happen
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    path = tmp_path / "ours.pt"
+    M.save_open_clip(ours, str(path))
+    reloaded = open_clip_model("ViT-L-14" if ours.is_vit else "MobileCLIP2-S0", 117)
+    reloaded.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    reloaded.eval()
+    assert_same_outputs(ours, reloaded, ours.image_size)
+
+
+def to_apple_format(state_dict):
+    """open_clip MobileCLIP2 keys -> Apple's (the reverse of SPEC 1's table, written independently)."""
+    text_rules = [("token_embedding", "embedding_layer"), ("ln_final", "final_layer_norm"),
+                  ("text_projection", "projection_layer"), ("ln_1", "pre_norm_mha.0"),
+                  ("attn.in_proj_", "pre_norm_mha.1.qkv_proj."), ("attn.out_proj", "pre_norm_mha.1.out_proj"),
+                  ("ln_2", "pre_norm_ffn.0"), ("mlp.c_fc", "pre_norm_ffn.1"), ("mlp.c_proj", "pre_norm_ffn.4")]
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("visual.trunk."):
+            key = "image_encoder.model." + key[len("visual.trunk."):]
+        elif key == "text.positional_embedding":
+            key, value = "text_encoder.positional_embedding.pos_embed.pos_embed", value[None, None]
+        elif key.startswith("text."):
+            key = "text_encoder." + key[len("text."):]
+            key = re.sub(r"transformer\.resblocks\.(\d+)\.", r"transformer.\1.", key)
+            for old, new in text_rules:
+                key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def test_apple_format_and_77_to_117_resize(tmp_path, student_pair):
+    """A 77-position MobileCLIP2 file, in open_clip's and in Apple's format, vs open_clip's resize."""
+    _, ours = student_pair
+    source = open_clip_model("MobileCLIP2-S0", 77)
+    open_clip_path, apple_path = tmp_path / "open_clip77.pt", tmp_path / "apple77.pt"
+    torch.save(source.state_dict(), open_clip_path)
+    torch.save(to_apple_format(source.state_dict()), apple_path)
+    reference = open_clip_model("MobileCLIP2-S0", 117)
+    open_clip.load_checkpoint(reference, str(open_clip_path))  # open_clip's own 77 -> 117 resize
+    for path in (open_clip_path, apple_path):
+        M.load_checkpoint(ours, str(path))
+        torch.testing.assert_close(ours.text.positional_embedding, reference.text.positional_embedding)
+        assert_same_outputs(ours, reference.eval(), ours.image_size)
+
+
+def test_reparameterised_student_matches(student_pair):
+    _, ours = student_pair
+    fused = M.reparameterize(ours)
+    images = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        expected = F.normalize(ours.eval().encode_image(images), dim=-1)
+        actual = F.normalize(fused.encode_image(images), dim=-1)
+    assert (actual - expected).abs().max() <= ATOL
+
+
+def test_load_model_names_the_model_from_the_file(tmp_path):
+    source = M.create_model("demo_student")
+    torch.save({"model": source.state_dict(), "model_name": "demo_student"}, tmp_path / "ours.pt")
+    assert M.load_model(str(tmp_path / "ours.pt")).name == "demo_student"
+    M.save_open_clip(source, str(tmp_path / "open_clip.pt"))  # no name inside: guessed from widths
+    loaded = M.load_model(str(tmp_path / "open_clip.pt"))
+    assert loaded.name == "demo_student"
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_key_and_shape_errors_name_the_problem(tmp_path):
+    net = M.create_model("demo_student")
+    state_dict = net.state_dict()
+    state_dict.pop("text.ln_final.weight")
+    state_dict["visual.extra"] = torch.zeros(1)
+    torch.save(state_dict, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"text\.ln_final\.weight.*visual\.extra"):
+        M.load_checkpoint(net, str(tmp_path / "bad.pt"))
+    state_dict = net.state_dict()
+    state_dict["logit_scale"] = torch.zeros(2)
+    torch.save(state_dict, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"logit_scale has shape \(2,\)"):
+        M.load_checkpoint(net, str(tmp_path / "shape.pt"))
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        M.load_checkpoint(net, str(tmp_path / "nowhere.pt"))
+    with pytest.raises(ValueError, match="unknown model 'vit_huge'"):
+        M.create_model("vit_huge")
+
+
+class RunsCode:
+    """An object whose unpickling would execute a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"logit_scale": torch.zeros(())}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match="weights-only"):
+        M.load_checkpoint(M.create_model("demo_student"), str(path))
+    assert not marker.exists()
