@@ -1,0 +1,409 @@
+"""data.py: tokenizer parity with open_clip, readers of the real formats, the synthetic benchmark,
+coupled augmentation and the training loader. CPU, small files written here, fixed seeds."""
+import io
+import json
+import math
+import os
+import random
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+STUDENT, TEACHER = (256, *IMAGENET), (224, *CLIP)
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer(context_length=117)
+
+
+def protocol_prompts():
+    with open(os.path.join(ROOT, "zero_shot_prompts.json")) as f:
+        prompts = json.load(f)
+    texts = [p for group in ("five_planes", "brain_subplanes") for ps in prompts[group].values() for p in ps]
+    for template in prompts["ga_templates"]:
+        for spacing in (0.28, 1.0, 2.875, 12.5 * 0.0691358041432):
+            texts += [template.format(weeks=w, day=d, pixel_spacing=f"{spacing:.2f}")
+                      for w in range(14, 39) for d in range(7)]
+    return texts
+
+
+def varied_captions(n, seed=0):
+    """Captions mixing protocol wording, numbers, punctuation, unicode, HTML entities and odd spacing."""
+    rng = random.Random(seed)
+    words = " ".join(protocol_prompts()[:45]).split()
+    pieces = ["café", "naïve", "Ñandú", "Straße", "胎儿超声图像", "頭囲", "👶🏽", "❤️", "🩺", "мозг", "دماغ",
+              "ελληνικά", "’s", "don’t", "“quoted”", "‘single’", "it's", "WE'RE", "I'LL", "they'd", "&amp;",
+              "&lt;b&gt;",
+              "&#39;", "&quot;x&quot;", "&nbsp;", "&amp;amp;", "&eacute;", "Ã©tÃ©", "\u0345", "ᾳ", "ſ", "K",
+              "<end_of_text>", "!!<start_of_text>", "x<end_of_text>y", "it'ſ", "<ſtart_of_text>", "mm/pixel",
+              "3.14", "-2.5e-3", "1,000",
+              "42", "0.07", "#1", "@user", "a_b-c", "...", "?!", "(14w+6d)", "[x]", "{y}", "100%", "$5", "~",
+              "\t", "\n", "  ", "\r\n", "\u00a0", "\u3000", "İstanbul", "ǅ", "ﬁne", "Ⅻ", "²", "½", "٣"]
+    texts = ["", "   ", "\n\t", "a" * 400, " ".join(["fetal"] * 200), "<start_of_text>", "<end_of_text>"]
+    while len(texts) < n:
+        parts = [rng.choice(pieces) if rng.random() < 0.4 else rng.choice(words) for _ in range(rng.randint(1, 60))]
+        if rng.random() < 0.3:
+            parts = [p.upper() if rng.random() < 0.3 else p for p in parts]
+        texts.append(rng.choice(["", " ", "  ", "\n"]).join(parts) if rng.random() < 0.2 else " ".join(parts))
+    return texts
+
+
+def test_tokenizer_matches_open_clip_on_protocol_prompts(reference_tokenizer):
+    texts = protocol_prompts()
+    assert len(texts) > 3500
+    torch.testing.assert_close(data.tokenize(texts), reference_tokenizer(texts), rtol=0, atol=0)
+
+
+def test_tokenizer_matches_open_clip_on_varied_captions(reference_tokenizer):
+    texts = varied_captions(1200)
+    ours = data.tokenize(texts)
+    torch.testing.assert_close(ours, reference_tokenizer(texts), rtol=0, atol=0)
+    assert (ours[:, -1] == data.EOT).sum() > 20  # over-long texts were cut with the end token last
+    for length in (8, 77):
+        torch.testing.assert_close(data.tokenize(texts[:200], length), reference_tokenizer(texts[:200], length),
+                                   rtol=0, atol=0)
+
+
+def test_tokenizer_shape_and_special_ids():
+    tokens = data.tokenize("Fetal brain")
+    assert tokens.shape == (1, 117) and tokens.dtype == torch.long
+    assert tokens[0, 0] == 49406 and tokens[0, 3] == 49407 and tokens[0, 4:].eq(0).all()
+    ids = set(data.clip_tokenizer().get_vocab().values())  # joined special-token pieces reuse the special ids
+    assert len(ids) == 49408 and max(ids) == 49407
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def write_planes(root, rows, header="Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train ", images=True):
+    os.makedirs(os.path.join(root, "Images"), exist_ok=True)
+    with open(os.path.join(root, "FETAL_PLANES_DB_data.csv"), "w") as f:
+        f.write(header + "\n" + "".join(";".join(r) + "\n" for r in rows))
+    for r in rows if images else []:
+        Image.new("L", (40, 30), 100).save(os.path.join(root, "Images", r[0] + ".png"))
+
+
+PLANES_ROWS = [["Patient00001_Plane1_1_of_15", "1", "Other", "Not A Brain", "Other", "Aloka", "1"],
+               ["Patient00002_Plane3_1_of_2", "2", "Fetal brain", "Trans-thalamic", "Op. 3", "Voluson E6", "0"]]
+
+
+def test_read_planes_db(tmp_path):
+    write_planes(tmp_path, PLANES_ROWS)
+    rows = data.read_planes_db(tmp_path)
+    assert [(r["image_name"], r["patient"], r["plane"], r["brain_plane"], r["train"]) for r in rows] == [
+        ("Patient00001_Plane1_1_of_15", 1, "Other", "Not A Brain", True),
+        ("Patient00002_Plane3_1_of_2", 2, "Fetal brain", "Trans-thalamic", False)]
+    assert rows[1]["path"] == os.path.join(tmp_path, "Images", "Patient00002_Plane3_1_of_2.png")
+    assert rows[1]["operator"] == "Op. 3" and rows[1]["us_machine"] == "Voluson E6"
+
+
+def test_read_planes_db_errors(tmp_path):
+    write_planes(tmp_path, [r[:3] + r[4:] for r in PLANES_ROWS],
+                 header="Image_name;Patient_num;Plane;Operator;US_Machine;Train ")
+    with pytest.raises(ValueError, match="Brain_plane") as error:
+        data.read_planes_db(tmp_path)
+    assert "FETAL_PLANES_DB_data.csv" in str(error.value)
+    write_planes(tmp_path / "no_images", PLANES_ROWS, images=False)
+    with pytest.raises(FileNotFoundError, match="Patient00001_Plane1_1_of_15.png"):
+        data.read_planes_db(tmp_path / "no_images")
+    with pytest.raises(FileNotFoundError, match="FETAL_PLANES_DB_data.csv"):
+        data.read_planes_db(tmp_path / "nowhere")
+
+
+def write_hc18(root, lines, images=("000_HC.png", "001_2HC.png")):
+    os.makedirs(os.path.join(root, "training_set"), exist_ok=True)
+    with open(os.path.join(root, "training_set_pixel_size_and_HC.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    for name in images:
+        Image.new("L", (800, 540)).save(os.path.join(root, "training_set", name))
+
+
+def test_read_hc18(tmp_path):
+    write_hc18(tmp_path, ["filename,pixel size(mm),head circumference (mm)", "000_HC.png,0.0691358041432,44.3",
+                          "001_2HC.png,0.0891,56.81"])
+    rows = data.read_hc18(tmp_path)
+    assert [(r["filename"], r["pixel_size"], r["hc"]) for r in rows] == [("000_HC.png", 0.0691358041432, 44.3),
+                                                                         ("001_2HC.png", 0.0891, 56.81)]
+    assert rows[0]["path"] == os.path.join(tmp_path, "training_set", "000_HC.png")
+
+
+def test_read_hc18_errors(tmp_path):
+    write_hc18(tmp_path, ["filename,pixel size(mm)", "000_HC.png,0.07"])
+    with pytest.raises(ValueError, match="head circumference"):
+        data.read_hc18(tmp_path)
+    write_hc18(tmp_path, ["filename,pixel size(mm),head circumference (mm)", "000_HC.png,0.07,abc"])
+    with pytest.raises(ValueError, match="row 2.*head circumference.*abc"):
+        data.read_hc18(tmp_path)
+    write_hc18(tmp_path, ["filename,pixel size(mm),head circumference (mm)", "005_HC.png,0.07,50"])
+    with pytest.raises(FileNotFoundError, match="005_HC.png"):
+        data.read_hc18(tmp_path)
+
+
+# ----------------------------------------------------------------------------- shards and loader
+
+
+def encoded(image, fmt):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_shard(path, samples):
+    """samples: [(key, {extension: bytes})] -> a tar in WebDataset layout."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for extension, payload in files.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def smooth_image(seed, size=(120, 90)):
+    """A smooth test scan: bright shapes on a gradient, blurred (little aliasing when resized)."""
+    rng = random.Random(seed)
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = rng.randrange(size[0] - 30), rng.randrange(size[1] - 30)
+        draw.ellipse([x, y, x + rng.randrange(10, 30), y + rng.randrange(10, 30)], fill=(255, rng.randrange(256), 60))
+    return image.filter(ImageFilter.GaussianBlur(2))
+
+
+def good_sample(i, fmt="PNG"):
+    extension = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}[fmt]
+    return f"{i:06d}", {extension: encoded(smooth_image(i), fmt), "txt": f"Fetal ultrasound number {i}.".encode()}
+
+
+def make_shards(folder, n_shards, per_shard):
+    os.makedirs(folder, exist_ok=True)
+    for s in range(n_shards):
+        write_shard(os.path.join(folder, f"train-{s:06d}.tar"),
+                    [good_sample(s * per_shard + i) for i in range(per_shard)])
+    return os.path.join(folder, f"train-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def epoch_keys(urls, **kw):
+    kw = dict(dict(batch_size=1, return_keys=True, shuffle_buffer=4), **kw)
+    return [k for batch in data.train_loader(urls, (32, *IMAGENET), (24, *CLIP), **kw) for k in batch[3]]
+
+
+def test_expand_urls_and_count(tmp_path):
+    pattern = make_shards(tmp_path, 3, 2)
+    assert data.expand_urls(pattern) == [os.path.join(tmp_path, f"train-{s:06d}.tar") for s in range(3)]
+    assert data.expand_urls(str(tmp_path)) == data.expand_urls(pattern)
+    assert data.count_samples(pattern) == 6
+    with pytest.raises(FileNotFoundError, match="train-000003.tar"):
+        data.expand_urls(os.path.join(tmp_path, "train-{000002..000003}.tar"))
+
+
+def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, capsys):
+    samples = [good_sample(0, "PNG"), good_sample(1, "JPEG"),
+               ("000002", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"broken"}),
+               ("000003", {"png": encoded(smooth_image(3), "PNG")}), good_sample(4, "WEBP")]
+    write_shard(tmp_path / "a.tar", samples)
+    (tmp_path / "b.tar").write_bytes(b"this is not a tar file" * 40)  # a broken shard
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    for workers in (0, 2):  # in workers, the counts travel back through shared memory
+        loader = data.train_loader(urls, STUDENT, TEACHER, 1, num_workers=workers, return_keys=True)
+        assert sorted(k for batch in loader for k in batch[3]) == ["000000", "000001", "000004"]
+        assert loader.skipped == {"image": 1, "caption": 1, "shard": 1}
+        assert "1 unreadable or missing images, 1 missing captions, 1 broken shards" in capsys.readouterr().err
+
+
+def test_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
+    for n_shards, per_shard in ((4, 3), (1, 12)):  # split by shard, then by sample (fewer shards than readers)
+        urls = make_shards(tmp_path / f"{n_shards}", n_shards, per_shard)
+        ranks = [epoch_keys(urls, rank=r, world_size=2, seed=3) for r in range(2)]
+        assert not set(ranks[0]) & set(ranks[1])
+        assert sorted(ranks[0] + ranks[1]) == [f"{i:06d}" for i in range(12)]
+        assert len(ranks[0]) == len(ranks[1]) == 6
+    # two workers on each of two ranks: four readers, one shard each
+    urls = make_shards(tmp_path / "w", 4, 3)
+    ranks = [epoch_keys(urls, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == [f"{i:06d}" for i in range(12)]
+
+
+def test_fixed_epoch_length_and_resampling(tmp_path):
+    urls = make_shards(tmp_path, 3, 4)
+    for rank in range(2):  # 30 samples over 2 ranks: 15 batches each, wrapping around the 6 per rank
+        assert len(epoch_keys(urls, rank=rank, world_size=2, samples_per_epoch=30)) == 15
+    loader = data.train_loader(urls, STUDENT, None, 4, samples_per_epoch=20, resampled=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 5 and batches[0][1] is None and batches[0][0].shape == (4, 3, 256, 256)
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        data.train_loader(urls, STUDENT, None, 4, resampled=True)
+
+
+def test_loader_replays_views_from_seed_epoch_key(tmp_path):
+    urls = make_shards(tmp_path, 2, 3)
+    raw = {f"{i:06d}": smooth_image(i) for i in range(6)}
+    loader = data.train_loader(urls, STUDENT, TEACHER, 2, seed=7, epoch=1, return_keys=True)
+    student, teacher, tokens, keys = next(iter(loader))
+    assert student.shape == (2, 3, 256, 256) and teacher.shape == (2, 3, 224, 224) and tokens.shape == (2, 117)
+    for i, key in enumerate(keys):  # the same (seed, epoch, key) replays the identical views
+        params = data.augment_params(7, 1, key)
+        replay = data.coupled_views(data.pad_to_square(Image.open(io.BytesIO(encoded(raw[key], "PNG"))).convert("RGB")),
+                                    params, [STUDENT, TEACHER])
+        assert torch.equal(replay[0], student[i]) and torch.equal(replay[1], teacher[i])
+        torch.testing.assert_close(tokens[i], data.tokenize(f"Fetal ultrasound number {int(key)}.")[0])
+    assert [k for batch in loader for k in batch[3]] == [k for batch in loader for k in batch[3]]  # same order
+    loader.set_epoch(2)  # another epoch: the same key gets another draw
+    again = {k: s for batch in loader for k, s in zip(batch[3], batch[0])}
+    assert not torch.equal(again[keys[0]], student[0])
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_pad_to_square_centres_on_black():
+    image = Image.new("L", (6, 2), 200)
+    square = np.asarray(data.pad_to_square(image))
+    assert square.shape == (6, 6)  # grayscale stays grayscale
+    assert (square[2:4] == 200).all() and (square[:2] == 0).all() and (square[4:] == 0).all()
+    square = np.asarray(data.pad_to_square(Image.new("RGBA", (3, 5), (9, 9, 9, 255))))
+    assert square.shape == (5, 5, 3) and square[:, [0, 4]].sum() == 0 and (square[:, 1:4] == 9).all()
+
+
+def test_eval_transform_matches_manual_pipeline():
+    image = smooth_image(1, (80, 50))
+    ours = data.eval_transform(32, *CLIP)(image)
+    square = Image.new("RGB", (80, 80))
+    square.paste(image, (0, 15))
+    manual = np.asarray(square.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255
+    manual = torch.from_numpy(manual).permute(2, 0, 1)
+    manual = (manual - torch.tensor(CLIP[0])[:, None, None]) / torch.tensor(CLIP[1])[:, None, None]
+    torch.testing.assert_close(ours, manual)
+
+
+def test_grayscale_path_equals_rgb():
+    gray = smooth_image(2, (90, 60)).convert("L")
+    params = data.augment_params(0, 0, "g")
+    for a, b in zip(data.coupled_views(data.pad_to_square(gray), params, [STUDENT, TEACHER]),
+                    data.coupled_views(data.pad_to_square(gray.convert("RGB")), params, [STUDENT, TEACHER])):
+        assert torch.equal(a, b)
+    assert torch.equal(data.eval_transform(64, *CLIP)(gray), data.eval_transform(64, *CLIP)(gray.convert("RGB")))
+
+
+def unnormalise(view, mean, std):
+    return view * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+
+
+def test_coupled_views_share_geometry():
+    square = data.pad_to_square(smooth_image(5, (200, 140)))
+    params = data.augment_params(0, 0, "000005")
+    params.update(angle=6.0, translate=(0.04, -0.03))  # a clearly visible transformation
+    student, teacher = data.coupled_views(square, params, [STUDENT, TEACHER])
+    student = F.interpolate(unnormalise(student, *IMAGENET)[None], size=224, mode="bilinear", antialias=True)[0]
+    teacher = unnormalise(teacher, *CLIP)
+    error = (student - teacher).abs().mean()  # ~0.002: interpolation only
+    assert error < 0.004
+    for other in (dict(params, angle=5.0), dict(params, translate=(0.04 + 2 / 224, -0.03))):  # 1 degree, 2 pixels off
+        moved = unnormalise(data.coupled_views(square, other, [TEACHER])[0], *CLIP)
+        assert (moved - teacher).abs().mean() > 2 * error
+
+
+def test_augment_params_pure_and_in_range():
+    a, b = data.augment_params(1, 3, "k"), data.augment_params(1, 3, "k")
+    assert a == b
+    assert all(a != data.augment_params(*other) for other in ((1, 4, "k"), (2, 3, "k"), (1, 3, "j")))
+    draws = [data.augment_params(0, 0, str(i)) for i in range(300)]
+    assert max(abs(d["angle"]) for d in draws) <= 7 and max(abs(d["angle"]) for d in draws) > 6.5
+    assert max(abs(t) for d in draws for t in d["translate"]) <= 0.05
+    assert all(0.85 <= f <= 1.15 for d in draws for f in d["factors"])
+    assert len({tuple(d["order"]) for d in draws}) == 6
+
+
+# ----------------------------------------------------------------------------- synthetic benchmark
+
+TINY = dict(n_train=7, n_planes=42, n_hc18=3, width=64, height=48, shard_size=4)
+
+
+def files_of(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
+
+
+def test_generator_is_deterministic(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        data.generate(str(tmp_path / name), seed=seed, **TINY)
+    a, b, c = (files_of(tmp_path / n) for n in "abc")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+
+
+def test_generator_output_reads_back(tmp_path):
+    data.generate(str(tmp_path), seed=0, **TINY)
+    rows = data.read_planes_db(tmp_path / "planes")
+    assert len(rows) == 42
+    assert {r["plane"] for r in rows} == {"Fetal brain", "Fetal abdomen", "Fetal thorax", "Fetal femur",
+                                          "Maternal cervix", "Other"}
+    brain = [r["brain_plane"] for r in rows if r["plane"] == "Fetal brain"]
+    assert len(brain) == 14 and sorted(set(brain)) == ["Other", "Trans-cerebellum", "Trans-thalamic",
+                                                       "Trans-ventricular"]
+    assert {r["brain_plane"] for r in rows if r["plane"] != "Fetal brain"} == {"Not A Brain"}
+    assert {r["train"] for r in rows} == {True, False} and len({r["patient"] for r in rows}) == 9
+    assert Image.open(rows[0]["path"]).size == (64, 48)
+    hc18 = data.read_hc18(tmp_path / "hc18")
+    assert len(hc18) == 3 and all(Image.open(r["path"]).size == (800, 540) for r in hc18)
+    assert all(80 < r["hc"] < 360 and 0.05 < r["pixel_size"] < 0.6 for r in hc18)
+    urls = data.demo_shards(str(tmp_path))
+    assert len(data.expand_urls(urls)) == 2 and data.count_samples(urls) == 7
+    batches = list(data.train_loader(urls, (32, *IMAGENET), (24, *CLIP), 7))
+    assert len(batches) == 1 and batches[0][0].shape == (7, 3, 32, 32)
+
+
+def test_ga_curve_matches_spec():
+    # SPEC 4 q500, computed here from the printed coefficients
+    q500 = lambda d: math.exp(2.09924879247164 + 0.253373656106037 * d / 7 - 6.05647816678282e-3 * (d / 7) ** 2
+                              + 5.14256072059917e-5 * (d / 7) ** 3)
+    for days in (98, 140, 203, 266):
+        assert data.hc_median(days) == pytest.approx(q500(days), rel=1e-12)
+    assert 95 < data.hc_median(98) < 105 and 320 < data.hc_median(266) < 340
+
+
+def test_head_is_drawn_to_scale():
+    """The drawn head's mid-skull ellipse has the requested circumference at the pixel spacing."""
+    y, x = np.mgrid[0:540, 0:800].astype(np.float32)
+    for hc, mm_per_px in ((180.0, 0.2), (300.0, 0.3)):
+        tissue = np.full((540, 800), -1.0, np.float32)  # sentinel: untouched
+        data.draw_anatomy(tissue, x, y, np.random.default_rng(0), "brain", "", hc, 1 / mm_per_px)
+        outer = ((tissue != -1) & (tissue != np.float32(0.06))).sum()  # skull and inside
+        inner = (outer - (tissue == np.float32(0.95)).sum())  # inside the skull
+        a = math.sqrt((outer + inner) / 2 / (math.pi * 0.8))  # mid-skull semi-major axis, b = 0.8 a
+        t = np.linspace(0, 2 * math.pi, 100001)  # perimeter by numerical integration
+        perimeter = np.trapezoid(np.hypot(a * np.sin(t), 0.8 * a * np.cos(t)), t)
+        assert perimeter * mm_per_px == pytest.approx(hc, rel=0.02)
+
+
+def test_captions_follow_protocol_wording():
+    rng = np.random.default_rng(0)
+    caption = data.make_caption(rng, "brain", "trans-thalamic", ga_days=22 * 7 + 3, spacing=1.4)
+    assert "22 weeks" in caption and "3 days" in caption and "1.40 mm/pixel" in caption and "brain" in caption
+    assert "heart" in data.make_caption(rng, "heart", None)
+
+
+def test_apply_overrides():
+    config = data.apply_overrides({"seed": 0, "scale": 1.5, "out": "x", "bench": False},
+                                  ["--seed=3", "--scale=2", "--out=a=b", "--bench"])
+    assert config == {"seed": 3, "scale": 2.0, "out": "a=b", "bench": True} and type(config["scale"]) is float
+    with pytest.raises(SystemExit, match="valid keys: --seed"):
+        data.apply_overrides({"seed": 0}, ["--sed=1"])
+    with pytest.raises(SystemExit, match="--seed: expected int"):
+        data.apply_overrides({"seed": 0}, ["--seed=1.5"])
+    with pytest.raises(SystemExit, match="--out needs a value"):
+        data.apply_overrides({"out": "x"}, ["--out"])
