@@ -1,0 +1,123 @@
+"""train.py run as a user runs it (subprocesses), on a tiny synthetic benchmark."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 8  # per-rank micro-batch; the tiny benchmark has shards of exactly this many pairs
+
+
+def run_train(*args, nproc=1, check=True):
+    """python train.py ARGS (or torchrun with nproc processes); returns the finished process."""
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    process = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=environment,
+                             capture_output=True, text=True, timeout=300)
+    if check and process.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
+    return process
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data.generate(str(root / "data"), seed=0, n_train=64, n_planes=42, n_hc18=6, width=96, height=72,
+                  shard_size=BATCH)
+    return root
+
+
+def common(bench, out, *extra):
+    folder = bench / "data"
+    return (f"--data_dir={folder}", f"--out_dir={out}", "--num_workers=0", "--log_interval=1", *extra)
+
+
+@pytest.fixture(scope="module")
+def demo_run(bench):
+    """The demo pipeline at a tiny size: demo teacher trained with CLIP first, then distillation."""
+    process = run_train(*common(bench, bench / "out", "--epochs=1", "--demo_teacher_epochs=1",
+                                f"--batch_size={2 * BATCH}"))
+    return bench / "out", process.stdout
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(path_a, path_b, atol=0.0):
+    a, b = weights(path_a), weights(path_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def test_config_errors_name_the_key_and_the_type():
+    unknown = run_train("--beta=2", check=False)
+    assert unknown.returncode != 0
+    assert "unknown config key 'beta'" in unknown.stderr and "beta0" in unknown.stderr  # lists valid keys
+    # an int where the default is a float, '=' inside a value, then a float where an int is expected
+    typed = run_train("--beta0=2", "--r=-0.8", "--wandb_project=a=b", "--epochs=1.5", check=False)
+    assert "overriding: beta0 = 2.0" in typed.stdout and "overriding: r = -0.8" in typed.stdout
+    assert "overriding: wandb_project = 'a=b'" in typed.stdout
+    assert typed.returncode != 0 and "--epochs=1.5: expected a int (default 4)" in typed.stderr
+
+
+def test_demo_pipeline_end_to_end(demo_run):
+    out, stdout = demo_run
+    for path in ("demo_teacher/best.pt", "demo_teacher/ckpt.pt", "best.pt", "ckpt.pt", "log.jsonl"):
+        assert (out / path).exists(), path
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["config"]["mode"] == "selective" and lines[0]["config"]["beta0"] == 2.0
+    steps = [line for line in lines if "loss" in line]
+    assert steps and set(steps[0]) >= {"step", "loss", "clip", "kd_diag", "kd_off", "weight", "lr",
+                                       "logit_scale", "samples_per_s"}
+    assert steps[0]["weight"] == pytest.approx(2.0)  # beta(0) = beta0
+    assert any("eval" in line for line in lines)
+    assert "(teacher)" in stdout and "(best)" in stdout  # side-by-side summary
+    checkpoint = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["config"]["student"] == "demo_student" and "avg" in checkpoint["metrics"]
+    student = M.load_model(str(out / "best.pt"))  # what evaluate.py does
+    assert student.name == "demo_student"
+
+
+def test_resume_continues_exactly(bench, demo_run):
+    out, _ = demo_run
+    teacher = f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"
+    flags = ("--eval_every=0", "--epochs=2", f"--batch_size={BATCH}", "--grad_accum=2", "--shuffle_buffer=10",
+             "--warmup_steps=1", teacher)
+    run_train(*common(bench, bench / "straight", *flags, "--max_steps=4"))
+    run_train(*common(bench, bench / "resumed", *flags, "--max_steps=2"))
+    resumed = run_train(*common(bench, bench / "resumed", *flags, "--max_steps=4", "--resume=True"))
+    assert "resuming" in resumed.stdout
+    assert_same_weights(bench / "straight" / "ckpt.pt", bench / "resumed" / "ckpt.pt")
+    state = torch.load(bench / "resumed" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert state["opt_step"] == 4 and state["step"] == 8
+
+
+def test_two_gloo_processes_equal_one_process(bench, demo_run):
+    """Each rank reads one 8-pair shard per step, one process reads both: the same 16 pairs in the
+    same order. The student has LayerNorm only, so no BatchNorm sees per-rank statistics."""
+    out, _ = demo_run
+    flags = ("--eval_every=0", "--student=tiny_vit", f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
+             f"--batch_size={2 * BATCH}", "--shuffle_buffer=1", "--max_steps=2", "--warmup_steps=1")
+    run_train(*common(bench, bench / "one", *flags))
+    run_train(*common(bench, bench / "two", *flags), nproc=2)
+    assert_same_weights(bench / "one" / "ckpt.pt", bench / "two" / "ckpt.pt", atol=1e-5)
+
+
+def test_non_finite_losses_stop_the_run(bench, demo_run):
+    out, _ = demo_run
+    process = run_train(*common(bench, bench / "diverged", "--eval_every=0", "--learning_rate=1e30",
+                                "--warmup_steps=0", f"--batch_size={BATCH}", "--max_bad_steps=2",
+                                f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), check=False)
+    assert process.returncode != 0
+    assert "non-finite loss" in process.stdout + process.stderr
+    assert "non-finite losses in a row; the last good checkpoint is none yet" in process.stderr
+    assert not (bench / "diverged" / "ckpt.pt").exists()  # nothing diverged was saved
