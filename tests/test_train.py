@@ -20,7 +20,7 @@ def run_train(*args, nproc=1, check=True):
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     process = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=environment,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=900)
     if check and process.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
     return process
@@ -121,3 +121,21 @@ def test_non_finite_losses_stop_the_run(bench, demo_run):
     assert "non-finite loss" in process.stdout + process.stderr
     assert "non-finite losses in a row; the last good checkpoint is none yet" in process.stderr
     assert not (bench / "diverged" / "ckpt.pt").exists()  # nothing diverged was saved
+
+
+def test_paper_configuration_with_the_real_architectures(bench, tmp_path):
+    """Two optimiser steps of --preset=paper with FetalCLIP and MobileFetalCLIP at their real sizes
+    (random weights, the teacher saved in open_clip's format), batch 2, CPU fp32; evaluate.py's
+    loader reads the result."""
+    teacher_path = tmp_path / "fetalclip_open_clip.pt"
+    torch.manual_seed(0)
+    M.save_open_clip(M.create_model("fetalclip"), str(teacher_path))
+    out = tmp_path / "paper"
+    process = run_train(*common(bench, out, "--preset=paper", f"--teacher_ckpt={teacher_path}", "--batch_size=2",
+                                "--max_steps=2", "--dtype=float32", "--eval_every=0", "--num_workers=0"))
+    assert "mobilefetalclip <- " in process.stdout and "micro-batches of 2" in process.stdout
+    checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["opt_step"] == 2 and checkpoint["step"] == 4  # 2 accumulation steps each
+    assert checkpoint["config"]["learning_rate"] == 1e-5 and checkpoint["config"]["teacher"] == "fetalclip"
+    student = M.load_model(str(out / "ckpt.pt"))  # as evaluate.py loads a checkpoint
+    assert student.name == "mobilefetalclip"
