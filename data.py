@@ -6,6 +6,8 @@ ultrasound benchmark written in exactly the real formats.
     python data.py                                # writes data/demo: shards/ planes/ hc18/
     python data.py --out=data/big --seed=1 --n_train=20000
     python data.py --bench                        # coupled two-view samples/s, one worker, 800x540 PNGs
+    python data.py cache --teacher_ckpt=FetalCLIP_weights.pt --train_data='shards/{000000..000123}.tar' \
+        --augs=4 --out=teacher_cache                # the teacher's embeddings, once, for train.py --teacher_cache
 
 Tokenizer data: bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), copied
 byte for byte from open_clip_torch 3.3.0 (open_clip/bpe_simple_vocab_16e6.txt.gz). The 49,408-entry
@@ -13,12 +15,14 @@ vocabulary is built from it at load time exactly as CLIP does: 256 byte characte
 '</w>', the first 48,894 merges, <start_of_text> and <end_of_text>.
 """
 import ast
+import contextlib
 import csv
 import functools
 import gzip
 import hashlib
 import html
 import io
+import json
 import math
 import os
 import random
@@ -32,8 +36,11 @@ import tokenizers
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+import tqdm
 import webdataset as wds
 from PIL import Image, ImageFilter
+
+import model as model_lib
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # loader workers fork after tokenizing
 
@@ -250,7 +257,22 @@ def coupled_views(square, params, views):
 # training loader
 
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
-SKIP_REASONS = ("image", "caption", "shard")  # unreadable/missing image, missing caption, broken tar
+SKIP_REASONS = ("image", "caption", "shard", "uncached")  # ... broken tar, no teacher-cache entry
+
+
+def decode_sample(sample):
+    """A raw WebDataset sample -> (PIL image, caption), or the SKIP_REASONS index of why not."""
+    image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except (KeyError, UnicodeDecodeError):
+        caption = ""
+    try:
+        image = Image.open(io.BytesIO(sample[image_key]))
+        image = image.convert("L" if image.mode == "L" else "RGB")  # loads: raises when corrupt
+    except Exception:  # missing or unreadable: PIL raises several types
+        return 0
+    return (image, caption) if caption else 1
 
 
 class CoupledShards(torch.utils.data.IterableDataset):
@@ -259,8 +281,9 @@ class CoupledShards(torch.utils.data.IterableDataset):
     shards than readers), shuffles through a buffer and batches."""
 
     def __init__(self, urls, views, batch_size, context_length, seed, epoch, samples_per_epoch, resampled,
-                 shuffle_buffer, rank, world_size, num_workers, return_keys):
+                 shuffle_buffer, rank, world_size, num_workers, return_keys, cache):
         self.urls, self.views, self.batch_size, self.context_length = urls, views, batch_size, context_length
+        self.cache = cache  # (folder, manifest) of a teacher-embedding cache, or None
         self.seed, self.epoch, self.samples_per_epoch, self.resampled = seed, epoch, samples_per_epoch, resampled
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.return_keys = return_keys
@@ -280,7 +303,7 @@ class CoupledShards(torch.utils.data.IterableDataset):
         while True:
             urls = [rng.choice(self.urls) for _ in self.urls] if self.resampled else mine
             found = 0
-            for i, sample in enumerate(wds.tarfile_samples(({"url": u} for u in urls), handler=handler)):
+            for i, sample in enumerate(self._read(urls, handler)):
                 if not by_sample or self.resampled or i % readers == reader:
                     found += 1
                     yield sample
@@ -289,6 +312,20 @@ class CoupledShards(torch.utils.data.IterableDataset):
                 return
             if empty_passes == (20 if self.resampled else 1):  # a fixed epoch length would loop forever
                 raise RuntimeError(f"data: reader {reader} of {readers} found no sample in {urls}")
+
+    def _read(self, urls, handler):
+        """Raw samples of the shards, in order; with a cache, each joined to its cached teacher
+        embeddings (the cache shard lists the same keys in the same order, minus unreadable ones)."""
+        if self.cache is None:
+            yield from wds.tarfile_samples(({"url": u} for u in urls), handler=handler)
+            return
+        for url in urls:
+            cached = wds.tarfile_samples([{"url": cache_shard_path(self.cache[0], url)}], handler=handler)
+            entry = next(cached, None)
+            for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+                if entry is not None and entry["__key__"] == sample["__key__"]:
+                    sample, entry = {**entry, **sample}, next(cached, None)
+                yield sample
 
     def _samples(self, reader, readers, rng, counts):
         """The reader's raw samples through a shuffle buffer (webdataset's scheme, our seeded rng)."""
@@ -302,24 +339,6 @@ class CoupledShards(torch.utils.data.IterableDataset):
             yield sample
         rng.shuffle(buffer)
         yield from buffer
-
-    def _decode(self, sample, counts):
-        """-> (image, caption) or None with the reason counted."""
-        image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
-        try:
-            caption = sample["txt"].decode("utf-8").strip()
-        except (KeyError, UnicodeDecodeError):
-            caption = ""
-        try:
-            image = Image.open(io.BytesIO(sample[image_key]))
-            image = image.convert("L" if image.mode == "L" else "RGB")  # loads: raises when corrupt
-        except Exception:  # missing or unreadable: PIL raises several types
-            counts[0] += 1
-            return None
-        if not caption:
-            counts[1] += 1
-            return None
-        return image, caption
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -335,21 +354,38 @@ class CoupledShards(torch.utils.data.IterableDataset):
         for sample in self._samples(reader, readers, rng, counts):
             if yielded == quota:
                 return
-            decoded = self._decode(sample, counts)
-            bad_streak = 0 if decoded else bad_streak + 1
+            decoded = decode_sample(sample)
+            if isinstance(decoded, tuple) and self.cache is not None and "image.npy" not in sample:
+                decoded = SKIP_REASONS.index("uncached")
+            bad_streak = 0 if isinstance(decoded, tuple) else bad_streak + 1
             if bad_streak > 10_000:  # with a fixed epoch length, all-unreadable data would loop forever
-                raise RuntimeError(f"data: 10,000 unreadable samples in a row in {self.urls}")
-            if decoded is None:
+                raise RuntimeError(f"data: 10,000 unusable samples in a row in {self.urls}")
+            if not isinstance(decoded, tuple):
+                counts[decoded] += 1
                 continue
-            params = augment_params(self.seed, self.epoch, sample["__key__"])
-            batch.append((coupled_views(pad_to_square(decoded[0]), params, self.views), decoded[1], sample["__key__"]))
+            batch.append(self._prepare(sample, *decoded))
             if len(batch) == self.batch_size:
                 yield self._collate(batch)
                 batch, yielded = [], yielded + 1
 
+    def _prepare(self, sample, image, caption):
+        """-> (views, caption, key, cached teacher (image (D,), text (D,)) or None). With a cache the
+        views replay the cached augmentation of this epoch, so the student sees what the teacher saw."""
+        key, teacher = sample["__key__"], None
+        augmentation = self.epoch
+        if self.cache is not None:
+            augmentation = cached_augmentation(self.epoch, self.cache[1]["augs"])
+            image_embeddings = np.load(io.BytesIO(sample["image.npy"]))  # (augs, D) fp16
+            teacher = (torch.from_numpy(image_embeddings[augmentation]), torch.from_numpy(np.load(
+                io.BytesIO(sample["text.npy"]))))
+        params = augment_params(self.seed, augmentation, key)
+        return coupled_views(pad_to_square(image), params, self.views), caption, key, teacher
+
     def _collate(self, batch):
         views = [torch.stack([b[0][v] for b in batch]) for v in range(len(self.views))]
         student, teacher = views[0], views[1] if len(views) > 1 else None
+        if self.cache is not None:
+            teacher = tuple(torch.stack([b[3][i] for b in batch]) for i in range(2))
         tokens = tokenize([b[1] for b in batch], self.context_length)
         return (student, teacher, tokens) + (([b[2] for b in batch],) if self.return_keys else ())
 
@@ -378,12 +414,13 @@ class TrainLoader:
         if any(self.skipped.values()):
             print(f"data: epoch {self.dataset.epoch} (rank {self.dataset.rank}): skipped "
                   f"{self.skipped['image']} unreadable or missing images, {self.skipped['caption']} missing "
-                  f"captions, {self.skipped['shard']} broken shards", file=sys.stderr)
+                  f"captions, {self.skipped['shard']} broken shards, {self.skipped['uncached']} samples "
+                  "missing from the teacher cache", file=sys.stderr)
 
 
 def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0, seed=0, epoch=0, rank=0,
                  world_size=1, samples_per_epoch=-1, resampled=False, shuffle_buffer=1000, context_length=117,
-                 return_keys=False, pin_memory=False):
+                 return_keys=False, pin_memory=False, teacher_cache=""):
     """WebDataset image-caption shards (image jpg|png|jpeg|webp, caption txt) -> TrainLoader of
     (student_images (B,3,Ss,Ss), teacher_images (B,3,St,St) or None, tokens (B,L)[, keys]).
 
@@ -394,13 +431,178 @@ def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0,
     share when it runs short (use this under data parallelism); <= 0: one pass over the shards,
     each worker dropping its last partial batch. resampled: shards drawn with replacement (needs
     samples_per_epoch > 0). Ranks read disjoint shards (or samples, with fewer shards than
-    readers), whose union is the whole data set."""
+    readers), whose union is the whole data set.
+
+    teacher_cache: a folder written by `python data.py cache` (check it first with check_cache).
+    teacher_view is then unused and the second item is the cached teacher features (image (B,D),
+    text (B,D)), fp16, L2-normalised; epoch e replays cached augmentation e % augs."""
     if resampled and samples_per_epoch <= 0:
         raise ValueError("resampled=True needs samples_per_epoch > 0")
-    views = [student_view] + ([teacher_view] if teacher_view is not None else [])
+    cache = (teacher_cache, read_cache_manifest(teacher_cache)) if teacher_cache else None
+    views = [student_view] + ([teacher_view] if teacher_view is not None and cache is None else [])
     dataset = CoupledShards(expand_urls(urls), views, batch_size, context_length, seed, epoch, samples_per_epoch,
-                            resampled, shuffle_buffer, rank, world_size, num_workers, return_keys)
+                            resampled, shuffle_buffer, rank, world_size, num_workers, return_keys, cache)
     return TrainLoader(dataset, num_workers, pin_memory)
+
+
+# -----------------------------------------------------------------------------
+# teacher-embedding cache: the frozen teacher's outputs computed once, replayed by every run
+
+CACHE_MANIFEST = "manifest.json"
+CACHE_IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", "image_size", "context_length")
+
+
+def cached_augmentation(epoch, augs):
+    """The cached augmentation epoch `epoch` replays. epoch % augs: every draw is used equally
+    often, and the first `augs` epochs are exactly the views a live teacher would see
+    (augment_params(seed, epoch, key)), so cached and live runs can be compared step by step."""
+    return epoch % augs
+
+
+def cache_shard_path(folder, url):
+    """A training shard's cache shard: the same file name inside the cache folder."""
+    return os.path.join(folder, os.path.basename(url.split("?")[0]))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_cache_manifest(folder):
+    path = os.path.join(folder, CACHE_MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a teacher cache (write one with `python data.py cache`)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, image_size, context_length):
+    """The manifest of a complete cache that matches the run, else ValueError saying what differs.
+    teacher_ckpt '' skips the checkpoint hash (the run then takes the cache's teacher)."""
+    manifest = read_cache_manifest(folder)
+    asked = dict(teacher=teacher, seed=seed, image_size=image_size, context_length=context_length)
+    if teacher_ckpt:
+        asked["teacher_sha256"] = file_sha256(teacher_ckpt)
+    for key, value in asked.items():
+        if manifest[key] != value:
+            made = manifest["teacher_ckpt"] if key == "teacher_sha256" else manifest[key]
+            raise ValueError(f"teacher cache {folder} was made with {key} {manifest[key]!r} ({made}); this run "
+                             f"asks for {value!r}{f' ({teacher_ckpt})' if key == 'teacher_sha256' else ''}")
+    missing = [u for u in expand_urls(urls) if manifest["shards"].get(os.path.basename(cache_shard_path("", u)))
+               is None]
+    if missing:
+        raise ValueError(f"teacher cache {folder} has no finished cache shard for {missing[0]} ({len(missing)} "
+                         "training shards missing); run `python data.py cache ...` again to finish or extend it")
+    return manifest
+
+
+class TeacherViews(torch.utils.data.Dataset):
+    """The raw samples of one shard -> (key, caption, (augs, 3, S, S) teacher views or None)."""
+
+    def __init__(self, samples, view, augs, seed):
+        self.samples, self.view, self.augs, self.seed = samples, view, augs, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        sample = self.samples[i]
+        decoded = decode_sample(sample)
+        if not isinstance(decoded, tuple):
+            return sample["__key__"], "", None
+        square = pad_to_square(decoded[0])
+        views = [coupled_views(square, augment_params(self.seed, a, sample["__key__"]), [self.view])[0]
+                 for a in range(self.augs)]
+        return sample["__key__"], decoded[1], torch.stack(views)
+
+
+def _npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def cache_one_shard(teacher, url, path, augs, seed, batch_size, num_workers, device, autocast, bar):
+    """Teacher embeddings of one shard's samples -> a WebDataset shard of <key>.image.npy (augs, D)
+    and <key>.text.npy (D,), fp16, L2-normalised, written atomically. Returns the sample count.
+    Batches restart with each shard, so a resumed run computes exactly the same numbers."""
+    samples = list(wds.tarfile_samples([{"url": url}]))
+    views = TeacherViews(samples, (teacher.image_size, teacher.image_mean, teacher.image_std), augs, seed)
+    loader = torch.utils.data.DataLoader(views, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    written = 0
+    with tarfile.open(path + ".tmp", "w") as tar:
+        for batch in loader:
+            bar.update(len(batch))
+            batch = [b for b in batch if b[2] is not None]  # unreadable: skipped by training too
+            if batch:
+                keys, captions = [b[0] for b in batch], [b[1] for b in batch]
+                images = torch.cat([b[2] for b in batch]).to(device)  # (B * augs, 3, S, S)
+                with autocast:
+                    image = torch.nn.functional.normalize(teacher.encode_image(images).float(), dim=-1)
+                    text = torch.nn.functional.normalize(teacher.encode_text(
+                        tokenize(captions, teacher.context_length).to(device)).float(), dim=-1)
+                image = image.reshape(len(batch), augs, -1).half().cpu().numpy()
+                text = text.half().cpu().numpy()
+                for i, key in enumerate(keys):
+                    _tar_add(tar, f"{key}.image.npy", _npy(image[i]))
+                    _tar_add(tar, f"{key}.text.npy", _npy(text[i]))
+                written += len(batch)
+    os.replace(path + ".tmp", path)
+    return written
+
+
+def write_cache(teacher_ckpt, train_data, out, *, augs=4, teacher="", seed=0, batch_size=32, num_workers=2,
+                device="", dtype=""):
+    """`python data.py cache`: the teacher's text embedding of every caption and its image embeddings
+    for `augs` replayable coupled augmentations (augment_params(seed, a, key), a < augs), one cache
+    shard per training shard plus manifest.json. Resumable: finished shards are kept, an
+    interrupted one is redone; a folder holding another teacher's cache is refused."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    net = model_lib.load_model(teacher_ckpt, teacher).to(device).eval()
+    autocast = (torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32"
+                else contextlib.nullcontext())
+    urls = expand_urls(train_data)
+    names = [os.path.basename(cache_shard_path("", u)) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{train_data}: training shards share file names; give each shard a distinct name")
+    manifest = dict(teacher=net.name, teacher_ckpt=os.path.abspath(teacher_ckpt),
+                    teacher_sha256=file_sha256(teacher_ckpt), seed=seed, augs=augs, image_size=net.image_size,
+                    context_length=net.context_length, embed_dim=net.embed_dim,
+                    logit_scale=net.logit_scale.exp().item(), dtype=dtype, shards={n: None for n in names})
+    manifest_path = os.path.join(out, CACHE_MANIFEST)
+    if os.path.exists(manifest_path):  # resuming: the same teacher and draws, or nothing
+        previous = read_cache_manifest(out)
+        for key in CACHE_IDENTITY:
+            if previous[key] != manifest[key]:
+                raise ValueError(f"{manifest_path} holds a cache with {key} {previous[key]!r}, not {manifest[key]!r}: "
+                                 "use another --out folder")
+        manifest["shards"] = {**manifest["shards"], **{n: c for n, c in previous["shards"].items() if c is not None}}
+    os.makedirs(out, exist_ok=True)
+    todo = [(u, n) for u, n in zip(urls, names) if manifest["shards"][n] is None or not os.path.exists(
+        os.path.join(out, n))]
+    print(f"caching {net.name} ({teacher_ckpt}) for {len(urls)} shards x {augs} augmentations into {out}; "
+          f"{len(urls) - len(todo)} already done")
+    total = count_samples([u for u, _ in todo]) if all("://" not in u for u, _ in todo) and todo else None
+    with tqdm.tqdm(total=total, unit="sample", desc="teacher cache") as bar:
+        for url, name in todo:
+            manifest["shards"][name] = cache_one_shard(net, url, os.path.join(out, name), augs, seed, batch_size,
+                                                       num_workers, device, autocast, bar)
+            _write_json(manifest_path, manifest)  # after the shard: a listed shard is a finished one
+    _write_json(manifest_path, manifest)
+    print(f"wrote {out}: {sum(manifest['shards'].values())} samples, {manifest['embed_dim']}-d fp16 embeddings")
+    return manifest
+
+
+def _write_json(path, content):
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------
@@ -704,44 +906,77 @@ def benchmark(out, seed, n=64, batches=8, batch_size=32):
     return rate
 
 
-def apply_overrides(config, args):
-    """nanoGPT-style --key=value overrides of a dict of defaults (a bare --flag sets a bool)."""
-    for arg in args:
-        key, has_value, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in config:
-            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in config)}")
-        default = config[key]
-        if not has_value:
-            if not isinstance(default, bool):
-                raise SystemExit(f"--{key} needs a value: --{key}=<{type(default).__name__}>")
-            value = "True"
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value  # a bare string
-        if isinstance(default, float) and type(parsed) is int:
-            parsed = float(parsed)
-        if type(parsed) is not type(default):
-            raise SystemExit(f"--{key}: expected {type(default).__name__}, got {value!r}")
-        print(f"overriding: {key} = {parsed!r}")
-        config[key] = parsed
+def parse_value(key, text, default):
+    """--key=text as the type of the default; an int is accepted where the default is a float."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"--{key}={text}: expected {kind.__name__} (default {default!r})") from None
+
+
+def apply_overrides(config, arguments, presets=None, positional=""):
+    """The scripts' nanoGPT-style command line: --key=value overrides a dict of defaults in place,
+    the value taking the default's type (--beta0=2 where the default is 2.0); a bare --flag sets a
+    bool; --preset=NAME applies presets[NAME] first, so explicit flags win over it; one bare argument
+    sets config[positional]. Every override is printed; errors name the key and the expected type,
+    or the valid keys."""
+    presets = presets or {}
+    chosen = [a for a in arguments if a.startswith("--preset=")] if presets else []
+    for argument in chosen:
+        name = argument.split("=", 1)[1]
+        if name not in presets:
+            raise SystemExit(f"--preset={name}: unknown preset; expected one of {sorted(presets)}")
+        for key, value in presets[name].items():
+            print(f"overriding: {key} = {value!r} (preset {name})")
+            config[key] = value
+    bare = [a for a in arguments if not a.startswith("--")]
+    if len(bare) > (1 if positional else 0):
+        raise SystemExit(f"unexpected arguments {bare}; " + (f"expected one {positional}" if positional else
+                                                              "expected --key=value"))
+    for argument in arguments:
+        if argument in chosen:
+            continue
+        key, has_value, text = argument[2:].partition("=") if argument.startswith("--") else (positional, "=", argument)
+        if key not in config:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
+        if not has_value and not isinstance(config[key], bool):
+            raise SystemExit(f"--{key} needs a value: --{key}=<{type(config[key]).__name__}>")
+        config[key] = parse_value(key, text if has_value else "true", config[key])
+        print(f"overriding: {key} = {config[key]!r}")
     return config
 
 
-if __name__ == "__main__":
-    out = "data/demo"  # output folder
-    seed = 0  # everything written is a function of this seed
-    n_train = 3000  # pretraining image-caption pairs
-    n_planes = 300  # Planes DB images
-    n_hc18 = 150  # HC18 images (800x540)
-    width, height = 256, 192  # shard and Planes DB image size
-    shard_size = 500  # pairs per shard
-    caption_input_size = 48  # model input size the captions' pixel spacings refer to (demo models: 48)
-    bench = False  # measure the loader instead: writes out/bench-000000.tar
-    keys = ("out", "seed", "n_train", "n_planes", "n_hc18", "width", "height", "shard_size", "caption_input_size",
-            "bench")
-    config = apply_overrides({k: globals()[k] for k in keys}, sys.argv[1:])
+def main(arguments):
+    if arguments[:1] == ["cache"]:
+        config = apply_overrides(dict(teacher_ckpt="", teacher="", train_data="", out="", augs=4, seed=0,
+                                      batch_size=32, num_workers=2, device="", dtype=""), arguments[1:])
+        if not (config["teacher_ckpt"] and config["train_data"] and config["out"]) or config["augs"] < 1:
+            raise SystemExit("usage: python data.py cache --teacher_ckpt=FILE --train_data=SHARDS --out=DIR "
+                             "[--augs=4 --seed=0 --teacher=NAME --batch_size=32 --num_workers=2 --device= --dtype=]")
+        try:
+            return write_cache(**config)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"data.py cache: {error}") from None
+    config = apply_overrides(dict(
+        out="data/demo",  # output folder
+        seed=0,  # everything written is a function of this seed
+        n_train=3000,  # pretraining image-caption pairs
+        n_planes=300,  # Planes DB images
+        n_hc18=150,  # HC18 images (800x540)
+        width=256, height=192,  # shard and Planes DB image size
+        shard_size=500,  # pairs per shard
+        caption_input_size=48,  # model input size the captions' pixel spacings refer to (demo models: 48)
+        bench=False,  # measure the loader instead: writes out/bench-000000.tar
+    ), arguments)
     if config.pop("bench"):
-        benchmark(config["out"], config["seed"])
-    else:
-        generate(**config)
+        return benchmark(config["out"], config["seed"])
+    return generate(**config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -408,38 +408,10 @@ def run_bench(config):
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_value(key, text, default):
-    """--key=text as the type of the default; ints are accepted for floats."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return kind(text)
-    except ValueError:
-        raise SystemExit(f"--{key}={text}: expected {kind.__name__} (default {default!r})") from None
-
-
-def apply_overrides(arguments, config):
-    """nanoGPT-style --key=value (split at the first '='); a bare --flag sets a bool; one positional CKPT."""
-    positional = [a for a in arguments if not a.startswith("--")]
-    if len(positional) > 1:
-        raise SystemExit(f"expected one checkpoint, got {positional}")
-    for argument in arguments:
-        key, has_value, text = argument[2:].partition("=") if argument.startswith("--") else ("ckpt", "=", argument)
-        if key not in config:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
-        if not has_value and not isinstance(config[key], bool):
-            raise SystemExit(f"--{key} needs a value: --{key}=<{type(config[key]).__name__}>")
-        config[key] = parse_value(key, text if has_value else "true", config[key])
-        print(f"overriding: {key} = {config[key]!r}")
-    return config
-
-
 def main(argv=None):
     defaults = globals()  # the config section's values
-    config = apply_overrides(sys.argv[1:] if argv is None else argv, {k: defaults[k] for k in CONFIG_KEYS})
+    config = data.apply_overrides({k: defaults[k] for k in CONFIG_KEYS}, sys.argv[1:] if argv is None else argv,
+                                  positional="ckpt")
     try:
         if config["bench"]:
             for key in ("bench_student", "bench_teacher"):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 import evaluate
 from loss import distill_loss
-from model import create_model, load_checkpoint, load_model
+from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -47,6 +47,7 @@ student_init = ""  # open_clip / Apple MobileCLIP2 file to start from; '' = rand
 teacher = "demo_teacher"  # model.py name
 teacher_ckpt = ""  # teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher
 demo_teacher_epochs = 3  # epochs of CLIP training for that demo teacher
+teacher_cache = ""  # folder written by `python data.py cache`: replay its teacher embeddings, never run the teacher
 # distillation (SPEC 2): mode none | coupled (lambda0) | selective (beta0); r as in the paper
 mode = "selective"
 lambda0 = 1.0  # coupled: KD weight at t = 0 (Eq. 5)
@@ -82,43 +83,9 @@ PRESETS = {
 }
 
 
-def parse_value(key, text, default):
-    """--key=text as the type of the default; ints are accepted for floats (--beta0=2)."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return kind(text) if kind is not int else int(text)
-    except ValueError:
-        raise SystemExit(f"--{key}={text}: expected a {kind.__name__} (default {default!r})") from None
-
-
-def apply_overrides(arguments, config):
-    presets = [a for a in arguments if a.startswith("--preset=")]
-    for argument in presets:  # a preset first, so explicit flags win over it
-        name = argument.split("=", 1)[1]
-        if name not in PRESETS:
-            raise SystemExit(f"--preset={name}: unknown preset; expected one of {sorted(PRESETS)}")
-        for key, value in PRESETS[name].items():
-            print(f"overriding: {key} = {value!r} (preset {name})")
-            config[key] = value
-    for argument in arguments:
-        if argument in presets:
-            continue
-        key, _, text = argument[2:].partition("=")
-        if not argument.startswith("--") or not _:
-            raise SystemExit(f"{argument!r}: expected --key=value")
-        if key not in config:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
-        config[key] = parse_value(key, text, config[key])
-        print(f"overriding: {key} = {config[key]!r}")
-
-
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 _config = {k: globals()[k] for k in config_keys}
-apply_overrides(sys.argv[1:], _config)
+data.apply_overrides(_config, sys.argv[1:], PRESETS)
 globals().update(_config)
 if mode not in ("none", "coupled", "selective"):
     raise SystemExit(f"--mode={mode}: expected none, coupled or selective")
@@ -175,26 +142,6 @@ def train_demo_teacher(path):
 
 
 # ----------------------------------------------------------------------------- models
-raw_student = create_model(student)
-if student_init:
-    load_checkpoint(raw_student, student_init)
-    print(f"student initialised from {student_init}")
-teacher_net = None
-if mode != "none" or feature_kd > 0:
-    if not teacher_ckpt:
-        if teacher != "demo_teacher":
-            raise SystemExit(f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)")
-        teacher_ckpt = os.path.join(out_dir, "demo_teacher", "best.pt")
-        if master and not os.path.exists(teacher_ckpt):
-            train_demo_teacher(teacher_ckpt)
-        if ddp:
-            dist.barrier()
-    teacher_net = load_model(teacher_ckpt, teacher).to(device).eval().requires_grad_(False)  # frozen
-    if teacher_net.context_length != raw_student.context_length:
-        raise SystemExit(f"teacher {teacher} reads {teacher_net.context_length} tokens, student {student} "
-                         f"{raw_student.context_length}: both must see the same captions")
-
-
 class Distillee(nn.Module):
     """The student plus the feature-KD baseline's Linear(D_S, D_T): one unit for DDP and the optimiser."""
 
@@ -209,7 +156,38 @@ class Distillee(nn.Module):
         return image_features, text_features, logit_scale, projected
 
 
-distillee = Distillee(raw_student, teacher_net.embed_dim if teacher_net else 0).to(device)
+raw_student = create_model(student)
+if student_init:
+    load_checkpoint(raw_student, student_init)
+    print(f"student initialised from {student_init}")
+# built before the teacher, so the teacher's (random, then overwritten) initialisation does not shift the
+# projection's: a cached-teacher run starts from exactly the live run's weights
+distillee = Distillee(raw_student, MODEL_CONFIGS[teacher]["embed_dim"]).to(device)
+
+teacher_net, cached_teacher = None, None
+if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never built: its outputs are on disk
+    try:
+        cached_teacher = data.check_cache(teacher_cache, train_data, teacher=teacher, teacher_ckpt=teacher_ckpt,
+                                          seed=seed, image_size=MODEL_CONFIGS[teacher]["image_size"],
+                                          context_length=raw_student.context_length)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--teacher_cache={teacher_cache}: {error}") from None
+    cached_scale = torch.tensor(cached_teacher["logit_scale"], device=device)
+    print(f"teacher: cached {cached_teacher['teacher']} ({cached_teacher['teacher_ckpt']}), "
+          f"{cached_teacher['augs']} augmentations per sample, replayed as epoch % {cached_teacher['augs']}")
+elif mode != "none" or feature_kd > 0:
+    if not teacher_ckpt:
+        if teacher != "demo_teacher":
+            raise SystemExit(f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)")
+        teacher_ckpt = os.path.join(out_dir, "demo_teacher", "best.pt")
+        if master and not os.path.exists(teacher_ckpt):
+            train_demo_teacher(teacher_ckpt)
+        if ddp:
+            dist.barrier()
+    teacher_net = load_model(teacher_ckpt, teacher).to(device).eval().requires_grad_(False)  # frozen
+    if teacher_net.context_length != raw_student.context_length:
+        raise SystemExit(f"teacher {teacher} reads {teacher_net.context_length} tokens, student {student} "
+                         f"{raw_student.context_length}: both must see the same captions")
 model = DistributedDataParallel(distillee, device_ids=[device] if device_type == "cuda" else None) if ddp else distillee
 
 
@@ -296,7 +274,8 @@ if master:
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, config=config)
-    print(f"{student} <- {teacher_ckpt or 'no teacher'} | mode {mode} | {samples_per_epoch} samples x "
+    source = f"cache {teacher_cache}" if cached_teacher else teacher_ckpt or "no teacher"
+    print(f"{student} <- {source} | mode {mode} | {samples_per_epoch} samples x "
           f"{epochs} epochs | {micro_per_epoch} micro-batches of {batch_size} per epoch | {device} {dtype}")
 
 # ----------------------------------------------------------------------------- training loop
@@ -305,20 +284,23 @@ for epoch in range(start_epoch, epochs):
     loader = data.train_loader(train_data, view(raw_student), view(teacher_net) if teacher_net else None,
                                batch_size // world_size, num_workers=num_workers, seed=seed, epoch=epoch,
                                rank=rank, world_size=world_size, samples_per_epoch=samples_per_epoch,
-                               shuffle_buffer=shuffle_buffer, context_length=raw_student.context_length)
+                               shuffle_buffer=shuffle_buffer, context_length=raw_student.context_length,
+                               teacher_cache=teacher_cache if cached_teacher else "")
     done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
     bar = tqdm(total=micro_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch}", disable=not master, leave=False)
     timer = time.time()
-    for index, (student_images, teacher_images, tokens) in enumerate(loader):
+    for index, (student_images, teacher_input, tokens) in enumerate(loader):
         if index >= micro_per_epoch:
             break
         if index < done_in_epoch:  # replay the stream up to where the checkpoint stopped
             continue
         student_images, tokens = student_images.to(device), tokens.to(device)
         teacher_out = (None, None, None)
-        if teacher_net is not None:  # the frozen teacher runs first, without gradients
+        if cached_teacher is not None:  # (image, text) features the teacher gave this exact view
+            teacher_out = (teacher_input[0].to(device).float(), teacher_input[1].to(device).float(), cached_scale)
+        elif teacher_net is not None:  # the frozen teacher runs first, without gradients
             with torch.no_grad(), autocast:
-                teacher_out = teacher_net(teacher_images.to(device), tokens)
+                teacher_out = teacher_net(teacher_input.to(device), tokens)
         last_micro = (step + 1) % grad_accum == 0
         with (model.no_sync() if ddp and not last_micro else nullcontext()), autocast:
             image_features, text_features, logit_scale, projected = model(student_images, tokens)

@@ -221,7 +221,7 @@ def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, cap
     for workers in (0, 2):  # in workers, the counts travel back through shared memory
         loader = data.train_loader(urls, STUDENT, TEACHER, 1, num_workers=workers, return_keys=True)
         assert sorted(k for batch in loader for k in batch[3]) == ["000000", "000001", "000004"]
-        assert loader.skipped == {"image": 1, "caption": 1, "shard": 1}
+        assert loader.skipped == {"image": 1, "caption": 1, "shard": 1, "uncached": 0}
         assert "1 unreadable or missing images, 1 missing captions, 1 broken shards" in capsys.readouterr().err
 
 
@@ -401,9 +401,19 @@ def test_apply_overrides():
     config = data.apply_overrides({"seed": 0, "scale": 1.5, "out": "x", "bench": False},
                                   ["--seed=3", "--scale=2", "--out=a=b", "--bench"])
     assert config == {"seed": 3, "scale": 2.0, "out": "a=b", "bench": True} and type(config["scale"]) is float
-    with pytest.raises(SystemExit, match="valid keys: --seed"):
+    assert data.apply_overrides({"out": "x"}, ["--out=123"]) == {"out": "123"}  # a string stays a string
+    assert data.apply_overrides({"ckpt": "", "fast": True}, ["--fast=0", "a.pt"], positional="ckpt") == {
+        "ckpt": "a.pt", "fast": False}
+    presets = {"big": {"seed": 7, "scale": 9.0}}
+    assert data.apply_overrides({"seed": 0, "scale": 1.5}, ["--seed=1", "--preset=big"], presets) == {
+        "seed": 1, "scale": 9.0}  # the preset first, the explicit flag wins wherever it stands
+    with pytest.raises(SystemExit, match="unknown config key 'sed'; valid keys: seed"):
         data.apply_overrides({"seed": 0}, ["--sed=1"])
-    with pytest.raises(SystemExit, match="--seed: expected int"):
+    with pytest.raises(SystemExit, match="--seed=1.5: expected int"):
         data.apply_overrides({"seed": 0}, ["--seed=1.5"])
+    with pytest.raises(SystemExit, match="--preset=small: unknown preset; expected one of \\['big'\\]"):
+        data.apply_overrides({"seed": 0}, ["--preset=small"], presets)
+    with pytest.raises(SystemExit, match="unexpected arguments \\['a.pt'\\]; expected --key=value"):
+        data.apply_overrides({"seed": 0}, ["a.pt"])
     with pytest.raises(SystemExit, match="--out needs a value"):
         data.apply_overrides({"out": "x"}, ["--out"])
