@@ -281,9 +281,10 @@ class CoupledShards(torch.utils.data.IterableDataset):
     shards than readers), shuffles through a buffer and batches."""
 
     def __init__(self, urls, views, batch_size, context_length, seed, epoch, samples_per_epoch, resampled,
-                 shuffle_buffer, rank, world_size, num_workers, return_keys, cache):
+                 shuffle_buffer, rank, world_size, num_workers, return_keys, cache, augment_seed):
         self.urls, self.views, self.batch_size, self.context_length = urls, views, batch_size, context_length
         self.cache = cache  # (folder, manifest) of a teacher-embedding cache, or None
+        self.augment_seed = augment_seed
         self.seed, self.epoch, self.samples_per_epoch, self.resampled = seed, epoch, samples_per_epoch, resampled
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.return_keys = return_keys
@@ -378,7 +379,7 @@ class CoupledShards(torch.utils.data.IterableDataset):
             image_embeddings = np.load(io.BytesIO(sample["image.npy"]))  # (augs, D) fp16
             teacher = (torch.from_numpy(image_embeddings[augmentation]), torch.from_numpy(np.load(
                 io.BytesIO(sample["text.npy"]))))
-        params = augment_params(self.seed, augmentation, key)
+        params = augment_params(self.augment_seed, augmentation, key)
         return coupled_views(pad_to_square(image), params, self.views), caption, key, teacher
 
     def _collate(self, batch):
@@ -420,13 +421,14 @@ class TrainLoader:
 
 def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0, seed=0, epoch=0, rank=0,
                  world_size=1, samples_per_epoch=-1, resampled=False, shuffle_buffer=1000, context_length=117,
-                 return_keys=False, pin_memory=False, teacher_cache=""):
+                 return_keys=False, pin_memory=False, teacher_cache="", augment_seed=None):
     """WebDataset image-caption shards (image jpg|png|jpeg|webp, caption txt) -> TrainLoader of
     (student_images (B,3,Ss,Ss), teacher_images (B,3,St,St) or None, tokens (B,L)[, keys]).
 
     urls: brace pattern, list or folder. student_view / teacher_view: (size, mean, std); teacher_view
     None gives no teacher images. batch_size: per rank. Both views come from one augmentation draw,
-    a pure function of (seed, epoch, sample key) (augment_params). samples_per_epoch > 0: exactly
+    a pure function of (augment_seed (default: seed), epoch, sample key) (augment_params); seed alone
+    drives the shuffle. samples_per_epoch > 0: exactly
     samples_per_epoch // (world_size * batch_size) batches per rank, readers wrapping around their
     share when it runs short (use this under data parallelism); <= 0: one pass over the shards,
     each worker dropping its last partial batch. resampled: shards drawn with replacement (needs
@@ -441,7 +443,8 @@ def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0,
     cache = (teacher_cache, read_cache_manifest(teacher_cache)) if teacher_cache else None
     views = [student_view] + ([teacher_view] if teacher_view is not None and cache is None else [])
     dataset = CoupledShards(expand_urls(urls), views, batch_size, context_length, seed, epoch, samples_per_epoch,
-                            resampled, shuffle_buffer, rank, world_size, num_workers, return_keys, cache)
+                            resampled, shuffle_buffer, rank, world_size, num_workers, return_keys, cache,
+                            seed if augment_seed is None else augment_seed)
     return TrainLoader(dataset, num_workers, pin_memory)
 
 
@@ -489,9 +492,10 @@ def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, image_size, contex
         asked["teacher_sha256"] = file_sha256(teacher_ckpt)
     for key, value in asked.items():
         if manifest[key] != value:
-            made = manifest["teacher_ckpt"] if key == "teacher_sha256" else manifest[key]
-            raise ValueError(f"teacher cache {folder} was made with {key} {manifest[key]!r} ({made}); this run "
-                             f"asks for {value!r}{f' ({teacher_ckpt})' if key == 'teacher_sha256' else ''}")
+            made, run = (f" ({manifest['teacher_ckpt']})", f" ({teacher_ckpt})") if key == "teacher_sha256" else ("", "")
+            hint = " (train.py --augment_seed sets the augmentation seed alone)" if key == "seed" else ""
+            raise ValueError(f"teacher cache {folder} was made with {key} {manifest[key]!r}{made}; this run asks "
+                             f"for {value!r}{run}{hint}")
     missing = [u for u in expand_urls(urls) if manifest["shards"].get(os.path.basename(cache_shard_path("", u)))
                is None]
     if missing:

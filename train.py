@@ -76,6 +76,7 @@ dtype = ""  # '' = bf16 (or fp16 + grad scaler) on cuda, fp32 elsewhere; or floa
 num_workers = 2  # data loader processes per rank
 shuffle_buffer = 1000  # samples; 1 keeps the shards' order
 seed = 0
+augment_seed = -1  # seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
 PRESETS = {
     "paper": dict(student="mobilefetalclip", teacher="fetalclip", epochs=20, batch_size=512,
                   grad_accum=2, learning_rate=1e-5, warmup_steps=500, num_workers=8, dtype="float16",
@@ -108,6 +109,7 @@ if not dtype:
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
 amp_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+augment_seed = seed if augment_seed < 0 else augment_seed
 if batch_size % world_size:
     raise SystemExit(f"--batch_size={batch_size} must be divisible by the {world_size} processes")
 torch.manual_seed(seed + rank)
@@ -168,7 +170,7 @@ teacher_net, cached_teacher = None, None
 if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never built: its outputs are on disk
     try:
         cached_teacher = data.check_cache(teacher_cache, train_data, teacher=teacher, teacher_ckpt=teacher_ckpt,
-                                          seed=seed, image_size=MODEL_CONFIGS[teacher]["image_size"],
+                                          seed=augment_seed, image_size=MODEL_CONFIGS[teacher]["image_size"],
                                           context_length=raw_student.context_length)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--teacher_cache={teacher_cache}: {error}") from None
@@ -285,7 +287,7 @@ for epoch in range(start_epoch, epochs):
                                batch_size // world_size, num_workers=num_workers, seed=seed, epoch=epoch,
                                rank=rank, world_size=world_size, samples_per_epoch=samples_per_epoch,
                                shuffle_buffer=shuffle_buffer, context_length=raw_student.context_length,
-                               teacher_cache=teacher_cache if cached_teacher else "")
+                               teacher_cache=teacher_cache if cached_teacher else "", augment_seed=augment_seed)
     done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
     bar = tqdm(total=micro_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch}", disable=not master, leave=False)
     timer = time.time()
