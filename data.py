@@ -541,7 +541,7 @@ def cache_one_shard(teacher, url, path, augs, seed, batch_size, num_workers, dev
     written = 0
     with tarfile.open(path + ".tmp", "w") as tar:
         for batch in loader:
-            bar.update(len(batch))
+            seen = len(batch)
             batch = [b for b in batch if b[2] is not None]  # unreadable: skipped by training too
             if batch:
                 keys, captions = [b[0] for b in batch], [b[1] for b in batch]
@@ -556,6 +556,7 @@ def cache_one_shard(teacher, url, path, augs, seed, batch_size, num_workers, dev
                     _tar_add(tar, f"{key}.image.npy", _npy(image[i]))
                     _tar_add(tar, f"{key}.text.npy", _npy(text[i]))
                 written += len(batch)
+            bar.update(seen)
     os.replace(path + ".tmp", path)
     return written
 
