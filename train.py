@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -96,7 +97,8 @@ config = {k: globals()[k] for k in config_keys}  # stored in every checkpoint an
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    # rank 0 evaluates alone at the end of an epoch while the others wait at a barrier: allow it an hour
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -125,6 +127,14 @@ if data_dir and not os.path.isdir(data_dir):
 train_data = train_data or data.demo_shards(data_dir)
 planes_dir = planes_dir or os.path.join(data_dir, "planes")
 hc18_dir = hc18_dir or os.path.join(data_dir, "hc18")
+try:  # a wrong path fails now, not after the first epoch
+    data.expand_urls(train_data)
+    if eval_every > 0 and master:
+        evaluate.planes_rows(planes_dir, eval_split)
+        evaluate.hc18_rows(hc18_dir, eval_split)
+except (FileNotFoundError, ValueError) as error:
+    raise SystemExit(f"{error}\n(--train_data, --planes_dir and --hc18_dir name the data; --eval_every=0 "
+                     "trains without the evaluation sets)") from None
 
 
 def view(net):
@@ -225,6 +235,8 @@ def lr_at(opt_step):
 
 
 step, opt_step, start_epoch, best_avg, bad_steps = 0, 0, 0, -math.inf, 0
+grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
+window_finite = True  # every micro-batch of the current accumulation window had a finite loss
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ("ckpt.pt", "best.pt", "log.jsonl"))
 if resume:
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -246,12 +258,20 @@ def log(record):
     if master:
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if wandb_log:
+        if wandb_log and "config" not in record:  # wandb.init has the config
             wandb.log(record)
 
 
+def last_good_checkpoint():
+    return ckpt_path if os.path.exists(ckpt_path) else "none yet"
+
+
 def save_checkpoint(path, epoch, metrics):
-    """Plain types only, the unwrapped student, written atomically (tmp file then os.replace)."""
+    """Plain types only, the unwrapped student, written atomically (tmp file then os.replace).
+    A student with a non-finite weight or buffer (BatchNorm statistics too) is never written."""
+    if not all(t.isfinite().all() for t in raw_student.state_dict().values() if t.is_floating_point()):
+        raise SystemExit(f"stopping at step {step}: the student has non-finite weights; not saving {path}, "
+                         f"the last good checkpoint is {last_good_checkpoint()}")
     checkpoint = dict(model=raw_student.state_dict(), model_name=student, optimizer=optimizer.state_dict(),
                       scaler=scaler.state_dict(), step=step, opt_step=opt_step, epoch=epoch,
                       best_avg=best_avg, metrics=metrics, config=config, rng=torch.get_rng_state())
@@ -272,10 +292,10 @@ def all_finite(value):
 if master:
     if not resume and os.path.exists(log_path):
         os.remove(log_path)
-    log({"config": config})
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, config=config)
+    log({"config": config})
     source = f"cache {teacher_cache}" if cached_teacher else teacher_ckpt or "no teacher"
     print(f"{student} <- {source} | mode {mode} | {samples_per_epoch} samples x "
           f"{epochs} epochs | {micro_per_epoch} micro-batches of {batch_size} per epoch | {device} {dtype}")
@@ -304,41 +324,46 @@ for epoch in range(start_epoch, epochs):
             with torch.no_grad(), autocast:
                 teacher_out = teacher_net(teacher_input.to(device), tokens)
         last_micro = (step + 1) % grad_accum == 0
-        with (model.no_sync() if ddp and not last_micro else nullcontext()), autocast:
-            image_features, text_features, logit_scale, projected = model(student_images, tokens)
-            parts = distill_loss(image_features, text_features, logit_scale, *teacher_out, mode=mode,
-                                 step=step, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd,
-                                 smoothing=smoothing, projected_image_features=projected,
-                                 feat_weight=feature_kd)
+        with model.no_sync() if ddp and not last_micro else nullcontext():  # DDP syncs the window's last backward
+            with autocast:
+                image_features, text_features, logit_scale, projected = model(student_images, tokens)
+                parts = distill_loss(image_features, text_features, logit_scale, *teacher_out, mode=mode,
+                                     step=step, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd,
+                                     smoothing=smoothing, projected_image_features=projected,
+                                     feat_weight=feature_kd)
             if all_finite(parts["loss"]):
                 scaler.scale(parts["loss"] / grad_accum).backward()
                 bad_steps = 0
-            else:  # skip this micro-batch; its optimiser step goes ahead with the others'
+            else:  # no backward; the window's optimiser step is dropped below
                 bad_steps += 1
+                window_finite = False
                 log({"step": step, "nonfinite_loss": parts["loss"].item()})
-                tqdm.write(f"step {step}: non-finite loss {parts['loss'].item()}, skipped")
+                tqdm.write(f"step {step}: non-finite loss {parts['loss'].item()}, optimiser step skipped")
                 if bad_steps >= max_bad_steps:
-                    last_good = ckpt_path if os.path.exists(ckpt_path) else "none yet"
                     raise SystemExit(f"stopping at step {step}: {bad_steps} non-finite losses in a row; "
-                                     f"the last good checkpoint is {last_good}")
+                                     f"the last good checkpoint is {last_good_checkpoint()}")
         step += 1
         bar.update(1)
         if last_micro:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(opt_step)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip)
-            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-            scaler.update()
+            # a dropped window's gradients are partial (and, under DDP, never synced): all ranks skip it alike
+            if window_finite:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(opt_step)
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip).item()
+                scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            window_finite = True
             with torch.no_grad():  # the student's temperature stays in [1, 100] (SPEC 3)
                 raw_student.logit_scale.clamp_(0, math.log(100))
             opt_step += 1
         if step % log_interval == 0 and master:
             elapsed, timer = time.time() - timer, time.time()
             record = {"step": step, "epoch": epoch, **{k: parts[k].item() for k in ("loss", "clip", "kd_diag",
-                      "kd_off", "kd_feat")}, "weight": parts["weight"], "lr": lr_at(opt_step),
-                      "logit_scale": logit_scale.item(), "samples_per_s": log_interval * batch_size / elapsed}
+                      "kd_off", "kd_feat")}, "weight": parts["weight"], "lr": optimizer.param_groups[0]["lr"],
+                      "logit_scale": logit_scale.item(), "grad_norm": grad_norm,
+                      "samples_per_s": log_interval * batch_size / elapsed}
             tqdm.write(f"step {step} | loss {record['loss']:.3f} | clip {record['clip']:.3f} | kd_diag "
                        f"{record['kd_diag']:.3f} | kd_off {record['kd_off']:.3f} | weight {record['weight']:.2f}"
                        f" | lr {record['lr']:.1e} | scale {record['logit_scale']:.1f} | "

@@ -15,9 +15,9 @@ BATCH = 8  # per-rank micro-batch; the tiny benchmark has shards of exactly this
 CACHE_RTOL = 0.01  # students distilled from the fp16 cache and from the live teacher, relative to the update
 
 
-def run_train(*args, nproc=1, check=True):
+def run_train(*args, nproc=1, check=True, env=None):
     """python train.py ARGS (or torchrun with nproc processes); returns the finished process."""
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     process = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=environment,
@@ -122,6 +122,61 @@ def test_non_finite_losses_stop_the_run(bench, demo_run):
     assert "non-finite loss" in process.stdout + process.stderr
     assert "non-finite losses in a row; the last good checkpoint is none yet" in process.stderr
     assert not (bench / "diverged" / "ckpt.pt").exists()  # nothing diverged was saved
+
+
+def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, demo_run):
+    """Losses stay under max_bad_steps in a row but the weights are gone: the epoch's save is refused."""
+    out, _ = demo_run
+    flags = ("--eval_every=0", f"--batch_size={BATCH}", "--warmup_steps=0",
+             f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}")
+    run_train(*common(bench, bench / "guarded", *flags, "--epochs=1"))
+    good = (bench / "guarded" / "ckpt.pt").read_bytes()
+    process = run_train(*common(bench, bench / "guarded", *flags, "--epochs=2", "--resume=True",
+                                "--learning_rate=1e30", "--max_bad_steps=1000"), check=False)
+    assert process.returncode != 0
+    assert f"the student has non-finite weights; not saving {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
+    assert f"the last good checkpoint is {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
+    assert (bench / "guarded" / "ckpt.pt").read_bytes() == good
+
+
+def test_missing_data_fails_before_training(bench):
+    process = run_train(*common(bench, bench / "nodata", f"--planes_dir={bench / 'nowhere'}"), check=False)
+    assert process.returncode != 0 and f"{bench / 'nowhere' / 'FETAL_PLANES_DB_data.csv'} not found" in process.stderr
+    assert "epoch 0" not in process.stdout + process.stderr
+    process = run_train(*common(bench, bench / "nodata", f"--train_data={bench / 'none-{0..1}.tar'}"), check=False)
+    assert process.returncode != 0 and f"shard not found: {bench / 'none-0.tar'}" in process.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dtype):
+    """Autocast (fp16 with its gradient scaler) trains and saves; --wandb_log hands wandb the config
+    and the log records (a stand-in wandb module records the calls: the real one needs an account)."""
+    out, _ = demo_run
+    (tmp_path / "wandb.py").write_text(
+        "import json, os\n"
+        "def _write(entry):\n"
+        "    with open(os.environ['WANDB_CALLS'], 'a') as f:\n"
+        "        f.write(json.dumps(entry) + '\\n')\n"
+        "def init(project, config):\n"
+        "    _write({'project': project, 'config': config})\n"
+        "def log(record):\n"
+        "    _write(record)\n")
+    calls = tmp_path / "calls.jsonl"
+    environment = dict(PYTHONPATH=str(tmp_path), WANDB_CALLS=str(calls))
+    run_dir = bench / f"amp_{dtype}"
+    run_train(*common(bench, run_dir, f"--dtype={dtype}", "--max_steps=2", "--eval_every=0", "--wandb_log=True",
+                      f"--batch_size={BATCH}", f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), env=environment)
+    checkpoint = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["config"]["dtype"] == dtype and checkpoint["opt_step"] == 2
+    assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
+    if dtype == "float16":
+        assert checkpoint["scaler"]["scale"] > 0  # the scaler ran and its state is saved for --resume
+    torch.manual_seed(0)
+    initial = M.create_model("demo_student").state_dict()
+    assert any(not torch.equal(checkpoint["model"][k], initial[k]) for k in initial)  # it trained
+    records = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert records[0]["project"] == "mobilefetalclip" and records[0]["config"]["dtype"] == dtype
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
 
 def test_paper_configuration_with_the_real_architectures(bench, tmp_path):
