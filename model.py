@@ -42,9 +42,11 @@ MODEL_CONFIGS = {
     "demo_teacher": dict(image="resnet10t", image_kwargs={}, image_size=48, mean=OPENAI_CLIP_MEAN,
                          std=OPENAI_CLIP_STD, embed_dim=128, text_width=128, text_layers=2, text_heads=4,
                          causal=True, context_length=48),
-    # Student: MobileNetV3-Small at 48 px (5x faster to train on a CPU than the smallest FastViT)
-    # and a bidirectional text tower.
-    "demo_student": dict(image="mobilenetv3_small_100", image_kwargs={}, image_size=48,
+    # Student: ResNet-10-T at half width (1.3M parameters, 3x cheaper per step than the teacher's tower) and
+    # a bidirectional text tower. At 48 px it reached five-plane F1 0.98 over three seeds where MobileNetV3-Small,
+    # MobileNetV4-Conv-Small and RegNetX-200MF ranged 0.53-0.93 in the same minutes.
+    "demo_student": dict(image="resnet10t", image_kwargs=dict(channels=(32, 64, 128, 256), stem_width=16),
+                         image_size=48,
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=96,
                          text_width=96, text_layers=2, text_heads=4, causal=False, context_length=48),
     # LayerNorm only (no BatchNorm statistics that differ per process): the multi-process tests.
