@@ -218,11 +218,13 @@ scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
 # ----------------------------------------------------------------------------- schedule and state
 if samples_per_epoch < 0:
     samples_per_epoch = data.count_samples(train_data)
-micro_per_epoch = samples_per_epoch // batch_size  # schedule step t counts micro-batches (SPEC 3)
+# schedule step t counts micro-batches (SPEC 3); an epoch ends on an optimiser step, so an epoch's
+# checkpoint never holds half an accumulation window (at most grad_accum - 1 micro-batches are dropped)
+micro_per_epoch = samples_per_epoch // batch_size // grad_accum * grad_accum
 total_micro = micro_per_epoch * epochs  # S in Eq. 5 / 7
-total_opt = max(total_micro // grad_accum, 1)
+total_opt = total_micro // grad_accum
 if micro_per_epoch == 0:
-    raise SystemExit(f"{samples_per_epoch} samples per epoch make no batch of {batch_size}")
+    raise SystemExit(f"{samples_per_epoch} samples per epoch make no {grad_accum} batches of {batch_size}")
 w0 = beta0 if mode == "selective" else lambda0
 
 
