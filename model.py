@@ -43,8 +43,8 @@ MODEL_CONFIGS = {
                          std=OPENAI_CLIP_STD, embed_dim=128, text_width=128, text_layers=2, text_heads=4,
                          causal=True, context_length=48),
     # Student: ResNet-10-T at half width (1.3M parameters, 3x cheaper per step than the teacher's tower) and
-    # a bidirectional text tower. At 48 px it reached five-plane F1 0.98 over three seeds where MobileNetV3-Small,
-    # MobileNetV4-Conv-Small and RegNetX-200MF ranged 0.53-0.93 in the same minutes.
+    # a bidirectional text tower. At 48 px it reached five-plane F1 0.95-0.99 over three seeds where
+    # MobileNetV3-Small, MobileNetV4-Conv-Small and RegNetX-200MF ranged 0.53-0.93 in the same minutes.
     "demo_student": dict(image="resnet10t", image_kwargs=dict(channels=(32, 64, 128, 256), stem_width=16),
                          image_size=48,
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=96,
