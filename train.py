@@ -352,7 +352,7 @@ for epoch in range(start_epoch, epochs):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(opt_step)
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip)  # read when logged
                 scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -364,7 +364,7 @@ for epoch in range(start_epoch, epochs):
             elapsed, timer = time.time() - timer, time.time()
             record = {"step": step, "epoch": epoch, **{k: parts[k].item() for k in ("loss", "clip", "kd_diag",
                       "kd_off", "kd_feat")}, "weight": parts["weight"], "lr": optimizer.param_groups[0]["lr"],
-                      "logit_scale": logit_scale.item(), "grad_norm": grad_norm,
+                      "logit_scale": logit_scale.item(), "grad_norm": float(grad_norm),
                       "samples_per_s": log_interval * batch_size / elapsed}
             tqdm.write(f"step {step} | loss {record['loss']:.3f} | clip {record['clip']:.3f} | kd_diag "
                        f"{record['kd_diag']:.3f} | kd_off {record['kd_off']:.3f} | weight {record['weight']:.2f}"
