@@ -46,8 +46,7 @@ MODEL_CONFIGS = {
     # a bidirectional text tower. At 48 px it reached five-plane F1 0.95-0.99 over three seeds where
     # MobileNetV3-Small, MobileNetV4-Conv-Small and RegNetX-200MF ranged 0.53-0.93 in the same minutes.
     "demo_student": dict(image="resnet10t", image_kwargs=dict(channels=(32, 64, 128, 256), stem_width=16),
-                         image_size=48,
-                         mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=96,
+                         image_size=48, mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=96,
                          text_width=96, text_layers=2, text_heads=4, causal=False, context_length=48),
     # LayerNorm only (no BatchNorm statistics that differ per process): the multi-process tests.
     "tiny_vit": dict(image="vit_base_patch16_clip_224",
