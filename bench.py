@@ -1,60 +1,99 @@
-"""Training-step benchmark: samples per second and peak memory of train.py's optimiser step, for the
-demo pair and the real-size pair (FetalCLIP -> MobileFetalCLIP), with the live teacher and with the
-teacher-embedding cache (`python data.py cache`, `train.py --teacher_cache`).
+"""Every timing of the project, printed as figures (tests never time anything):
 
-    python bench.py                                  # CPU fp32: demo at batch 64, real size at batch 8
-    python bench.py --configs=paper --batch_size=8 --steps=5
-    python bench.py --device=cuda --dtype=bfloat16 --configs=paper --batch_size=256
+    python bench.py                                   # all four benchmarks on this CPU
+    python bench.py --benchmarks=step --device=cuda --dtype=bfloat16 --configs=paper --batch_size=256
+    python bench.py --benchmarks=latency --threads=1  # the paper's Table 2 on this machine
+    python bench.py --benchmarks=loader,hc18
 
-Synthetic tensors and random weights (nothing to download): this times the models, the loss and the
-optimiser, not the loader (`python data.py --bench` times that). Each measurement runs in a fresh
-process, so its peak memory (resident set on CPU, allocated on CUDA) is that configuration's alone.
+- step: samples/s and peak memory of train.py's optimiser step (teacher forward without gradients, student forward
+  and backward, the selective loss, clipping, fused AdamW) for the demo and the real-size pair, with the live
+  teacher and from the teacher cache; random tensors and weights, each configuration in a fresh process so its
+  peak memory (resident set on CPU, allocated on CUDA) is its own; one warm-up step, then the median.
+  By multiply-adds the real-size step is 6.7x cheaper from the cache (teacher 91.2 G per sample, student forward and
+  backward about 16 G); measured it is 2.8-3.0x on a 2-core Xeon and 3.6x on a 2-core EPYC: FastViT's backward runs
+  2-3.5x slower in PyTorch's default NCHW layout than in channels-last, which crashes PyTorch 2.14's CPU backward.
+- loader: coupled two-view samples (800x540 grayscale PNG -> student 256 px + teacher 224 px) and one-view
+  samples (the --teacher_cache path) per CPU-second of one thread, next to the plain torchvision pipeline.
+- latency: image encoders at batch 1 (paper Table 2): parameters, FLOPs by torch's FlopCounterMode (a multiply-add
+  counts 2, the paper's GMACs are half), median latency in PyTorch and onnxruntime; random weights.
+- hc18: the HC18 GA prompts encoded once per distinct pixel spacing vs once per image (the release's procedure).
+Figures go to out_dir/bench.json with the machine they were measured on.
 """
+
+import json
 import math
 import multiprocessing
+import os
+import platform
 import resource
 import statistics
 import sys
+import tarfile
+import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 
+import configurator
 import data
 from loss import distill_loss
-from model import MODEL_CONFIGS, create_model
+from model import MODEL_CONFIGS, create_model, reparameterize
+
+# ------------------------------------------------------------------ settings: --key=value
+benchmarks = "step,loader,latency,hc18"  # which to run, comma-separated
+configs = "demo,paper"  # step: model pairs from CONFIGS, comma-separated
+batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8)
+steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
+device = "cpu"
+dtype = "float32"  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
+threads = 0  # torch (and onnxruntime) threads; 0 = torch's default
+runs = 50  # latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
+warmup = 5
+onnx = True  # latency: also time the teacher and the reparameterised student through onnxruntime
+student = "mobilefetalclip"  # latency: model.py names of the two image encoders
+teacher = "fetalclip"
+loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)
+hc18_dir = "data/demo/hc18"  # hc18: the folder whose GA prompts are timed (python synthetic.py writes it)
+out_dir = "bench"  # bench.json
+seed = 0
+DEFAULTS = configurator.settings(globals())
 
 CONFIGS = {"demo": ("demo_student", "demo_teacher", 64), "paper": ("mobilefetalclip", "fetalclip", 8)}
-configs = "demo,paper"  # comma-separated names from CONFIGS
-batch_size = 0  # 0 = each configuration's own (demo 64, paper 8)
-steps = 5  # timed optimiser steps, after one warm-up step; their median is reported
-device = "cpu"
-dtype = "float32"  # float32 | bfloat16 | float16 (autocast, as train.py --dtype)
-threads = 0  # torch threads; 0 = torch's default
-seed = 0
+PAPER_TABLE_2 = {"student": {"gmacs": 1.2, "latency_ms": 1.6}, "teacher": {"gmacs": 38.9, "latency_ms": 37.6}}
 
-
-def random_batch(net, size, batch):
-    return torch.randn(batch, 3, size, size), torch.randint(1, 49407, (batch, net.context_length))
+# ------------------------------------------------------------------ step
 
 
 def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(name, cached, batch, steps, device, dtype, threads):
+def step_seconds(name, cached, batch, config):
     """One process: seconds per optimiser step, peak memory and the memory the imports alone took (GiB)."""
-    imports = peak_rss_gib()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    imports, device = peak_rss_gib(), config["device"]
+    torch.manual_seed(config["seed"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     student_name, teacher_name, _ = CONFIGS[name]
     student = create_model(student_name).to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1,
-                                  fused=device.split(":")[0] in ("cuda", "cpu"))  # as train.py
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
-    student_images, tokens = (t.to(device) for t in random_batch(student, student.image_size, batch))
+    optimizer = torch.optim.AdamW(
+        student.parameters(),
+        lr=1e-5,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        weight_decay=0.1,
+        fused=device.split(":")[0] in ("cuda", "cpu"),
+    )  # as train.py
+    autocast = nullcontext()
+    if config["dtype"] != "float32":
+        autocast = torch.autocast(device.split(":")[0], getattr(torch, config["dtype"]))
+    images = torch.randn(batch, 3, student.image_size, student.image_size, device=device)
+    tokens = torch.randint(1, 49407, (batch, student.context_length), device=device)
     if cached:  # what the cache hands the loss: unit vectors stored in fp16 and a scale; no teacher in memory
         dim = MODEL_CONFIGS[teacher_name]["embed_dim"]
         stored = [F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float() for _ in "it"]
@@ -63,9 +102,9 @@ def measure(name, cached, batch, steps, device, dtype, threads):
         teacher = create_model(teacher_name).to(device).eval().requires_grad_(False)
         teacher_images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
     timings = []
-    for step in range(steps + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    for step in range(config["steps"] + 1):
+        synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+        synchronize()
         start = time.perf_counter()
         with autocast:
             if cached:
@@ -73,16 +112,23 @@ def measure(name, cached, batch, steps, device, dtype, threads):
             else:  # the frozen teacher first, without gradients, as in train.py
                 with torch.no_grad():
                     teacher_out = teacher(teacher_images, tokens)
-            parts = distill_loss(*student(student_images, tokens), *teacher_out, mode="selective", step=step,
-                                 total_steps=100, w0=2.0, r=-0.8, tau_kd=5.0)
+            parts = distill_loss(
+                *student(images, tokens),
+                *teacher_out,
+                mode="selective",
+                step=step,
+                total_steps=100,
+                w0=2.0,
+                r=-0.8,
+                tau_kd=5.0,
+            )
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             student.logit_scale.clamp_(0, math.log(100))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize()
         timings.append(time.perf_counter() - start)
     seconds = statistics.median(timings[1:])  # a shared machine's hiccups move a mean, not a median
     if device.startswith("cuda"):
@@ -90,29 +136,263 @@ def measure(name, cached, batch, steps, device, dtype, threads):
     return seconds, peak_rss_gib(), imports
 
 
-def main(arguments):
-    config = data.apply_overrides(dict(configs=configs, batch_size=batch_size, steps=steps, device=device,
-                                       dtype=dtype, threads=threads), arguments)
+def bench_step(config):
     names = config["configs"].split(",")
     for name in names:
         if name not in CONFIGS:
             raise SystemExit(f"--configs: unknown configuration {name!r}; expected names from {sorted(CONFIGS)}")
-    if config["steps"] < 1:
-        raise SystemExit(f"--steps={config['steps']}: expected at least 1")
     context = multiprocessing.get_context("spawn")  # a fresh process per measurement: its own peak memory
-    print(f"{'config':<8} {'teacher':<8} {'batch':>5} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9} "
-          f"{'(imports)':>9}")
-    results = {}
+    print(f"{'config':<8} {'teacher':<8} {'batch':>5} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9} {'(imports)':>9}")
+    rows = []
     for name in names:
         batch = config["batch_size"] or CONFIGS[name][2]
         for cached in (False, True):
             with context.Pool(1) as pool:
-                seconds, peak, imports = pool.apply(measure, (name, cached, batch, config["steps"], config["device"],
-                                                     config["dtype"], config["threads"]))
-            results[name, cached] = seconds
-            print(f"{name:<8} {'cache' if cached else 'live':<8} {batch:>5} {seconds:>8.3f} {batch / seconds:>10.1f} "
-                  f"{peak:>9.2f} {imports:>9.2f}", flush=True)
-        print(f"{name}: the cache makes a step {results[name, False] / results[name, True]:.1f}x faster")
+                seconds, peak, imports = pool.apply(step_seconds, (name, cached, batch, config))
+            rows.append(
+                dict(
+                    config=name,
+                    teacher="cache" if cached else "live",
+                    batch=batch,
+                    seconds=seconds,
+                    samples_per_s=batch / seconds,
+                    peak_gib=peak,
+                    imports_gib=imports,
+                )
+            )
+            print(
+                f"{name:<8} {rows[-1]['teacher']:<8} {batch:>5} {seconds:>8.3f} {batch / seconds:>10.1f} "
+                f"{peak:>9.2f} {imports:>9.2f}",
+                flush=True,
+            )
+        print(f"{name}: the cache makes a step {rows[-2]['seconds'] / rows[-1]['seconds']:.1f}x faster")
+    return rows
+
+
+# ------------------------------------------------------------------ loader
+
+
+def torchvision_views(square, params, views):
+    """The straightforward PIL / torchvision pipeline: per view a bicubic resize of the padded square, the affine,
+    the jitter in the drawn order, to tensor, normalise. The reference the loader is measured against."""
+    import torchvision.transforms.functional as TF
+
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    out = []
+    for size, mean, std in views:
+        view = TF.center_crop(TF.resize(square, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+        translate = [t * size for t in params["translate"]]
+        view = TF.affine(
+            view,
+            angle=params["angle"],
+            translate=translate,
+            scale=1.0,
+            shear=[0.0, 0.0],
+            interpolation=TF.InterpolationMode.BILINEAR,
+        )
+        for i in params["order"]:
+            view = adjust[i](view, params["factors"][i])
+        out.append(data.to_normalised_tensor(view, mean, std))
+    return out
+
+
+def write_scans(folder, n, seed):
+    """n 800x540 grayscale PNG scans (HC18's size) as WebDataset samples -> the shard's path."""
+    import synthetic
+
+    url = os.path.join(folder, "bench-000000.tar")
+    with tarfile.open(url, "w") as tar:
+        for i in range(n):
+            rng = np.random.default_rng([seed, 3, i])
+            scan = synthetic.render_scan(rng, "brain", "trans-thalamic", 250, 0.2, 800, 540)
+            for name, payload in ((f"{i:08d}.png", synthetic._encode(scan, "png")), (f"{i:08d}.txt", b"a scan")):
+                synthetic._tar_add(tar, name, payload)
+    return url
+
+
+def samples_per_cpu_second(url, views, make_views, passes=3):
+    """Decode + coupled views of every sample, one thread: the median over passes of samples / process time."""
+    raw = list(wds.tarfile_samples([{"url": url}]))  # read once: only decoding and the views are timed
+    rates = []
+    for epoch in range(passes):
+        start = time.process_time()
+        for sample in raw:
+            image, _ = data.decode_sample(sample)
+            make_views(data.pad_to_square(image), data.augment_params(0, epoch, sample["__key__"]), views)
+        rates.append(len(raw) / (time.process_time() - start))
+    return statistics.median(rates)
+
+
+def bench_loader(config):
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    student, teacher = (MODEL_CONFIGS[name] for name in ("mobilefetalclip", "fetalclip"))
+    student_view = (student["image_size"], student["mean"], student["std"])
+    teacher_view = (teacher["image_size"], teacher["mean"], teacher["std"])
+    with tempfile.TemporaryDirectory() as folder:
+        url = write_scans(folder, config["loader_samples"], config["seed"])
+        rows = [
+            dict(pipeline=name, views=len(views), samples_per_cpu_s=samples_per_cpu_second(url, views, make))
+            for name, make in (("torchvision", torchvision_views), ("data.py", data.coupled_views))
+            for views in ([student_view, teacher_view], [student_view])
+        ]
+    print("loader: 800x540 grayscale PNG -> 256 px (+ 224 px), one thread, samples per CPU-second")
+    for row in rows:
+        print(f"  {row['pipeline']:<12} {row['views']} view(s) {row['samples_per_cpu_s']:8.1f}")
+    by = {(r["pipeline"], r["views"]): r["samples_per_cpu_s"] for r in rows}
+    print(
+        f"  data.py vs torchvision, two views: {by['data.py', 2] / by['torchvision', 2]:.2f}x; data.py one view vs "
+        f"two views: {by['data.py', 1] / by['data.py', 2]:.2f}x"
+    )
+    return rows
+
+
+# ------------------------------------------------------------------ latency (paper Table 2)
+
+
+def count_flops(module, inputs):
+    """FLOPs of one call (a multiply-add counts 2). torch's counter has no formula for the CPU kernel of
+    scaled_dot_product_attention (timm's fused attention), so it gets the same formula as the GPU kernels."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with torch.inference_mode(), counter:
+        module(inputs)
+    return counter.get_total_flops()
+
+
+def latency_ms(call, warmup, runs):
+    """Median and 10th / 90th percentile of `runs` timed calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - start))
+    p10, p90 = np.percentile(times, [10, 90])
+    return {"median": statistics.median(times), "p10": float(p10), "p90": float(p90), "runs": runs}
+
+
+def latency_row(label, name, encoder, config):
+    """[pytorch row, onnxruntime row (the deployable graphs only)] of one image encoder, batch 1."""
+    from export import export_onnx, onnx_session
+
+    size = MODEL_CONFIGS[name]["image_size"]
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(config["seed"]))
+    row = dict(
+        row=label, model=name, params=sum(p.numel() for p in encoder.parameters()), flops=count_flops(encoder, images)
+    )
+    with torch.inference_mode():
+        rows = [dict(row, runtime="pytorch", ms=latency_ms(lambda: encoder(images), config["warmup"], config["runs"]))]
+    if config["onnx"] and label != "student as trained":
+        with tempfile.TemporaryDirectory() as folder:  # fixed batch 1, as the Core ML file
+            path = export_onnx(encoder, images, Path(folder) / "encoder.onnx", "image", ["image_features"], False)
+            session, feed = onnx_session(path, torch.get_num_threads()), {"image": images.numpy()}
+            ms = latency_ms(lambda: session.run(None, feed), config["warmup"], config["runs"])
+            rows.append(dict(row, runtime="onnxruntime", ms=ms))
+    print(f"  {label}: " + ", ".join(f"{r['runtime']} {r['ms']['median']:.1f} ms" for r in rows), flush=True)
+    return rows
+
+
+def bench_latency(config):
+    from export import ImageEncoder
+
+    torch.manual_seed(config["seed"])
+    teacher, student = (create_model(config[name]).eval() for name in ("teacher", "student"))
+    encoders = [
+        ("teacher as trained", config["teacher"], ImageEncoder(teacher)),
+        ("student as trained", config["student"], ImageEncoder(student)),
+        ("student reparameterised", config["student"], ImageEncoder(reparameterize(student))),
+    ]
+    rows = [r for label, name, encoder in encoders for r in latency_row(label, name, encoder, config)]
+    print(
+        f"image encoders, batch 1, {torch.get_num_threads()} thread(s)\n"
+        f"{'':<24}{'runtime':<12}{'params':>12}{'GMACs':>7}{'ms median':>11}{'p10-p90':>16}{'teacher/row':>13}"
+    )
+    for r in rows:
+        teacher_ms = next(
+            t["ms"]["median"] for t in rows if t["row"] == rows[0]["row"] and t["runtime"] == r["runtime"]
+        )
+        r["teacher_over_row"] = teacher_ms / r["ms"]["median"]
+        print(
+            f"{r['row']:<24}{r['runtime']:<12}{r['params']:>12,}{r['flops'] / 2e9:>7.2f}{r['ms']['median']:>11.1f}"
+            f"{r['ms']['p10']:>8.1f}-{r['ms']['p90']:<7.1f}{r['teacher_over_row']:>13.1f}"
+        )
+    s, t = PAPER_TABLE_2["student"], PAPER_TABLE_2["teacher"]
+    print(
+        f"paper (Core ML fp16, iPhone 16 Pro): student {s['gmacs']} GMACs {s['latency_ms']} ms, teacher "
+        f"{t['gmacs']} GMACs {t['latency_ms']} ms: {t['latency_ms'] / s['latency_ms']:.1f}x latency"
+    )
+    return rows
+
+
+# ------------------------------------------------------------------ HC18 GA prompts
+
+
+def bench_hc18(config):
+    """Wall clock and prompts encoded: GA text cached per spacing string vs re-encoded per image (untrained
+    demo_student: the text tower's cost does not depend on its weights)."""
+    import evaluate
+
+    torch.manual_seed(config["seed"])
+    net = create_model("demo_student").eval()
+    rows = evaluate.hc18_rows(config["hc18_dir"])
+    features, sides = evaluate.encode_images(net, [r["path"] for r in rows])
+    spacings = [evaluate.ga_spacing(side, r["pixel_size"], net.image_size) for side, r in zip(sides, rows)]
+    runs = {}
+    for cache_text in (True, False):
+        start = time.perf_counter()
+        scores, encoded = evaluate.ga_scores(net, features, spacings, cache_text)
+        runs[cache_text] = dict(seconds=time.perf_counter() - start, prompts=encoded, scores=scores)
+    fast, slow = runs[True], runs[False]
+    identical = bool(np.array_equal(fast.pop("scores"), slow.pop("scores")))
+    print(
+        f"HC18 GA scores, {len(rows)} images, {len(set(spacings))} distinct spacing strings: cached "
+        f"{fast['seconds']:.1f} s / {fast['prompts']} prompts, per image {slow['seconds']:.1f} s / {slow['prompts']} "
+        f"prompts ({slow['seconds'] / fast['seconds']:.1f}x), scores identical: {identical}"
+    )
+    return dict(cached=fast, per_image=slow, identical=identical)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def machine():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return dict(cpu=cpu, cores=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__)
+
+
+BENCHMARKS = {"step": bench_step, "loader": bench_loader, "latency": bench_latency, "hc18": bench_hc18}
+
+
+def main(arguments):
+    config = configurator.configure(dict(DEFAULTS), arguments)
+    chosen = config["benchmarks"].split(",")
+    unknown = [b for b in chosen if b not in BENCHMARKS]
+    if unknown or config["steps"] < 1 or config["runs"] < 1:
+        raise SystemExit(
+            f"--benchmarks: expected names from {list(BENCHMARKS)} (got {unknown}); --steps and --runs "
+            "must be at least 1"
+        )
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    results = {"machine": machine(), "config": config}
+    for name in chosen:
+        print(f"== {name}")
+        results[name] = BENCHMARKS[name](config)
+    results["machine"]["load_average_after"] = os.getloadavg()
+    Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+    path = Path(config["out_dir"]) / "bench.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
     return results
 
 

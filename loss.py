@@ -12,6 +12,7 @@ its rows, so the mean of the rank losses is the whole-batch loss of one process.
 backward sums all ranks' gradients into the owner of the rows: a rank's embedding gradient is W
 times the single-process one, and DDP's averaging gives each parameter the single-process gradient.
 """
+
 import torch
 import torch.distributed.nn  # all_gather with a backward pass
 import torch.nn.functional as F
@@ -35,8 +36,7 @@ def _logits(image_features, text_features, logit_scale):
 
 
 def _clip(logits_per_image, logits_per_text, labels):  # Eq. 1, symmetric cross-entropy
-    return (F.cross_entropy(logits_per_image, labels)
-            + F.cross_entropy(logits_per_text, labels)) / 2
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 def _kd(logits, teacher_features, tau_kd, smoothing):
@@ -54,8 +54,8 @@ def clip_loss(image_features, text_features, logit_scale):
     return _clip(*_logits(image_features, text_features, logit_scale))
 
 
-def kd_loss(image_features, text_features, logit_scale, teacher_image_features,
-            teacher_text_features, teacher_logit_scale, tau_kd=5.0, smoothing=0.0):
+def kd_loss(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+            teacher_logit_scale, tau_kd=5.0, smoothing=0.0):  # fmt: skip
     """Logit KD (Eq. 3) as its two unweighted parts (diag, off) of Eq. 6; diag + off is Eq. 3."""
     teacher = (teacher_image_features, teacher_text_features, teacher_logit_scale)
     return _kd(_logits(image_features, text_features, logit_scale), teacher, tau_kd, smoothing)
@@ -68,10 +68,9 @@ def kd_weight(step, total_steps, w0, r):
     return w0 * (1 - min(max(step / total_steps, 0.0), 1.0) * (1 - r))  # r < 0: repulsion
 
 
-def distill_loss(image_features, text_features, logit_scale, teacher_image_features=None,
-                 teacher_text_features=None, teacher_logit_scale=None, mode="selective", step=0,
-                 total_steps=1, w0=1.0, r=1.0, tau_kd=5.0, smoothing=0.0,
-                 projected_image_features=None, feat_weight=2000.0):
+def distill_loss(image_features, text_features, logit_scale, teacher_image_features=None, teacher_text_features=None,
+                 teacher_logit_scale=None, mode="selective", step=0, total_steps=1, w0=1.0, r=1.0, tau_kd=5.0,
+                 smoothing=0.0, projected_image_features=None, feat_weight=2000.0):  # fmt: skip
     """A mode's loss and its parts: tensors loss, clip, kd_diag, kd_off, kd_feat (0 when unused)
     and the float weight = kd_weight(step, total_steps, w0, r) (0.0 for "none").
         "none":      loss = clip                                   (Eq. 1)
@@ -91,9 +90,8 @@ def distill_loss(image_features, text_features, logit_scale, teacher_image_featu
     weight = 0.0 if mode == "none" else kd_weight(step, total_steps, w0, r)
     if mode != "none":
         diag, off = _kd(logits, teacher, tau_kd, smoothing)
-    if projected_image_features is not None:  # feature-KD baseline (SPEC 2)
+    if projected_image_features is not None:  # the static + feature KD baseline (paper Table 3)
         student = F.normalize(projected_image_features, dim=-1)  # (B, D_T)
         feat = feat_weight * F.mse_loss(student, teacher_image_features.detach())
     kd = weight * (diag + off) if mode == "coupled" else diag + weight * off  # 0 for "none"
-    return dict(loss=clip + kd + feat, clip=clip, kd_diag=diag, kd_off=off, kd_feat=feat,
-                weight=weight)
+    return dict(loss=clip + kd + feat, clip=clip, kd_diag=diag, kd_off=off, kd_feat=feat, weight=weight)

@@ -1,13 +1,15 @@
-"""The FetalCLIP teacher and the MobileFetalCLIP student, built from timm towers.
+"""The FetalCLIP teacher and the MobileFetalCLIP student, built from timm towers, and every checkpoint format.
 
     model = create_model("mobilefetalclip")              # FastViT-MCi0 + 12-layer text tower, 74.9M
-    load_checkpoint(model, "mobileclip2_s0.pt")          # open_clip, Apple or our own checkpoints
+    load_checkpoint(model, "mobile_fetal_clip_weights.pt")   # open_clip, the release's, Apple's or our own files
     image_features, text_features, logit_scale = model(images, tokens)
+    save_open_clip(model, "student.pt", official=True)   # a file the official release loads strictly
 
-Image towers come from `timm.create_model` (never with pretrained weights: every weight is loaded
-from a local file). The only thing timm lacks is the CLIP text tower, written here once for both
-models with open_clip's parameter names, so open_clip checkpoints load by name.
+Image towers come from `timm.create_model` (never with pretrained weights: every weight is loaded from a local
+file). The only thing timm lacks is the CLIP text tower, written here once for both models with open_clip's
+parameter names, so open_clip checkpoints load by name.
 """
+
 import copy
 import math
 import os
@@ -18,43 +20,93 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import fastvit, vision_transformer
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from data import CONTEXT_LENGTH
 
-# image: timm model name + kwargs; text: width/layers/heads; causal: text attention mask or none.
+# about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads (the width is unique per
+# model: it names the model a file holds); causal: text attention mask or none.
 MODEL_CONFIGS = {
-    # FetalCLIP (SPEC 1): open_clip CLIP, ViT-L/14 with exact GELU, causal text tower, 427.6M.
-    "fetalclip": dict(image="vit_large_patch14_clip_224", image_kwargs={}, image_size=224,
-                      mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, embed_dim=768,
-                      text_width=768, text_layers=12, text_heads=12, causal=True),
-    # MobileFetalCLIP (SPEC 1): open_clip CustomTextCLIP "MobileCLIP2-S0", context 117, 74.9M.
-    "mobilefetalclip": dict(image="fastvit_mci0", image_kwargs={}, image_size=256,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=512,
-                            text_width=512, text_layers=12, text_heads=8, causal=False),
+    # FetalCLIP: open_clip CLIP, ViT-L/14 with exact GELU, causal text tower, 427.6M.
+    "fetalclip": dict(
+        about="the FetalCLIP teacher (ViT-L/14)",
+        image="vit_large_patch14_clip_224",
+        image_kwargs={},
+        image_size=224,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        embed_dim=768,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+        causal=True,
+    ),
+    # MobileFetalCLIP (paper Sec. 3.6): open_clip CustomTextCLIP "MobileCLIP2-S0", context 117, 74.9M.
+    "mobilefetalclip": dict(
+        about="a MobileFetalCLIP student (FastViT-MCi0)",
+        image="fastvit_mci0",
+        image_kwargs={},
+        image_size=256,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        embed_dim=512,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        causal=False,
+    ),
     # Demo pair for the built-in synthetic benchmark, chosen to train from scratch on a 2-core CPU. A 48-token
     # context holds every protocol prompt (the longest GA prompt is 45 tokens).
     # Teacher: ResNet-10-T at 48 px (a convnet learns from scratch on a few thousand pairs; a small ViT
     # does not within the demo's minutes) and a causal text tower.
-    "demo_teacher": dict(image="resnet10t", image_kwargs={}, image_size=48, mean=OPENAI_CLIP_MEAN,
-                         std=OPENAI_CLIP_STD, embed_dim=128, text_width=128, text_layers=2, text_heads=4,
-                         causal=True, context_length=48),
+    "demo_teacher": dict(
+        about="the demo teacher",
+        image="resnet10t",
+        image_kwargs={},
+        image_size=48,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        embed_dim=128,
+        text_width=128,
+        text_layers=2,
+        text_heads=4,
+        causal=True,
+        context_length=48,
+    ),
     # Student: ResNet-10-T at half width (1.3M parameters, 3x cheaper per step than the teacher's tower) and
     # a bidirectional text tower. At 48 px it reached five-plane F1 0.95-0.99 over three seeds where
     # MobileNetV3-Small, MobileNetV4-Conv-Small and RegNetX-200MF ranged 0.53-0.93 in the same minutes.
-    "demo_student": dict(image="resnet10t", image_kwargs=dict(channels=(32, 64, 128, 256), stem_width=16),
-                         image_size=48, mean=IMAGENET_MEAN, std=IMAGENET_STD, embed_dim=96,
-                         text_width=96, text_layers=2, text_heads=4, causal=False, context_length=48),
+    "demo_student": dict(
+        about="a demo student",
+        image="resnet10t",
+        image_kwargs=dict(channels=(32, 64, 128, 256), stem_width=16),
+        image_size=48,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        embed_dim=96,
+        text_width=96,
+        text_layers=2,
+        text_heads=4,
+        causal=False,
+        context_length=48,
+    ),
     # LayerNorm only (no BatchNorm statistics that differ per process): the multi-process tests.
-    "tiny_vit": dict(image="vit_base_patch16_clip_224",
-                     image_kwargs=dict(img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=2),
-                     image_size=48, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, embed_dim=64,
-                     text_width=64, text_layers=1, text_heads=2, causal=True, context_length=48),
+    "tiny_vit": dict(
+        about="the tests' tiny ViT",
+        image="vit_base_patch16_clip_224",
+        image_kwargs=dict(img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=2),
+        image_size=48,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        embed_dim=64,
+        text_width=64,
+        text_layers=1,
+        text_heads=2,
+        causal=True,
+        context_length=48,
+    ),
 }
-CONTEXT_LENGTH = 117  # FetalCLIP's text context (SPEC 1); MobileCLIP2 ships 77 and is resized
 VOCAB_SIZE = 49408
 
 
@@ -66,11 +118,15 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", nn.GELU()),  # exact GELU, not QuickGELU (SPEC 1)
-            ("c_proj", nn.Linear(4 * width, width)),
-        ]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, 4 * width)),
+                    ("gelu", nn.GELU()),  # exact GELU, not QuickGELU: both FetalCLIP and MobileCLIP2
+                    ("c_proj", nn.Linear(4 * width, width)),
+                ]
+            )
+        )
 
     def forward(self, x, attn_mask=None):
         h = self.ln_1(x)
@@ -89,7 +145,8 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.ModuleDict(
-            {"resblocks": nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))})
+            {"resblocks": nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))}
+        )
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         mask = torch.full((context_length, context_length), float("-inf")).triu(1) if causal else None
@@ -100,13 +157,13 @@ class TextTransformer(nn.Module):
         # open_clip's initialisation, so the demo teacher trains from scratch as CLIP does
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+        proj_std, attn_std, fc_std = width**-0.5 * (2 * layers) ** -0.5, width**-0.5, (2 * width) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def forward(self, tokens):  # (B, L) -> (B, D)
         length = tokens.shape[1]
@@ -128,12 +185,19 @@ class CLIP(nn.Module):
         self.name, self.embed_dim = name, cfg["embed_dim"]
         self.context_length = cfg.get("context_length", CONTEXT_LENGTH)
         self.image_size, self.image_mean, self.image_std = cfg["image_size"], cfg["mean"], cfg["std"]
-        self.visual = timm.create_model(cfg["image"], pretrained=False, num_classes=cfg["embed_dim"],
-                                        **cfg["image_kwargs"])
+        self.visual = timm.create_model(
+            cfg["image"], pretrained=False, num_classes=cfg["embed_dim"], **cfg["image_kwargs"]
+        )
         if self.is_vit:  # open_clip's ViT projects without a bias; timm's converter would add zeros
             self.visual.head = nn.Linear(self.visual.embed_dim, cfg["embed_dim"], bias=False)
-        self.text = TextTransformer(cfg["text_width"], cfg["text_layers"], cfg["text_heads"],
-                                    cfg["embed_dim"], cfg["causal"], self.context_length)
+        self.text = TextTransformer(
+            cfg["text_width"],
+            cfg["text_layers"],
+            cfg["text_heads"],
+            cfg["embed_dim"],
+            cfg["causal"],
+            self.context_length,
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     @property
@@ -164,22 +228,48 @@ def reparameterize(model):
     return timm.utils.reparameterize_model(copy.deepcopy(model).eval())
 
 
-# ----------------------------------------------------------------------------- checkpoint formats
+# ------------------------------------------------------------------ checkpoint formats
 # open_clip ViT <-> timm ViT names; timm's own converter does open_clip -> timm, this is the inverse.
 TIMM_TO_OPEN_CLIP_VIT = [
-    (r"^patch_embed\.proj\.", "conv1."), (r"^norm_pre\.", "ln_pre."), (r"^norm\.", "ln_post."),
-    (r"^blocks\.", "transformer.resblocks."), (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
-    (r"\.attn\.qkv\.", ".attn.in_proj_"), (r"\.attn\.proj\.", ".attn.out_proj."),
-    (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+    (r"^patch_embed\.proj\.", "conv1."),
+    (r"^norm_pre\.", "ln_pre."),
+    (r"^norm\.", "ln_post."),
+    (r"^blocks\.", "transformer.resblocks."),
+    (r"\.norm1\.", ".ln_1."),
+    (r"\.norm2\.", ".ln_2."),
+    (r"\.attn\.qkv\.", ".attn.in_proj_"),
+    (r"\.attn\.proj\.", ".attn.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
 ]
-# Apple's MobileCLIP text encoder -> open_clip names (SPEC 1).
+# timm FastViT -> Apple's MCi module names (the release's trunk): the inverse of the renames in timm's
+# fastvit.checkpoint_filter_fn; the flat `network.N` indices are added by to_apple_mci.
+TIMM_TO_APPLE_MCI = [
+    (r"^stem\.", "patch_embed."),
+    (r"conv_kxk", "rbr_conv"),
+    (r"conv_scale", "rbr_scale"),
+    (r"\.identity\.", ".rbr_skip."),
+    (r"^final_conv\.", "conv_exp."),
+    (r"large_conv", "lkb_origin"),
+    (r"\.mlp\.", ".convffn."),
+    (r"\.se\.fc1\.", ".se.reduce."),
+    (r"\.se\.fc2\.", ".se.expand."),
+    (r"(layer_scale(_\d)?)\.gamma$", r"\1"),
+    (r"^head\.fc\.", "head."),
+]
+# Apple's MobileCLIP text encoder -> open_clip names (MobileCLIP2's own release format).
 APPLE_TO_OPEN_CLIP_TEXT = [
-    (r"^embedding_layer\.", "token_embedding."), (r"^final_layer_norm\.", "ln_final."),
+    (r"^embedding_layer\.", "token_embedding."),
+    (r"^final_layer_norm\.", "ln_final."),
     (r"^positional_embedding\.pos_embed\.pos_embed$", "positional_embedding"),
-    (r"^projection_layer$", "text_projection"), (r"^transformer\.(\d+)\.", r"transformer.resblocks.\1."),
-    (r"\.pre_norm_mha\.0\.", ".ln_1."), (r"\.pre_norm_mha\.1\.qkv_proj\.", ".attn.in_proj_"),
-    (r"\.pre_norm_mha\.1\.out_proj\.", ".attn.out_proj."), (r"\.pre_norm_ffn\.0\.", ".ln_2."),
-    (r"\.pre_norm_ffn\.1\.", ".mlp.c_fc."), (r"\.pre_norm_ffn\.4\.", ".mlp.c_proj."),
+    (r"^projection_layer$", "text_projection"),
+    (r"^transformer\.(\d+)\.", r"transformer.resblocks.\1."),
+    (r"\.pre_norm_mha\.0\.", ".ln_1."),
+    (r"\.pre_norm_mha\.1\.qkv_proj\.", ".attn.in_proj_"),
+    (r"\.pre_norm_mha\.1\.out_proj\.", ".attn.out_proj."),
+    (r"\.pre_norm_ffn\.0\.", ".ln_2."),
+    (r"\.pre_norm_ffn\.1\.", ".mlp.c_fc."),
+    (r"\.pre_norm_ffn\.4\.", ".mlp.c_proj."),
 ]
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -195,52 +285,62 @@ def rename(state_dict, rules):
 
 def with_prefix(state_dict, prefix, strip=""):
     """Keys starting with `strip`, re-prefixed by `prefix`."""
-    return {prefix + k[len(strip):]: v for k, v in state_dict.items() if k.startswith(strip)}
+    return {prefix + k[len(strip) :]: v for k, v in state_dict.items() if k.startswith(strip)}
 
 
 def read_checkpoint(path):
     """The file's tensors and metadata; never runs code (`weights_only=True`)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (an interrupted copy or save?)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickles with code, or not a torch file at all
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from None
+    except Exception as error:  # pickles with code, truncated files, or not a torch file at all
+        reason = str(error).strip().splitlines()[0][:200]
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(checkpoint).__name__}")
     return checkpoint
 
 
 def unwrap_state_dict(checkpoint):
-    """A bare state dict from a project checkpoint, `{"state_dict": ...}` or DDP `module.` keys."""
+    """A bare state dict from this project's checkpoints ("model"), the release trainer's envelope
+    ("state_dict", beside optimizer and scheduler states), open_clip's, or a bare one; DDP `module.` removed."""
     state_dict = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
-    if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError("the file holds no state dict of tensors (bare, or under 'model' or 'state_dict')")
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 
+def trunk_to_timm(trunk, visual):
+    """A FastViT trunk in Apple's MCi names (MobileCLIP2, the release) -> timm's, by timm's own converter."""
+    return fastvit.checkpoint_filter_fn(trunk, visual) if isinstance(visual, fastvit.FastVit) else trunk
+
+
 def to_our_keys(state_dict, model):
-    """Convert open_clip (CLIP or CustomTextCLIP), Apple MobileCLIP or our own keys to ours."""
+    """Convert open_clip (CLIP or CustomTextCLIP, with a timm or an Apple MCi trunk), Apple MobileCLIP or our
+    own keys to ours."""
     if any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):  # Apple
         text = rename(with_prefix(state_dict, "", "text_encoder."), APPLE_TO_OPEN_CLIP_TEXT)
         pos = "positional_embedding"
         if pos in text:  # Apple stores it as (1, 1, L, W)
             text[pos] = text[pos].reshape(-1, text[pos].shape[-1])
-        trunk = with_prefix(state_dict, "", "image_encoder.model.")
-        trunk = fastvit.checkpoint_filter_fn(trunk, model.visual)  # Apple's MCi names -> timm, if needed
+        trunk = trunk_to_timm(with_prefix(state_dict, "", "image_encoder.model."), model.visual)
         rest = {k: v for k, v in state_dict.items() if k == "logit_scale"}
         return {**with_prefix(trunk, "visual."), **with_prefix(text, "text."), **rest}
     out = {k: v for k, v in state_dict.items() if not k.startswith(("visual.", "text.") + TEXT_KEYS)}
     out.update({"text." + k: v for k, v in state_dict.items() if k.startswith(TEXT_KEYS)})  # CLIP
     out.update(with_prefix(state_dict, "text.", "text."))  # CustomTextCLIP and ours
-    visual = with_prefix(state_dict, "visual.", "visual.")
-    if "visual.class_embedding" in visual:  # open_clip's own ViT -> timm, by timm's converter
-        visual = vision_transformer.checkpoint_filter_fn(visual, model.visual)
+    visual = with_prefix(state_dict, "", "visual.")
+    if "class_embedding" in visual:  # open_clip's own ViT -> timm, by timm's converter
+        visual = vision_transformer.checkpoint_filter_fn(with_prefix(visual, "visual."), model.visual)
         visual.pop("head.bias", None)  # timm adds zeros; open_clip has no bias
-        visual = with_prefix(visual, "visual.")
-    elif any(k.startswith("visual.trunk.") for k in visual):  # open_clip TimmModel
-        visual = with_prefix(visual, "visual.", "visual.trunk.")
-    out.update(visual)
+    elif any(k.startswith("trunk.") for k in visual):  # open_clip TimmModel: timm's or the release's Apple names
+        visual = trunk_to_timm(with_prefix(visual, "", "trunk."), model.visual)
+    out.update(with_prefix(visual, "visual."))
     return out
 
 
@@ -249,59 +349,99 @@ def resize_text_positions(state_dict, context_length):
     key = "text.positional_embedding"
     positions = state_dict.get(key)
     if positions is not None and positions.shape[0] != context_length:
-        resized = F.interpolate(positions.T[None].float(), size=context_length, mode="linear",
-                                align_corners=False)
+        resized = F.interpolate(positions.T[None].float(), size=context_length, mode="linear", align_corners=False)
         state_dict[key] = resized[0].T.to(positions.dtype).contiguous()
     return state_dict
 
 
-def load_checkpoint(model, path):
-    """Load any supported checkpoint into `model`; every key must be accounted for."""
-    state_dict = unwrap_state_dict(read_checkpoint(path))
+def state_dict_of(path, checkpoint):
+    try:
+        return unwrap_state_dict(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def load_checkpoint(model, path, checkpoint=None):
+    """Load any supported checkpoint into `model`; every key must be accounted for. `checkpoint`: the file's
+    content when the caller has read it already (read_checkpoint), so a 1.7 GB teacher is read once."""
+    state_dict = state_dict_of(path, read_checkpoint(path) if checkpoint is None else checkpoint)
+    held = guess_model_name(state_dict)
+    if held and held != model.name:
+        about = MODEL_CONFIGS[held]["about"]
+        raise ValueError(f"{path} holds {about} ({held!r}), not the {model.name!r} model expected here")
     state_dict = resize_text_positions(to_our_keys(state_dict, model), model.context_length)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: does not fit model {model.name!r}: "
-                         f"{len(missing)} missing keys {missing[:8]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+        raise ValueError(
+            f"{path}: does not fit model {model.name!r}: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}"
+        )
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, "
-                             f"model {model.name!r} expects {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, "
+                f"model {model.name!r} expects {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(state_dict)
     return model
 
 
 def guess_model_name(state_dict):
-    """Name a model from its keys, for files that do not say (open_clip and Apple checkpoints)."""
-    state_dict = unwrap_state_dict(state_dict)
-    for key in ("token_embedding.weight", "text.token_embedding.weight",
-                "text_encoder.embedding_layer.weight"):
-        if key in state_dict:
-            width = state_dict[key].shape[1]
-            names = [n for n, cfg in MODEL_CONFIGS.items() if cfg["text_width"] == width]
-            if len(names) == 1:
-                return names[0]
-    raise ValueError("cannot tell which model this checkpoint holds; pass its name "
-                     f"(one of {sorted(MODEL_CONFIGS)})")
+    """Which model a state dict holds, from its text tower's width (unique per model); '' when it cannot tell."""
+    for key in ("token_embedding.weight", "text.token_embedding.weight", "text_encoder.embedding_layer.weight"):
+        if key in state_dict and state_dict[key].ndim == 2:
+            names = [n for n, cfg in MODEL_CONFIGS.items() if cfg["text_width"] == state_dict[key].shape[1]]
+            return names[0] if len(names) == 1 else ""
+    return ""
 
 
-def load_model(path, name=""):
+def held_model_name(path, checkpoint):
+    """The model a checkpoint holds: the name this project's files store, else the one its text tower shows."""
+    name = checkpoint.get("model_name", "") or guess_model_name(state_dict_of(path, checkpoint))
+    if not isinstance(name, str) or name not in MODEL_CONFIGS:
+        raise ValueError(f"{path}: cannot tell which model it holds ({name!r}); name it: {sorted(MODEL_CONFIGS)}")
+    return name
+
+
+def load_model(path, name="", checkpoint=None):
     """Build the model a checkpoint holds and load it; `name` overrides what the file says."""
-    checkpoint = read_checkpoint(path)
-    name = name or checkpoint.get("model_name", "") or guess_model_name(checkpoint)
-    if not isinstance(name, str):
-        raise ValueError(f"{path}: model_name should be a string, got {name!r}")
-    return load_checkpoint(create_model(name), path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    return load_checkpoint(create_model(name or held_model_name(path, checkpoint)), path, checkpoint)
 
 
-def save_open_clip(model, path):
-    """Write a state dict that open_clip loads: `CLIP` for ViT towers, `CustomTextCLIP` otherwise."""
+def to_apple_mci(trunk, visual):
+    """timm FastViT keys -> Apple's MCi keys as the release writes them (its `fastvit_mci0` is Apple's class).
+    Apple's `network` is flat: per stage its downsampling, its positional embedding, then its blocks."""
+    renamed, index = rename(trunk, TIMM_TO_APPLE_MCI), 0
+    for s, stage in enumerate(visual.stages):
+        parts = [
+            ("downsample.proj", "proj", stage.downsample),
+            ("pos_emb.pos_enc", "pe", stage.pos_emb),
+            ("blocks", "", stage.blocks),
+        ]
+        for timm_part, apple_part, module in parts:
+            if isinstance(module, nn.Identity):
+                continue
+            old, new = f"stages.{s}.{timm_part}.", f"network.{index}." + (apple_part + "." if apple_part else "")
+            renamed = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in renamed.items()}
+            index += 1
+    back = fastvit.checkpoint_filter_fn(dict(renamed), visual)  # timm's converter must give the trunk back
+    if set(back) != set(trunk) or any(back[k] is not trunk[k] for k in trunk):
+        raise ValueError("Apple MCi names do not convert back to timm's: this timm version renames differently")
+    return renamed
+
+
+def save_open_clip(model, path, official=False):
+    """Write a state dict that open_clip loads strictly: `CLIP` for ViT towers, `CustomTextCLIP` otherwise.
+    official=True writes a FastViT trunk under Apple's MCi names, as the official MobileFetalCLIP release's
+    model (Apple's class registered as timm's fastvit_mci0) has them, so its evaluation and app load it strictly."""
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     text = with_prefix(state_dict, "", "text.")
     visual = with_prefix(state_dict, "", "visual.")
+    if official and not isinstance(model.visual, fastvit.FastVit):
+        raise ValueError(f"official=True writes the release's FastViT-MCi student; {model.name!r} is not one")
     if model.is_vit:
         visual = rename(visual, TIMM_TO_OPEN_CLIP_VIT)
         visual["class_embedding"] = visual.pop("cls_token").reshape(-1)
@@ -309,6 +449,8 @@ def save_open_clip(model, path):
         visual["proj"] = visual.pop("head.weight").T.contiguous()
         out = {**with_prefix(visual, "visual."), **text}
     else:
-        out = {**with_prefix(visual, "visual.trunk."), **with_prefix(text, "text.")}
+        trunk = to_apple_mci(visual, model.visual) if official else visual
+        out = {**with_prefix(trunk, "visual.trunk."), **with_prefix(text, "text.")}
     out["logit_scale"] = state_dict["logit_scale"]
-    torch.save(out, path)
+    torch.save(out, path + ".tmp")
+    os.replace(path + ".tmp", path)

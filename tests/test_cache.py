@@ -1,12 +1,16 @@
-"""The teacher-embedding cache (data.py cache, train.py --teacher_cache) against the live teacher."""
+"""The teacher-embedding cache (cache.py, train.py --teacher_cache) against the live teacher."""
+
 import filecmp
 import os
 
 import pytest
 import torch
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+import cache
 import data
-import model as M
+import synthetic
+from model import CLIP, create_model, load_model
 
 BATCH = 8  # samples per shard and per batch
 AUGS = 2
@@ -22,7 +26,7 @@ def one_thread():
 
 def save_teacher(path, seed):
     torch.manual_seed(seed)
-    net = M.create_model("demo_teacher")
+    net = create_model("demo_teacher")
     torch.save({"model": net.state_dict(), "model_name": "demo_teacher"}, path)
     return str(path)
 
@@ -30,33 +34,49 @@ def save_teacher(path, seed):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    data.write_shards(str(root / "shards"), seed=0, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48)
+    synthetic.write_shards(
+        str(root / "shards"), seed=0, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48
+    )
     teacher = save_teacher(root / "teacher.pt", seed=0)
-    manifest = data.write_cache(teacher, str(root / "shards"), str(root / "cache"), augs=AUGS, batch_size=BATCH,
-                                num_workers=0, device="cpu")
+    manifest = cache.write_cache(
+        teacher, str(root / "shards"), str(root / "cache"), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
+    )
     return root, teacher, manifest
 
 
 def batches(root, epoch, **cache):
     """Epoch `epoch` of the loader in the shards' order: (student images, teacher input, tokens, keys)."""
-    student = M.create_model("demo_student")
-    teacher_view = (48, M.OPENAI_CLIP_MEAN, M.OPENAI_CLIP_STD)
-    loader = data.train_loader(str(root / "shards"), (student.image_size, student.image_mean, student.image_std),
-                               teacher_view, BATCH, epoch=epoch, shuffle_buffer=1, return_keys=True,
-                               context_length=48, **cache)
+    student = create_model("demo_student")
+    teacher_view = (48, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    loader = data.train_loader(
+        str(root / "shards"),
+        (student.image_size, student.image_mean, student.image_std),
+        teacher_view,
+        BATCH,
+        epoch=epoch,
+        shuffle_buffer=1,
+        return_keys=True,
+        context_length=48,
+        **cache,
+    )
     return list(loader)
 
 
 def test_cached_teacher_gives_the_live_teacher_logits(setup):
     root, teacher_path, manifest = setup
-    teacher = M.load_model(teacher_path).eval()
-    assert manifest["shards"] == {f"train-00000{i}.tar": BATCH for i in range(3)}
+    teacher = load_model(teacher_path).eval()
+    assert {name: entry["samples"] for name, entry in manifest["shards"].items()} == {
+        f"train-00000{i}.tar": BATCH for i in range(3)
+    }
     assert manifest["logit_scale"] == pytest.approx(1 / 0.07)
     for epoch in range(AUGS + 1):
         live = batches(root, epoch % AUGS)  # epoch AUGS replays augmentation 0
         cached = batches(root, epoch, teacher_cache=str(root / "cache"))
-        assert [b[3] for b in cached] == [b[3] for b in live] if epoch < AUGS else sorted(
-            k for b in cached for k in b[3]) == sorted(k for b in live for k in b[3])
+        assert (
+            [b[3] for b in cached] == [b[3] for b in live]
+            if epoch < AUGS
+            else sorted(k for b in cached for k in b[3]) == sorted(k for b in live for k in b[3])
+        )
         live = {k: (b[0][i], b[1][i], b[2][i]) for b in live for i, k in enumerate(b[3])}
         for student_images, (image, text), tokens, keys in cached:
             assert image.dtype == torch.float16 and image.shape == text.shape == (BATCH, 128)
@@ -73,7 +93,7 @@ def test_cached_teacher_gives_the_live_teacher_logits(setup):
 def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatch):
     root, teacher, _ = setup
     calls = {"n": 0}
-    encode_image = M.CLIP.encode_image
+    encode_image = CLIP.encode_image
 
     def crash_on_the_second_batch(self, images):
         calls["n"] += 1
@@ -81,15 +101,17 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
             raise KeyboardInterrupt("simulated crash in shard 2")
         return encode_image(self, images)
 
-    monkeypatch.setattr(M.CLIP, "encode_image", crash_on_the_second_batch)
+    monkeypatch.setattr(CLIP, "encode_image", crash_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        data.write_cache(teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0,
-                         device="cpu")
-    monkeypatch.setattr(M.CLIP, "encode_image", encode_image)
+        cache.write_cache(
+            teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
+        )
+    monkeypatch.setattr(CLIP, "encode_image", encode_image)
     partial = data.read_cache_manifest(str(tmp_path))["shards"]
-    assert partial == {"train-000000.tar": BATCH, "train-000001.tar": None, "train-000002.tar": None}
-    data.write_cache(teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0,
-                     device="cpu")
+    assert [entry and entry["samples"] for entry in partial.values()] == [BATCH, None, None]
+    cache.write_cache(
+        teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
+    )
     names = sorted(os.listdir(root / "cache"))
     assert sorted(os.listdir(tmp_path)) == names  # no .tmp left behind
     match, mismatch, errors = filecmp.cmpfiles(root / "cache", tmp_path, names, shallow=False)
@@ -100,21 +122,25 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     root, teacher, _ = setup
     asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=48, context_length=48)
     shards = str(root / "shards")
-    cache = str(root / "cache")
-    assert data.check_cache(cache, shards, **asked)["augs"] == AUGS
-    assert data.check_cache(cache, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS  # no hash asked
+    folder = str(root / "cache")
+    assert data.check_cache(folder, shards, **asked)["augs"] == AUGS
+    assert data.check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS  # no hash asked
     other = save_teacher(tmp_path / "other.pt", seed=1)
-    for change, message in [({"teacher_ckpt": other}, "teacher_sha256 .* asks for .*other.pt"),
-                            ({"seed": 1}, "made with seed 0; this run asks for 1 .*--augment_seed"),
-                            ({"image_size": 64}, "made with image_size 48; this run asks for 64"),
-                            ({"teacher": "fetalclip"}, "made with teacher .demo_teacher.; this run asks for .fetalclip.")]:
+    for change, message in [
+        ({"teacher_ckpt": other}, "teacher_sha256 .* asks for .*other.pt"),
+        ({"seed": 1}, "made with seed 0; this run asks for 1 .*--augment_seed"),
+        ({"image_size": 64}, "made with image_size 48; this run asks for 64"),
+        ({"teacher": "fetalclip"}, "made with teacher .demo_teacher.; this run asks for .fetalclip."),
+    ]:
         with pytest.raises(ValueError, match=message):
-            data.check_cache(cache, shards, **{**asked, **change})
-    data.write_shards(str(tmp_path / "more"), seed=1, n=BATCH, width=96, height=72, shard_size=BATCH, input_size=48)
+            data.check_cache(folder, shards, **{**asked, **change})
+    synthetic.write_shards(
+        str(tmp_path / "more"), seed=1, n=BATCH, width=96, height=72, shard_size=BATCH, input_size=48
+    )
     os.rename(tmp_path / "more" / "train-000000.tar", tmp_path / "more" / "train-000009.tar")
     with pytest.raises(ValueError, match="no finished cache shard for .*train-000009.tar"):
-        data.check_cache(cache, [shards + "/train-000000.tar", str(tmp_path / "more" / "train-000009.tar")], **asked)
+        data.check_cache(folder, [shards + "/train-000000.tar", str(tmp_path / "more" / "train-000009.tar")], **asked)
     with pytest.raises(ValueError, match="holds a cache with seed 0, not 1"):
-        data.write_cache(teacher, shards, cache, augs=AUGS, seed=1, num_workers=0, device="cpu")
+        cache.write_cache(teacher, shards, folder, augs=AUGS, seed=1, num_workers=0, device="cpu")
     with pytest.raises(FileNotFoundError, match="not a teacher cache"):
         data.check_cache(str(tmp_path), shards, **asked)

@@ -1,8 +1,8 @@
 """data.py: tokenizer parity with open_clip, readers of the real formats, the synthetic benchmark,
 coupled augmentation and the training loader. CPU, small files written here, fixed seeds."""
+
 import io
 import json
-import math
 import os
 import random
 import sys
@@ -22,12 +22,13 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 STUDENT, TEACHER = (256, *IMAGENET), (224, *CLIP)
 
-# ----------------------------------------------------------------------------- tokenizer
+# ------------------------------------------------------------------ tokenizer
 
 
 @pytest.fixture(scope="module")
 def reference_tokenizer():
     from open_clip.tokenizer import SimpleTokenizer
+
     return SimpleTokenizer(context_length=117)
 
 
@@ -37,8 +38,9 @@ def protocol_prompts():
     texts = [p for group in ("five_planes", "brain_subplanes") for ps in prompts[group].values() for p in ps]
     for template in prompts["ga_templates"]:
         for spacing in (0.28, 1.0, 2.875, 12.5 * 0.0691358041432):
-            texts += [template.format(weeks=w, day=d, pixel_spacing=f"{spacing:.2f}")
-                      for w in range(14, 39) for d in range(7)]
+            texts += [
+                template.format(weeks=w, day=d, pixel_spacing=f"{spacing:.2f}") for w in range(14, 39) for d in range(7)
+            ]
     return texts
 
 
@@ -46,14 +48,75 @@ def varied_captions(n, seed=0):
     """Captions mixing protocol wording, numbers, punctuation, unicode, HTML entities and odd spacing."""
     rng = random.Random(seed)
     words = " ".join(protocol_prompts()[:45]).split()
-    pieces = ["café", "naïve", "Ñandú", "Straße", "胎儿超声图像", "頭囲", "👶🏽", "❤️", "🩺", "мозг", "دماغ",
-              "ελληνικά", "’s", "don’t", "“quoted”", "‘single’", "it's", "WE'RE", "I'LL", "they'd", "&amp;",
-              "&lt;b&gt;",
-              "&#39;", "&quot;x&quot;", "&nbsp;", "&amp;amp;", "&eacute;", "Ã©tÃ©", "\u0345", "ᾳ", "ſ", "K",
-              "<end_of_text>", "!!<start_of_text>", "x<end_of_text>y", "it'ſ", "<ſtart_of_text>", "mm/pixel",
-              "3.14", "-2.5e-3", "1,000",
-              "42", "0.07", "#1", "@user", "a_b-c", "...", "?!", "(14w+6d)", "[x]", "{y}", "100%", "$5", "~",
-              "\t", "\n", "  ", "\r\n", "\u00a0", "\u3000", "İstanbul", "ǅ", "ﬁne", "Ⅻ", "²", "½", "٣"]
+    pieces = [
+        "café",
+        "naïve",
+        "Ñandú",
+        "Straße",
+        "胎儿超声图像",
+        "頭囲",
+        "👶🏽",
+        "❤️",
+        "🩺",
+        "мозг",
+        "دماغ",
+        "ελληνικά",
+        "’s",
+        "don’t",
+        "“quoted”",
+        "‘single’",
+        "it's",
+        "WE'RE",
+        "I'LL",
+        "they'd",
+        "&amp;",
+        "&lt;b&gt;",
+        "&#39;",
+        "&quot;x&quot;",
+        "&nbsp;",
+        "&amp;amp;",
+        "&eacute;",
+        "Ã©tÃ©",
+        "\u0345",
+        "ᾳ",
+        "ſ",
+        "K",
+        "<end_of_text>",
+        "!!<start_of_text>",
+        "x<end_of_text>y",
+        "it'ſ",
+        "<ſtart_of_text>",
+        "mm/pixel",
+        "3.14",
+        "-2.5e-3",
+        "1,000",
+        "42",
+        "0.07",
+        "#1",
+        "@user",
+        "a_b-c",
+        "...",
+        "?!",
+        "(14w+6d)",
+        "[x]",
+        "{y}",
+        "100%",
+        "$5",
+        "~",
+        "\t",
+        "\n",
+        "  ",
+        "\r\n",
+        "\u00a0",
+        "\u3000",
+        "İstanbul",
+        "ǅ",
+        "ﬁne",
+        "Ⅻ",
+        "²",
+        "½",
+        "٣",
+    ]
     texts = ["", "   ", "\n\t", "a" * 400, " ".join(["fetal"] * 200), "<start_of_text>", "<end_of_text>"]
     while len(texts) < n:
         parts = [rng.choice(pieces) if rng.random() < 0.4 else rng.choice(words) for _ in range(rng.randint(1, 60))]
@@ -75,8 +138,9 @@ def test_tokenizer_matches_open_clip_on_varied_captions(reference_tokenizer):
     torch.testing.assert_close(ours, reference_tokenizer(texts), rtol=0, atol=0)
     assert (ours[:, -1] == data.EOT).sum() > 20  # over-long texts were cut with the end token last
     for length in (8, 77):
-        torch.testing.assert_close(data.tokenize(texts[:200], length), reference_tokenizer(texts[:200], length),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            data.tokenize(texts[:200], length), reference_tokenizer(texts[:200], length), rtol=0, atol=0
+        )
 
 
 def test_tokenizer_shape_and_special_ids():
@@ -87,7 +151,7 @@ def test_tokenizer_shape_and_special_ids():
     assert len(ids) == 49408 and max(ids) == 49407
 
 
-# ----------------------------------------------------------------------------- readers
+# ------------------------------------------------------------------ readers
 
 
 def write_planes(root, rows, header="Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train ", images=True):
@@ -98,8 +162,10 @@ def write_planes(root, rows, header="Image_name;Patient_num;Plane;Brain_plane;Op
         Image.new("L", (40, 30), 100).save(os.path.join(root, "Images", r[0] + ".png"))
 
 
-PLANES_ROWS = [["Patient00001_Plane1_1_of_15", "1", "Other", "Not A Brain", "Other", "Aloka", "1"],
-               ["Patient00002_Plane3_1_of_2", "2", "Fetal brain", "Trans-thalamic", "Op. 3", "Voluson E6", "0"]]
+PLANES_ROWS = [
+    ["Patient00001_Plane1_1_of_15", "1", "Other", "Not A Brain", "Other", "Aloka", "1"],
+    ["Patient00002_Plane3_1_of_2", "2", "Fetal brain", "Trans-thalamic", "Op. 3", "Voluson E6", "0"],
+]
 
 
 def test_read_planes_db(tmp_path):
@@ -107,14 +173,16 @@ def test_read_planes_db(tmp_path):
     rows = data.read_planes_db(tmp_path)
     assert [(r["image_name"], r["patient"], r["plane"], r["brain_plane"], r["train"]) for r in rows] == [
         ("Patient00001_Plane1_1_of_15", 1, "Other", "Not A Brain", True),
-        ("Patient00002_Plane3_1_of_2", 2, "Fetal brain", "Trans-thalamic", False)]
+        ("Patient00002_Plane3_1_of_2", 2, "Fetal brain", "Trans-thalamic", False),
+    ]
     assert rows[1]["path"] == os.path.join(tmp_path, "Images", "Patient00002_Plane3_1_of_2.png")
     assert rows[1]["operator"] == "Op. 3" and rows[1]["us_machine"] == "Voluson E6"
 
 
 def test_read_planes_db_errors(tmp_path):
-    write_planes(tmp_path, [r[:3] + r[4:] for r in PLANES_ROWS],
-                 header="Image_name;Patient_num;Plane;Operator;US_Machine;Train ")
+    write_planes(
+        tmp_path, [r[:3] + r[4:] for r in PLANES_ROWS], header="Image_name;Patient_num;Plane;Operator;US_Machine;Train "
+    )
     with pytest.raises(ValueError, match="Brain_plane") as error:
         data.read_planes_db(tmp_path)
     assert "FETAL_PLANES_DB_data.csv" in str(error.value)
@@ -134,11 +202,19 @@ def write_hc18(root, lines, images=("000_HC.png", "001_2HC.png")):
 
 
 def test_read_hc18(tmp_path):
-    write_hc18(tmp_path, ["filename,pixel size(mm),head circumference (mm)", "000_HC.png,0.0691358041432,44.3",
-                          "001_2HC.png,0.0891,56.81"])
+    write_hc18(
+        tmp_path,
+        [
+            "filename,pixel size(mm),head circumference (mm)",
+            "000_HC.png,0.0691358041432,44.3",
+            "001_2HC.png,0.0891,56.81",
+        ],
+    )
     rows = data.read_hc18(tmp_path)
-    assert [(r["filename"], r["pixel_size"], r["hc"]) for r in rows] == [("000_HC.png", 0.0691358041432, 44.3),
-                                                                         ("001_2HC.png", 0.0891, 56.81)]
+    assert [(r["filename"], r["pixel_size"], r["hc"]) for r in rows] == [
+        ("000_HC.png", 0.0691358041432, 44.3),
+        ("001_2HC.png", 0.0891, 56.81),
+    ]
     assert rows[0]["path"] == os.path.join(tmp_path, "training_set", "000_HC.png")
 
 
@@ -154,7 +230,7 @@ def test_read_hc18_errors(tmp_path):
         data.read_hc18(tmp_path)
 
 
-# ----------------------------------------------------------------------------- shards and loader
+# ------------------------------------------------------------------ shards and loader
 
 
 def encoded(image, fmt):
@@ -192,8 +268,9 @@ def good_sample(i, fmt="PNG"):
 def make_shards(folder, n_shards, per_shard):
     os.makedirs(folder, exist_ok=True)
     for s in range(n_shards):
-        write_shard(os.path.join(folder, f"train-{s:06d}.tar"),
-                    [good_sample(s * per_shard + i) for i in range(per_shard)])
+        write_shard(
+            os.path.join(folder, f"train-{s:06d}.tar"), [good_sample(s * per_shard + i) for i in range(per_shard)]
+        )
     return os.path.join(folder, f"train-{{000000..{n_shards - 1:06d}}}.tar")
 
 
@@ -212,17 +289,22 @@ def test_expand_urls_and_count(tmp_path):
 
 
 def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, capsys):
-    samples = [good_sample(0, "PNG"), good_sample(1, "JPEG"),
-               ("000002", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"broken"}),
-               ("000003", {"png": encoded(smooth_image(3), "PNG")}), good_sample(4, "WEBP")]
+    samples = [
+        good_sample(0, "PNG"),
+        good_sample(1, "JPEG"),
+        ("000002", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"broken"}),
+        ("000003", {"png": encoded(smooth_image(3), "PNG")}),
+        good_sample(4, "WEBP"),
+    ]
     write_shard(tmp_path / "a.tar", samples)
     (tmp_path / "b.tar").write_bytes(b"this is not a tar file" * 40)  # a broken shard
     urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
     for workers in (0, 2):  # in workers, the counts travel back through shared memory
         loader = data.train_loader(urls, STUDENT, TEACHER, 1, num_workers=workers, return_keys=True)
         assert sorted(k for batch in loader for k in batch[3]) == ["000000", "000001", "000004"]
-        assert loader.skipped == {"image": 1, "caption": 1, "shard": 1, "uncached": 0}
-        assert "1 unreadable or missing images, 1 missing captions, 1 broken shards" in capsys.readouterr().err
+        assert loader.skipped == {"image": 1, "caption": 1, "uncached": 0, "shard": 1}
+        assert loader.broken_shards == [str(tmp_path / "b.tar")]
+        assert "1 unreadable or missing images, 1 missing captions" in capsys.readouterr().err
 
 
 def test_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
@@ -257,8 +339,11 @@ def test_loader_replays_views_from_seed_epoch_key(tmp_path):
     assert student.shape == (2, 3, 256, 256) and teacher.shape == (2, 3, 224, 224) and tokens.shape == (2, 117)
     for i, key in enumerate(keys):  # the same (seed, epoch, key) replays the identical views
         params = data.augment_params(7, 1, key)
-        replay = data.coupled_views(data.pad_to_square(Image.open(io.BytesIO(encoded(raw[key], "PNG"))).convert("RGB")),
-                                    params, [STUDENT, TEACHER])
+        replay = data.coupled_views(
+            data.pad_to_square(Image.open(io.BytesIO(encoded(raw[key], "PNG"))).convert("RGB")),
+            params,
+            [STUDENT, TEACHER],
+        )
         assert torch.equal(replay[0], student[i]) and torch.equal(replay[1], teacher[i])
         torch.testing.assert_close(tokens[i], data.tokenize(f"Fetal ultrasound number {int(key)}.")[0])
     assert [k for batch in loader for k in batch[3]] == [k for batch in loader for k in batch[3]]  # same order
@@ -267,7 +352,7 @@ def test_loader_replays_views_from_seed_epoch_key(tmp_path):
     assert not torch.equal(again[keys[0]], student[0])
 
 
-# ----------------------------------------------------------------------------- transforms
+# ------------------------------------------------------------------ transforms
 
 
 def test_pad_to_square_centres_on_black():
@@ -293,8 +378,10 @@ def test_eval_transform_matches_manual_pipeline():
 def test_grayscale_path_equals_rgb():
     gray = smooth_image(2, (90, 60)).convert("L")
     params = data.augment_params(0, 0, "g")
-    for a, b in zip(data.coupled_views(data.pad_to_square(gray), params, [STUDENT, TEACHER]),
-                    data.coupled_views(data.pad_to_square(gray.convert("RGB")), params, [STUDENT, TEACHER])):
+    for a, b in zip(
+        data.coupled_views(data.pad_to_square(gray), params, [STUDENT, TEACHER]),
+        data.coupled_views(data.pad_to_square(gray.convert("RGB")), params, [STUDENT, TEACHER]),
+    ):
         assert torch.equal(a, b)
     assert torch.equal(data.eval_transform(64, *CLIP)(gray), data.eval_transform(64, *CLIP)(gray.convert("RGB")))
 
@@ -326,94 +413,3 @@ def test_augment_params_pure_and_in_range():
     assert max(abs(t) for d in draws for t in d["translate"]) <= 0.05
     assert all(0.85 <= f <= 1.15 for d in draws for f in d["factors"])
     assert len({tuple(d["order"]) for d in draws}) == 6
-
-
-# ----------------------------------------------------------------------------- synthetic benchmark
-
-TINY = dict(n_train=7, n_planes=42, n_hc18=3, width=64, height=48, shard_size=4)
-
-
-def files_of(folder):
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(folder) for f in names}
-
-
-def test_generator_is_deterministic(tmp_path):
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        data.generate(str(tmp_path / name), seed=seed, **TINY)
-    a, b, c = (files_of(tmp_path / n) for n in "abc")
-    assert a == b
-    assert a.keys() == c.keys() and a != c
-
-
-def test_generator_output_reads_back(tmp_path):
-    data.generate(str(tmp_path), seed=0, **TINY)
-    rows = data.read_planes_db(tmp_path / "planes")
-    assert len(rows) == 42
-    assert {r["plane"] for r in rows} == {"Fetal brain", "Fetal abdomen", "Fetal thorax", "Fetal femur",
-                                          "Maternal cervix", "Other"}
-    brain = [r["brain_plane"] for r in rows if r["plane"] == "Fetal brain"]
-    assert len(brain) == 14 and sorted(set(brain)) == ["Other", "Trans-cerebellum", "Trans-thalamic",
-                                                       "Trans-ventricular"]
-    assert {r["brain_plane"] for r in rows if r["plane"] != "Fetal brain"} == {"Not A Brain"}
-    assert {r["train"] for r in rows} == {True, False} and len({r["patient"] for r in rows}) == 9
-    assert Image.open(rows[0]["path"]).size == (64, 48)
-    hc18 = data.read_hc18(tmp_path / "hc18")
-    assert len(hc18) == 3 and all(Image.open(r["path"]).size == (800, 540) for r in hc18)
-    assert all(80 < r["hc"] < 360 and 0.05 < r["pixel_size"] < 0.6 for r in hc18)
-    urls = data.demo_shards(str(tmp_path))
-    assert len(data.expand_urls(urls)) == 2 and data.count_samples(urls) == 7
-    batches = list(data.train_loader(urls, (32, *IMAGENET), (24, *CLIP), 7))
-    assert len(batches) == 1 and batches[0][0].shape == (7, 3, 32, 32)
-
-
-def test_ga_curve_matches_spec():
-    # SPEC 4 q500, computed here from the printed coefficients
-    q500 = lambda d: math.exp(2.09924879247164 + 0.253373656106037 * d / 7 - 6.05647816678282e-3 * (d / 7) ** 2
-                              + 5.14256072059917e-5 * (d / 7) ** 3)
-    for days in (98, 140, 203, 266):
-        assert data.hc_median(days) == pytest.approx(q500(days), rel=1e-12)
-    assert 95 < data.hc_median(98) < 105 and 320 < data.hc_median(266) < 340
-
-
-def test_head_is_drawn_to_scale():
-    """The drawn head's mid-skull ellipse has the requested circumference at the pixel spacing."""
-    y, x = np.mgrid[0:540, 0:800].astype(np.float32)
-    for hc, mm_per_px in ((180.0, 0.2), (300.0, 0.3)):
-        tissue = np.full((540, 800), -1.0, np.float32)  # sentinel: untouched
-        data.draw_anatomy(tissue, x, y, np.random.default_rng(0), "brain", "", hc, 1 / mm_per_px)
-        outer = ((tissue != -1) & (tissue != np.float32(0.06))).sum()  # skull and inside
-        inner = (outer - (tissue == np.float32(0.95)).sum())  # inside the skull
-        a = math.sqrt((outer + inner) / 2 / (math.pi * 0.8))  # mid-skull semi-major axis, b = 0.8 a
-        t = np.linspace(0, 2 * math.pi, 100001)  # perimeter by numerical integration
-        perimeter = np.trapezoid(np.hypot(a * np.sin(t), 0.8 * a * np.cos(t)), t)
-        assert perimeter * mm_per_px == pytest.approx(hc, rel=0.02)
-
-
-def test_captions_follow_protocol_wording():
-    rng = np.random.default_rng(0)
-    caption = data.make_caption(rng, "brain", "trans-thalamic", ga_days=22 * 7 + 3, spacing=1.4)
-    assert "22 weeks" in caption and "3 days" in caption and "1.40 mm/pixel" in caption and "brain" in caption
-    assert "heart" in data.make_caption(rng, "heart", None)
-
-
-def test_apply_overrides():
-    config = data.apply_overrides({"seed": 0, "scale": 1.5, "out": "x", "bench": False},
-                                  ["--seed=3", "--scale=2", "--out=a=b", "--bench"])
-    assert config == {"seed": 3, "scale": 2.0, "out": "a=b", "bench": True} and type(config["scale"]) is float
-    assert data.apply_overrides({"out": "x"}, ["--out=123"]) == {"out": "123"}  # a string stays a string
-    assert data.apply_overrides({"ckpt": "", "fast": True}, ["--fast=0", "a.pt"], positional="ckpt") == {
-        "ckpt": "a.pt", "fast": False}
-    presets = {"big": {"seed": 7, "scale": 9.0}}
-    assert data.apply_overrides({"seed": 0, "scale": 1.5}, ["--seed=1", "--preset=big"], presets) == {
-        "seed": 1, "scale": 9.0}  # the preset first, the explicit flag wins wherever it stands
-    with pytest.raises(SystemExit, match="unknown config key 'sed'; valid keys: seed"):
-        data.apply_overrides({"seed": 0}, ["--sed=1"])
-    with pytest.raises(SystemExit, match="--seed=1.5: expected int"):
-        data.apply_overrides({"seed": 0}, ["--seed=1.5"])
-    with pytest.raises(SystemExit, match="--preset=small: unknown preset; expected one of \\['big'\\]"):
-        data.apply_overrides({"seed": 0}, ["--preset=small"], presets)
-    with pytest.raises(SystemExit, match="unexpected arguments \\['a.pt'\\]; expected --key=value"):
-        data.apply_overrides({"seed": 0}, ["a.pt"])
-    with pytest.raises(SystemExit, match="--out needs a value"):
-        data.apply_overrides({"out": "x"}, ["--out"])

@@ -1,5 +1,6 @@
 """evaluate.py: the FetalCLIP zero-shot protocol on hand-built cases, the fast HC18 path, the
 analyses, and an end-to-end run on small files in the real Planes DB / HC18 layouts."""
+
 import json
 import math
 
@@ -18,12 +19,13 @@ from evaluate import GA_DAYS, ga_validity, macro_f1
 
 class TinyCLIP(nn.Module):
     """Stand-in exposing the model contract: a pooled-pixel image tower and a bag-of-tokens text tower."""
+
     image_size, image_mean, image_std, context_length = 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 117
 
     def __init__(self, dim=16):
         super().__init__()
         torch.manual_seed(0)
-        self.name, self.embed_dim = 'tiny', dim
+        self.name, self.embed_dim = "tiny", dim
         self.image_proj = nn.Linear(3 * 4 * 4, dim)
         self.token_embedding = nn.Embedding(49408, dim)
         self.text_proj = nn.Linear(dim, dim)
@@ -36,8 +38,11 @@ class TinyCLIP(nn.Module):
         return self.text_proj((self.token_embedding(tokens) * mask).sum(1) / mask.sum(1))
 
     def forward(self, images, tokens):
-        return (F.normalize(self.encode_image(images), dim=-1), F.normalize(self.encode_text(tokens), dim=-1),
-                torch.tensor(100.0))
+        return (
+            F.normalize(self.encode_image(images), dim=-1),
+            F.normalize(self.encode_text(tokens), dim=-1),
+            torch.tensor(100.0),
+        )
 
 
 def scores_with_top(indices, values=None):
@@ -52,14 +57,15 @@ def released_median_index(scores, n=15):
     pairs = sorted([[i, t] for i, t in enumerate(scores)], key=lambda x: x[1], reverse=True)[:n]
     return sorted(pairs, key=lambda x: x[0])[n // 2][0]
 
-# ----------------------------------------------------------------------------- classification
+
+# ------------------------------------------------------------------ classification
 
 
 def test_macro_f1_matches_sklearn_over_present_classes():
     rng = np.random.default_rng(0)
-    labels = rng.choice([0, 1, 2, 3, 8], size=300)            # 4 of 9 classes never present
+    labels = rng.choice([0, 1, 2, 3, 8], size=300)  # 4 of 9 classes never present
     predictions = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 9, 300))
-    expected = f1_score(labels, predictions, labels=np.unique(labels), average='macro', zero_division=0)
+    expected = f1_score(labels, predictions, labels=np.unique(labels), average="macro", zero_division=0)
     assert macro_f1(predictions, labels) == pytest.approx(expected, abs=1e-12)
 
 
@@ -69,16 +75,38 @@ def test_prediction_of_absent_class_is_only_a_miss():
     assert macro_f1([1, 1, 1, 1], [0, 0, 1, 1]) == pytest.approx((0 + 2 * 2 / (2 * 2 + 2)) / 2)  # no div by 0
 
 
-def test_classification_metrics_topk_and_per_class():
+def release_topk_accuracy(probs, labels, k):
+    """The release's acc / acc_top{k}: per class present, the share of its images whose top k holds it, averaged
+    over those classes (torchmetrics Accuracy(top_k=k, average="none")), as a naive loop."""
+    per_class = []
+    for c in sorted(set(labels.tolist())):
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        ranked = [sorted(range(probs.shape[1]), key=lambda j: (-probs[i, j], j))[:k] for i in rows]
+        per_class.append(sum(c in top for top in ranked) / len(rows))
+    return sum(per_class) / len(per_class)
+
+
+def test_classification_metrics_are_the_release_definitions():
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
     labels = np.array([1, 1, 2, 1])  # row 3 ties 0/1: the lower index ranks first (pred 0)
-    m = evaluate.classification_metrics(probs, labels, ['a', 'b', 'c'])
-    assert m['accuracy'] == 0.5 and m['top2'] == 0.75 and m['top3'] == 1.0 and m['n'] == 4
-    assert set(m['per_class']) == {'b', 'c'}                  # only classes present in the labels
-    assert m['per_class']['b']['recall'] == pytest.approx(1 / 3)
-    assert m['f1'] == pytest.approx(macro_f1(probs.argmax(1), labels))
+    m = evaluate.classification_metrics(probs, labels, ["a", "b", "c"])
+    # hand-computed: class b is right 1 of 3 times at top 1 and 2 of 3 at top 2, class c always
+    assert m["accuracy"] == pytest.approx((1 / 3 + 1) / 2) and m["top2"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["top3"] == 1.0 and m["n"] == 4
+    assert (m["pooled_accuracy"], m["pooled_top2"], m["pooled_top3"]) == (0.5, 0.75, 1.0)  # over all images
+    assert set(m["per_class"]) == {"b", "c"}  # only classes present in the labels
+    assert m["per_class"]["b"]["recall"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx(macro_f1(probs.argmax(1), labels))
+    rng = np.random.default_rng(0)  # and on a larger case with absent classes, against the naive loop
+    probs = rng.dirichlet(np.ones(9), size=200)
+    labels = rng.choice([0, 2, 3, 7], size=200, p=[0.6, 0.2, 0.15, 0.05])
+    m = evaluate.classification_metrics(probs, labels, [str(c) for c in range(9)])
+    for k, name in ((1, "accuracy"), (2, "top2"), (3, "top3")):
+        assert m[name] == pytest.approx(release_topk_accuracy(probs, labels, k), abs=1e-12)
+        assert m[name] != pytest.approx(m[f"pooled_{name}"], abs=1e-3)  # the two definitions do differ here
 
-# ----------------------------------------------------------------------------- HC18 protocol
+
+# ------------------------------------------------------------------ HC18 protocol
 
 
 def test_ga_prediction_is_median_index_of_top15():
@@ -88,7 +116,7 @@ def test_ga_prediction_is_median_index_of_top15():
 
 
 def test_ga_prediction_ties_follow_the_stable_sort():
-    assert evaluate.ga_prediction(np.zeros((1, 175)))[0] == 98 + 7   # all tied: indices 0..14
+    assert evaluate.ga_prediction(np.zeros((1, 175)))[0] == 98 + 7  # all tied: indices 0..14
     # 14 clear winners at 100..113 and a tie for the 15th place between indices 20 and 150:
     # the lower index (20) is kept, so the sorted top 15 is [20, 100..113] and position 7 is 106.
     scores = scores_with_top(list(range(100, 114)))
@@ -101,27 +129,29 @@ def test_ga_prediction_ties_follow_the_stable_sort():
 
 
 def test_validity_curves_against_hand_computed_values():
-    w = 140 / 7  # 20 weeks, coefficients typed independently from SPEC 4
-    q025 = math.exp(1.59317517131532 + 0.29459800552433 * w - 7.3860372566707e-3 * w ** 2 + 6.56951770216148e-5 * w ** 3)
-    q975 = math.exp(2.50074069629423 + 0.220067854715719 * w - 4.93623111462443e-3 * w ** 2 + 3.89066000946519e-5 * w ** 3)
-    assert evaluate.ga_quantile(140, 'q025') == pytest.approx(q025, rel=1e-12)
-    assert evaluate.ga_quantile(140, 'q975') == pytest.approx(q975, rel=1e-12)
+    w = 140 / 7  # 20 weeks, coefficients typed independently from the FetalCLIP release
+    q025 = math.exp(1.59317517131532 + 0.29459800552433 * w - 7.3860372566707e-3 * w**2 + 6.56951770216148e-5 * w**3)
+    q975 = math.exp(2.50074069629423 + 0.220067854715719 * w - 4.93623111462443e-3 * w**2 + 3.89066000946519e-5 * w**3)
+    assert evaluate.ga_quantile(140, "q025") == pytest.approx(q025, rel=1e-12)
+    assert evaluate.ga_quantile(140, "q975") == pytest.approx(q975, rel=1e-12)
     # the release's anchors: median HC 100 mm at 14 weeks, 342 mm at 40 weeks
-    assert evaluate.ga_quantile(98) == pytest.approx(100, abs=1) and evaluate.ga_quantile(280) == pytest.approx(342, abs=1)
+    assert evaluate.ga_quantile(98) == pytest.approx(100, abs=1) and evaluate.ga_quantile(280) == pytest.approx(
+        342, abs=1
+    )
 
 
 def test_filter_bounds_are_inclusive_and_validity_bounds_too():
     day = 98 + 100
     scores = np.repeat(scores_with_top(list(range(93, 108))), 6, axis=0)  # every image predicts index 100
-    low, high = evaluate.ga_quantile(day, 'q025'), evaluate.ga_quantile(day, 'q975')
+    low, high = evaluate.ga_quantile(day, "q025"), evaluate.ga_quantile(day, "q975")
     true_hc = np.array([99.999, 100.0, 342.0, 342.001, low, np.nextafter(low, 0)])
     r = ga_validity(scores, true_hc)
-    np.testing.assert_array_equal(r['kept'], [False, True, True, False, True, True])
-    np.testing.assert_array_equal(r['pred_days'], [day] * 6)
-    np.testing.assert_array_equal(r['is_valid'], [False, False, False, False, True, False])
-    assert (r['n'], r['valid']) == (4, 1) and r['validity'] == 25.0
+    np.testing.assert_array_equal(r["kept"], [False, True, True, False, True, True])
+    np.testing.assert_array_equal(r["pred_days"], [day] * 6)
+    np.testing.assert_array_equal(r["is_valid"], [False, False, False, False, True, False])
+    assert (r["n"], r["valid"]) == (4, 1) and r["validity"] == 25.0
     upper = ga_validity(scores[:3], [(low + high) / 2, high, np.nextafter(high, np.inf)])
-    np.testing.assert_array_equal(upper['is_valid'], [True, True, False])
+    np.testing.assert_array_equal(upper["is_valid"], [True, True, False])
 
 
 def test_bootstrap_is_reproducible_and_matches_an_independent_resampling():
@@ -129,90 +159,60 @@ def test_bootstrap_is_reproducible_and_matches_an_independent_resampling():
     scores = rng.normal(size=(120, 175)).astype(np.float32)
     true_hc = rng.uniform(80, 360, size=120)
     a, b = ga_validity(scores, true_hc), ga_validity(scores, true_hc)
-    assert (a['ci_low'], a['ci_high']) == (b['ci_low'], b['ci_high'])
-    hits = a['is_valid'][a['kept']].astype(float)
+    assert (a["ci_low"], a["ci_high"]) == (b["ci_low"], b["ci_high"])
+    hits = a["is_valid"][a["kept"]].astype(float)
     draws = np.random.default_rng(42).integers(0, len(hits), size=(10_000, len(hits)))
     means = [np.mean([hits[j] for j in row]) for row in draws]  # one resample at a time
-    assert (a['ci_low'], a['ci_high']) == pytest.approx(tuple(100 * np.percentile(means, [2.5, 97.5])))
-    assert a['ci_low'] <= a['validity'] <= a['ci_high']
-    kept = a['kept']
-    assert a['spearman'] == pytest.approx(stats.spearmanr(a['pred_days'][kept], true_hc[kept]).statistic)
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx(tuple(100 * np.percentile(means, [2.5, 97.5])))
+    assert a["ci_low"] <= a["validity"] <= a["ci_high"]
+    kept = a["kept"]
+    assert a["spearman"] == pytest.approx(stats.spearmanr(a["pred_days"][kept], true_hc[kept]).statistic)
 
 
 def test_cached_and_per_image_ga_scores_are_identical():
     model = TinyCLIP().eval()
     features = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
-    spacings = ['0.25', '0.31', '0.25']
+    spacings = ["0.25", "0.31", "0.25"]
     fast, fast_n = evaluate.ga_scores(model, features, spacings, cache_text=True)
     slow, slow_n = evaluate.ga_scores(model, features, spacings, cache_text=False)
     np.testing.assert_array_equal(fast, slow)
     assert fast.shape == (3, 175) and (fast_n, slow_n) == (2 * 875, 3 * 875)
     assert not np.array_equal(fast[0], fast[1])  # the spacing string does reach the scores
 
-# ----------------------------------------------------------------------------- analyses
 
-
-def test_geometry_on_hand_computed_examples():
-    two_clusters = torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]])
-    g = evaluate.geometry(two_clusters, [0, 0, 1, 1])
-    # one direction of variance; same-class cos 1, cross-class cos 0; |xi - xj|^2 is 0 (4 ordered
-    # pairs) or 2 (8 pairs); silhouette a = 0, b = sqrt(2) -> 1
-    assert g['participation_ratio'] == pytest.approx(1) and g['rank95'] == 1
-    assert g['intra_cosine'] == pytest.approx(1) and g['inter_cosine'] == pytest.approx(0)
-    assert g['uniformity'] == pytest.approx(math.log((4 + 8 * math.exp(-4)) / 12))
-    assert g['silhouette'] == pytest.approx(1)
-    isotropic = torch.cat([torch.eye(4), -torch.eye(4)])  # equal variance on 4 axes
-    g = evaluate.geometry(isotropic, [0, 1, 2, 3, 0, 1, 2, 3])
-    assert g['participation_ratio'] == pytest.approx(4) and g['rank95'] == 4
-    assert g['intra_cosine'] == pytest.approx(-1) and g['inter_cosine'] == pytest.approx(0)
-
-
-def test_student_t_ci_and_linear_probe_on_separable_features():
-    values = [0.8, 0.9, 0.85, 0.95]
-    mean, low, high = evaluate.student_t_ci(values)
-    expected = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
-    assert (low, high) == pytest.approx(expected) and mean == pytest.approx(0.875)
-    assert evaluate.student_t_ci(values * 4)[2] - evaluate.student_t_ci(values * 4)[1] < high - low
-    rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1, 2], 40)
-    features = np.eye(8)[labels] * 3 + rng.normal(scale=0.3, size=(120, 8))
-    groups, is_train = np.arange(120) // 2, np.arange(120) % 4 != 0
-    r = evaluate.linear_probe(features, labels, groups, is_train, folds=2, seeds=2, epochs=10, lr=5e-2)
-    assert r['runs'] == 4 and r['f1'] > 0.97 and r['ci_low'] <= r['f1'] <= r['ci_high']
-
-
-def test_logit_agreement():
-    student = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    r = evaluate.logit_agreement(student, torch.tensor([[10.0, 20.0, 30.0], [3.0, 2.0, 1.0]]))
-    assert r['entropy_student'] == pytest.approx((stats.entropy(torch.softmax(student[0], 0)) + math.log(3)) / 2)
-    assert r['spearman'] == pytest.approx(1.0)  # the constant row has no ranking (NaN) and is skipped
-
-# ----------------------------------------------------------------------------- end to end
+# ------------------------------------------------------------------ end to end
 
 
 def write_benchmark(root):
     """A tiny Planes DB and HC18 in the real layouts."""
-    planes, hc18 = root / 'planes', root / 'hc18'
-    (planes / 'Images').mkdir(parents=True)
-    (hc18 / 'training_set').mkdir(parents=True)
+    planes, hc18 = root / "planes", root / "hc18"
+    (planes / "Images").mkdir(parents=True)
+    (hc18 / "training_set").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    kinds = [('Fetal brain', 'Trans-thalamic'), ('Fetal brain', 'Trans-cerebellum'),
-             ('Fetal brain', 'Trans-ventricular'), ('Fetal brain', 'Other'), ('Fetal abdomen', 'Not A Brain'),
-             ('Fetal thorax', 'Not A Brain'), ('Fetal femur', 'Not A Brain'), ('Maternal cervix', 'Not A Brain'),
-             ('Other', 'Not A Brain')]
-    lines = ['Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train ']
+    kinds = [
+        ("Fetal brain", "Trans-thalamic"),
+        ("Fetal brain", "Trans-cerebellum"),
+        ("Fetal brain", "Trans-ventricular"),
+        ("Fetal brain", "Other"),
+        ("Fetal abdomen", "Not A Brain"),
+        ("Fetal thorax", "Not A Brain"),
+        ("Fetal femur", "Not A Brain"),
+        ("Maternal cervix", "Not A Brain"),
+        ("Other", "Not A Brain"),
+    ]
+    lines = ["Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train "]
     for i in range(2 * len(kinds)):
         plane, brain = kinds[i % len(kinds)]
-        name = f'Patient{i:05d}_Plane1_1_of_1'
-        Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(planes / 'Images' / f'{name}.png')
-        lines.append(f'{name};{i % 7};{plane};{brain};Op. 1;Voluson E6;{int(i % 3 != 0)}')
-    (planes / 'FETAL_PLANES_DB_data.csv').write_text('\n'.join(lines) + '\n')
-    lines = ['filename,pixel size(mm),head circumference (mm)']
+        name = f"Patient{i:05d}_Plane1_1_of_1"
+        Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(planes / "Images" / f"{name}.png")
+        lines.append(f"{name};{i % 7};{plane};{brain};Op. 1;Voluson E6;{int(i % 3 != 0)}")
+    (planes / "FETAL_PLANES_DB_data.csv").write_text("\n".join(lines) + "\n")
+    lines = ["filename,pixel size(mm),head circumference (mm)"]
     for i, hc in enumerate([44.3, 100.0, 150.2, 220.5, 342.0, 350.1]):
-        name = f'{i:03d}_HC.png' if i % 2 else f'{i - 1:03d}_2HC.png' if i else '000_HC.png'
-        Image.fromarray(rng.integers(0, 255, (54, 80), dtype=np.uint8)).save(hc18 / 'training_set' / name)
-        lines.append(f'{name},{0.1 + 0.02 * (i % 2)},{hc}')
-    (hc18 / 'training_set_pixel_size_and_HC.csv').write_text('\n'.join(lines) + '\n')
+        name = f"{i:03d}_HC.png" if i % 2 else f"{i - 1:03d}_2HC.png" if i else "000_HC.png"
+        Image.fromarray(rng.integers(0, 255, (54, 80), dtype=np.uint8)).save(hc18 / "training_set" / name)
+        lines.append(f"{name},{0.1 + 0.02 * (i % 2)},{hc}")
+    (hc18 / "training_set_pixel_size_and_HC.csv").write_text("\n".join(lines) + "\n")
     return planes, hc18
 
 
@@ -221,58 +221,46 @@ def test_zero_shot_end_to_end_on_real_layouts(tmp_path):
     model = TinyCLIP().train()
     r = evaluate.zero_shot(model, planes, hc18, batch_size=4)
     assert model.training  # mode restored
-    assert r['five_planes']['n'] == 16 and r['brain_subplanes']['n'] == 6  # 'Other' / brain drops
-    assert set(r['five_planes']['per_class']) <= {'abdomen', 'brain', 'femur', 'heart', 'cervix'}
-    assert set(r['brain_subplanes']['per_class']) == set(evaluate.BRAIN_SUBPLANES)
-    assert r['hc18']['n'] == 4 and r['hc18']['n_images'] == 6  # 100 <= HC <= 342 mm
-    assert r['hc18']['text_encodings'] == 875 * 2                # 2 distinct spacing strings
-    assert r['f1_all'] == pytest.approx((5 * r['five_planes']['f1'] + 3 * r['brain_subplanes']['f1']) / 8)
-    assert r['avg'] == pytest.approx((r['f1_all'] + r['hc18']['validity'] / 100) / 2)
-    json.dumps(evaluate._plain(r), allow_nan=False)
-    assert 'Five planes' in evaluate.format_table(r)
-
-
-def test_analysis_writes_results_and_plots(tmp_path):
-    planes, hc18 = write_benchmark(tmp_path)
-    details = evaluate.zero_shot(TinyCLIP(), planes, hc18, details=True)['_details']
-    assert len(details['planes_rows']) == 18  # 'Other' planes kept for the 6-view probe
-    log = tmp_path / 'log.jsonl'
-    log.write_text('\n'.join(json.dumps(r) for r in [{'step': 1, 'epoch': 0, 'weight': 2.0},
-                   {'step': 2, 'epoch': 0, 'weight': -0.5}, {'epoch': 0, 'step': 2, 'eval': {'avg': 0.4}}]))
-    out = evaluate.analysis(details, tmp_path / 'plots', details, log, probe_epochs=2, probe_seeds=1)
-    assert out['probe_6view']['runs'] == 5 and out['logits_5planes']['spearman'] == pytest.approx(1)
-    assert [p.split('/')[-1] for p in out['plots']] == ['tsne_brain.png', 'hc18_ga.png', 'training_dynamics.png']
-    assert all((tmp_path / 'plots' / p.split('/')[-1]).stat().st_size > 0 for p in out['plots'])
-    json.dumps(evaluate._plain(out))
+    assert r["five_planes"]["n"] == 16 and r["brain_subplanes"]["n"] == 6  # 'Other' / brain drops
+    assert set(r["five_planes"]["per_class"]) <= {"abdomen", "brain", "femur", "heart", "cervix"}
+    assert set(r["brain_subplanes"]["per_class"]) == set(evaluate.BRAIN_SUBPLANES)
+    assert r["hc18"]["n"] == 4 and r["hc18"]["n_images"] == 6  # 100 <= HC <= 342 mm
+    assert r["hc18"]["text_encodings"] == 875 * 2  # 2 distinct spacing strings
+    assert r["f1_all"] == pytest.approx((5 * r["five_planes"]["f1"] + 3 * r["brain_subplanes"]["f1"]) / 8)
+    assert r["avg"] == pytest.approx((r["f1_all"] + r["hc18"]["validity"] / 100) / 2)
+    json.dumps(evaluate.plain(r), allow_nan=False)
+    assert "Five planes" in evaluate.format_table(r)
 
 
 def test_select_and_report_splits_are_patient_disjoint(tmp_path):
     planes, hc18 = write_benchmark(tmp_path)
-    for rows, patient in ((lambda s: evaluate.planes_rows(planes, s), lambda r: r['patient']),
-                          (lambda s: evaluate.hc18_rows(hc18, s), lambda r: r['filename'].split('_')[0])):
-        every, select, report = rows('all'), rows('select'), rows('report')
+    for rows, patient in (
+        (lambda s: evaluate.planes_rows(planes, s), lambda r: r["patient"]),
+        (lambda s: evaluate.hc18_rows(hc18, s), lambda r: r["filename"].split("_")[0]),
+    ):
+        every, select, report = rows("all"), rows("select"), rows("report")
         assert len(select) + len(report) == len(every) and select and report
         assert not {patient(r) for r in select} & {patient(r) for r in report}
 
 
 def test_missing_data_folder_is_a_clear_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match='python data.py'):
-        evaluate.zero_shot(TinyCLIP(), tmp_path / 'nowhere', tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match="python synthetic.py"):
+        evaluate.zero_shot(TinyCLIP(), tmp_path / "nowhere", tmp_path / "nowhere")
 
 
 def test_cli_on_the_generated_benchmark(tmp_path, capsys, monkeypatch):
-    import data
-    import model
-    data.write_planes(str(tmp_path / 'planes'), 0, 21, 64, 48)  # one cycle of its 21 kinds
-    data.write_hc18(str(tmp_path / 'hc18'), 0, 2)
-    (tmp_path / 'best.pt').write_bytes(b'')                     # the loader is stubbed below
-    monkeypatch.setattr(model, 'load_model', lambda path, name='': TinyCLIP())
-    args = [str(tmp_path / 'best.pt'), f'--planes_dir={tmp_path / "planes"}', f'--hc18_dir={tmp_path / "hc18"}']
-    evaluate.main(args + ['--device=cpu', '--batch_size=8'])
+    import synthetic
+
+    synthetic.write_planes(str(tmp_path / "planes"), 0, 21, 64, 48)  # one cycle of its 21 kinds
+    synthetic.write_hc18(str(tmp_path / "hc18"), 0, 2)
+    (tmp_path / "best.pt").write_bytes(b"")  # the loader is stubbed below
+    monkeypatch.setattr(evaluate, "load_model", lambda path, name="": TinyCLIP())
+    args = [str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'planes'}", f"--hc18_dir={tmp_path / 'hc18'}"]
+    evaluate.main(args + ["--device=cpu", "--batch_size=8"])
     table = capsys.readouterr().out
-    assert 'Five planes (n=19)' in table and 'Brain sub-planes (n=6)' in table and 'F1-all' in table  # 2 'Other'
-    saved = json.loads((tmp_path / 'best_zeroshot.json').read_text())
-    assert {'five_planes', 'brain_subplanes', 'hc18', 'f1_all', 'avg'} <= set(saved)
-    assert saved['hc18']['n_images'] == 2 and 'f1' in saved['brain_subplanes']
-    with pytest.raises(SystemExit, match='python data.py'):
-        evaluate.main([str(tmp_path / 'best.pt'), f'--planes_dir={tmp_path / "missing"}'])
+    assert "Five planes (n=19)" in table and "Brain sub-planes (n=6)" in table and "F1-all" in table  # 2 'Other'
+    saved = json.loads((tmp_path / "best_zeroshot.json").read_text())
+    assert {"five_planes", "brain_subplanes", "hc18", "f1_all", "avg"} <= set(saved)
+    assert saved["hc18"]["n_images"] == 2 and "f1" in saved["brain_subplanes"]
+    with pytest.raises(SystemExit, match="python synthetic.py"):
+        evaluate.main([str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'missing'}"])

@@ -1,4 +1,5 @@
 """loss.py against the paper's equations written as loops, open_clip, and a real 2-process run."""
+
 import math
 
 import pytest
@@ -23,9 +24,14 @@ def make_batch(seed=0, n=B, dtype=torch.float64):
     teacher_text = teacher_image + 0.7 * torch.randn(n, D_T, generator=g, dtype=dtype)
     unit = [F.normalize(x, dim=-1) for x in (image, text, teacher_image, teacher_text)]
     scales = torch.tensor(9.0, dtype=dtype), torch.tensor(40.0, dtype=dtype)
-    return dict(image_features=unit[0], text_features=unit[1], logit_scale=scales[0],
-                teacher_image_features=unit[2], teacher_text_features=unit[3],
-                teacher_logit_scale=scales[1])
+    return dict(
+        image_features=unit[0],
+        text_features=unit[1],
+        logit_scale=scales[0],
+        teacher_image_features=unit[2],
+        teacher_text_features=unit[3],
+        teacher_logit_scale=scales[1],
+    )
 
 
 def student(batch):
@@ -34,15 +40,15 @@ def student(batch):
 
 def naive(batch, mode, weight, tau_kd=5.0, smoothing=0.0):
     """Eq. 1-7 as loops over rows i and columns j on Python floats: the parts and the total."""
-    I, T = batch["image_features"].tolist(), batch["text_features"].tolist()
-    TI, TT = batch["teacher_image_features"].tolist(), batch["teacher_text_features"].tolist()
-    s, s_t, n = float(batch["logit_scale"]), float(batch["teacher_logit_scale"]), len(I)
+    img, txt = batch["image_features"].tolist(), batch["text_features"].tolist()
+    t_img, t_txt = batch["teacher_image_features"].tolist(), batch["teacher_text_features"].tolist()
+    s, s_t, n = float(batch["logit_scale"]), float(batch["teacher_logit_scale"]), len(img)
 
     def dot(a, b):
         return sum(x * y for x, y in zip(a, b))
 
     clip = diag = off = 0.0
-    for rows, cols, t_rows, t_cols in ((I, T, TI, TT), (T, I, TT, TI)):  # image->text, text->image
+    for rows, cols, t_rows, t_cols in ((img, txt, t_img, t_txt), (txt, img, t_txt, t_img)):  # image->text, text->image
         for i in range(n):
             z = [s * dot(rows[i], cols[j]) for j in range(n)]  # student logits, native scale
             z_t = [s_t * dot(t_rows[i], t_cols[j]) / tau_kd for j in range(n)]  # teacher, softened
@@ -71,8 +77,9 @@ SCHEDULES = [(25, 100, 2.0, -0.4, 1.3), (100, 100, 2.0, -0.4, -0.8), (0, 100, 1.
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_every_mode_matches_naive_loops(mode, step, total_steps, w0, r, weight, smoothing):
     batch = make_batch(seed=step)
-    out = distill_loss(**batch, mode=mode, step=step, total_steps=total_steps, w0=w0, r=r,
-                       tau_kd=5.0, smoothing=smoothing)
+    out = distill_loss(
+        **batch, mode=mode, step=step, total_steps=total_steps, w0=w0, r=r, tau_kd=5.0, smoothing=smoothing
+    )
     for key, value in naive(batch, mode, weight, tau_kd=5.0, smoothing=smoothing).items():
         assert_close(out[key], torch.tensor(value, dtype=torch.float64), msg=key)
     assert out["weight"] == pytest.approx(0.0 if mode == "none" else weight)
@@ -90,12 +97,12 @@ def test_kd_loss_matches_naive_loops_at_another_temperature():
 def test_diag_plus_off_is_the_coupled_cross_entropy():
     batch = make_batch(seed=1)
     diag, off = kd_loss(**batch, tau_kd=5.0)
-    (I, T, s), (TI, TT, s_t) = student(batch), (batch[k] for k in TEACHER_KEYS)
+    (img, txt, s), (t_img, t_txt, s_t) = student(batch), (batch[k] for k in TEACHER_KEYS)
 
     def h(teacher, student):  # Eq. 2-3 for one direction
         return -((teacher / 5.0).softmax(1) * student.log_softmax(1)).sum(1).mean()
 
-    coupled = (h(s_t * TI @ TT.T, s * I @ T.T) + h(s_t * TT @ TI.T, s * T @ I.T)) / 2
+    coupled = (h(s_t * t_img @ t_txt.T, s * img @ txt.T) + h(s_t * t_txt @ t_img.T, s * txt @ img.T)) / 2
     assert_close(diag + off, coupled)
     assert diag > 0.1 and off > 0.1  # both parts carry weight: the split is not trivial
 
@@ -107,8 +114,7 @@ def test_selective_beta_one_equals_coupled_lambda_one():
     selective = distill_loss(**batch, mode="selective", **schedule)
     coupled = distill_loss(**batch, mode="coupled", **schedule)
     assert_close(selective["loss"], coupled["loss"])
-    grads = [torch.autograd.grad(out["loss"], batch["image_features"])[0]
-             for out in (selective, coupled)]
+    grads = [torch.autograd.grad(out["loss"], batch["image_features"])[0] for out in (selective, coupled)]
     assert_close(grads[0], grads[1])
 
 
@@ -121,6 +127,7 @@ def test_no_kd_is_the_clip_loss():
 
 def test_clip_loss_matches_open_clip():
     from open_clip.loss import ClipLoss  # imported here so that test collection stays fast
+
     batch = make_batch(seed=5, dtype=torch.float32)
     assert_close(clip_loss(*student(batch)), ClipLoss()(*student(batch)))
 
@@ -129,13 +136,13 @@ def test_static_kd_at_unit_temperature_matches_open_clip_distill():
     """open_clip's DistillClipLoss distill term is (H_image + H_text) / 2 with teacher rows
     softmax(S_T) and student rows log_softmax(S_S): our diag + off at tau_kd = 1."""
     from open_clip.loss import DistillClipLoss
+
     batch = make_batch(seed=6, dtype=torch.float32)
     contrastive, distill = DistillClipLoss()(*student(batch), *(batch[k] for k in TEACHER_KEYS))
     diag, off = kd_loss(**batch, tau_kd=1.0)
     assert_close(diag + off, distill)
     assert_close(clip_loss(*student(batch)), contrastive)
-    static = distill_loss(**batch, mode="coupled", w0=1.0, r=1.0, tau_kd=1.0, step=3,
-                          total_steps=10)
+    static = distill_loss(**batch, mode="coupled", w0=1.0, r=1.0, tau_kd=1.0, step=3, total_steps=10)
     assert_close(static["loss"], contrastive + distill)
 
 
@@ -147,24 +154,24 @@ def off_diagonal_logit_gradient(z, p):
 
 def test_repulsion_negates_and_rescales_only_the_off_diagonal_gradient():
     batch = make_batch(seed=7)
-    I, T, s = student(batch)
-    I.requires_grad_(True), T.requires_grad_(True)
-    TI, TT, s_t = (batch[k] for k in TEACHER_KEYS)
+    img, txt, s = student(batch)
+    img.requires_grad_(True), txt.requires_grad_(True)
+    t_img, t_txt, s_t = (batch[k] for k in TEACHER_KEYS)
     # Eq. 6 off-diagonal gradient on the student logits of each direction (mean over 2B rows),
-    # carried to I and T through S = s I T^T and its transpose.
-    g_image = off_diagonal_logit_gradient(s * I @ T.T, (s_t * TI @ TT.T / 5.0).softmax(1))
-    g_text = off_diagonal_logit_gradient(s * T @ I.T, (s_t * TT @ TI.T / 5.0).softmax(1))
+    # carried to img and txt through S = s img txt^txt and its transpose.
+    g_image = off_diagonal_logit_gradient(s * img @ txt.T, (s_t * t_img @ t_txt.T / 5.0).softmax(1))
+    g_text = off_diagonal_logit_gradient(s * txt @ img.T, (s_t * t_txt @ t_img.T / 5.0).softmax(1))
     g_image, g_text = g_image.detach() / (2 * B), g_text.detach() / (2 * B)
-    g_off = s * (g_image + g_text.T) @ T.detach(), s * (g_image.T + g_text) @ I.detach()
+    g_off = s * (g_image + g_text.T) @ txt.detach(), s * (g_image.T + g_text) @ img.detach()
     diag_grads = []
     for step, beta in ((25, 1.3), (100, -0.8)):  # beta0 = 2, r = -0.4: attraction, then repulsion
         out = distill_loss(**batch, mode="selective", step=step, total_steps=100, w0=2.0, r=-0.4)
         assert out["weight"] == pytest.approx(beta)
         weighted_off = out["loss"] - out["clip"] - out["kd_diag"]
-        grads = torch.autograd.grad(weighted_off, (I, T), retain_graph=True)
+        grads = torch.autograd.grad(weighted_off, (img, txt), retain_graph=True)
         for got, expected in zip(grads, g_off):
             assert_close(got, beta * expected)  # so at beta = -0.8: -0.8 / 1.3 times attraction
-        diag_grads.append(torch.autograd.grad(out["kd_diag"], (I, T)))
+        diag_grads.append(torch.autograd.grad(out["kd_diag"], (img, txt)))
     for repelled, attracted in zip(*diag_grads):
         assert_close(repelled, attracted)
 
@@ -231,15 +238,26 @@ def student_step(rank, world):
     rows = slice(rank * B * WORLD // world, (rank + 1) * B * WORLD // world)
     text = text[rows].clone().requires_grad_(True)
     image_features = F.normalize(encoder(pixels[rows]), dim=-1)
-    out = distill_loss(image_features, F.normalize(text, dim=-1), log_scale.exp(),
-                       teacher["teacher_image_features"][rows],
-                       teacher["teacher_text_features"][rows], teacher["teacher_logit_scale"],
-                       mode="selective", step=90, total_steps=100, w0=2.0, r=-0.4, smoothing=0.1,
-                       projected_image_features=projection(image_features))
+    out = distill_loss(
+        image_features,
+        F.normalize(text, dim=-1),
+        log_scale.exp(),
+        teacher["teacher_image_features"][rows],
+        teacher["teacher_text_features"][rows],
+        teacher["teacher_logit_scale"],
+        mode="selective",
+        step=90,
+        total_steps=100,
+        w0=2.0,
+        r=-0.4,
+        smoothing=0.1,
+        projected_image_features=projection(image_features),
+    )
     out["loss"].backward()
     params = [*encoder.named_parameters("encoder"), *projection.named_parameters("projection")]
-    return dict(loss=out["loss"].detach(), log_scale=log_scale.grad, text=text.grad,
-                **{name: p.grad for name, p in params})
+    return dict(
+        loss=out["loss"].detach(), log_scale=log_scale.grad, text=text.grad, **{name: p.grad for name, p in params}
+    )
 
 
 def gloo_worker(rank, store, results):
@@ -253,8 +271,7 @@ def gloo_worker(rank, store, results):
 
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
     # fork, not spawn: the workers need not import torch again (seconds on a 2-core machine)
-    mp.start_processes(gloo_worker, args=(str(tmp_path / "store"), str(tmp_path)),
-                       nprocs=WORLD, start_method="fork")
+    mp.start_processes(gloo_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     single = student_step(0, 1)
     assert (ranks[0]["loss"] - single["loss"]).abs() > 1e-3  # a rank alone sees only its rows

@@ -1,4 +1,5 @@
 """model.py against open_clip itself: same weights in every file format give the same outputs."""
+
 import os
 import re
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
+from model import create_model, load_checkpoint, load_model, reparameterize, save_open_clip
 
 ATOL = 1e-4  # on unit-normalised features, fp32
 
@@ -36,7 +37,7 @@ def random_tokens(batch, length, seed=0):
     for row in range(batch):
         n = int(torch.randint(1, length - 2, (1,), generator=generator))
         tokens[row, 0] = 49406
-        tokens[row, 1:n + 1] = torch.randint(1, 49406, (n,), generator=generator)
+        tokens[row, 1 : n + 1] = torch.randint(1, 49406, (n,), generator=generator)
         tokens[row, n + 1] = 49407
     return tokens
 
@@ -52,50 +53,59 @@ def assert_same_outputs(ours, theirs, image_size, context_length=117):
     torch.testing.assert_close(image_features, their_image, atol=ATOL, rtol=0)
     torch.testing.assert_close(text_features, their_text, atol=ATOL, rtol=0)
     torch.testing.assert_close(logit_scale, theirs.logit_scale.exp())
-    torch.testing.assert_close(logit_scale * image_features @ text_features.T,
-                               theirs.logit_scale.exp() * their_image @ their_text.T, atol=30 * ATOL, rtol=0)
+    torch.testing.assert_close(
+        logit_scale * image_features @ text_features.T,
+        theirs.logit_scale.exp() * their_image @ their_text.T,
+        atol=30 * ATOL,
+        rtol=0,
+    )
 
 
 @pytest.fixture(scope="module")
 def teacher_pair():
-    return open_clip_model("ViT-L-14", 117), M.create_model("fetalclip")
+    return open_clip_model("ViT-L-14", 117), create_model("fetalclip")
 
 
 @pytest.fixture(scope="module")
 def student_pair():
-    return open_clip_model("MobileCLIP2-S0", 117), M.create_model("mobilefetalclip")
+    return open_clip_model("MobileCLIP2-S0", 117), create_model("mobilefetalclip")
 
 
 @pytest.mark.parametrize("pair", ["teacher_pair", "student_pair"])
 def test_open_clip_checkpoints_load_and_match(pair, request, tmp_path):
     theirs, ours = request.getfixturevalue(pair)
     torch.save(theirs.state_dict(), tmp_path / "open_clip.pt")
-    M.load_checkpoint(ours, str(tmp_path / "open_clip.pt"))
+    load_checkpoint(ours, str(tmp_path / "open_clip.pt"))
     assert_same_outputs(ours, theirs, ours.image_size)
 
 
 @pytest.mark.parametrize("name", ["demo_teacher", "demo_student"])
 def test_every_envelope_loads_the_same_weights(name, tmp_path):
     """Bare, {"state_dict": ...} and DDP "module." files, in open_clip's key names."""
-    source, target = M.create_model(name), M.create_model(name)
-    M.save_open_clip(source, str(tmp_path / "open_clip.pt"))
+    source, target = create_model(name), create_model(name)
+    save_open_clip(source, str(tmp_path / "open_clip.pt"))
     state_dict = torch.load(tmp_path / "open_clip.pt", weights_only=True)
-    for envelope in (state_dict, {"state_dict": state_dict},
-                     {"state_dict": {"module." + k: v for k, v in state_dict.items()}}):
+    for envelope in (
+        state_dict,
+        {"state_dict": state_dict},
+        {"state_dict": {"module." + k: v for k, v in state_dict.items()}},
+    ):
         torch.save(envelope, tmp_path / "envelope.pt")
-        M.load_checkpoint(target, str(tmp_path / "envelope.pt"))
+        load_checkpoint(target, str(tmp_path / "envelope.pt"))
         for key, value in source.state_dict().items():
             torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_parameter_counts(teacher_pair, student_pair):
     count = lambda module: sum(p.numel() for p in module.parameters())
-    for theirs, ours, total, image in [(*teacher_pair, 427_647_233, 303_966_208),
-                                       (*student_pair, 74_855_553, 11_406_976)]:
+    for theirs, ours, total, image in [
+        (*teacher_pair, 427_647_233, 303_966_208),
+        (*student_pair, 74_855_553, 11_406_976),
+    ]:
         assert count(theirs) == count(ours) == total
         assert count(theirs.visual) == count(ours.visual) == image
         assert len(theirs.state_dict()) == len(ours.state_dict())
-    assert count(M.reparameterize(student_pair[1]).visual) == 11_357_504
+    assert count(reparameterize(student_pair[1]).visual) == 11_357_504
 
 
 @pytest.mark.parametrize("pair", ["teacher_pair", "student_pair"])
@@ -106,25 +116,32 @@ def test_open_clip_loads_what_we_save(pair, request, tmp_path):
         for parameter in ours.parameters():  # weights unlike the fixture's, so the load must happen
             parameter.add_(0.01 * torch.randn_like(parameter))
     path = tmp_path / "ours.pt"
-    M.save_open_clip(ours, str(path))
+    save_open_clip(ours, str(path))
     theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)  # open_clip's own loader
     assert_same_outputs(ours, theirs.eval(), ours.image_size)
 
 
 def to_apple_format(state_dict):
     """open_clip MobileCLIP2 keys -> Apple's (the reverse of SPEC 1's table, written independently)."""
-    text_rules = [("token_embedding", "embedding_layer"), ("ln_final", "final_layer_norm"),
-                  ("text_projection", "projection_layer"), ("ln_1", "pre_norm_mha.0"),
-                  ("attn.in_proj_", "pre_norm_mha.1.qkv_proj."), ("attn.out_proj", "pre_norm_mha.1.out_proj"),
-                  ("ln_2", "pre_norm_ffn.0"), ("mlp.c_fc", "pre_norm_ffn.1"), ("mlp.c_proj", "pre_norm_ffn.4")]
+    text_rules = [
+        ("token_embedding", "embedding_layer"),
+        ("ln_final", "final_layer_norm"),
+        ("text_projection", "projection_layer"),
+        ("ln_1", "pre_norm_mha.0"),
+        ("attn.in_proj_", "pre_norm_mha.1.qkv_proj."),
+        ("attn.out_proj", "pre_norm_mha.1.out_proj"),
+        ("ln_2", "pre_norm_ffn.0"),
+        ("mlp.c_fc", "pre_norm_ffn.1"),
+        ("mlp.c_proj", "pre_norm_ffn.4"),
+    ]
     out = {}
     for key, value in state_dict.items():
         if key.startswith("visual.trunk."):
-            key = "image_encoder.model." + key[len("visual.trunk."):]
+            key = "image_encoder.model." + key[len("visual.trunk.") :]
         elif key == "text.positional_embedding":
             key, value = "text_encoder.positional_embedding.pos_embed.pos_embed", value[None, None]
         elif key.startswith("text."):
-            key = "text_encoder." + key[len("text."):]
+            key = "text_encoder." + key[len("text.") :]
             key = re.sub(r"transformer\.resblocks\.(\d+)\.", r"transformer.\1.", key)
             for old, new in text_rules:
                 key = key.replace(old, new)
@@ -142,14 +159,14 @@ def test_apple_format_and_77_to_117_resize(tmp_path, student_pair):
     reference = open_clip_model("MobileCLIP2-S0", 117)
     open_clip.load_checkpoint(reference, str(open_clip_path))  # open_clip's own 77 -> 117 resize
     for path in (open_clip_path, apple_path):
-        M.load_checkpoint(ours, str(path))
+        load_checkpoint(ours, str(path))
         torch.testing.assert_close(ours.text.positional_embedding, reference.text.positional_embedding)
         assert_same_outputs(ours, reference.eval(), ours.image_size)
 
 
 def test_reparameterised_student_matches(student_pair):
     _, ours = student_pair
-    fused = M.reparameterize(ours)
+    fused = reparameterize(ours)
     images = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         expected = F.normalize(ours.eval().encode_image(images), dim=-1)
@@ -158,33 +175,33 @@ def test_reparameterised_student_matches(student_pair):
 
 
 def test_load_model_names_the_model_from_the_file(tmp_path):
-    source = M.create_model("demo_student")
+    source = create_model("demo_student")
     torch.save({"model": source.state_dict(), "model_name": "demo_student"}, tmp_path / "ours.pt")
-    assert M.load_model(str(tmp_path / "ours.pt")).name == "demo_student"
-    M.save_open_clip(source, str(tmp_path / "open_clip.pt"))  # no name inside: guessed from widths
-    loaded = M.load_model(str(tmp_path / "open_clip.pt"))
+    assert load_model(str(tmp_path / "ours.pt")).name == "demo_student"
+    save_open_clip(source, str(tmp_path / "open_clip.pt"))  # no name inside: guessed from widths
+    loaded = load_model(str(tmp_path / "open_clip.pt"))
     assert loaded.name == "demo_student"
     for key, value in source.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
 
 
 def test_key_and_shape_errors_name_the_problem(tmp_path):
-    net = M.create_model("demo_student")
+    net = create_model("demo_student")
     state_dict = net.state_dict()
     state_dict.pop("text.ln_final.weight")
     state_dict["visual.extra"] = torch.zeros(1)
     torch.save(state_dict, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"text\.ln_final\.weight.*visual\.extra"):
-        M.load_checkpoint(net, str(tmp_path / "bad.pt"))
+        load_checkpoint(net, str(tmp_path / "bad.pt"))
     state_dict = net.state_dict()
     state_dict["logit_scale"] = torch.zeros(2)
     torch.save(state_dict, tmp_path / "shape.pt")
     with pytest.raises(ValueError, match=r"logit_scale has shape \(2,\)"):
-        M.load_checkpoint(net, str(tmp_path / "shape.pt"))
+        load_checkpoint(net, str(tmp_path / "shape.pt"))
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        M.load_checkpoint(net, str(tmp_path / "nowhere.pt"))
+        load_checkpoint(net, str(tmp_path / "nowhere.pt"))
     with pytest.raises(ValueError, match="unknown model 'vit_huge'"):
-        M.create_model("vit_huge")
+        create_model("vit_huge")
 
 
 class RunsCode:
@@ -202,5 +219,5 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {"logit_scale": torch.zeros(())}, "payload": RunsCode(marker)}, path)
     with pytest.raises(ValueError, match="weights-only"):
-        M.load_checkpoint(M.create_model("demo_student"), str(path))
+        load_checkpoint(create_model("demo_student"), str(path))
     assert not marker.exists()

@@ -1,4 +1,5 @@
 """train.py run as a user runs it (subprocesses), on a tiny synthetic benchmark."""
+
 import json
 import os
 import subprocess
@@ -7,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import data
-import model as M
+import synthetic
+from model import create_model, load_model, save_open_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # per-rank micro-batch; the tiny benchmark has shards of exactly this many pairs
@@ -18,10 +19,19 @@ CACHE_RTOL = 0.01  # students distilled from the fp16 cache and from the live te
 def run_train(*args, nproc=1, check=True, env=None):
     """python train.py ARGS (or torchrun with nproc processes); returns the finished process."""
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    process = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=environment,
-                             capture_output=True, text=True, timeout=900)
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
+    process = subprocess.run(
+        launcher + [os.path.join(ROOT, "train.py"), *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check and process.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
     return process
@@ -30,8 +40,9 @@ def run_train(*args, nproc=1, check=True, env=None):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    data.generate(str(root / "data"), seed=0, n_train=64, n_planes=42, n_hc18=6, width=96, height=72,
-                  shard_size=BATCH)
+    synthetic.generate(
+        str(root / "data"), seed=0, n_train=64, n_planes=42, n_hc18=6, width=96, height=72, shard_size=BATCH
+    )
     return root
 
 
@@ -43,8 +54,9 @@ def common(bench, out, *extra):
 @pytest.fixture(scope="module")
 def demo_run(bench):
     """The demo pipeline at a tiny size: demo teacher trained with CLIP first, then distillation."""
-    process = run_train(*common(bench, bench / "out", "--epochs=1", "--demo_teacher_epochs=1",
-                                f"--batch_size={2 * BATCH}"))
+    process = run_train(
+        *common(bench, bench / "out", "--epochs=1", "--demo_teacher_epochs=1", f"--batch_size={2 * BATCH}")
+    )
     return bench / "out", process.stdout
 
 
@@ -56,7 +68,7 @@ def assert_same_weights(path_a, path_b, atol=0.0):
     a, b = weights(path_a), weights(path_b)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_config_errors_name_the_key_and_the_type():
@@ -77,22 +89,38 @@ def test_demo_pipeline_end_to_end(demo_run):
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert lines[0]["config"]["mode"] == "selective" and lines[0]["config"]["beta0"] == 2.0
     steps = [line for line in lines if "loss" in line]
-    assert steps and set(steps[0]) >= {"step", "loss", "clip", "kd_diag", "kd_off", "weight", "lr",
-                                       "logit_scale", "samples_per_s"}
+    assert steps and set(steps[0]) >= {
+        "step",
+        "loss",
+        "clip",
+        "kd_diag",
+        "kd_off",
+        "weight",
+        "lr",
+        "logit_scale",
+        "samples_per_s",
+    }
     assert steps[0]["weight"] == pytest.approx(2.0)  # beta(0) = beta0
     assert any("eval" in line for line in lines)
     assert "(teacher)" in stdout and "(best)" in stdout  # side-by-side summary
     checkpoint = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert checkpoint["config"]["student"] == "demo_student" and "avg" in checkpoint["metrics"]
-    student = M.load_model(str(out / "best.pt"))  # what evaluate.py does
+    student = load_model(str(out / "best.pt"))  # what evaluate.py does
     assert student.name == "demo_student"
 
 
 def test_resume_continues_exactly(bench, demo_run):
     out, _ = demo_run
     teacher = f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"
-    flags = ("--eval_every=0", "--epochs=2", f"--batch_size={BATCH}", "--grad_accum=2", "--shuffle_buffer=10",
-             "--warmup_steps=1", teacher)
+    flags = (
+        "--eval_every=0",
+        "--epochs=2",
+        f"--batch_size={BATCH}",
+        "--grad_accum=2",
+        "--shuffle_buffer=10",
+        "--warmup_steps=1",
+        teacher,
+    )
     run_train(*common(bench, bench / "straight", *flags, "--max_steps=4"))
     run_train(*common(bench, bench / "resumed", *flags, "--max_steps=2"))
     resumed = run_train(*common(bench, bench / "resumed", *flags, "--max_steps=4", "--resume=True"))
@@ -106,8 +134,15 @@ def test_two_gloo_processes_equal_one_process(bench, demo_run):
     """Each rank reads one 8-pair shard per step, one process reads both: the same 16 pairs in the
     same order. The student has LayerNorm only, so no BatchNorm sees per-rank statistics."""
     out, _ = demo_run
-    flags = ("--eval_every=0", "--student=tiny_vit", f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
-             f"--batch_size={2 * BATCH}", "--shuffle_buffer=1", "--max_steps=2", "--warmup_steps=1")
+    flags = (
+        "--eval_every=0",
+        "--student=tiny_vit",
+        f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
+        f"--batch_size={2 * BATCH}",
+        "--shuffle_buffer=1",
+        "--max_steps=2",
+        "--warmup_steps=1",
+    )
     run_train(*common(bench, bench / "one", *flags))
     run_train(*common(bench, bench / "two", *flags), nproc=2)
     assert_same_weights(bench / "one" / "ckpt.pt", bench / "two" / "ckpt.pt", atol=1e-5)
@@ -115,9 +150,19 @@ def test_two_gloo_processes_equal_one_process(bench, demo_run):
 
 def test_non_finite_losses_stop_the_run(bench, demo_run):
     out, _ = demo_run
-    process = run_train(*common(bench, bench / "diverged", "--eval_every=0", "--learning_rate=1e30",
-                                "--warmup_steps=0", f"--batch_size={BATCH}", "--max_bad_steps=2",
-                                f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), check=False)
+    process = run_train(
+        *common(
+            bench,
+            bench / "diverged",
+            "--eval_every=0",
+            "--learning_rate=1e30",
+            "--warmup_steps=0",
+            f"--batch_size={BATCH}",
+            "--max_bad_steps=2",
+            f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
+        ),
+        check=False,
+    )
     assert process.returncode != 0
     assert "non-finite loss" in process.stdout + process.stderr
     assert "non-finite losses in a row; the last good checkpoint is none yet" in process.stderr
@@ -127,12 +172,26 @@ def test_non_finite_losses_stop_the_run(bench, demo_run):
 def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, demo_run):
     """Losses stay under max_bad_steps in a row but the weights are gone: the epoch's save is refused."""
     out, _ = demo_run
-    flags = ("--eval_every=0", f"--batch_size={BATCH}", "--warmup_steps=0",
-             f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}")
+    flags = (
+        "--eval_every=0",
+        f"--batch_size={BATCH}",
+        "--warmup_steps=0",
+        f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
+    )
     run_train(*common(bench, bench / "guarded", *flags, "--epochs=1"))
     good = (bench / "guarded" / "ckpt.pt").read_bytes()
-    process = run_train(*common(bench, bench / "guarded", *flags, "--epochs=2", "--resume=True",
-                                "--learning_rate=1e30", "--max_bad_steps=1000"), check=False)
+    process = run_train(
+        *common(
+            bench,
+            bench / "guarded",
+            *flags,
+            "--epochs=2",
+            "--resume=True",
+            "--learning_rate=1e30",
+            "--max_bad_steps=1000",
+        ),
+        check=False,
+    )
     assert process.returncode != 0
     assert f"the student has non-finite weights; not saving {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
     assert f"the last good checkpoint is {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
@@ -160,19 +219,31 @@ def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dty
         "def init(project, config):\n"
         "    _write({'project': project, 'config': config})\n"
         "def log(record):\n"
-        "    _write(record)\n")
+        "    _write(record)\n"
+    )
     calls = tmp_path / "calls.jsonl"
     environment = dict(PYTHONPATH=str(tmp_path), WANDB_CALLS=str(calls))
     run_dir = bench / f"amp_{dtype}"
-    run_train(*common(bench, run_dir, f"--dtype={dtype}", "--max_steps=2", "--eval_every=0", "--wandb_log=True",
-                      f"--batch_size={BATCH}", f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), env=environment)
+    run_train(
+        *common(
+            bench,
+            run_dir,
+            f"--dtype={dtype}",
+            "--max_steps=2",
+            "--eval_every=0",
+            "--wandb_log=True",
+            f"--batch_size={BATCH}",
+            f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
+        ),
+        env=environment,
+    )
     checkpoint = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["config"]["dtype"] == dtype and checkpoint["opt_step"] == 2
     assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
     if dtype == "float16":
         assert checkpoint["scaler"]["scale"] > 0  # the scaler ran and its state is saved for --resume
     torch.manual_seed(0)
-    initial = M.create_model("demo_student").state_dict()
+    initial = create_model("demo_student").state_dict()
     assert any(not torch.equal(checkpoint["model"][k], initial[k]) for k in initial)  # it trained
     records = [json.loads(line) for line in calls.read_text().splitlines()]
     assert records[0]["project"] == "mobilefetalclip" and records[0]["config"]["dtype"] == dtype
@@ -185,30 +256,59 @@ def test_paper_configuration_with_the_real_architectures(bench, tmp_path):
     loader reads the result."""
     teacher_path = tmp_path / "fetalclip_open_clip.pt"
     torch.manual_seed(0)
-    M.save_open_clip(M.create_model("fetalclip"), str(teacher_path))
+    save_open_clip(create_model("fetalclip"), str(teacher_path))
     out = tmp_path / "paper"
-    process = run_train(*common(bench, out, "--preset=paper", f"--teacher_ckpt={teacher_path}", "--batch_size=2",
-                                "--max_steps=2", "--dtype=float32", "--eval_every=0", "--num_workers=0"))
+    process = run_train(
+        *common(
+            bench,
+            out,
+            "--preset=paper",
+            f"--teacher_ckpt={teacher_path}",
+            "--batch_size=2",
+            "--max_steps=2",
+            "--dtype=float32",
+            "--eval_every=0",
+            "--num_workers=0",
+        )
+    )
     assert "mobilefetalclip <- " in process.stdout and "micro-batches of 2" in process.stdout
     checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["opt_step"] == 2 and checkpoint["step"] == 4  # 2 accumulation steps each
     assert checkpoint["config"]["learning_rate"] == 1e-5 and checkpoint["config"]["teacher"] == "fetalclip"
-    student = M.load_model(str(out / "ckpt.pt"))  # as evaluate.py loads a checkpoint
+    student = load_model(str(out / "ckpt.pt"))  # as evaluate.py loads a checkpoint
     assert student.name == "mobilefetalclip"
 
 
 def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_run):
-    """Two epochs (both cached augmentations) from `data.py cache` and from the live teacher, same seed:
+    """Two epochs (both cached augmentations) from `python cache.py` and from the live teacher, same seed:
     the teacher embeddings differ by fp16 storage only, so the students end nearly equal."""
     out, _ = demo_run
     teacher, cache = out / "demo_teacher" / "best.pt", bench / "teacher_cache"
-    process = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "cache", f"--teacher_ckpt={teacher}",
-                              f"--train_data={bench / 'data' / 'shards'}", "--augs=2", f"--out={cache}",
-                              "--num_workers=0"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "cache.py"),
+            f"--teacher_ckpt={teacher}",
+            f"--train_data={bench / 'data' / 'shards'}",
+            "--augs=2",
+            f"--out_dir={cache}",
+            "--num_workers=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert process.returncode == 0, process.stderr[-3000:]
-    flags = ("--eval_every=0", "--epochs=2", f"--batch_size={BATCH}", "--shuffle_buffer=10", "--warmup_steps=1",
-             "--feature_kd=10")  # feature KD too: it reads the cached image embeddings
+    flags = (
+        "--eval_every=0",
+        "--epochs=2",
+        f"--batch_size={BATCH}",
+        "--shuffle_buffer=10",
+        "--warmup_steps=1",
+        "--feature_kd=10",
+    )  # feature KD too: it reads the cached image embeddings
     run_train(*common(bench, bench / "live", *flags, f"--teacher_ckpt={teacher}"))
     cached = run_train(*common(bench, bench / "cached", *flags, f"--teacher_cache={cache}"))
     assert f"<- cache {cache}" in cached.stdout and "demo_teacher" not in cached.stderr
@@ -218,7 +318,7 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     # earlier MobileNetV3 student; a teacher RNG draw shifting the feature-KD projection's initialisation made
     # it ~10% before it was fixed)
     torch.manual_seed(0)  # train.py's initialisation with --seed=0
-    initial = M.create_model("demo_student").state_dict()
+    initial = create_model("demo_student").state_dict()
     live, cached = weights(bench / "live" / "ckpt.pt"), weights(bench / "cached" / "ckpt.pt")
     keys = [k for k in live if live[k].is_floating_point()]
     apart = sum(((cached[k] - live[k]) ** 2).sum() for k in keys).sqrt()
@@ -227,5 +327,8 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     refused = run_train(*common(bench, bench / "refused", *flags, f"--teacher_cache={cache}", "--seed=1"), check=False)
     assert refused.returncode != 0 and "made with seed 0; this run asks for 1" in refused.stderr
     # another seed for the initialisation and the shuffle, the cache's augmentation draws
-    run_train(*common(bench, bench / "seed1", *flags, f"--teacher_cache={cache}", "--seed=1", "--augment_seed=0",
-                      "--max_steps=1"))
+    run_train(
+        *common(
+            bench, bench / "seed1", *flags, f"--teacher_cache={cache}", "--seed=1", "--augment_seed=0", "--max_steps=1"
+        )
+    )

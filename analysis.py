@@ -1,0 +1,278 @@
+"""The paper's analyses of a trained model (Sec. 5): the linear probe (Table 5), the embedding geometry (Table 4),
+teacher-student logit agreement, and the figures (t-SNE of the brain sub-planes, HC18 predicted GA against true HC,
+the KD weight and zero-shot Avg over training: Figures 2-3).
+
+    python analysis.py out/best.pt                                   # out/best_analysis/: JSON + three plots
+    python analysis.py out/best.pt --teacher_ckpt=out/demo_teacher/best.pt --teacher=demo_teacher
+
+The features come from evaluate.zero_shot(..., details=True) on the same Planes DB and HC18 folders.
+"""
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import configurator
+from evaluate import BRAIN_SUBPLANES, GA_DAYS, PLANE_TO_CLASS, ga_quantile, macro_f1, plain, zero_shot
+from model import load_model
+
+# ------------------------------------------------------------------ settings: --key=value
+ckpt = ""  # the checkpoint to analyse: the one positional argument
+model = ""  # model.py name; '' = the name the checkpoint stores
+planes_dir = "data/demo/planes"  # Planes DB folder
+hc18_dir = "data/demo/hc18"  # HC18 folder
+teacher = "fetalclip"  # model.py name of the teacher, for the logit agreement
+teacher_ckpt = ""  # the teacher's checkpoint; '' = no logit agreement
+train_log = ""  # train.py's log.jsonl for the dynamics plot; '' = log.jsonl beside the checkpoint
+out_dir = ""  # '' = <checkpoint folder>/<checkpoint stem>_analysis
+probe_epochs = 50  # linear-probe epochs (FetalCLIP's recipe: AdamW lr 3e-4, wd 0.01, batch 64)
+probe_seeds = 5  # x 5 patient-disjoint folds
+device = ""  # '' = cuda, else mps, else cpu
+batch_size = 64
+num_workers = 0
+DEFAULTS = configurator.settings(globals())
+
+# ------------------------------------------------------------------ analyses
+
+
+def student_t_ci(values, confidence=0.95):
+    """-> (mean, low, high), the Student-t interval of the mean over independent runs."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), math.nan, math.nan
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+
+def _fit_probe(features, labels, fit, val, n_classes, seed, epochs, lr, weight_decay, batch_size):
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(features.shape[1], n_classes)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    snapshot = lambda: {k: v.clone() for k, v in probe.state_dict().items()}
+    best_loss, best_state = math.inf, snapshot()
+    for _ in range(epochs):
+        for batch in torch.from_numpy(fit)[torch.randperm(len(fit))].split(batch_size):
+            loss = F.cross_entropy(probe(features[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            val_loss = F.cross_entropy(probe(features[val]), labels[val]).item()
+        if val_loss < best_loss or not len(val):  # the epoch with the best validation loss
+            best_loss, best_state = val_loss, snapshot()
+    probe.load_state_dict(best_state)
+    return probe
+
+
+def linear_probe(
+    features, labels, groups, is_train, folds=5, seeds=5, epochs=50, lr=3e-4, weight_decay=0.01, batch_size=64
+):
+    """Macro F1 of one linear layer on frozen L2-normalised features (FetalCLIP's probe recipe).
+    Per seed the training patients (`groups`) are dealt into `folds` disjoint folds; each fold
+    validates once while the others train; every run is tested on the rows with is_train False."""
+    features = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=-1)
+    labels, groups = torch.as_tensor(np.asarray(labels), dtype=torch.long), np.asarray(groups)
+    train, test = np.flatnonzero(is_train), np.flatnonzero(~np.asarray(is_train, dtype=bool))
+    f1s = []
+    for seed in range(seeds):
+        patients = np.random.default_rng(seed).permutation(np.unique(groups[train]))
+        fold_of = {p: i % folds for i, p in enumerate(patients)}
+        fold = np.array([fold_of[g] for g in groups[train]])
+        for k in range(folds):
+            probe = _fit_probe(
+                features,
+                labels,
+                train[fold != k],
+                train[fold == k],
+                int(labels.max()) + 1,
+                seed,
+                epochs,
+                lr,
+                weight_decay,
+                batch_size,
+            )
+            with torch.no_grad():
+                f1s.append(macro_f1(probe(features[test]).argmax(1).numpy(), labels[test].numpy()))
+    mean, low, high = student_t_ci(f1s)
+    return {"f1": mean, "ci_low": low, "ci_high": high, "runs": len(f1s)}
+
+
+def geometry(features, labels, t=2.0, block=1024):
+    """Embedding geometry of L2-normalised features: participation ratio (sum l)^2 / sum l^2 and
+    Rank95 of the covariance spectrum, silhouette (sklearn, euclidean), mean cosine over ordered
+    pairs i != j of the same / of different classes, uniformity log mean exp(-t |xi - xj|^2)."""
+    from sklearn.metrics import silhouette_score
+
+    x, labels = F.normalize(torch.as_tensor(features, dtype=torch.float64), dim=-1), np.asarray(labels)
+    variances = torch.linalg.eigvalsh(torch.cov(x.T)).clamp(min=0).flip(0)  # descending
+    rank95 = int(torch.searchsorted(variances.cumsum(0) / variances.sum(), torch.tensor(0.95, dtype=x.dtype))) + 1
+    classes = np.unique(labels)
+    counts = np.array([np.sum(labels == c) for c in classes])
+    class_sums = [x[torch.from_numpy(labels == c)].sum(0) for c in classes]
+    within = sum(float(s @ s) for s in class_sums)  # sum of cos over same-class pairs, diagonal incl.
+    total = float(x.sum(0) @ x.sum(0))
+    near = 0.0  # sum over i != j of exp(-t |xi - xj|^2)
+    for start in range(0, len(x), block):
+        kernel = torch.exp(-t * (2 - 2 * x[start : start + block] @ x.T).clamp(min=0))
+        near += float(kernel.sum() - kernel.diagonal(offset=start).sum())
+    n = len(x)
+    return {
+        "participation_ratio": float(variances.sum() ** 2 / (variances**2).sum()),
+        "rank95": min(rank95, len(variances)),
+        "silhouette": float(silhouette_score(x.numpy(), labels)) if 1 < len(classes) < n else math.nan,
+        "intra_cosine": (within - n) / float(np.sum(counts * (counts - 1))),
+        "inter_cosine": (total - within) / float(n * n - np.sum(counts**2)),
+        "uniformity": math.log(near / (n * (n - 1))),
+    }
+
+
+def logit_agreement(student_logits, teacher_logits):
+    """Mean softmax entropy of each model's zero-shot logits (N, C) and the mean per-image Spearman
+    correlation between the student's and the teacher's class rankings."""
+    entropy = lambda z: float(-(z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean())
+    with warnings.catch_warnings():  # a constant row has no ranking: NaN, skipped by nanmean
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        rho = [stats.spearmanr(s, t).statistic for s, t in zip(student_logits.numpy(), teacher_logits.numpy())]
+    return {
+        "entropy_student": entropy(student_logits),
+        "entropy_teacher": entropy(teacher_logits),
+        "spearman": float(np.nanmean(rho)) if rho else math.nan,
+    }
+
+
+def _figure(path, draw, size=(5, 4)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=size)
+    draw(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_tsne(features, labels, names, path):
+    from sklearn.manifold import TSNE
+
+    xy = TSNE(
+        2,
+        init="pca",
+        random_state=0,
+        perplexity=min(30, len(features) - 1),
+        method="barnes_hut" if len(features) > 500 else "exact",
+    ).fit_transform(features.numpy())
+
+    def draw(fig):
+        ax = fig.gca()
+        for c, name in enumerate(names):
+            ax.scatter(*xy[labels == c].T, s=6, label=name)
+        ax.set(title="Brain sub-planes (t-SNE)", xticks=[], yticks=[])
+        ax.legend(markerscale=2)
+
+    return _figure(path, draw)
+
+
+def plot_hc18(true_hc, hc, path):
+    def draw(fig):
+        ax, days = fig.gca(), np.arange(GA_DAYS[0], GA_DAYS[-1] + 1)
+        for curve, colour, label in (
+            ("q500", "k", "median"),
+            ("q025", "darkorange", "2.5% / 97.5%"),
+            ("q975", "darkorange", None),
+        ):
+            ax.plot(ga_quantile(days, curve), days, "-" if curve == "q500" else "--", color=colour, label=label)
+        for mask, colour, name in (
+            (hc["is_valid"], "royalblue", "valid"),
+            (hc["kept"] & ~hc["is_valid"], "red", "invalid"),
+        ):
+            ax.scatter(
+                true_hc[mask], hc["pred_days"][mask], s=10, color=colour, edgecolor="k", linewidth=0.3, label=name
+            )
+        ax.set(xlabel="True HC (mm)", ylabel="Predicted GA (days)", title=f"HC18 validity {hc['validity']:.1f}%")
+        ax.legend(frameon=False)
+
+    return _figure(path, draw)
+
+
+def plot_dynamics(log_path, path):
+    """From train.py's log.jsonl: the KD weight ('weight') per step and the zero-shot Avg per epoch."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "weight" in r and "step" in r]
+    epochs = [r for r in records if "avg" in r.get("eval", {})]
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        left.plot([r["step"] for r in steps], [r["weight"] for r in steps])
+        left.axhline(0, color="grey", linewidth=0.5)
+        left.set(xlabel="step", ylabel="KD weight (lambda or beta)", title="KD weight")
+        right.plot([r["epoch"] + 1 for r in epochs], [r["eval"]["avg"] for r in epochs], "o-")
+        right.set(xlabel="epoch", ylabel="Avg", title="Zero-shot Avg")
+
+    return _figure(path, draw, size=(9, 3.5))
+
+
+def analyse(details, out_dir, teacher_details=None, log_path="", probe_epochs=50, probe_seeds=5):
+    """All analyses from zero_shot(..., details=True) output -> dict (plots written to out_dir)."""
+    rows, features = details["planes_rows"], details["planes_features"]
+    views = list(PLANE_TO_CLASS) + ["Other"]
+    groups = np.array([str(r["patient"]) for r in rows])
+    is_train = np.array([bool(int(r["train"])) for r in rows])
+    five, sub = np.array([r["five"] for r in rows]), np.array([r["sub"] for r in rows])
+    out, brain = {}, sub >= 0
+    out["probe_6view"] = linear_probe(
+        features, [views.index(r["plane"]) for r in rows], groups, is_train, epochs=probe_epochs, seeds=probe_seeds
+    )
+    out["probe_brain"] = linear_probe(
+        features[brain], sub[brain], groups[brain], is_train[brain], epochs=probe_epochs, seeds=probe_seeds
+    )
+    out["geometry_5planes"] = geometry(features[five >= 0], five[five >= 0])
+    if teacher_details is not None:
+        out["logits_5planes"] = logit_agreement(
+            details["five_planes_logits"][five >= 0], teacher_details["five_planes_logits"][five >= 0]
+        )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out["plots"] = [
+        plot_tsne(features[brain], sub[brain], BRAIN_SUBPLANES, Path(out_dir) / "tsne_brain.png"),
+        plot_hc18(details["hc18_true"], details["hc18"], Path(out_dir) / "hc18_ga.png"),
+    ]
+    if log_path and Path(log_path).is_file():
+        out["plots"].append(plot_dynamics(log_path, Path(out_dir) / "training_dynamics.png"))
+    return out
+
+
+def main(arguments):
+    config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
+    if not config["ckpt"]:
+        raise SystemExit("usage: python analysis.py CKPT [--teacher_ckpt=FILE --key=value ...]")
+    device, ckpt = configurator.pick_device(config["device"]), Path(config["ckpt"])
+    kwargs = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"], details=True)
+    try:
+        net = load_model(str(ckpt), config["model"]).to(device).eval()
+        details = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
+        teacher = None
+        if config["teacher_ckpt"]:
+            teacher_net = load_model(config["teacher_ckpt"], config["teacher"]).to(device).eval()
+            teacher = zero_shot(teacher_net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"analysis.py: {error}") from None
+    out_dir = Path(config["out_dir"] or ckpt.parent / f"{ckpt.stem}_analysis")
+    log = config["train_log"] or ckpt.parent / "log.jsonl"
+    results = analyse(details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"])
+    (out_dir / "analysis.json").write_text(json.dumps(plain(results), indent=1))
+    print(json.dumps(plain(results), indent=1))
+    print(f"wrote {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,65 @@
+"""The one command line of every script, nanoGPT's configurator as a function:
+
+    python train.py --beta0=2 --r=-0.8 --preset=paper      # --key=value overrides a module-level setting
+    python evaluate.py out/best.pt --eval_split=report     # one positional argument where a script takes one
+
+A value takes the type of its default (an int is accepted where the default is a float, a bare `--flag` sets a
+bool); `--preset=NAME` applies a script's preset first, so explicit flags win; every override is printed; an
+unknown key or a wrong type is an error that names the key, the expected type or the valid keys.
+"""
+
+import torch
+
+SETTING_TYPES = (bool, int, float, str)
+
+
+def settings(namespace):
+    """The settings in a script's namespace: its lower-case bool / int / float / str globals, in order."""
+    return {k: v for k, v in namespace.items() if k.islower() and not k.startswith("_") and type(v) in SETTING_TYPES}
+
+
+def parse(key, text, default):
+    """--key=text as the type of the default; float("2") is 2.0, so --beta0=2 works where the default is 2.0."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"--{key}={text}: expected {kind.__name__} (default {default!r})") from None
+
+
+def configure(config, arguments, presets=None, positional=""):
+    """Apply --preset=NAME, then --key=value and the one bare argument (config[positional]) to config, in place."""
+    presets = presets or {}
+    for argument in [a for a in arguments if a.startswith("--preset=")] if presets else []:
+        name = argument.split("=", 1)[1]
+        if name not in presets:
+            raise SystemExit(f"--preset={name}: unknown preset; expected one of {sorted(presets)}")
+        for key, value in presets[name].items():
+            print(f"overriding: {key} = {value!r} (preset {name})")
+            config[key] = value
+    bare = [a for a in arguments if not a.startswith("--")]
+    if len(bare) > (1 if positional else 0):
+        expected = f"one {positional}" if positional else "--key=value"
+        raise SystemExit(f"unexpected arguments {bare}; expected {expected} (valid keys: {', '.join(config)})")
+    for argument in arguments:
+        if presets and argument.startswith("--preset="):
+            continue
+        key, has_value, text = argument[2:].partition("=") if argument.startswith("--") else (positional, "=", argument)
+        if key not in config:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
+        if not has_value and not isinstance(config[key], bool):
+            raise SystemExit(f"--{key} needs a value: --{key}=<{type(config[key]).__name__}>")
+        config[key] = parse(key, text if has_value else "true", config[key])
+        print(f"overriding: {key} = {config[key]!r}")
+    return config
+
+
+def pick_device(device=""):
+    """'' = cuda, else mps, else cpu: the meaning of every script's --device=''."""
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

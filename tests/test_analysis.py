@@ -1,0 +1,71 @@
+"""analysis.py: the paper's analyses on hand-computed cases and on small files in the real layouts."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from test_evaluate import TinyCLIP, write_benchmark
+
+import analysis
+import evaluate
+
+
+def test_geometry_on_hand_computed_examples():
+    two_clusters = torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]])
+    g = analysis.geometry(two_clusters, [0, 0, 1, 1])
+    # one direction of variance; same-class cos 1, cross-class cos 0; |xi - xj|^2 is 0 (4 ordered
+    # pairs) or 2 (8 pairs); silhouette a = 0, b = sqrt(2) -> 1
+    assert g["participation_ratio"] == pytest.approx(1) and g["rank95"] == 1
+    assert g["intra_cosine"] == pytest.approx(1) and g["inter_cosine"] == pytest.approx(0)
+    assert g["uniformity"] == pytest.approx(math.log((4 + 8 * math.exp(-4)) / 12))
+    assert g["silhouette"] == pytest.approx(1)
+    isotropic = torch.cat([torch.eye(4), -torch.eye(4)])  # equal variance on 4 axes
+    g = analysis.geometry(isotropic, [0, 1, 2, 3, 0, 1, 2, 3])
+    assert g["participation_ratio"] == pytest.approx(4) and g["rank95"] == 4
+    assert g["intra_cosine"] == pytest.approx(-1) and g["inter_cosine"] == pytest.approx(0)
+
+
+def test_student_t_ci_and_linear_probe_on_separable_features():
+    values = [0.8, 0.9, 0.85, 0.95]
+    mean, low, high = analysis.student_t_ci(values)
+    expected = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(expected) and mean == pytest.approx(0.875)
+    assert analysis.student_t_ci(values * 4)[2] - analysis.student_t_ci(values * 4)[1] < high - low
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    features = np.eye(8)[labels] * 3 + rng.normal(scale=0.3, size=(120, 8))
+    groups, is_train = np.arange(120) // 2, np.arange(120) % 4 != 0
+    r = analysis.linear_probe(features, labels, groups, is_train, folds=2, seeds=2, epochs=10, lr=5e-2)
+    assert r["runs"] == 4 and r["f1"] > 0.97 and r["ci_low"] <= r["f1"] <= r["ci_high"]
+
+
+def test_logit_agreement():
+    student = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    r = analysis.logit_agreement(student, torch.tensor([[10.0, 20.0, 30.0], [3.0, 2.0, 1.0]]))
+    assert r["entropy_student"] == pytest.approx((stats.entropy(torch.softmax(student[0], 0)) + math.log(3)) / 2)
+    assert r["spearman"] == pytest.approx(1.0)  # the constant row has no ranking (NaN) and is skipped
+
+
+def test_analysis_writes_results_and_plots(tmp_path):
+    planes, hc18 = write_benchmark(tmp_path)
+    details = evaluate.zero_shot(TinyCLIP(), planes, hc18, details=True)["_details"]
+    assert len(details["planes_rows"]) == 18  # 'Other' planes kept for the 6-view probe
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 1, "epoch": 0, "weight": 2.0},
+                {"step": 2, "epoch": 0, "weight": -0.5},
+                {"epoch": 0, "step": 2, "eval": {"avg": 0.4}},
+            ]
+        )
+    )
+    out = analysis.analyse(details, tmp_path / "plots", details, log, probe_epochs=2, probe_seeds=1)
+    assert out["probe_6view"]["runs"] == 5 and out["logits_5planes"]["spearman"] == pytest.approx(1)
+    assert [p.split("/")[-1] for p in out["plots"]] == ["tsne_brain.png", "hc18_ga.png", "training_dynamics.png"]
+    assert all((tmp_path / "plots" / p.split("/")[-1]).stat().st_size > 0 for p in out["plots"])
+    json.dumps(evaluate.plain(out))

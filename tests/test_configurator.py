@@ -1,0 +1,58 @@
+"""configurator.py: the one command line of every script."""
+
+import pytest
+
+from configurator import configure, parse, pick_device, settings
+
+
+def test_overrides_take_the_default_type_presets_and_one_positional():
+    config = configure(
+        {"seed": 0, "scale": 1.5, "out": "x", "bench": False}, ["--seed=3", "--scale=2", "--out=a=b", "--bench"]
+    )
+    assert config == {"seed": 3, "scale": 2.0, "out": "a=b", "bench": True} and type(config["scale"]) is float
+    assert configure({"out": "x"}, ["--out=123"]) == {"out": "123"}  # a string stays a string
+    assert configure({"ckpt": "", "fast": True}, ["--fast=0", "a.pt"], positional="ckpt") == {
+        "ckpt": "a.pt",
+        "fast": False,
+    }
+    presets = {"big": {"seed": 7, "scale": 9.0}}
+    assert configure({"seed": 0, "scale": 1.5}, ["--seed=1", "--preset=big"], presets) == {
+        "seed": 1,
+        "scale": 9.0,
+    }  # the preset first, the explicit flag wins wherever it stands
+    with pytest.raises(SystemExit, match="unknown config key 'sed'; valid keys: seed"):
+        configure({"seed": 0}, ["--sed=1"])
+    with pytest.raises(SystemExit, match="--seed=1.5: expected int"):
+        configure({"seed": 0}, ["--seed=1.5"])
+    with pytest.raises(SystemExit, match="--preset=small: unknown preset; expected one of \\['big'\\]"):
+        configure({"seed": 0}, ["--preset=small"], presets)
+    with pytest.raises(SystemExit, match="unexpected arguments \\['a.pt'\\]; expected --key=value"):
+        configure({"seed": 0}, ["a.pt"])
+    with pytest.raises(SystemExit, match="--out needs a value"):
+        configure({"out": "x"}, ["--out"])
+
+
+def test_settings_are_the_lower_case_scalars_in_order():
+    namespace = {
+        "out_dir": "x",
+        "epochs": 4,
+        "lr": 1e-3,
+        "resume": False,
+        "CONSTANT": 3,
+        "_private": 1,
+        "helper": print,
+        "shape": (1, 2),
+    }
+    assert list(settings(namespace)) == ["out_dir", "epochs", "lr", "resume"]
+
+
+def test_parse_accepts_an_int_for_a_float_and_names_bad_values():
+    assert parse("beta0", "2", 2.0) == 2.0 and type(parse("beta0", "2", 2.0)) is float
+    assert parse("resume", "True", False) is True and parse("resume", "0", True) is False
+    with pytest.raises(SystemExit, match="--resume=yes: expected bool"):
+        parse("resume", "yes", False)
+
+
+def test_pick_device():
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("") in ("cuda", "mps", "cpu")
