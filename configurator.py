@@ -8,6 +8,8 @@ bool); `--preset=NAME` applies a script's preset first, so explicit flags win; e
 unknown key or a wrong type is an error that names the key, the expected type or the valid keys.
 """
 
+import contextlib
+
 import torch
 
 SETTING_TYPES = (bool, int, float, str)
@@ -63,3 +65,12 @@ def pick_device(device=""):
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def user_errors(prefix):
+    """A missing, unreadable or mismatched file of the user's ends the script with one line, not a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"{prefix}: {error}") from None

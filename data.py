@@ -143,8 +143,13 @@ def _number(path, line, column, text, kind, positive=False):
 
 
 def _existing(path):
+    """An image file that exists and whose header PIL reads (fast: nothing is decoded)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
+    try:
+        Image.open(path).close()
+    except Exception as error:  # PIL raises several types for files it cannot identify
+        raise ValueError(f"{path}: not a readable image ({error})") from None
     return path
 
 

@@ -336,6 +336,13 @@ def zero_shot(
     return results
 
 
+def summary(results):
+    """One line: the protocol's five figures."""
+    parts = [f"F1-5 {results['five_planes']['f1']:.3f}", f"F1-3 {results['brain_subplanes']['f1']:.3f}"]
+    parts += [f"HC18 {results['hc18']['validity']:5.1f}%", f"F1-all {results['f1_all']:.3f}"]
+    return " | ".join(parts + [f"Avg {results['avg']:.3f}"])
+
+
 def format_table(results):
     lines = []
     for key, title in (("five_planes", "Five planes"), ("brain_subplanes", "Brain sub-planes")):

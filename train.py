@@ -7,7 +7,8 @@ The paper's recipe on real data (paper Sec. 3.6), one GPU or many:
         --student_init=mobileclip2_s0.pt --train_data='shards/{000000..000123}.tar' \
         --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18 --beta0=2 --r=-0.8
     torchrun --standalone --nproc_per_node=8 train.py --preset=paper ...
-Any global below can be overridden with --key=value; --resume=True continues out_dir/ckpt.pt.
+Any global below can be overridden with --key=value; --resume=True continues out_dir/ckpt.pt exactly (settings
+other than RESUMABLE ones must not change).
 """
 
 import json
@@ -30,7 +31,7 @@ import data
 import evaluate
 import synthetic
 from loss import distill_loss
-from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model
+from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model, read_checkpoint
 
 # ------------------------------------------------------------------ settings: --key=value
 # I/O
@@ -81,27 +82,35 @@ num_workers = 2  # data loader processes per rank
 shuffle_buffer = 1000  # samples; 1 keeps the shards' order
 seed = 0
 augment_seed = -1  # seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
-PRESETS = {
-    "paper": dict(
-        student="mobilefetalclip",
-        teacher="fetalclip",
-        epochs=20,
-        batch_size=512,
-        grad_accum=2,
-        learning_rate=1e-5,
-        warmup_steps=500,
-        num_workers=8,
-        dtype="float16",
-        log_interval=50,
-        data_dir="",
-    ),
-}
+PRESETS = {"paper": dict(student="mobilefetalclip", teacher="fetalclip", epochs=20, batch_size=512, grad_accum=2)}
+PRESETS["paper"].update(learning_rate=1e-5, warmup_steps=500, num_workers=8, dtype="float16", log_interval=50)
+PRESETS["paper"].update(data_dir="")  # the real data are named by --train_data, --planes_dir, --hc18_dir
+RESUMABLE = ("log_interval", "eval_every", "num_workers", "device", "max_steps", "wandb_log", "wandb_project", "resume")
 
-
-config = configurator.configure(configurator.settings(globals()), sys.argv[1:], PRESETS)  # stored in every
-globals().update(config)  # checkpoint and log
-if mode not in ("none", "coupled", "selective"):
-    raise SystemExit(f"--mode={mode}: expected none, coupled or selective")
+config = configurator.configure(configurator.settings(globals()), sys.argv[1:], PRESETS)  # in every checkpoint
+globals().update(config)
+one_step = batch_size * grad_accum  # pairs per optimiser step
+rules = [  # (setting, holds, expected): checked before anything runs
+    ("mode", mode in ("none", "coupled", "selective"), "none, coupled or selective"),
+    ("dtype", dtype in ("", "float32", "bfloat16", "float16"), "'', float32, bfloat16 or float16"),
+    ("eval_split", eval_split in ("all", "select", "report"), "all, select or report"),
+    ("batch_size", batch_size > 0, "a positive number of pairs"),
+    ("grad_accum", grad_accum > 0, "at least 1"),
+    ("epochs", epochs > 0, "at least 1"),
+    ("samples_per_epoch", samples_per_epoch == -1 or samples_per_epoch >= one_step, f"-1 or at least {one_step}"),
+    ("num_workers", num_workers >= 0, "0 or more"),
+    ("log_interval", log_interval > 0, "at least 1"),
+    ("eval_every", eval_every >= 0, "0 (never) or more"),
+    ("max_bad_steps", max_bad_steps > 0, "at least 1"),
+    ("shuffle_buffer", shuffle_buffer > 0, "at least 1"),
+    ("demo_teacher_epochs", demo_teacher_epochs > 0, "at least 1"),
+    ("warmup_steps", warmup_steps >= 0, "0 or more"),
+    ("learning_rate", learning_rate > 0, "a positive number"),
+    ("tau_kd", tau_kd > 0, "a positive temperature"),
+]
+problems = [f"--{key}={globals()[key]!r}: expected {expected}" for key, holds, expected in rules if not holds]
+if problems:
+    raise SystemExit("\n".join(problems))
 
 # ------------------------------------------------------------------ system
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
@@ -138,16 +147,13 @@ demo_folders = synthetic.layout(data_dir)
 train_data = train_data or demo_folders["train_data"]
 planes_dir = planes_dir or demo_folders["planes_dir"]
 hc18_dir = hc18_dir or demo_folders["hc18_dir"]
-try:  # a wrong path fails now, not after the first epoch
+with configurator.user_errors(
+    "the data (--train_data, --planes_dir, --hc18_dir; --eval_every=0 trains without the evaluation sets)"
+):  # a wrong path or a bad image fails now, not in epoch 0
     data.expand_urls(train_data)
-    if eval_every > 0 and master:
+    if eval_every > 0 and master:  # the readers check every row and open every image's header
         evaluate.planes_rows(planes_dir, eval_split)
         evaluate.hc18_rows(hc18_dir, eval_split)
-except (FileNotFoundError, ValueError) as error:
-    raise SystemExit(
-        f"{error}\n(--train_data, --planes_dir and --hc18_dir name the data; --eval_every=0 "
-        "trains without the evaluation sets)"
-    ) from None
 
 
 def view(net):
@@ -157,21 +163,10 @@ def view(net):
 
 def train_demo_teacher(path):
     """The demo's teacher: this same script with the CLIP loss only, run once and reused."""
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--mode=none",
-        f"--student={teacher}",
-        f"--out_dir={os.path.dirname(path)}",
-        f"--data_dir={data_dir}",
-        f"--train_data={train_data}",
-        f"--planes_dir={planes_dir}",
-        f"--hc18_dir={hc18_dir}",
-        f"--epochs={demo_teacher_epochs}",
-        f"--device={device}",
-        f"--num_workers={num_workers}",
-        f"--seed={seed}",
-    ]
+    flags = dict(mode="none", student=teacher, out_dir=os.path.dirname(path), data_dir=data_dir, train_data=train_data)
+    flags.update(planes_dir=planes_dir, hc18_dir=hc18_dir, epochs=demo_teacher_epochs, device=device, seed=seed)
+    command = [sys.executable, os.path.abspath(__file__), *(f"--{k}={v}" for k, v in flags.items())]
+    command.append(f"--num_workers={num_workers}")
     print(f"no teacher checkpoint yet: training the demo teacher first ({' '.join(command[1:])})")
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     subprocess.run(command, check=True, env=environment)
@@ -194,31 +189,26 @@ class Distillee(nn.Module):
 
 raw_student = create_model(student)
 if student_init:
-    load_checkpoint(raw_student, student_init)
+    with configurator.user_errors("--student_init"):
+        load_checkpoint(raw_student, student_init)
     print(f"student initialised from {student_init}")
 # built before the teacher, so the teacher's (random, then overwritten) initialisation does not shift the
 # projection's: a cached-teacher run starts from exactly the live run's weights
 distillee = Distillee(raw_student, MODEL_CONFIGS[teacher]["embed_dim"]).to(device)
+CONTEXT, TEACHER_SIZE = raw_student.context_length, MODEL_CONFIGS[teacher]["image_size"]
 
 teacher_net, cached_teacher = None, None
 if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never built: its outputs are on disk
-    try:
-        cached_teacher = data.check_cache(
-            teacher_cache,
-            train_data,
-            teacher=teacher,
-            teacher_ckpt=teacher_ckpt,
-            seed=augment_seed,
-            image_size=MODEL_CONFIGS[teacher]["image_size"],
-            context_length=raw_student.context_length,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"--teacher_cache={teacher_cache}: {error}") from None
+    asked = dict(teacher=teacher, teacher_ckpt=teacher_ckpt, seed=augment_seed, context_length=CONTEXT)
+    with configurator.user_errors(f"--teacher_cache={teacher_cache}"):
+        cached_teacher = data.check_cache(teacher_cache, train_data, image_size=TEACHER_SIZE, **asked)
     cached_scale = torch.tensor(cached_teacher["logit_scale"], device=device)
+    made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
     print(
-        f"teacher: cached {cached_teacher['teacher']} ({cached_teacher['teacher_ckpt']}), "
-        f"{cached_teacher['augs']} augmentations per sample, replayed as epoch % {cached_teacher['augs']}"
+        f"teacher: cached {made}, {cached_teacher['augs']} augmentations replayed as epoch % {cached_teacher['augs']}"
     )
+    if not teacher_ckpt:  # nothing was checked against a checkpoint: say loudly whose outputs these are
+        print(f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher {made} unchecked")
 elif mode != "none" or feature_kd > 0:
     if not teacher_ckpt:
         if teacher != "demo_teacher":
@@ -228,7 +218,8 @@ elif mode != "none" or feature_kd > 0:
             train_demo_teacher(teacher_ckpt)
         if ddp:
             dist.barrier()
-    teacher_net = load_model(teacher_ckpt, teacher).to(device).eval().requires_grad_(False)  # frozen
+    with configurator.user_errors("--teacher_ckpt"):
+        teacher_net = load_model(teacher_ckpt, teacher).to(device).eval().requires_grad_(False)  # frozen
     if teacher_net.context_length != raw_student.context_length:
         raise SystemExit(
             f"teacher {teacher} reads {teacher_net.context_length} tokens, student {student} "
@@ -243,16 +234,10 @@ def is_decayed(name, parameter):
 
 
 named = [(n, p) for n, p in distillee.named_parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(
-    [
-        {"params": [p for n, p in named if is_decayed(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0},
-    ],
-    lr=learning_rate,
-    betas=(beta1, beta2),
-    eps=eps,
-    fused=device_type in ("cuda", "cpu"),
-)  # 4x faster on CPU
+decayed = {"params": [p for n, p in named if is_decayed(n, p)], "weight_decay": weight_decay}
+not_decayed = {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0}
+fused = device_type in ("cuda", "cpu")  # 4x faster on CPU too
+optimizer = torch.optim.AdamW([decayed, not_decayed], lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=fused)
 scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
 
 # ------------------------------------------------------------------ schedule and state
@@ -264,7 +249,7 @@ micro_per_epoch = samples_per_epoch // batch_size // grad_accum * grad_accum
 total_micro = micro_per_epoch * epochs  # S in Eq. 5 / 7
 total_opt = total_micro // grad_accum
 if micro_per_epoch == 0:
-    raise SystemExit(f"{samples_per_epoch} samples per epoch make no {grad_accum} batches of {batch_size}")
+    raise SystemExit(f"{train_data}: {samples_per_epoch} samples make no {grad_accum} batches of {batch_size}")
 w0 = beta0 if mode == "selective" else lambda0
 
 
@@ -277,22 +262,35 @@ def lr_at(opt_step):
 
 
 step, opt_step, start_epoch, best_avg, bad_steps = 0, 0, 0, -math.inf, 0
+applied_steps = 0  # optimiser steps that changed the weights (a window with a non-finite loss does not)
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
 window_finite = True  # every micro-batch of the current accumulation window had a finite loss
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ("ckpt.pt", "best.pt", "log.jsonl"))
+resumed_changes = {}
 if resume:
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if checkpoint["config"]["student"] != student:
-        raise SystemExit(f"{ckpt_path} holds a {checkpoint['config']['student']!r} student, not {student!r}")
+    with configurator.user_errors("--resume=True"):
+        checkpoint = read_checkpoint(ckpt_path)
+    resumed_changes = {k: [v, config[k]] for k, v in checkpoint["config"].items() if config.get(k, v) != v}
+    refused = [f"{k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items() if k not in RESUMABLE]
+    if refused:
+        raise SystemExit(
+            f"--resume=True: {ckpt_path} was trained with other settings: {', '.join(refused)} "
+            f"(only {', '.join(RESUMABLE)} may change on resume)"
+        )
     raw_student.load_state_dict(checkpoint["model"])
     if distillee.feature_proj is not None:
         distillee.feature_proj.load_state_dict(checkpoint["feature_proj"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     step, opt_step, start_epoch = checkpoint["step"], checkpoint["opt_step"], checkpoint["epoch"]
-    best_avg = checkpoint["best_avg"]
+    best_avg, applied_steps = checkpoint["best_avg"], checkpoint["applied_steps"]
+    if os.path.exists(best_path):  # written after ckpt.pt when that epoch's evaluation found a new best
+        best_avg = max(best_avg, torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)["best_avg"])
     torch.set_rng_state(checkpoint["rng"])
-    print(f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}")
+    print(
+        f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}"
+        + "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
+    )
 
 
 def log(record):
@@ -316,19 +314,9 @@ def save_checkpoint(path, epoch, metrics):
             f"stopping at step {step}: the student has non-finite weights; not saving {path}, "
             f"the last good checkpoint is {last_good_checkpoint()}"
         )
-    checkpoint = dict(
-        model=raw_student.state_dict(),
-        model_name=student,
-        optimizer=optimizer.state_dict(),
-        scaler=scaler.state_dict(),
-        step=step,
-        opt_step=opt_step,
-        epoch=epoch,
-        best_avg=best_avg,
-        metrics=metrics,
-        config=config,
-        rng=torch.get_rng_state(),
-    )
+    checkpoint = dict(model=raw_student.state_dict(), model_name=student, config=config, metrics=metrics, epoch=epoch)
+    checkpoint.update(step=step, opt_step=opt_step, applied_steps=applied_steps, best_avg=best_avg)
+    checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state())
     if distillee.feature_proj is not None:
         checkpoint["feature_proj"] = distillee.feature_proj.state_dict()
     torch.save(checkpoint, path + ".tmp")
@@ -351,6 +339,8 @@ if master:
 
         wandb.init(project=wandb_project, config=config)
     log({"config": config})
+    if resumed_changes:
+        log({"resumed": start_epoch, "changed": resumed_changes})
     source = f"cache {teacher_cache}" if cached_teacher else teacher_ckpt or "no teacher"
     print(
         f"{student} <- {source} | mode {mode} | {samples_per_epoch} samples x "
@@ -359,23 +349,15 @@ if master:
 
 # ------------------------------------------------------------------ training loop
 stopped = False
+views = (view(raw_student), view(teacher_net) if teacher_net else None)
+reading = dict(num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, augment_seed=augment_seed)
+reading.update(samples_per_epoch=samples_per_epoch, shuffle_buffer=shuffle_buffer, context_length=CONTEXT)
+reading.update(teacher_cache=teacher_cache if cached_teacher else "")
+losses = dict(
+    mode=mode, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd, smoothing=smoothing, feat_weight=feature_kd
+)
 for epoch in range(start_epoch, epochs):
-    loader = data.train_loader(
-        train_data,
-        view(raw_student),
-        view(teacher_net) if teacher_net else None,
-        batch_size // world_size,
-        num_workers=num_workers,
-        seed=seed,
-        epoch=epoch,
-        rank=rank,
-        world_size=world_size,
-        samples_per_epoch=samples_per_epoch,
-        shuffle_buffer=shuffle_buffer,
-        context_length=raw_student.context_length,
-        teacher_cache=teacher_cache if cached_teacher else "",
-        augment_seed=augment_seed,
-    )
+    loader = data.train_loader(train_data, *views, batch_size // world_size, epoch=epoch, **reading)
     done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
     bar = tqdm(total=micro_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch}", disable=not master, leave=False)
     timer = time.time()
@@ -395,20 +377,9 @@ for epoch in range(start_epoch, epochs):
         with model.no_sync() if ddp and not last_micro else nullcontext():  # DDP syncs the window's last backward
             with autocast:
                 image_features, text_features, logit_scale, projected = model(student_images, tokens)
+                student_out = (image_features, text_features, logit_scale)
                 parts = distill_loss(
-                    image_features,
-                    text_features,
-                    logit_scale,
-                    *teacher_out,
-                    mode=mode,
-                    step=step,
-                    total_steps=total_micro,
-                    w0=w0,
-                    r=r,
-                    tau_kd=tau_kd,
-                    smoothing=smoothing,
-                    projected_image_features=projected,
-                    feat_weight=feature_kd,
+                    *student_out, *teacher_out, step=step, projected_image_features=projected, **losses
                 )
             if all_finite(parts["loss"]):
                 scaler.scale(parts["loss"] / grad_accum).backward()
@@ -434,6 +405,7 @@ for epoch in range(start_epoch, epochs):
                 grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip)  # read when logged
                 scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
                 scaler.update()
+                applied_steps += 1
             optimizer.zero_grad(set_to_none=True)
             window_finite = True
             with torch.no_grad():  # the student's temperature stays in [1, 100] (paper Sec. 3.6)
@@ -444,13 +416,11 @@ for epoch in range(start_epoch, epochs):
             record = {
                 "step": step,
                 "epoch": epoch,
-                **{k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off", "kd_feat")},
-                "weight": parts["weight"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "logit_scale": logit_scale.item(),
-                "grad_norm": float(grad_norm),
-                "samples_per_s": log_interval * batch_size / elapsed,
+                **{k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off")},
             }
+            record.update(kd_feat=parts["kd_feat"].item(), weight=parts["weight"], lr=optimizer.param_groups[0]["lr"])
+            record.update(logit_scale=logit_scale.item(), grad_norm=float(grad_norm))
+            record["samples_per_s"] = log_interval * batch_size / elapsed
             tqdm.write(
                 f"step {step} | loss {record['loss']:.3f} | clip {record['clip']:.3f} | kd_diag "
                 f"{record['kd_diag']:.3f} | kd_off {record['kd_off']:.3f} | weight {record['weight']:.2f}"
@@ -464,43 +434,35 @@ for epoch in range(start_epoch, epochs):
     bar.close()
     if any(loader.skipped.values()) and master:  # data.py has printed the counts already
         log({"epoch": epoch, "skipped": loader.skipped})
+    if applied_steps == 0:  # the same on every rank: the skip decisions are all-reduced
+        nothing = f"no optimiser step was applied in {step} micro-batches (every window had a non-finite loss)"
+        raise SystemExit(f"stopping: {nothing}; nothing saved, the last good checkpoint is {last_good_checkpoint()}")
+    if master:  # ckpt.pt first, so an evaluation that fails or is killed loses no training
+        save_checkpoint(ckpt_path, epoch + (0 if stopped else 1), {})
     if stopped:
-        if master:
-            save_checkpoint(ckpt_path, epoch, {})
-            print(f"stopped after {opt_step} optimiser steps (--max_steps); saved {ckpt_path}")
+        print(f"stopped after {opt_step} optimiser steps (--max_steps); saved {ckpt_path}")
         break
-    metrics = {}
     if master and eval_every > 0 and (epoch + 1) % eval_every == 0:
         metrics = evaluate.zero_shot(raw_student, planes_dir, hc18_dir, device=device, split=eval_split)
-        print(
-            f"epoch {epoch} | F1-5 {metrics['five_planes']['f1']:.3f} | F1-3 {metrics['brain_subplanes']['f1']:.3f}"
-            f" | HC18 {metrics['hc18']['validity']:.1f}% | F1-all {metrics['f1_all']:.3f} | Avg {metrics['avg']:.3f}"
-        )
+        print(f"epoch {epoch} | {evaluate.summary(metrics)}")
         log({"epoch": epoch, "step": step, "eval": metrics})
         if metrics["avg"] > best_avg:
             best_avg = metrics["avg"]
             save_checkpoint(best_path, epoch + 1, metrics)
-    if master:
-        save_checkpoint(ckpt_path, epoch + 1, metrics)
     if ddp:
         dist.barrier()
 
 # ------------------------------------------------------------------ summary
 if master and not stopped and eval_every > 0 and os.path.exists(best_path):
-    rows = {f"{student} (best)": torch.load(best_path, map_location="cpu", weights_only=True)["metrics"]}
+    rows = {}
     if teacher_net is not None:
-        rows = {
-            f"{teacher} (teacher)": evaluate.zero_shot(
-                teacher_net, planes_dir, hc18_dir, device=device, split=eval_split
-            ),
-            **rows,
-        }
-    print(f"\n{'model':<28} {'F1-5':>6} {'F1-3':>6} {'HC18 %':>7} {'F1-all':>7} {'Avg':>6}")
-    for name, m in rows.items():
-        print(
-            f"{name:<28} {m['five_planes']['f1']:6.3f} {m['brain_subplanes']['f1']:6.3f} "
-            f"{m['hc18']['validity']:7.1f} {m['f1_all']:7.3f} {m['avg']:6.3f}"
+        rows[f"{teacher} (teacher)"] = evaluate.zero_shot(
+            teacher_net, planes_dir, hc18_dir, device=device, split=eval_split
         )
+    rows[f"{student} (best)"] = torch.load(best_path, map_location="cpu", weights_only=True)["metrics"]
+    print()
+    for name, metrics in rows.items():
+        print(f"{name:<28} {evaluate.summary(metrics)}")
     print(f"best checkpoint: {best_path}")
 if ddp:
     dist.destroy_process_group()

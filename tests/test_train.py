@@ -169,33 +169,45 @@ def test_non_finite_losses_stop_the_run(bench, demo_run):
     assert not (bench / "diverged" / "ckpt.pt").exists()  # nothing diverged was saved
 
 
-def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, demo_run):
-    """Losses stay under max_bad_steps in a row but the weights are gone: the epoch's save is refused."""
+POISON = """
+import torch
+_step = torch.optim.AdamW.step
+
+
+def step(self, *args, **kwargs):  # the optimiser step turns a weight non-finite, as an fp16 overflow can
+    result = _step(self, *args, **kwargs)
+    with torch.no_grad():
+        self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+    return result
+
+
+torch.optim.AdamW.step = step
+"""
+
+
+def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, demo_run, tmp_path):
+    """A good epoch is saved; in the resumed second epoch the first optimiser step leaves a NaN weight (a stand-in
+    AdamW loaded through sitecustomize), the losses after it are skipped, and the epoch's save is refused."""
     out, _ = demo_run
     flags = (
         "--eval_every=0",
         f"--batch_size={BATCH}",
         "--warmup_steps=0",
+        "--epochs=2",
+        "--max_bad_steps=1000",
         f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
     )
-    run_train(*common(bench, bench / "guarded", *flags, "--epochs=1"))
-    good = (bench / "guarded" / "ckpt.pt").read_bytes()
-    process = run_train(
-        *common(
-            bench,
-            bench / "guarded",
-            *flags,
-            "--epochs=2",
-            "--resume=True",
-            "--learning_rate=1e30",
-            "--max_bad_steps=1000",
-        ),
-        check=False,
-    )
+    run_train(*common(bench, bench / "guarded", *flags, "--max_steps=8"))  # the first epoch: 64 pairs / 8
+    good = weights(bench / "guarded" / "ckpt.pt")
+    (tmp_path / "sitecustomize.py").write_text(POISON)
+    resumed = common(bench, bench / "guarded", *flags, "--resume=True")
+    process = run_train(*resumed, check=False, env=dict(PYTHONPATH=str(tmp_path)))
     assert process.returncode != 0
     assert f"the student has non-finite weights; not saving {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
     assert f"the last good checkpoint is {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
-    assert (bench / "guarded" / "ckpt.pt").read_bytes() == good
+    saved = torch.load(bench / "guarded" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and saved["opt_step"] == 8  # the first epoch's end, saved by the resumed run
+    assert all(torch.equal(saved["model"][k], good[k]) for k in good)  # the NaN student was never written
 
 
 def test_missing_data_fails_before_training(bench):
