@@ -249,11 +249,12 @@ TIMM_TO_APPLE_MCI = [
     (r"conv_kxk", "rbr_conv"),
     (r"conv_scale", "rbr_scale"),
     (r"\.identity\.", ".rbr_skip."),
-    (r"^final_conv\.", "conv_exp."),
     (r"large_conv", "lkb_origin"),
     (r"\.mlp\.", ".convffn."),
-    (r"\.se\.fc1\.", ".se.reduce."),
-    (r"\.se\.fc2\.", ".se.expand."),
+    # Apple's MobileOneBlock has its own SE (reduce, expand); its large-kernel downsampling uses timm's (fc1, fc2)
+    (r"^final_conv\.se\.fc1\.", "conv_exp.se.reduce."),
+    (r"^final_conv\.se\.fc2\.", "conv_exp.se.expand."),
+    (r"^final_conv\.", "conv_exp."),
     (r"(layer_scale(_\d)?)\.gamma$", r"\1"),
     (r"^head\.fc\.", "head."),
 ]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from test_evaluate import TinyCLIP, write_benchmark
 
 import analysis
 import evaluate
+from test_evaluate import TinyCLIP, write_benchmark
 
 
 def test_geometry_on_hand_computed_examples():

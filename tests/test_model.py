@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import release_mci
 from model import create_model, load_checkpoint, load_model, reparameterize, save_open_clip
 
 ATOL = 1e-4  # on unit-normalised features, fp32
@@ -162,6 +163,65 @@ def test_apple_format_and_77_to_117_resize(tmp_path, student_pair):
         load_checkpoint(ours, str(path))
         torch.testing.assert_close(ours.text.positional_embedding, reference.text.positional_embedding)
         assert_same_outputs(ours, reference.eval(), ours.image_size)
+
+
+# ------------------------------------------------------------------ the official release's files
+
+
+@pytest.fixture(scope="module")
+def release():
+    """The release's student as its factory builds it (Apple's MCi0 class registered as timm's fastvit_mci0),
+    text tower frozen so the trainer envelope's optimiser state stays small."""
+    model = release_mci.release_model(seed=3)
+    model.text.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bare", "trainer", "module"])
+def test_release_checkpoints_load_strictly_and_match_the_release(release, kind, tmp_path):
+    """What the release writes: its Apple-named trunk inside open_clip's keys, bare or in the trainer's envelope
+    (optimizer and LambdaLR states beside the weights), with and without DDP's module. prefix."""
+    path = tmp_path / f"release_{kind}.pt"
+    torch.save(release_mci.release_checkpoint(release, kind), path)
+    ours = load_model(str(path))  # strict: every key accounted for; the name comes from the text tower
+    assert ours.name == "mobilefetalclip"
+    assert_same_outputs(ours, release, ours.image_size)
+
+
+def test_official_files_load_strictly_into_the_release(release, student_pair, tmp_path):
+    _, ours = student_pair
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in ours.parameters():  # weights unlike the release fixture's
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    save_open_clip(ours, str(tmp_path / "official.pt"), official=True)
+    target = release_mci.release_model(seed=5)
+    target.load_state_dict(torch.load(tmp_path / "official.pt", weights_only=True), strict=True)
+    assert_same_outputs(ours, target.eval(), ours.image_size)
+    back = load_model(str(tmp_path / "official.pt"))  # and it reads back into ours
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="official=True writes the release's FastViT-MCi student"):
+        save_open_clip(create_model("demo_student"), str(tmp_path / "no.pt"), official=True)
+
+
+def test_a_file_of_the_wrong_kind_is_named_in_one_line(tmp_path):
+    """FetalCLIP's ViT offered as the student: the file, what it holds and what was expected."""
+    fetalclip_like = {"token_embedding.weight": torch.zeros(8, 768), "visual.class_embedding": torch.zeros(1024)}
+    torch.save(fetalclip_like, tmp_path / "FetalCLIP_weights.pt")
+    expected = (
+        r"FetalCLIP_weights.pt holds the FetalCLIP teacher \(ViT-L/14\) \('fetalclip'\), not the 'mobilefetalclip'"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(create_model("mobilefetalclip"), str(tmp_path / "FetalCLIP_weights.pt"))
+    good = tmp_path / "good.pt"
+    torch.save({"model": create_model("demo_student").state_dict(), "model_name": "demo_student"}, good)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for name, message in (("empty.pt", "the file is empty"), ("truncated.pt", "cannot be read as a weights-only")):
+        with pytest.raises(ValueError, match=f"{name}: {message}") as error:
+            load_model(str(tmp_path / name))
+        assert "\n" not in str(error.value)
 
 
 def test_reparameterised_student_matches(student_pair):
