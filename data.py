@@ -203,10 +203,12 @@ def count_samples(urls):
     for url in expand_urls(urls):
         if "://" in url or url.startswith("pipe:"):
             raise ValueError(f"cannot count samples of remote shard {url}: give samples_per_epoch")
-        keys = set()
+        keys, size = set(), os.path.getsize(url)
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
+                    if member.offset_data + member.size > size:  # tarfile reads headers only: check the data fits
+                        raise tarfile.ReadError(f"unexpected end of data in {member.name}")
                     keys.add(wds.tariterators.base_plus_ext(member.name)[0] if member.isreg() else None)
         except (tarfile.TarError, EOFError, OSError) as error:
             print(f"data: shard {url} is broken after {len(keys - {None})} samples ({error})", file=sys.stderr)

@@ -270,7 +270,8 @@ resumed_changes = {}
 if resume:
     with configurator.user_errors("--resume=True"):
         checkpoint = read_checkpoint(ckpt_path)
-    resumed_changes = {k: [v, config[k]] for k, v in checkpoint["config"].items() if config.get(k, v) != v}
+    changed = {k: [v, config[k]] for k, v in checkpoint["config"].items() if config.get(k, v) != v}
+    resumed_changes = {k: pair for k, pair in changed.items() if k != "resume"}
     refused = [f"{k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items() if k not in RESUMABLE]
     if refused:
         raise SystemExit(

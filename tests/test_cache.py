@@ -2,6 +2,7 @@
 
 import filecmp
 import os
+import shutil
 
 import pytest
 import torch
@@ -144,3 +145,30 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
         cache.write_cache(teacher, shards, folder, augs=AUGS, seed=1, num_workers=0, device="cpu")
     with pytest.raises(FileNotFoundError, match="not a teacher cache"):
         data.check_cache(str(tmp_path), shards, **asked)
+
+
+def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
+    """The shards regenerated under the same names and keys (another seed): every cached target would belong to
+    another image and caption. Refused at start-up, naming the shard; and where a shard keeps its members' names
+    and sizes but not their bytes, by the first sample's digest."""
+    root, teacher, _ = setup
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=48, context_length=48)
+    regenerated = tmp_path / "shards"
+    synthetic.write_shards(str(regenerated), seed=1, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48)
+    assert sorted(os.listdir(regenerated)) == sorted(os.listdir(root / "shards"))  # same file names and keys
+    with pytest.raises(ValueError, match=f"was made from another {regenerated / 'train-000000.tar'}"):
+        data.check_cache(str(root / "cache"), str(regenerated), **asked)
+    same_sizes = tmp_path / "same_sizes"  # one caption's bytes changed in place: names and sizes stay
+    shutil.copytree(root / "shards", same_sizes)
+    shard = same_sizes / "train-000001.tar"
+    payload = shard.read_bytes()
+    caption = next(s["txt"] for s in data.wds.tarfile_samples([{"url": str(shard)}]))
+    shard.write_bytes(payload.replace(caption, caption[::-1], 1))
+    assert data.check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS  # headers agree
+    student = create_model("demo_student")
+    view = (student.image_size, student.image_mean, student.image_std)
+    loader = data.train_loader(
+        str(same_sizes), view, None, BATCH, shuffle_buffer=1, context_length=48, teacher_cache=str(root / "cache")
+    )
+    with pytest.raises(data.StaleCache, match=f"the entry for 00000008 in {shard} was computed from another sample"):
+        list(loader)

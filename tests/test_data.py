@@ -230,6 +230,30 @@ def test_read_hc18_errors(tmp_path):
         data.read_hc18(tmp_path)
 
 
+def test_hc18_sizes_must_be_positive_finite_numbers(tmp_path):
+    header = "filename,pixel size(mm),head circumference (mm)"
+    for line, column in (
+        ("000_HC.png,0,150.0", "pixel size"),
+        ("000_HC.png,nan,150.0", "pixel size"),
+        ("000_HC.png,-0.07,150.0", "pixel size"),
+        ("000_HC.png,0.07,-44.3", "head circumference"),
+        ("000_HC.png,0.07,inf", "head circumference"),
+    ):
+        write_hc18(tmp_path, [header, "001_2HC.png,0.07,150.0", line])
+        value = line.split(",")[1 if column == "pixel size" else 2]
+        with pytest.raises(
+            ValueError, match=f"training_set_pixel_size_and_HC.csv, row 3: column '{column}.*= '{value}'"
+        ):
+            data.read_hc18(tmp_path)
+
+
+def test_an_unreadable_evaluation_image_is_named_when_the_rows_are_read(tmp_path):
+    write_planes(tmp_path, PLANES_ROWS)
+    (tmp_path / "Images" / "Patient00002_Plane3_1_of_2.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="Patient00002_Plane3_1_of_2.png: not a readable image"):
+        data.read_planes_db(tmp_path)
+
+
 # ------------------------------------------------------------------ shards and loader
 
 
@@ -305,6 +329,18 @@ def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, cap
         assert loader.skipped == {"image": 1, "caption": 1, "uncached": 0, "shard": 1}
         assert loader.broken_shards == [str(tmp_path / "b.tar")]
         assert "1 unreadable or missing images, 1 missing captions" in capsys.readouterr().err
+
+
+def test_a_truncated_shard_is_counted_once_and_named(tmp_path, capsys):
+    urls = make_shards(tmp_path, 2, 6)
+    broken = tmp_path / "train-000001.tar"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2 + 700])  # cut inside a member
+    readable = data.count_samples(urls)  # the default samples_per_epoch: counting reads every shard
+    assert 6 < readable < 12 and f"shard {broken} is broken after {readable - 6} samples" in capsys.readouterr().err
+    loader = data.train_loader(urls, (32, *IMAGENET), None, 2, samples_per_epoch=30, shuffle_buffer=1)
+    assert len(list(loader)) == 15  # 30 samples: the readers pass over the shards three times
+    assert loader.skipped["shard"] == 1 and loader.broken_shards == [str(broken)]
+    assert capsys.readouterr().err.count("skipping the rest of broken shard") == 1
 
 
 def test_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):

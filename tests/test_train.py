@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,28 @@ def test_config_errors_name_the_key_and_the_type():
     assert typed.returncode != 0 and "--epochs=1.5: expected int (default 4)" in typed.stderr
 
 
+def test_bad_values_are_refused_before_anything_runs(tmp_path):
+    cases = [
+        (["--batch_size=-32"], "--batch_size=-32: expected a positive number of pairs"),
+        (["--batch_size=0"], "--batch_size=0: expected a positive number of pairs"),
+        (["--grad_accum=0"], "--grad_accum=0: expected at least 1"),
+        (["--dtype=float8"], "--dtype='float8': expected '', float32, bfloat16 or float16"),
+        (
+            ["--epochs=-1", "--mode=distil"],
+            "--mode='distil': expected none, coupled or selective\n--epochs=-1: expected",
+        ),
+        (
+            ["--samples_per_epoch=3", "--batch_size=4", "--grad_accum=2"],
+            "--samples_per_epoch=3: expected -1 or at least 8",
+        ),
+    ]
+    for arguments, message in cases:
+        process = run_train(f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *arguments, check=False)
+        assert process.returncode != 0 and message in process.stderr, (arguments, process.stderr[-500:])
+        assert "Traceback" not in process.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # nothing ran, nothing was written
+
+
 def test_demo_pipeline_end_to_end(demo_run):
     out, stdout = demo_run
     for path in ("demo_teacher/best.pt", "demo_teacher/ckpt.pt", "best.pt", "ckpt.pt", "log.jsonl"):
@@ -123,11 +146,27 @@ def test_resume_continues_exactly(bench, demo_run):
     )
     run_train(*common(bench, bench / "straight", *flags, "--max_steps=4"))
     run_train(*common(bench, bench / "resumed", *flags, "--max_steps=2"))
+    for changed, listed in (
+        ("--learning_rate=0.01", "learning_rate 0.001 -> 0.01"),
+        ("--mode=coupled", "mode"),
+        ("--seed=3", "seed 0 -> 3"),
+        (f"--batch_size={2 * BATCH}", "batch_size 8 -> 16"),
+    ):
+        refused = run_train(*common(bench, bench / "resumed", *flags, changed, "--resume=True"), check=False)
+        assert refused.returncode != 0 and "was trained with other settings" in refused.stderr
+        assert listed in refused.stderr and "only log_interval, eval_every" in refused.stderr
     resumed = run_train(*common(bench, bench / "resumed", *flags, "--max_steps=4", "--resume=True"))
-    assert "resuming" in resumed.stdout
+    assert "resuming" in resumed.stdout and "max_steps 2 -> 4" in resumed.stdout  # allowed, and said
     assert_same_weights(bench / "straight" / "ckpt.pt", bench / "resumed" / "ckpt.pt")
     state = torch.load(bench / "resumed" / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert state["opt_step"] == 4 and state["step"] == 8
+    assert state["opt_step"] == 4 and state["step"] == 8 and state["config"]["max_steps"] == 4
+    records = [json.loads(line) for line in (bench / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert {"resumed": 0, "changed": {"max_steps": [2, 4]}} in records
+    checkpoint = bench / "resumed" / "ckpt.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a save cut short by a full disk, say
+    truncated = run_train(*common(bench, bench / "resumed", *flags, "--resume=True"), check=False)
+    assert truncated.returncode != 0 and "Traceback" not in truncated.stderr
+    assert f"--resume=True: {checkpoint}: cannot be read as a weights-only torch checkpoint" in truncated.stderr
 
 
 def test_two_gloo_processes_equal_one_process(bench, demo_run):
@@ -208,6 +247,54 @@ def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, dem
     saved = torch.load(bench / "guarded" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1 and saved["opt_step"] == 8  # the first epoch's end, saved by the resumed run
     assert all(torch.equal(saved["model"][k], good[k]) for k in good)  # the NaN student was never written
+
+
+def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, tmp_path):
+    """Every loss non-finite (a student initialised with NaN weights), fewer in a row than max_bad_steps."""
+    out, _ = demo_run
+    student = create_model("demo_student").state_dict()
+    student = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in student.items()}
+    torch.save({"model": student, "model_name": "demo_student"}, tmp_path / "nan.pt")
+    flags = (f"--student_init={tmp_path / 'nan.pt'}", "--max_bad_steps=1000", "--epochs=1", f"--batch_size={BATCH}")
+    process = run_train(
+        *common(bench, bench / "untrained", *flags, f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), check=False
+    )
+    assert process.returncode != 0 and "no optimiser step was applied in 8 micro-batches" in process.stderr
+    assert not (bench / "untrained" / "ckpt.pt").exists() and not (bench / "untrained" / "best.pt").exists()
+
+
+def test_evaluation_data_is_checked_at_start_up_and_a_failing_evaluation_loses_no_training(bench, demo_run, tmp_path):
+    out, _ = demo_run
+    shutil.copytree(bench / "data", tmp_path / "data")
+    image = sorted((tmp_path / "data" / "planes" / "Images").iterdir())[0]
+    teacher = f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"
+    flags = (
+        f"--data_dir={tmp_path / 'data'}",
+        f"--out_dir={tmp_path / 'out'}",
+        "--num_workers=0",
+        "--epochs=1",
+        teacher,
+    )
+    image.write_bytes(b"not an image")
+    process = run_train(*flags, check=False)
+    assert process.returncode != 0 and f"{image}: not a readable image" in process.stderr
+    assert "Traceback" not in process.stderr and not (tmp_path / "out" / "ckpt.pt").exists()
+    png = (tmp_path / "data" / "hc18" / "training_set" / "000_HC.png").read_bytes()
+    image.write_bytes(png[: len(png) // 2])  # its header reads, its pixels do not: evaluation fails after epoch 0
+    process = run_train(*flags, check=False)
+    assert process.returncode != 0 and "epoch 0" not in process.stdout  # the evaluation did not finish
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and saved["opt_step"] > 0  # the epoch's training was saved before evaluating
+
+
+def test_a_student_init_of_the_wrong_kind_is_one_line(bench, demo_run):
+    out, _ = demo_run
+    teacher = out / "demo_teacher" / "best.pt"
+    process = run_train(*common(bench, bench / "wrong", f"--student_init={teacher}"), check=False)
+    assert process.returncode != 0 and "Traceback" not in process.stderr
+    assert (
+        f"--student_init: {teacher} holds the demo teacher ('demo_teacher'), not the 'demo_student'" in process.stderr
+    )
 
 
 def test_missing_data_fails_before_training(bench):
@@ -324,6 +411,9 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     run_train(*common(bench, bench / "live", *flags, f"--teacher_ckpt={teacher}"))
     cached = run_train(*common(bench, bench / "cached", *flags, f"--teacher_cache={cache}"))
     assert f"<- cache {cache}" in cached.stdout and "demo_teacher" not in cached.stderr
+    assert f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher demo_teacher from {teacher}" in (
+        cached.stdout
+    )
     assert not (bench / "cached" / "demo_teacher").exists()  # no teacher was trained or loaded
     # Adam's normalised steps and BatchNorm statistics amplify fp16-sized differences elementwise, so the
     # measure is the whole update: |w_cached - w_live| / |w_live - w_initial| (measured 0.06%; 0.23% with the
