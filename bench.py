@@ -192,7 +192,8 @@ def torchvision_views(square, params, views):
         )
         for i in params["order"]:
             view = adjust[i](view, params["factors"][i])
-        out.append(data.to_normalised_tensor(view, mean, std))
+        tensor = TF.to_tensor(view)
+        out.append(TF.normalize(tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor, mean, std))
     return out
 
 

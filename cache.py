@@ -19,10 +19,12 @@ instead of 20, a departure from the paper's recipe. Storage: about 34 KB per pai
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import sys
+import tarfile
 
 import numpy as np
 import torch
@@ -47,6 +49,48 @@ dtype = ""  # '' = bfloat16 on cuda, float32 elsewhere
 DEFAULTS = configurator.settings(globals())
 
 IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", "image_size", "context_length")  # what a resume must match
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_fingerprint(url):
+    """A cheap identity of a shard's content: its size and every member's name and size, read from the tar
+    headers alone (milliseconds for a shard of a thousand pairs). Regenerated shards change it; replaced bytes
+    of the same sizes are caught per sample by sample_digest."""
+    digest = hashlib.sha256(str(os.path.getsize(url)).encode())
+    with tarfile.open(url) as tar:
+        for member in tar:
+            digest.update(f"{member.name}\0{member.size}\0".encode())
+    return digest.hexdigest()
+
+
+def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, image_size, context_length):
+    """The manifest of a complete cache that matches the run and the shards' current content, else ValueError
+    saying what differs. teacher_ckpt '' skips the checkpoint hash (the run then takes the cache's teacher)."""
+    manifest = data.read_cache_manifest(folder)
+    asked = dict(teacher=teacher, seed=seed, image_size=image_size, context_length=context_length)
+    if teacher_ckpt:
+        asked["teacher_sha256"] = file_sha256(teacher_ckpt)
+    hints = {"seed": " (train.py --augment_seed sets the augmentation seed alone)"}
+    hints["teacher_sha256"] = f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})"
+    for key, value in asked.items():
+        if manifest[key] != value:
+            made = f"teacher cache {folder} was made with {key} {manifest[key]!r}"
+            raise ValueError(f"{made}; this run asks for {value!r}{hints.get(key, '')}")
+    redo = "; run `python cache.py ...` again to finish it"
+    for url in data.expand_urls(urls):
+        entry = manifest["shards"].get(data.cache_shard_name(url))
+        if not isinstance(entry, dict):
+            raise ValueError(f"teacher cache {folder} has no finished cache shard for {url}{redo}")
+        if entry["fingerprint"] != shard_fingerprint(url):
+            raise ValueError(f"teacher cache {folder} was made from another {url} (its members changed){redo}")
+    return manifest
 
 
 class TeacherViews(torch.utils.data.Dataset):
@@ -131,7 +175,7 @@ def start_manifest(net, settings, names):
     manifest = dict(
         teacher=net.name,
         teacher_ckpt=os.path.abspath(settings["teacher_ckpt"]),
-        teacher_sha256=data.file_sha256(settings["teacher_ckpt"]),
+        teacher_sha256=file_sha256(settings["teacher_ckpt"]),
         seed=settings["seed"],
         augs=settings["augs"],
         image_size=net.image_size,
@@ -172,7 +216,7 @@ def write_cache(
         raise ValueError(f"{train_data}: training shards share file names; give each shard a distinct name")
     manifest = start_manifest(net, settings, names)
     os.makedirs(out_dir, exist_ok=True)
-    fingerprints = {n: data.shard_fingerprint(u) for u, n in zip(urls, names)}
+    fingerprints = {n: shard_fingerprint(u) for u, n in zip(urls, names)}
     todo = [
         (u, n)
         for u, n in zip(urls, names)

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cache
 import configurator
 import data
 import evaluate
@@ -201,7 +202,7 @@ teacher_net, cached_teacher = None, None
 if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never built: its outputs are on disk
     asked = dict(teacher=teacher, teacher_ckpt=teacher_ckpt, seed=augment_seed, context_length=CONTEXT)
     with configurator.user_errors(f"--teacher_cache={teacher_cache}"):
-        cached_teacher = data.check_cache(teacher_cache, train_data, image_size=TEACHER_SIZE, **asked)
+        cached_teacher = cache.check_cache(teacher_cache, train_data, image_size=TEACHER_SIZE, **asked)
     cached_scale = torch.tensor(cached_teacher["logit_scale"], device=device)
     made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
     print(

@@ -124,8 +124,8 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=48, context_length=48)
     shards = str(root / "shards")
     folder = str(root / "cache")
-    assert data.check_cache(folder, shards, **asked)["augs"] == AUGS
-    assert data.check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS  # no hash asked
+    assert cache.check_cache(folder, shards, **asked)["augs"] == AUGS
+    assert cache.check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS  # no hash asked
     other = save_teacher(tmp_path / "other.pt", seed=1)
     for change, message in [
         ({"teacher_ckpt": other}, "teacher_sha256 .* asks for .*other.pt"),
@@ -134,17 +134,17 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
         ({"teacher": "fetalclip"}, "made with teacher .demo_teacher.; this run asks for .fetalclip."),
     ]:
         with pytest.raises(ValueError, match=message):
-            data.check_cache(folder, shards, **{**asked, **change})
+            cache.check_cache(folder, shards, **{**asked, **change})
     synthetic.write_shards(
         str(tmp_path / "more"), seed=1, n=BATCH, width=96, height=72, shard_size=BATCH, input_size=48
     )
     os.rename(tmp_path / "more" / "train-000000.tar", tmp_path / "more" / "train-000009.tar")
     with pytest.raises(ValueError, match="no finished cache shard for .*train-000009.tar"):
-        data.check_cache(folder, [shards + "/train-000000.tar", str(tmp_path / "more" / "train-000009.tar")], **asked)
+        cache.check_cache(folder, [shards + "/train-000000.tar", str(tmp_path / "more" / "train-000009.tar")], **asked)
     with pytest.raises(ValueError, match="holds a cache with seed 0, not 1"):
         cache.write_cache(teacher, shards, folder, augs=AUGS, seed=1, num_workers=0, device="cpu")
     with pytest.raises(FileNotFoundError, match="not a teacher cache"):
-        data.check_cache(str(tmp_path), shards, **asked)
+        cache.check_cache(str(tmp_path), shards, **asked)
 
 
 def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
@@ -157,14 +157,14 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     synthetic.write_shards(str(regenerated), seed=1, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48)
     assert sorted(os.listdir(regenerated)) == sorted(os.listdir(root / "shards"))  # same file names and keys
     with pytest.raises(ValueError, match=f"was made from another {regenerated / 'train-000000.tar'}"):
-        data.check_cache(str(root / "cache"), str(regenerated), **asked)
+        cache.check_cache(str(root / "cache"), str(regenerated), **asked)
     same_sizes = tmp_path / "same_sizes"  # one caption's bytes changed in place: names and sizes stay
     shutil.copytree(root / "shards", same_sizes)
     shard = same_sizes / "train-000001.tar"
     payload = shard.read_bytes()
     caption = next(s["txt"] for s in data.wds.tarfile_samples([{"url": str(shard)}]))
     shard.write_bytes(payload.replace(caption, caption[::-1], 1))
-    assert data.check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS  # headers agree
+    assert cache.check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS  # headers agree
     student = create_model("demo_student")
     view = (student.image_size, student.image_mean, student.image_std)
     loader = data.train_loader(

@@ -3,6 +3,7 @@ coupled augmentation and the training loader. CPU, small files written here, fix
 
 import io
 import json
+import math
 import os
 import random
 import sys
@@ -328,7 +329,7 @@ def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, cap
         assert sorted(k for batch in loader for k in batch[3]) == ["000000", "000001", "000004"]
         assert loader.skipped == {"image": 1, "caption": 1, "uncached": 0, "shard": 1}
         assert loader.broken_shards == [str(tmp_path / "b.tar")]
-        assert "1 unreadable or missing images, 1 missing captions" in capsys.readouterr().err
+        assert "skipped 1 unreadable images, 1 captionless and 0 uncached samples" in capsys.readouterr().err
 
 
 def test_a_truncated_shard_is_counted_once_and_named(tmp_path, capsys):
@@ -438,6 +439,72 @@ def test_coupled_views_share_geometry():
     for other in (dict(params, angle=5.0), dict(params, translate=(0.04 + 2 / 224, -0.03))):  # 1 degree, 2 pixels off
         moved = unnormalise(data.coupled_views(square, other, [TEACHER])[0], *CLIP)
         assert (moved - teacher).abs().mean() > 2 * error
+
+
+def hc18_scans(folder, n, rgb=False):
+    """n 800x540 scans as the synthetic benchmark writes HC18 (the demo's model of a B-mode scan)."""
+    import synthetic
+
+    synthetic.write_hc18(str(folder), 0, n)
+    images = [Image.open(path).convert("L") for path in sorted((folder / "training_set").iterdir())]
+    return [
+        Image.merge("RGB", (i, i.point(lambda v: v * 0.9), i.point(lambda v: 255 - v))) if rgb else i for i in images
+    ]
+
+
+def psnr(a, b, mean, std):
+    error = ((unnormalise(a, mean, std) - unnormalise(b, mean, std)) ** 2).mean().item()
+    return 10 * math.log10(1 / error) if error else math.inf
+
+
+def test_views_look_like_the_torchvision_pipeline(tmp_path):
+    """Each view against the plain bicubic-resize + affine + jitter pipeline for the same draw: >= 35 dB PSNR on
+    the benchmark's 800x540 scans, grayscale and colour (the views' anti-aliasing filter is a box instead of
+    bicubic; the geometry and the colour steps are torchvision's)."""
+    from bench import torchvision_views
+
+    worst = {}
+    for rgb in (False, True):
+        for i, scan in enumerate(hc18_scans(tmp_path / f"rgb{rgb}", 4, rgb)):
+            square, params = data.pad_to_square(scan), data.augment_params(0, i, f"{i:06d}")
+            ours = data.coupled_views(square, params, [STUDENT, TEACHER])
+            for view, a, b in zip((STUDENT, TEACHER), ours, torchvision_views(square, params, [STUDENT, TEACHER])):
+                worst[rgb, view[0]] = min(worst.get((rgb, view[0]), math.inf), psnr(a, b, *view[1:]))
+    assert min(worst.values()) >= 35, worst
+    small = data.pad_to_square(smooth_image(0, size=(300, 200)))  # under 3x the view: the exact bicubic path
+    params = data.augment_params(0, 0, "small")
+    for ours, theirs in zip(data.coupled_views(small, params, [STUDENT]), torchvision_views(small, params, [STUDENT])):
+        assert psnr(ours, theirs, *STUDENT[1:]) > 60
+
+
+def test_a_landmark_lands_at_the_same_place_in_both_views():
+    for seed in range(5):
+        image = Image.new("L", (800, 540))
+        x, y = 250 + 60 * seed, 150 + 40 * seed
+        image.paste(255, (x - 3, y - 3, x + 4, y + 4))  # a bright 7 x 7 dot centred on (x, y)
+        square = data.pad_to_square(image)
+        params = dict(data.augment_params(0, seed, "dot"), factors=(1.0, 1.0, 1.0))  # geometry only
+        centres = []
+        for view, (size, mean, std) in zip(data.coupled_views(square, params, [STUDENT, TEACHER]), (STUDENT, TEACHER)):
+            weight = unnormalise(view, mean, std)[0].clamp(min=0)  # (size, size)
+            rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+            centres.append(torch.stack([(weight * cols).sum(), (weight * rows).sum()]) / weight.sum() / size)
+        assert (centres[0] - centres[1]).abs().max() * 224 < 1.0  # in pixels of the smaller view
+        angle, (tx, ty) = math.radians(params["angle"]), params["translate"]  # and where the draw puts it
+        u, v = (x + 0.5) / 800 - 0.5, (y + 130 + 0.5) / 800 - 0.5  # relative to the padded square's centre
+        expected = [
+            0.5 + tx + u * math.cos(angle) - v * math.sin(angle),
+            0.5 + ty + u * math.sin(angle) + v * math.cos(angle),
+        ]
+        assert (centres[1] - torch.tensor(expected)).abs().max() * 224 < 1.0
+
+
+def test_views_are_pure_and_independent_of_each_other():
+    square = data.pad_to_square(smooth_image(7, (800, 540)))
+    params = data.augment_params(3, 1, "k")
+    both = data.coupled_views(square, params, [STUDENT, TEACHER])
+    assert all(torch.equal(a, b) for a, b in zip(both, data.coupled_views(square, params, [STUDENT, TEACHER])))
+    assert torch.equal(data.coupled_views(square, params, [TEACHER])[0], both[1])  # the cache's one-view replay
 
 
 def test_augment_params_pure_and_in_range():

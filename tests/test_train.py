@@ -407,6 +407,7 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
         "--shuffle_buffer=10",
         "--warmup_steps=1",
         "--feature_kd=10",
+        "--learning_rate=3e-4",
     )  # feature KD too: it reads the cached image embeddings
     run_train(*common(bench, bench / "live", *flags, f"--teacher_ckpt={teacher}"))
     cached = run_train(*common(bench, bench / "cached", *flags, f"--teacher_cache={cache}"))
@@ -416,9 +417,10 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     )
     assert not (bench / "cached" / "demo_teacher").exists()  # no teacher was trained or loaded
     # Adam's normalised steps and BatchNorm statistics amplify fp16-sized differences elementwise, so the
-    # measure is the whole update: |w_cached - w_live| / |w_live - w_initial| (measured 0.06%; 0.23% with the
-    # earlier MobileNetV3 student; a teacher RNG draw shifting the feature-KD projection's initialisation made
-    # it ~10% before it was fixed)
+    # measure is the whole update: |w_cached - w_live| / |w_live - w_initial|. At lr 3e-4 it measured 0.1%; at the
+    # demo's 1e-3 the tiny student memorises its 64 pairs in 16 steps and the same fp16 differences grow to
+    # 0.06-1.4% depending on the sample order; a teacher RNG draw shifting the feature-KD projection's
+    # initialisation made it ~10% before it was fixed.
     torch.manual_seed(0)  # train.py's initialisation with --seed=0
     initial = create_model("demo_student").state_dict()
     live, cached = weights(bench / "live" / "ckpt.pt"), weights(bench / "cached" / "ckpt.pt")
