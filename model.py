@@ -166,6 +166,9 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def forward(self, tokens):  # (B, L) -> (B, D)
+        if self.attn_mask is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # causal: nothing after the last end token reaches it, so the padding goes (exported graphs keep L)
+            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # (B, L') with L' <= L: same output, faster
         length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, W)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
