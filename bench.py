@@ -225,7 +225,15 @@ def samples_per_cpu_second(url, views, make_views, passes=3):
 
 
 def bench_loader(config):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        return loader_rows(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def loader_rows(config):
     student, teacher = (MODEL_CONFIGS[name] for name in ("mobilefetalclip", "fetalclip"))
     student_view = (student["image_size"], student["mean"], student["std"])
     teacher_view = (teacher["image_size"], teacher["mean"], teacher["std"])
@@ -388,7 +396,8 @@ def main(arguments):
     results = {"machine": machine(), "config": config}
     for name in chosen:
         print(f"== {name}")
-        results[name] = BENCHMARKS[name](config)
+        with configurator.user_errors(f"bench.py {name}"):
+            results[name] = BENCHMARKS[name](config)
     results["machine"]["load_average_after"] = os.getloadavg()
     Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
     path = Path(config["out_dir"]) / "bench.json"
