@@ -73,6 +73,18 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def teacher_outputs(teacher_name, cached, batch, tokens, device):
+    """A function giving the loss its teacher inputs: the live frozen teacher on random images, or what the cache
+    hands it (unit vectors stored in fp16 and a scale; no teacher in memory)."""
+    if cached:
+        dim = MODEL_CONFIGS[teacher_name]["embed_dim"]
+        stored = [F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float() for _ in "it"]
+        return lambda: [*stored, torch.tensor(1 / 0.07, device=device)]
+    teacher = create_model(teacher_name).to(device).eval().requires_grad_(False)
+    images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
+    return torch.no_grad()(lambda: teacher(images, tokens))  # first, without gradients, as in train.py
+
+
 def step_seconds(name, cached, batch, config):
     """One process: seconds per optimiser step, peak memory and the memory the imports alone took (GiB)."""
     imports, device = peak_rss_gib(), config["device"]
@@ -81,47 +93,24 @@ def step_seconds(name, cached, batch, config):
         torch.set_num_threads(config["threads"])
     student_name, teacher_name, _ = CONFIGS[name]
     student = create_model(student_name).to(device)
+    fused = device.split(":")[0] in ("cuda", "cpu")  # as train.py
     optimizer = torch.optim.AdamW(
-        student.parameters(),
-        lr=1e-5,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-        weight_decay=0.1,
-        fused=device.split(":")[0] in ("cuda", "cpu"),
-    )  # as train.py
+        student.parameters(), 1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, fused=fused
+    )
     autocast = nullcontext()
     if config["dtype"] != "float32":
         autocast = torch.autocast(device.split(":")[0], getattr(torch, config["dtype"]))
     images = torch.randn(batch, 3, student.image_size, student.image_size, device=device)
     tokens = torch.randint(1, 49407, (batch, student.context_length), device=device)
-    if cached:  # what the cache hands the loss: unit vectors stored in fp16 and a scale; no teacher in memory
-        dim = MODEL_CONFIGS[teacher_name]["embed_dim"]
-        stored = [F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float() for _ in "it"]
-        stored.append(torch.tensor(1 / 0.07, device=device))
-    else:
-        teacher = create_model(teacher_name).to(device).eval().requires_grad_(False)
-        teacher_images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
+    teacher = teacher_outputs(teacher_name, cached, batch, tokens, device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     timings = []
     for step in range(config["steps"] + 1):
-        synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
         synchronize()
         start = time.perf_counter()
         with autocast:
-            if cached:
-                teacher_out = stored
-            else:  # the frozen teacher first, without gradients, as in train.py
-                with torch.no_grad():
-                    teacher_out = teacher(teacher_images, tokens)
-            parts = distill_loss(
-                *student(images, tokens),
-                *teacher_out,
-                mode="selective",
-                step=step,
-                total_steps=100,
-                w0=2.0,
-                r=-0.8,
-                tau_kd=5.0,
-            )
+            selective = dict(mode="selective", step=step, total_steps=100, w0=2.0, r=-0.8, tau_kd=5.0)
+            parts = distill_loss(*student(images, tokens), *teacher(), **selective)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
