@@ -28,7 +28,6 @@ import platform
 import resource
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from contextlib import nullcontext
@@ -191,12 +190,11 @@ def write_scans(folder, n, seed):
     import synthetic
 
     url = os.path.join(folder, "bench-000000.tar")
-    with tarfile.open(url, "w") as tar:
+    with wds.TarWriter(url, encoder=False) as sink:
         for i in range(n):
             rng = np.random.default_rng([seed, 3, i])
             scan = synthetic.render_scan(rng, "brain", "trans-thalamic", 250, 0.2, 800, 540)
-            for name, payload in ((f"{i:08d}.png", synthetic._encode(scan, "png")), (f"{i:08d}.txt", b"a scan")):
-                synthetic._tar_add(tar, name, payload)
+            sink.write({"__key__": f"{i:08d}", "png": synthetic.encode(scan, "PNG"), "txt": b"a scan"})
     return url
 
 

@@ -133,7 +133,7 @@ def main(arguments):
     for seed in seed_list:
         for row in sorted(chosen, key=lambda r: r != "selective"):  # a KD row first: it trains the demo teacher
             folder = run(row, seed, config, teacher)
-            trained = os.path.join(folder, "demo_teacher", "best.pt")
+            trained = os.path.join(folder, "demo_teacher", "ckpt.pt")
             teacher = teacher or (trained if os.path.exists(trained) else "")
             runs[row][seed] = read_run(folder)
     runs = {row: runs[row] for row in chosen}  # the paper's order

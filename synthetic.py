@@ -1,41 +1,66 @@
-"""A synthetic fetal-ultrasound benchmark in the real file formats, for the built-in demo (nanoGPT's
-data/<name>/prepare.py role): WebDataset pretraining shards, a Planes-DB folder and an HC18 folder.
+"""Synthetic fetal-ultrasound benchmark in the real file formats: the data of the CPU demo (python train.py).
 
-    python synthetic.py                          # writes data/demo: shards/ planes/ hc18/
+    python synthetic.py                                  # writes data/demo: shards/ planes/ hc18/
     python synthetic.py --out_dir=data/big --seed=1 --n_train=20000
+    python synthetic.py --grid=assets/synthetic.png         # one scan per class and GA, as the models see it
 
-train.py runs `generate` itself when its data_dir is missing. Everything written is a function of the seed.
+Every file is a function of --seed (same seed, byte-identical files):
+  shards/train-NNNNNN.tar   WebDataset pretraining pairs <key>.jpg + <key>.txt
+  planes/                   FETAL_PLANES_DB format: the five planes, the three brain sub-planes and 'Other'
+  hc18/                     HC18 format: 800x540 trans-thalamic heads, pixel size and head circumference
+
+Scans are B-mode-like: a sector on black, Rayleigh speckle, depth attenuation, anatomy drawn to scale in mm
+through the pixel spacing, and a random image quality that fades the inner structures (low-quality scans are
+ambiguous, as real ones are). What a sonographer reads is drawn where a sonographer reads it:
+- planes: head (skull ellipse, falx); abdomen (round trunk, stomach bubble, umbilical vein, spine, few ribs);
+  thorax (rib ring, four-chamber heart); femur (bright diaphysis with an acoustic shadow); cervix (transvaginal
+  fan, canal); spine and kidney are 'Other'.
+- brain sub-planes: trans-thalamic: paired hypoechoic thalami either side of the third ventricle;
+  trans-cerebellum: cerebellar hemispheres joined by the bright vermis, the anechoic cisterna magna behind them;
+  trans-ventricular: lateral ventricles (anechoic) beside the falx, the echogenic choroid plexus in the atrium.
+  The cavum septi pellucidi is in all three.
+- gestational age (GA): the head circumference follows the median growth curve (evaluate.GA_CURVES q500, 3%
+  spread), drawn in mm through the spacing the caption states (one of a few zooms); and the brain matures:
+  the skull ossifies (brighter, thicker), the Sylvian fissure deepens from 18 weeks and cortical sulci appear
+  from 23 weeks, the ventricle/hemisphere ratio falls (0.58 at 14 weeks, 0.31 at 32), the transcerebellar
+  diameter grows ~1 mm a week (faster after 24). Each fetus looks older or younger by ~1 week (maturity jitter).
+Captions use the protocol's wording (zero_shot_prompts.json): plane and sub-plane phrases, and for GA either
+the five GA templates verbatim or the same facts in other words; spacings are mm per model-input pixel.
 """
 
-import functools
 import io
 import math
 import os
 import sys
-import tarfile
 import time
 
 import numpy as np
-from PIL import Image, ImageFilter
+import webdataset as wds
+from PIL import Image, ImageDraw, ImageFilter
 
 import configurator
-from data import HC18_COLUMNS, HC18_CSV, PLANES_COLUMNS, PLANES_CSV
-from evaluate import ga_quantile
+import data
+from evaluate import PROMPTS, ga_quantile
+from model import MODEL_CONFIGS
 
 # ------------------------------------------------------------------ settings: --key=value
 out_dir = "data/demo"  # output folder
-seed = 0  # everything written is a function of this seed
-n_train = 3000  # pretraining image-caption pairs
+seed = 0  # every file written is a function of this seed
+n_train = 3000  # pretraining pairs
 n_planes = 300  # Planes DB images
 n_hc18 = 150  # HC18 images (800x540)
-width = 256  # shard and Planes DB image width
-height = 192  # ... and height
+width = 160  # shard and Planes DB image width
+height = 120  # ... and height
 shard_size = 500  # pairs per shard
-caption_input_size = 48  # model input size the captions' pixel spacings refer to (demo models: 48)
+input_size = MODEL_CONFIGS["demo_student"]["image_size"]  # model input size the captions' spacings refer to
+grid = ""  # a PNG path: draw one scan per class (rows) and GA (columns) there instead, as in the README
+DEFAULTS = configurator.settings(globals())
 
-# pixel spacings (mm per pixel of a 48-px model input (the demo models)) the scans are drawn at; few distinct values
-# keep the per-spacing GA prompts of the HC18 evaluation cheap
-SPACING_GRID = (0.8, 0.95, 1.15, 1.4, 1.65, 2.0, 2.4, 2.85, 3.45, 4.15, 5.0, 6.0, 7.0)
+DEMO_INPUT = DEFAULTS["input_size"]
+
+ZOOMS = (0.75, 1.5, 3.0, 6.0)  # mm per model-input pixel: depth presets a factor 2 apart
+FILL = 0.28  # structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
+SUBPLANES = ("trans-thalamic", "trans-cerebellum", "trans-ventricular")
 PLANES = {
     "brain": "Fetal brain",
     "abdomen": "Fetal abdomen",
@@ -44,68 +69,71 @@ PLANES = {
     "cervix": "Maternal cervix",
     "spine": "Other",
     "kidney": "Other",
+    "profile": "Other",
+    "lips_nose": "Other",
 }
-SUBPLANES = ("trans-thalamic", "trans-cerebellum", "trans-ventricular")
-# Planes DB rows cycle through this pattern: (kind, Brain_plane); '' = brain without a named sub-plane
+# Planes DB rows cycle through this: (kind, sub-plane); "" = a brain plane without a name ('Other')
 PLANES_PATTERN = (
     [("brain", s) for s in SUBPLANES * 2]
     + [("brain", "")]
     + [(k, None) for k in ("abdomen", "heart", "femur", "cervix") for _ in range(3)]
     + [("spine", None), ("kidney", None)]
 )
-# pretraining mix: (kind, sub-plane, probability)
-TRAIN_MIX = [
-    ("brain", "trans-thalamic", 0.16),
-    ("brain", "trans-cerebellum", 0.12),
-    ("brain", "trans-ventricular", 0.12),
-    ("abdomen", None, 0.12),
-    ("heart", None, 0.12),
-    ("femur", None, 0.12),
-    ("cervix", None, 0.12),
-    ("spine", None, 0.06),
-    ("kidney", None, 0.06),
-]
-# caption parts, in the wording of the protocol prompts and GA templates (zero_shot_prompts.json)
-SUBJECTS = {
-    "brain": ["the fetal brain", "the developing fetal brain", "fetal brain structures", "the fetal head and brain"],
-    "abdomen": [
-        "the fetal abdomen",
-        "the fetal abdominal area",
-        "fetal abdominal structures",
-        "the developing fetal abdomen",
-    ],
-    "heart": [
-        "the fetal heart",
-        "the four-chamber view of the fetal heart",
-        "fetal cardiac structures",
-        "the developing fetal heart",
-    ],
-    "femur": [
-        "the fetal femur",
-        "the developing fetal femur",
-        "the fetal femur and its bone length",
-        "fetal femur skeletal development",
-    ],
-    "cervix": ["the cervix", "the maternal cervix", "the cervical region", "the cervix and its length"],
-    "spine": ["the fetal spine", "the vertebral alignment of the fetal spine", "the developing fetal spine"],
-    "kidney": ["the fetal kidney", "the developing fetal kidney", "fetal renal structures"],
+TRAIN_MIX = {
+    ("brain", "trans-thalamic"): 0.24,
+    ("brain", "trans-cerebellum"): 0.2,
+    ("brain", "trans-ventricular"): 0.2,
+    ("abdomen", None): 0.07,
+    ("heart", None): 0.07,
+    ("femur", None): 0.05,
+    ("cervix", None): 0.05,
+    ("spine", None): 0.03,
+    ("kidney", None): 0.03,
+    ("profile", None): 0.03,
+    ("lips_nose", None): 0.03,
 }
-SUBPLANE_DETAILS = {
+SUBJECTS = {
+    "brain": ["the fetal brain", "the developing fetal brain", "fetal brain structures", "the fetal head"],
+    "abdomen": ["the fetal abdomen", "the fetal abdominal area", "fetal abdominal structures"],
+    "heart": ["the fetal heart", "the four-chamber view of the fetal heart", "fetal cardiac structures"],
+    "femur": ["the fetal femur", "the developing fetal femur", "the fetal femur and its bone length"],
+    "cervix": ["the cervix", "the maternal cervix", "the cervical region"],
+    "spine": ["the fetal spine", "the vertebral alignment of the fetal spine"],
+    "kidney": ["the fetal kidney", "fetal renal structures"],
+    "profile": ["the fetal profile", "the fetal profile and facial features"],
+    "lips_nose": ["the fetal lips and nose", "the lips and nose"],
+}
+VIEWS = {
     "trans-thalamic": [
-        "in a transverse plane through the thalamus",
-        "in the thalamic (transverse) view",
-        "with clear visualization of the thalami",
+        "the brain thalamic (transverse) view",
+        "the transverse view of the brain thalamus",
+        "the brain thalamic region in a transverse plane",
+        "the thalamus in a transverse view",
     ],
     "trans-cerebellum": [
-        "in a transverse plane through the cerebellum",
-        "showing the butterfly-shaped cerebellum",
-        "with a transverse section of the cerebellum",
+        "the cerebellum, highlighting its typical butterfly shape",
+        "the cerebellum",
+        "the transverse view of the cerebellum",
+        "the transverse section of the brain cerebellum",
     ],
     "trans-ventricular": [
-        "in a transverse plane through the ventricles",
-        "in the brain ventricular view",
-        "with the lateral ventricles in view",
+        "the brain ventricles",
+        "the brain ventricular view",
+        "the brain ventricular region",
+        "the brain's transverse view, emphasizing the ventricular system",
     ],
+}
+VIEW_OPENERS = [
+    "Transverse fetal ultrasound image focusing on {}.",
+    "Fetal ultrasound image emphasizing {}.",
+    "Ultrasound image highlighting {}.",
+    "Fetal ultrasound image showcasing {}.",
+    "Transverse fetal ultrasound highlighting {}.",
+]
+SENTENCES = {
+    "trans-thalamic": ["The thalamic (transverse) view.", "Transverse view of the thalamus."],
+    "trans-cerebellum": ["Transverse view of the cerebellum.", "The butterfly-shaped cerebellum."],
+    "trans-ventricular": ["The brain ventricular view.", "Transverse view of the ventricles."],
 }
 OPENERS = [
     "Ultrasound image focusing on {}",
@@ -122,20 +150,11 @@ CLOSERS = [
     " with detailed visualization.",
     ", showcasing its development.",
 ]
-GA_PHRASES = [
-    "at {w} weeks and {d} days gestation",
-    "at {w} weeks, {d} days of gestation",
-    "at {w} weeks and {d} days gestational age",
-]
-SPACING_PHRASES = [
-    "with a pixel spacing of {p} mm/pixel",
-    "with an image pixel spacing of {p} mm/pixel",
-    "at a pixel spacing of {p} mm/pixel",
-]
+GA_WORDS = ["at {w} weeks and {d} days gestation", "at {w} weeks, {d} days of gestation"]
 
 
 def hc_median(days):
-    """Median head circumference (mm) at a gestational age in days (the protocol's q500 curve)."""
+    """Median head circumference (mm) at a GA in days: the protocol's q500 curve."""
     return float(ga_quantile(days, "q500"))
 
 
@@ -145,216 +164,252 @@ def ellipse_perimeter(a, b):
     return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
 
-def make_caption(rng, kind, subplane, ga_days=-1, spacing=-1.0):
-    """A caption in the wording of the protocol prompts; GA and spacing in the GA templates' form."""
+def make_caption(rng, kind, subplane, days=-1, spacing=-1.0):
+    """A caption in the protocol's wording. A brain scan with GA takes a GA template verbatim (spacing
+    included) or states the GA in other words (no spacing), then a short sub-plane sentence where the
+    48-token context has room; without GA a sub-plane is named as the sub-plane prompts name it."""
     pick = lambda options: options[rng.integers(len(options))]
-    subject = pick(SUBJECTS[kind]) + (" " + pick(SUBPLANE_DETAILS[subplane]) if subplane else "")
-    text = pick(OPENERS).format(subject)
-    if ga_days >= 0:
-        text += " " + pick(GA_PHRASES).format(w=ga_days // 7, d=ga_days % 7)
-    if spacing > 0:
-        text += ", " + pick(SPACING_PHRASES).format(p=f"{spacing:.2f}")
-    return text + pick(CLOSERS)
+    if kind == "brain" and days >= 0 and spacing > 0 and rng.random() < 0.5:
+        template = pick(PROMPTS["ga_templates"])
+        text = template.format(weeks=days // 7, day=days % 7, pixel_spacing=f"{spacing:.2f}")
+        return text + (" " + pick(SENTENCES[subplane]) if subplane and len(template) < 180 else "")
+    if subplane and days < 0 and rng.random() < 0.4:  # in the words of the sub-plane prompts
+        return pick(VIEW_OPENERS).format(pick(VIEWS[subplane]))
+    text = pick(OPENERS).format(pick(SUBJECTS[kind]))
+    if days >= 0:
+        text += " " + pick(GA_WORDS).format(w=days // 7, d=days % 7)
+    return text + pick(CLOSERS) + (" " + pick(SENTENCES[subplane]) if subplane else "")
 
 
-def pick_spacing(rng, kind, hc):
-    """A grid spacing at which the structure's half-length (the head's semi-major axis for fetal
-    anatomy, ~17 mm for the cervix) is 17-28% of the image's long side."""
-    half = 17.5 if kind == "cervix" else hc / ellipse_perimeter(1.0, 0.8)  # mm
-    fits = [g for g in SPACING_GRID if 0.17 <= half / (g * 64) <= 0.28]
-    return float(rng.choice(fits or [min(SPACING_GRID, key=lambda g: abs(half / (g * 64) - 0.22))]))
+def pick_zoom(half_mm, input_size=DEMO_INPUT):
+    """The depth preset (spacing, mm per input pixel) that frames a structure of this half-length best."""
+    return min(ZOOMS, key=lambda z: abs(math.log(half_mm / (z * input_size * FILL))))
 
 
-def _frame(x, y, cx, cy, theta):
-    """Image coordinates in a shape's frame: u along the angle theta, v across it."""
-    c, s = math.cos(theta), math.sin(theta)
-    return (x - cx) * c + (y - cy) * s, (y - cy) * c - (x - cx) * s
+def maturity(rng, days):
+    """Apparent GA in weeks: the true GA plus this fetus's maturity jitter."""
+    return days / 7 + rng.normal(0, 0.7)
 
 
 def _ell(u, v, a, b, du=0.0, dv=0.0):
     """Normalised radius of the ellipse with semi-axes (a, b) centred at (du, dv): < 1 inside."""
-    return np.sqrt(np.square((u - du) * (1 / a)) + np.square((v - dv) * (1 / b)))
+    return np.sqrt(np.square((u - du) / a) + np.square((v - dv) / b))
 
 
-@functools.lru_cache(maxsize=8)
-def _grid(width, height, apex_y):
-    """Pixel coordinates, and depth and beam angle from a probe apex at (width/2, apex_y)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    return x, y, np.hypot(x - width / 2, y - apex_y), np.arctan2(x - width / 2, y - apex_y)
+def _fade(tissue, mask, value, q):
+    """Paint an inner structure at contrast q (image quality) against what is under it."""
+    tissue[mask] += q * (value - tissue[mask])
 
 
-def draw_anatomy(tissue, x, y, rng, kind, subplane, hc, px):
-    """Paint one structure into the echogenicity map (0 black .. 1 bright). hc (mm) sizes the
-    fetal anatomy; px = pixels per mm."""
-    h, w = tissue.shape
-    theta = rng.uniform(-0.5, 0.5) + (rng.choice([0, math.pi]) if kind != "femur" else 0)
-    u, v = _frame(x, y, w * rng.uniform(0.46, 0.54), h * rng.uniform(0.48, 0.55), theta)
-    line = max(1.0, 0.8 * px)  # thin bright echoes, >= 1 pixel
-    if kind == "brain":  # head: skull, brain, midline, then the sub-plane's structures
-        a = hc / ellipse_perimeter(1.0, 0.8) * px
-        b = 0.8 * a
-        r = _ell(u, v, a, b)
-        skull = 1.5 * px / a  # 3 mm thick, centred on the measured ellipse (r = 1)
-        tissue[r < 1.25], tissue[r < 1 + skull], tissue[r < 1 - skull] = 0.06, 0.95, 0.22
-        tissue[(abs(v) < line) & (abs(u) < 0.92 * a)] = 0.6
-        if subplane:  # cavum septi pellucidi
-            tissue[(abs(v) < 0.06 * b) & (u > -0.45 * a) & (u < -0.3 * a)] = 0.04
-        if subplane == "trans-thalamic":
-            for side in (-1, 1):
-                tissue[_ell(u, v, 0.17 * a, 0.1 * b, 0.02 * a, side * 0.12 * b) < 1] = 0.11
-        elif subplane == "trans-cerebellum":
-            tissue[_ell(u, v, 0.1 * a, 0.2 * b, 0.72 * a) < 1] = 0.04  # cisterna magna
-            for side in (-1, 1):
-                tissue[_ell(u, v, 0.11 * a, 0.13 * b, 0.52 * a, side * 0.13 * b) < 1] = 0.5
-            tissue[(abs(v) < 0.05 * b) & (abs(u - 0.52 * a) < 0.08 * a)] = 0.65  # vermis
-        elif subplane == "trans-ventricular":
-            for side, dark, plexus in ((1, 0.05, 0.75), (-1, 0.14, 0.45)):  # far ventricle clearer
-                tissue[_ell(u, v, 0.32 * a, 0.09 * b, 0.35 * a, side * 0.3 * b) < 1] = dark
-                tissue[_ell(u, v, 0.2 * a, 0.055 * b, 0.42 * a, side * 0.3 * b) < 1] = plexus
-    elif kind in ("abdomen", "heart"):  # round trunk, spine at the back
-        a = (0.15 if kind == "abdomen" else 0.12) * hc * px  # AC ~ 0.95 HC, thorax ~ 0.8 AC
-        b = rng.uniform(0.88, 0.96) * a
-        r = _ell(u, v, a, b)
-        tissue[r < 1.2], tissue[r < 1.05], tissue[r < 1] = 0.07, 0.65, 0.38 if kind == "abdomen" else 0.48
+def draw_head(t, u, v, a, px, weeks, subplane, q):
+    """Skull, brain and the sub-plane's structures; a = semi-major axis (px), u points to the occiput."""
+    b, mature = 0.8 * a, np.clip((weeks - 13) / 27, 0, 1)
+    r, line = _ell(u, v, a, b), max(0.6, 0.5 * px)
+    half = (0.5 + 1.3 * mature) * px / a  # skull half-thickness (r units): 1 mm at 13 weeks, 3.6 at 40
+    t[r < 1.3], t[r < 1 + half], t[r < 1 - half] = 0.04, 0.25 + 0.7 * mature, 0.12 + 0.1 * mature
+    inner, angle = 1 - half, np.arctan2(v / b, u / a)
+    sylvian = np.clip((weeks - 15) / 18, 0, 1) * 0.32  # depth of the Sylvian fissure (r units)
+    t[(abs(u + 0.1 * a) < line + 0.03 * a) & (r > inner - sylvian) & (r < inner)] = 0.7
+    folds = np.clip((weeks - 20) / 20, 0, 1)  # cortical sulci: more and deeper with GA
+    t[(np.cos((8 + 16 * folds) * angle) > 0.85) & (r > inner - 0.25 * folds) & (r < inner)] = 0.45
+    t[(abs(v) < line) & (abs(u) < inner * a)] = 0.55  # falx
+    _fade(t, (abs(v) < 0.07 * b) & (u > -0.5 * a) & (u < -0.32 * a), 0.03, q)  # cavum septi pellucidi
+    if subplane == "trans-thalamic":
+        for side in (-1, 1):
+            _fade(t, _ell(u, v, 0.24 * a, 0.15 * b, 0.0, side * 0.16 * b) < 1, 0.04, q)
+        _fade(t, (abs(v) < line) & (abs(u) < 0.16 * a), 0.02, q)  # third ventricle
+    elif subplane == "trans-cerebellum":
+        rh = (weeks + 0.4 * max(weeks - 24, 0)) / 4 * px  # hemisphere radius: TCD / 4
+        cisterna = (5 + 4 * mature) * px
+        uc = inner * a - cisterna - rh
+        _fade(t, (_ell(u, v, cisterna + rh, 1.5 * rh, uc) < 1) & (u > uc) & (r < inner), 0.02, q)
+        for side in (-1, 1):
+            _fade(t, _ell(u, v, rh, rh, uc, side * 0.95 * rh) < 1, 0.7, q)
+            _fade(t, _ell(u, v, 0.7 * rh, 0.7 * rh, uc, side * 0.95 * rh) < 1, 0.45, q)
+        _fade(t, (abs(v) < 0.3 * rh) & (abs(u - uc) < 0.8 * rh), 0.7, q)  # vermis
+    elif subplane == "trans-ventricular":
+        ratio = 0.3 + 0.28 * math.exp(-(weeks - 14) / 6)  # ventricle / hemisphere width
+        for side in (-1, 1):
+            dv, hv = side * (0.08 + ratio) / 2 * b, (ratio - 0.08) / 2 * b
+            _fade(t, _ell(u, v, 0.5 * a, hv, 0.1 * a, dv) < 1, 0.03, q)
+            _fade(t, _ell(u, v, 0.22 * a, 0.75 * hv, 0.33 * a, dv) < 1, 0.72, q)  # choroid plexus
+
+
+def draw_body(t, u, v, rng, kind, hc, px, q):
+    """Everything but the head. hc (mm) sizes the fetal anatomy; px = pixels per mm."""
+    line = max(0.6, 0.5 * px)
+    if kind in ("abdomen", "heart"):  # round trunk with the spine at the back
+        a = (0.15 if kind == "abdomen" else 0.13) * hc * px
+        r, angle = _ell(u, v, a, 0.92 * a), np.arctan2(v, u)
+        t[r < 1.25], t[r < 1.06], t[r < 1] = 0.05, 0.6, 0.33 if kind == "abdomen" else 0.48  # liver; echogenic lungs
+        ribs = (r > 0.93) & (r < 1.08) & (np.sin(7 * angle) > 0.6) & (abs(angle) > 0.4) & (abs(angle) < 2.4)
+        _fade(t, ribs, 0.9, q)  # the lower ribs show in the abdominal plane too
         if kind == "abdomen":
-            tissue[_ell(u, v, 0.26 * a, 0.17 * b, -0.2 * a, -0.3 * b) < 1] = 0.03  # stomach bubble
-            tissue[_ell(u, v, 0.3 * a, 0.06 * b, 0.05 * a, 0.15 * b) < 1] = 0.05  # umbilical vein
-        else:  # ribs, then a four-chamber heart: chambers split by the septum and AV valves
-            ring = np.nonzero((r > 0.95) & (r < 1.08))
-            ribs = np.sin(7 * np.arctan2(v[ring], u[ring])) > 0.5
-            tissue[ring[0][ribs], ring[1][ribs]] = 0.95
-            hu, hv = _frame(u, v, -0.15 * a, -0.05 * b, math.pi / 4)
+            _fade(t, _ell(u, v, 0.27 * a, 0.18 * a, -0.2 * a, -0.3 * a) < 1, 0.03, q)  # stomach
+            _fade(t, _ell(u, v, 0.32 * a, 0.06 * a, 0.05 * a, 0.18 * a) < 1, 0.05, q)  # umbilical vein
+        else:  # four chambers split by the septum and the valves, the heart turned 45 degrees
+            c, s = math.cos(math.pi / 4), math.sin(math.pi / 4)
+            hu, hv = (u + 0.15 * a) * c + (v + 0.05 * a) * s, (v + 0.05 * a) * c - (u + 0.15 * a) * s
             hr = _ell(hu, hv, 0.5 * a, 0.42 * a)
-            tissue[hr < 1] = 0.58
-            tissue[(hr < 0.8) & (abs(hu) > 0.05 * a) & (abs(hv) > 0.04 * a)] = 0.04
-        for du, dv in ((0.75, 0), (0.62, 0.13), (0.62, -0.13)):
-            tissue[_ell(u, v, 0.07 * a, 0.07 * a, du * a, dv * b) < 1] = 0.95
-    elif kind == "femur":  # bright bone with an acoustic shadow, in the thigh
-        half, thick = 0.1 * hc * px, max(1.5, 1.6 * px)  # femur length ~ 0.2 HC
-        tissue[_ell(u, v, 1.4 * half, 0.6 * half) < 1.3] = 0.07
-        tissue[_ell(u, v, 1.4 * half, 0.6 * half) < 1] = 0.32
-        tissue[(v > thick) & (abs(u) < half)] *= 0.3
-        tissue[((abs(u) < half) & (abs(v) < thick)) | (np.hypot(abs(u) - half, v) < 1.3 * thick)] = 1.0
-    elif kind == "cervix":  # pear-shaped cervix with the bright canal and its dark mucosa
+            _fade(t, hr < 1, 0.68, q)
+            _fade(t, (hr < 0.82) & (abs(hu) > 0.06 * a) & (abs(hv) > 0.05 * a), 0.04, q)
+        for du, dv in ((0.78, 0), (0.64, 0.14), (0.64, -0.14)):  # vertebra: body and two laminae
+            t[_ell(u, v, 0.075 * a, 0.075 * a, du * a, dv * a) < 1] = 0.95
+    elif kind == "femur":  # bright diaphysis in the thigh, shadow beneath
+        half, thick = 0.1 * hc * px, max(1.0, 1.6 * px)
+        t[_ell(u, v, 1.4 * half, 0.6 * half) < 1.3] = 0.05
+        t[_ell(u, v, 1.4 * half, 0.6 * half) < 1] = 0.32
+        t[(v > thick) & (abs(u) < half)] *= 1 - 0.7 * q
+        t[((abs(u) < half) & (abs(v) < thick)) | (np.hypot(abs(u) - half, v) < 1.3 * thick)] = 0.95
+    elif kind == "cervix":  # pear-shaped cervix, dark mucosa around the bright canal
         a = rng.uniform(14, 21) * px
-        b = rng.uniform(0.6, 0.8) * a
-        tissue[_ell(u, v, a, b) < 1] = 0.5
-        tissue[(abs(v) < 0.18 * b) & (abs(u) < 0.9 * a)] = 0.16
-        tissue[(abs(v) < line) & (abs(u) < 0.85 * a)] = 0.85
-    elif kind == "spine":  # two rows of vertebrae under the skin line
-        step, dot = 0.03 * hc * px, max(1.2, 0.012 * hc * px)
-        tissue[abs(v) < 0.14 * hc * px] = 0.3
-        tissue[abs(v + 0.14 * hc * px) < line] = 0.75
+        t[_ell(u, v, a, 0.7 * a) < 1] = 0.5
+        _fade(t, (abs(v) < 0.13 * a) & (abs(u) < 0.9 * a), 0.15, q)
+        _fade(t, (abs(v) < line) & (abs(u) < 0.85 * a), 0.85, q)
+    elif kind == "spine":  # skin line, two rows of ossification centres
+        step, dot, width = 0.03 * hc * px, max(1.0, 0.012 * hc * px), 0.14 * hc * px
+        t[abs(v) < width] = 0.3
+        t[abs(v + width) < line] = 0.75
         near = (np.abs(u - np.round(u / step) * step) < dot) & (abs(u) < 0.3 * hc * px)
-        tissue[near & ((abs(abs(v) - 0.05 * hc * px)) < dot)] = 0.95
+        t[near & (abs(abs(v) - 0.05 * hc * px) < dot)] = 0.95
     elif kind == "kidney":  # cortex, bright sinus, dark pelvis
         a = 0.055 * hc * px
-        r = _ell(u, v, a, 0.6 * a)
-        tissue[r < 1.08], tissue[r < 1] = 0.55, 0.25
-        tissue[_ell(u, v, 0.55 * a, 0.25 * a) < 1] = 0.7
-        tissue[_ell(u, v, 0.2 * a, 0.12 * a) < 1] = 0.05
+        t[_ell(u, v, a, 0.6 * a) < 1.08], t[_ell(u, v, a, 0.6 * a) < 1] = 0.55, 0.25
+        _fade(t, _ell(u, v, 0.55 * a, 0.25 * a) < 1, 0.7, q)
+        _fade(t, _ell(u, v, 0.2 * a, 0.12 * a) < 1, 0.05, q)
+
+    elif kind == "profile":  # mid-sagittal face: forehead, nose, lips and chin against the fluid
+        s = 0.22 * hc * px
+        bumps = sum(
+            h * np.exp(-np.square((u - c * s) / (w * s)))
+            for h, c, w in ((0.22, -0.05, 0.08), (0.1, 0.2, 0.05), (0.08, 0.32, 0.05))
+        )
+        surface, near = s * (0.15 * np.square(u / s) - bumps), abs(u) < 0.7 * s
+        t[near & (v < surface) & (v > surface - 0.4 * s)] = 0.04
+        t[near & (v >= surface)] = 0.38
+        _fade(t, near & (abs(v - surface) < line), 0.8, q)  # skin
+        _fade(t, (abs(v - surface - 0.12 * s) < line) & (u < -0.12 * s) & near, 0.9, q)  # frontal bone
+    elif kind == "lips_nose":  # coronal: upper lip and the nostrils
+        s = 0.22 * hc * px
+        t[_ell(u, v, 0.5 * s, 0.35 * s) < 1.2], t[_ell(u, v, 0.5 * s, 0.35 * s) < 1] = 0.04, 0.4
+        _fade(t, abs(_ell(u, v, 0.3 * s, 0.12 * s, 0, 0.12 * s) - 1) < 0.15, 0.85, q)
+        for side in (-1, 1):
+            _fade(t, _ell(u, v, 0.07 * s, 0.06 * s, side * 0.12 * s, -0.1 * s) < 1, 0.03, q)
 
 
-def render_scan(rng, kind, subplane, hc, mm_per_px, width, height):
-    """One B-mode-like scan (H, W) uint8: anatomy to scale in a sector on black, with speckle.
-    Drawn at ~320 px wide (speckle cells of 1-3 pixels), then upsampled."""
-    grain = max(1, round(width / 320))
+def render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days=200, pose=None, quality=None):
+    """One scan (height, width) uint8, drawn ~160 px wide (speckle of one such pixel), then upsampled. pose: (x, y,
+    angle) of the structure as fractions of the image and radians; quality in [0, 1] (both default: drawn from rng)."""
+    grain = max(1, round(width / 160))
     w, h = -(-width // grain), -(-height // grain)
-    apex = 0.02 if kind == "cervix" else -0.08  # transvaginal: a wide fan from the top
-    x, y, depth, _ = _grid(w, h, apex * h)
-    coarse = rng.uniform(0.25, 0.5, (4, 6)).astype(np.float32)  # slowly varying tissue
-    tissue = np.array(Image.fromarray(coarse, "F").resize((w, h), Image.BICUBIC), dtype=np.float32)
-    draw_anatomy(tissue, x, y, rng, kind, subplane, hc, 1 / (mm_per_px * grain))
-    tissue = Image.fromarray(np.clip(tissue * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH)
-    speckle = rng.rayleigh(math.sqrt(2 / math.pi), (h, w)).astype(np.float32)  # Rayleigh amplitude, mean 1
-    r0, r1 = 0.12 * h, rng.uniform(1.0, 1.08) * h
-    gain = np.exp((depth - r0) * (-0.5 / (r1 - r0)))  # attenuation with depth
-    image = np.clip(np.asarray(tissue, dtype=np.float32) * speckle * gain * (1.15 / 1.2 / 255), 0, 1)
-    image = Image.fromarray(GAMMA[(image * 255).astype(np.uint8)]).resize((width, height), Image.BILINEAR)
-    _, _, depth, angle = _grid(width, height, apex * height)
-    half_angle = rng.uniform(0.9, 1.05) if kind == "cervix" else rng.uniform(0.55, 0.7)
-    fov = (abs(angle) < half_angle) & (depth > r0 * grain) & (depth < r1 * grain)
-    return np.asarray(image) * fov.astype(np.uint8)
-
-
-GAMMA = (255 * (np.arange(256) / 255) ** 0.8).astype(np.uint8)  # mild log-compression look
-
-
-def _encode(array, fmt):
-    buffer = io.BytesIO()
-    if fmt == "jpg":
-        Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    apex = 0.02 if kind == "cervix" else -0.1  # transvaginal: a wide fan from the top
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    depth, beam = np.hypot(x - w / 2, y - apex * h), np.arctan2(x - w / 2, y - apex * h)
+    coarse = rng.uniform(0.2, 0.45, (4, 6)).astype(np.float32)  # slowly varying tissue
+    t = np.array(Image.fromarray(coarse, "F").resize((w, h), Image.BICUBIC), dtype=np.float32)
+    cx, cy, theta = pose or (
+        rng.uniform(0.45, 0.55),
+        rng.uniform(0.48, 0.56),
+        rng.uniform(-0.4, 0.4) + (rng.choice([0, math.pi]) if kind != "femur" else 0),
+    )
+    c, s = math.cos(theta), math.sin(theta)
+    u, v = (x - cx * w) * c + (y - cy * h) * s, (y - cy * h) * c - (x - cx * w) * s
+    px, q = 1 / (mm_per_px * grain), rng.uniform(0.0, 1.0) if quality is None else quality  # image quality
+    if kind == "brain":
+        draw_head(t, u, v, hc / ellipse_perimeter(1.0, 0.8) * px, px, maturity(rng, days), subplane, 0.27 + 0.73 * q)
     else:
-        Image.fromarray(array).save(buffer, format="PNG", compress_level=1)  # speckle barely compresses
+        draw_body(t, u, v, rng, kind, hc, px, 0.12 + 0.88 * q)
+    t = Image.fromarray(np.clip(t * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH)
+    r0, r1 = 0.12 * h, rng.uniform(1.0, 1.1) * h
+    gain = rng.uniform(0.9, 1.1) * np.exp((depth - r0) * (-0.5 / (r1 - r0)))  # attenuation with depth
+    if rng.random() < 0.3:  # acoustic shadow of a bone outside the plane (a limb, a rib)
+        band = (abs(beam - rng.uniform(-0.6, 0.6)) < rng.uniform(0.05, 0.15)) & (depth > rng.uniform(0.3, 0.6) * h)
+        gain = gain * np.where(band, 0.3, 1.0)
+    image = np.asarray(t, dtype=np.float32) * rng.rayleigh(math.sqrt(2 / math.pi), (h, w)) * gain / 255
+    image = (255 * np.clip(image, 0, 1) ** 0.8).astype(np.uint8)  # mild log compression
+    half_angle = rng.uniform(0.9, 1.05) if kind == "cervix" else rng.uniform(0.75, 0.85)
+    image = image * ((abs(beam) < half_angle) & (depth > r0) & (depth < r1))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR)) if grain > 1 else image
+
+
+def _sample(rng, kind, days, input_size, width, height):
+    """Size a scan of `kind` at GA `days`: (hc mm, spacing mm per input px, mm per image px)."""
+    hc = hc_median(days) * math.exp(rng.normal(0, 0.03))
+    half = 17.5 if kind == "cervix" else hc / ellipse_perimeter(1.0, 0.8)
+    zoom = pick_zoom(half, input_size)
+    return hc, zoom, zoom * input_size / max(width, height)
+
+
+def encode(image, fmt):
+    """A scan as JPEG (the shards) or PNG bytes (the Planes DB and HC18 files are PNG)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
     return buffer.getvalue()
 
 
-def _tar_add(tar, name, payload):
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed metadata: same seed, same bytes
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def write_shards(out, seed, n, width, height, shard_size, input_size):
-    """Pretraining pairs: shards/train-NNNNNN.tar with <key>.jpg + <key>.txt, keys %08d."""
+def write_shards(out, seed, n, width, height, shard_size, input_size=DEMO_INPUT):
+    """Pretraining pairs: train-NNNNNN.tar holding <key>.jpg + <key>.txt, keys %08d."""
     os.makedirs(out, exist_ok=True)
-    kinds, weights = [(k, s) for k, s, _ in TRAIN_MIX], [p for _, _, p in TRAIN_MIX]
+    kinds, weights = list(TRAIN_MIX), np.array(list(TRAIN_MIX.values())) / sum(TRAIN_MIX.values())
     for first in range(0, n, shard_size):
-        with tarfile.open(os.path.join(out, f"train-{first // shard_size:06d}.tar"), "w") as tar:
+        with wds.TarWriter(os.path.join(out, f"train-{first // shard_size:06d}.tar"), encoder=False, mtime=0) as sink:
             for i in range(first, min(first + shard_size, n)):
                 rng = np.random.default_rng([seed, 0, i])
                 kind, subplane = kinds[rng.choice(len(kinds), p=weights)]
-                days = int(rng.integers(14 * 7, 39 * 7))
-                hc = hc_median(days) * math.exp(rng.normal(0, 0.03))
-                grid = pick_spacing(rng, kind, hc)
-                with_ga = rng.random() < (0.7 if kind == "brain" else 0.3)
+                days = int(rng.integers(14 * 7, 40 * 7))
+                hc, zoom, mm_per_px = _sample(rng, kind, days, input_size, width, height)
+                with_ga = rng.random() < (0.75 if kind == "brain" else 0.2)
                 caption = make_caption(
-                    rng,
-                    kind,
-                    subplane,
-                    days if with_ga else -1,
-                    grid * 64 / input_size if with_ga and kind == "brain" else -1,
+                    rng, kind, subplane, days if with_ga else -1, zoom if with_ga and kind == "brain" else -1
                 )
-                image = render_scan(rng, kind, subplane, hc, grid * 64 / max(width, height), width, height)
-                _tar_add(tar, f"{i:08d}.jpg", _encode(image, "jpg"))
-                _tar_add(tar, f"{i:08d}.txt", caption.encode())
+                image = render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days)
+                sink.write({"__key__": f"{i:08d}", "jpg": encode(image, "JPEG"), "txt": caption.encode()})
 
 
-def write_planes(out, seed, n, width, height):
-    """Planes-DB format: FETAL_PLANES_DB_data.csv (';') + Images/<Image_name>.png, ~5 images a
-    patient, patients with Patient_num % 5 == 0 in the test split (Train 0)."""
+def write_planes(out, seed, n, width, height, input_size=DEMO_INPUT):
+    """Planes DB: FETAL_PLANES_DB_data.csv (';') + Images/<Image_name>.png, ~5 images a patient; patients
+    with Patient_num % 5 == 0 are the test split (Train 0)."""
     os.makedirs(os.path.join(out, "Images"), exist_ok=True)
-    lines, patients = [";".join(PLANES_COLUMNS)], math.ceil(n / 5)
+    lines, patients = [";".join(data.PLANES_COLUMNS)], math.ceil(n / 5)
     for i in range(n):
         rng = np.random.default_rng([seed, 1, i])
         kind, subplane = PLANES_PATTERN[i % len(PLANES_PATTERN)]
-        hc = hc_median(int(rng.integers(18 * 7, 39 * 7))) * math.exp(rng.normal(0, 0.03))
-        mm_per_px = pick_spacing(rng, kind, hc) * 64 / max(width, height)
-        image = render_scan(rng, kind, subplane, hc, mm_per_px, width, height)
+        days = int(rng.integers(18 * 7, 39 * 7))
+        hc, _, mm_per_px = _sample(rng, kind, days, input_size, width, height)
+        image = render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days)
         patient = i % patients + 1  # a patient's images span several planes
         name = f"Patient{patient:05d}_Plane{i // patients + 1}_1_of_1"
         Image.fromarray(image).save(os.path.join(out, "Images", name + ".png"), compress_level=1)
         brain_plane = "Not A Brain" if subplane is None else subplane.capitalize() if subplane else "Other"
-        operator = ("Op. 1", "Op. 2", "Op. 3", "Other")[patient % 4]
-        machine = ("Voluson E6", "Voluson S10", "Aloka")[patient % 3]
-        train = str(int(patient % 5 != 0))
-        lines.append(";".join([name, str(patient), PLANES[kind], brain_plane, operator, machine, train]))
-    with open(os.path.join(out, PLANES_CSV), "w", newline="") as f:
+        lines.append(
+            ";".join(
+                [
+                    name,
+                    str(patient),
+                    PLANES[kind],
+                    brain_plane,
+                    ("Op. 1", "Op. 2", "Op. 3", "Other")[patient % 4],
+                    ("Voluson E6", "Voluson S10", "Aloka")[patient % 3],
+                    str(int(patient % 5 != 0)),
+                ]
+            )
+        )
+    with open(os.path.join(out, data.PLANES_CSV), "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def write_hc18(out, seed, n):
-    """HC18 format: 800x540 trans-thalamic heads whose circumference follows q500 at their GA."""
+def write_hc18(out, seed, n, input_size=DEMO_INPUT):
+    """HC18: 800x540 trans-thalamic heads at GA 13-40 weeks (some fall outside the protocol's 100-342 mm)."""
     os.makedirs(os.path.join(out, "training_set"), exist_ok=True)
-    lines = [",".join(HC18_COLUMNS)]
+    lines = [",".join(data.HC18_COLUMNS)]
     for i in range(n):
         rng = np.random.default_rng([seed, 2, i])
-        hc = hc_median(int(rng.integers(13 * 7, 40 * 7))) * math.exp(rng.normal(0, 0.03))  # some outside 100-342
-        pixel_size = pick_spacing(rng, "brain", hc) * 64 / 800
-        image = render_scan(rng, "brain", "trans-thalamic", hc, pixel_size, 800, 540)
+        days = int(rng.integers(13 * 7, 40 * 7))
+        hc, _, pixel_size = _sample(rng, "brain", days, input_size, 800, 540)
+        image = render_scan(rng, "brain", "trans-thalamic", hc, pixel_size, 800, 540, days)
         Image.fromarray(image).save(os.path.join(out, "training_set", f"{i:03d}_HC.png"), compress_level=1)
         lines.append(f"{i:03d}_HC.png,{pixel_size:.10f},{hc:.2f}")
-    with open(os.path.join(out, HC18_CSV), "w", newline="") as f:
+    with open(os.path.join(out, data.HC18_CSV), "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -373,22 +428,47 @@ def generate(
     n_train=3000,
     n_planes=300,
     n_hc18=150,
-    width=256,
-    height=192,
+    width=160,
+    height=120,
     shard_size=500,
-    caption_input_size=48,
+    input_size=DEMO_INPUT,
 ):
-    """Write the synthetic benchmark: out/shards, out/planes, out/hc18 (deterministic in seed)."""
-    start = time.time()
-    folders = layout(out_dir)
-    write_shards(folders["train_data"], seed, n_train, width, height, shard_size, caption_input_size)
-    write_planes(folders["planes_dir"], seed, n_planes, width, height)
-    write_hc18(folders["hc18_dir"], seed, n_hc18)
+    """Write the benchmark: out_dir/shards, out_dir/planes, out_dir/hc18 (deterministic in seed)."""
+    start, folders = time.time(), layout(out_dir)
+    write_shards(folders["train_data"], seed, n_train, width, height, shard_size, input_size)
+    write_planes(folders["planes_dir"], seed, n_planes, width, height, input_size)
+    write_hc18(folders["hc18_dir"], seed, n_hc18, input_size)
     print(
         f"wrote {out_dir}: {n_train} pairs in {math.ceil(n_train / shard_size)} shards, {n_planes} Planes DB "
         f"images, {n_hc18} HC18 images in {time.time() - start:.1f} s"
     )
 
 
+def draw_grid(path, seed=0, weeks=(16, 22, 28, 34), size=DEMO_INPUT, scale=2):
+    """One scan per class (rows) and GA (columns) at the models' input size, enlarged `scale` times."""
+    rows = [("brain", s) for s in SUBPLANES] + [(k, None) for k in ("abdomen", "heart", "femur", "cervix", "spine")]
+    cell, label = size * scale, 120
+    sheet = Image.new("L", (label + cell * len(weeks), 14 + cell * len(rows)), 255)
+    pen = ImageDraw.Draw(sheet)
+    for j, week in enumerate(weeks):
+        pen.text((label + j * cell + 4, 1), f"{week} weeks", fill=0)
+    for i, (kind, subplane) in enumerate(rows):
+        pen.text((4, 14 + i * cell + cell // 2 - 6), subplane or f"{PLANES[kind]} ({kind})", fill=0)
+        for j, week in enumerate(weeks):
+            rng = np.random.default_rng([seed, 4, i, j])
+            hc, _, mm_per_px = _sample(rng, kind, week * 7, size, 160, 120)
+            scan = Image.fromarray(render_scan(rng, kind, subplane, hc, mm_per_px, 160, 120, week * 7, quality=0.8))
+            scan = data.pad_to_square(scan).resize((size, size), Image.BICUBIC).resize((cell, cell), Image.NEAREST)
+            sheet.paste(scan, (label + j * cell, 14 + i * cell))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sheet.save(path, optimize=True)
+    print(f"wrote {path}")
+
+
 if __name__ == "__main__":
-    generate(**configurator.configure(configurator.settings(globals()), sys.argv[1:]))
+    settings = configurator.configure(dict(DEFAULTS), sys.argv[1:])
+    grid_path = settings.pop("grid")
+    if grid_path:
+        draw_grid(grid_path, settings["seed"], size=settings["input_size"])
+    else:
+        generate(**settings)

@@ -52,7 +52,7 @@ student = "demo_student"  # model.py name
 student_init = ""  # open_clip / Apple MobileCLIP2 file to start from; '' = random init
 teacher = "demo_teacher"  # model.py name
 teacher_ckpt = ""  # teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher
-demo_teacher_epochs = 3  # epochs of CLIP training for that demo teacher
+demo_teacher_epochs = 7  # epochs of CLIP training for that demo teacher
 teacher_cache = ""  # folder written by `python cache.py`: replay its teacher embeddings, never run the teacher
 # distillation (paper Sec. 3.1-3.4): mode none | coupled (lambda0, Eq. 5) | selective (beta0, Eq. 7); r as in the paper
 mode = "selective"
@@ -63,11 +63,11 @@ tau_kd = 5.0  # teacher temperature (Eq. 2)
 smoothing = 0.0  # confidence-penalty baseline: teacher rows (1 - eps) p + eps / N
 feature_kd = 0.0  # weight of the feature-KD baseline (2000 in the paper); 0 = off
 # optimisation (paper Sec. 3.6)
-epochs = 4
+epochs = 6
 batch_size = 64  # global micro-batch: the logit matrices are batch_size x batch_size
 grad_accum = 1  # micro-batches per optimiser step (only averages gradients)
 samples_per_epoch = -1  # -1 = every sample of the shards once
-learning_rate = 1e-3
+learning_rate = 2e-3
 warmup_steps = 20  # optimiser steps of linear warm-up, then cosine to 0
 weight_decay = 0.1
 beta1 = 0.9
@@ -214,7 +214,7 @@ elif mode != "none" or feature_kd > 0:
     if not teacher_ckpt:
         if teacher != "demo_teacher":
             raise SystemExit(f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)")
-        teacher_ckpt = os.path.join(out_dir, "demo_teacher", "best.pt")
+        teacher_ckpt = os.path.join(out_dir, "demo_teacher", "ckpt.pt")  # its last epoch: not chosen on the benchmark
         if master and not os.path.exists(teacher_ckpt):
             train_demo_teacher(teacher_ckpt)
         if ddp:

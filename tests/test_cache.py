@@ -11,10 +11,11 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 import cache
 import data
 import synthetic
-from model import CLIP, create_model, load_model
+from model import CLIP, MODEL_CONFIGS, create_model, load_model
 
 BATCH = 8  # samples per shard and per batch
 AUGS = 2
+TEACHER_SIZE = MODEL_CONFIGS["demo_teacher"]["image_size"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +49,7 @@ def setup(tmp_path_factory):
 def batches(root, epoch, **cache):
     """Epoch `epoch` of the loader in the shards' order: (student images, teacher input, tokens, keys)."""
     student = create_model("demo_student")
-    teacher_view = (48, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    teacher_view = (TEACHER_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     loader = data.train_loader(
         str(root / "shards"),
         (student.image_size, student.image_mean, student.image_std),
@@ -121,7 +122,7 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
 
 def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     root, teacher, _ = setup
-    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=48, context_length=48)
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=TEACHER_SIZE, context_length=48)
     shards = str(root / "shards")
     folder = str(root / "cache")
     assert cache.check_cache(folder, shards, **asked)["augs"] == AUGS
@@ -130,7 +131,7 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     for change, message in [
         ({"teacher_ckpt": other}, "teacher_sha256 .* asks for .*other.pt"),
         ({"seed": 1}, "made with seed 0; this run asks for 1 .*--augment_seed"),
-        ({"image_size": 64}, "made with image_size 48; this run asks for 64"),
+        ({"image_size": 64}, f"made with image_size {TEACHER_SIZE}; this run asks for 64"),
         ({"teacher": "fetalclip"}, "made with teacher .demo_teacher.; this run asks for .fetalclip."),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -152,7 +153,7 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     another image and caption. Refused at start-up, naming the shard; and where a shard keeps its members' names
     and sizes but not their bytes, by the first sample's digest."""
     root, teacher, _ = setup
-    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=48, context_length=48)
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=TEACHER_SIZE, context_length=48)
     regenerated = tmp_path / "shards"
     synthetic.write_shards(str(regenerated), seed=1, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48)
     assert sorted(os.listdir(regenerated)) == sorted(os.listdir(root / "shards"))  # same file names and keys

@@ -1,14 +1,20 @@
-"""synthetic.py: the demo benchmark is deterministic, written in the real formats, and drawn to scale."""
+"""synthetic.py: the demo benchmark is deterministic, written in the real formats, and carries the cues a
+sonographer reads (head size in mm through the spacing, sub-plane structures, maturity), so that a few steps
+of CLIP training on it lift a model above chance."""
 
 import math
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter
 
 import data
+import evaluate
+import loss
 import synthetic
+from model import create_model
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -31,7 +37,7 @@ def test_generator_is_deterministic(tmp_path):
     assert a.keys() == c.keys() and a != c
 
 
-def test_generator_output_reads_back(tmp_path):
+def test_generator_writes_the_real_formats(tmp_path):
     synthetic.generate(str(tmp_path), seed=0, **TINY)
     rows = data.read_planes_db(tmp_path / "planes")
     assert len(rows) == 42
@@ -44,18 +50,13 @@ def test_generator_output_reads_back(tmp_path):
         "Other",
     }
     brain = [r["brain_plane"] for r in rows if r["plane"] == "Fetal brain"]
-    assert len(brain) == 14 and sorted(set(brain)) == [
-        "Other",
-        "Trans-cerebellum",
-        "Trans-thalamic",
-        "Trans-ventricular",
-    ]
+    assert sorted(set(brain)) == ["Other", "Trans-cerebellum", "Trans-thalamic", "Trans-ventricular"]
     assert {r["brain_plane"] for r in rows if r["plane"] != "Fetal brain"} == {"Not A Brain"}
-    assert {r["train"] for r in rows} == {True, False} and len({r["patient"] for r in rows}) == 9
-    assert Image.open(rows[0]["path"]).size == (64, 48)
+    assert {r["train"] for r in rows} == {True, False}
+    assert Image.open(rows[0]["path"]).size == (64, 48) and Image.open(rows[0]["path"]).format == "PNG"
     hc18 = data.read_hc18(tmp_path / "hc18")
     assert len(hc18) == 3 and all(Image.open(r["path"]).size == (800, 540) for r in hc18)
-    assert all(80 < r["hc"] < 360 and 0.05 < r["pixel_size"] < 0.6 for r in hc18)
+    assert all(80 < r["hc"] < 360 and 0.02 < r["pixel_size"] < 0.6 for r in hc18)
     urls = synthetic.layout(str(tmp_path))["train_data"]
     assert len(data.expand_urls(urls)) == 2 and data.count_samples(urls) == 7
     batches = list(data.train_loader(urls, (32, *IMAGENET), (24, *CLIP), 7))
@@ -72,25 +73,144 @@ def test_ga_curve_matches_the_protocol():
     )
     for days in (98, 140, 203, 266):
         assert synthetic.hc_median(days) == pytest.approx(q500(days), rel=1e-12)
-    assert 95 < synthetic.hc_median(98) < 105 and 320 < synthetic.hc_median(266) < 340
 
 
-def test_head_is_drawn_to_scale():
-    """The drawn head's mid-skull ellipse has the requested circumference at the pixel spacing."""
-    y, x = np.mgrid[0:540, 0:800].astype(np.float32)
-    for hc, mm_per_px in ((180.0, 0.2), (300.0, 0.3)):
-        tissue = np.full((540, 800), -1.0, np.float32)  # sentinel: untouched
-        synthetic.draw_anatomy(tissue, x, y, np.random.default_rng(0), "brain", "", hc, 1 / mm_per_px)
-        outer = ((tissue != -1) & (tissue != np.float32(0.06))).sum()  # skull and inside
-        inner = outer - (tissue == np.float32(0.95)).sum()  # inside the skull
-        a = math.sqrt((outer + inner) / 2 / (math.pi * 0.8))  # mid-skull semi-major axis, b = 0.8 a
-        t = np.linspace(0, 2 * math.pi, 100001)  # perimeter by numerical integration
-        perimeter = np.trapezoid(np.hypot(a * np.sin(t), 0.8 * a * np.cos(t)), t)
-        assert perimeter * mm_per_px == pytest.approx(hc, rel=0.02)
+def skull_trace(image, centre, radii, fluid=24, run=12):
+    """Measure a head as a sonographer would: along rays from a point inside it, the first stretch of amniotic
+    fluid (run dark samples of the smoothed image), then the brightest point just inside it (the skull); radii
+    median-filtered over neighbouring rays and low-passed. Returns the trace's perimeter and centre (pixels)."""
+    smooth = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(3)), dtype=np.float32)
+    angles = np.linspace(0, 2 * math.pi, 360, endpoint=False)
+    xs = (centre[0] + np.cos(angles)[:, None] * radii).round().astype(int).clip(0, image.shape[1] - 1)
+    ys = (centre[1] + np.sin(angles)[:, None] * radii).round().astype(int).clip(0, image.shape[0] - 1)
+    ring, back = [], len(radii) // 6
+    for profile in smooth[ys, xs]:
+        edge = int(np.argmax(np.convolve(profile < fluid, np.ones(run), "valid") == run))
+        ring.append(radii[max(edge - back, 0) + profile[max(edge - back, 0) : edge + 1].argmax()])
+    ring = np.median(np.stack([np.roll(ring, k) for k in range(-10, 11)]), axis=0)
+    ring = np.fft.irfft(np.fft.rfft(ring)[:6], n=len(ring))  # an off-centre ellipse is smooth in angle
+    points = np.stack([np.cos(angles) * ring, np.sin(angles) * ring], 1)
+    perimeter = np.linalg.norm(points - np.roll(points, 1, axis=0), axis=1).sum()
+    return perimeter, (centre[0] + points[:, 0].mean(), centre[1] + points[:, 1].mean())
 
 
-def test_captions_follow_protocol_wording():
-    rng = np.random.default_rng(0)
-    caption = synthetic.make_caption(rng, "brain", "trans-thalamic", ga_days=22 * 7 + 3, spacing=1.4)
-    assert "22 weeks" in caption and "3 days" in caption and "1.40 mm/pixel" in caption and "brain" in caption
-    assert "heart" in synthetic.make_caption(rng, "heart", None)
+def test_hc18_heads_measure_what_the_csv_says(tmp_path):
+    """The skull traced on the written 800x540 PNGs (rays searched from 0.4 to 1.6 times the CSV's semi-axis,
+    from the image centre, then from the trace's centre), through the CSV's pixel size, gives the CSV's head
+    circumference within a few percent. Heads whose skull leaves the sector are skipped; acoustic shadows
+    across a skull (as in real scans) cost the tracer a few percent on some heads."""
+    synthetic.write_hc18(str(tmp_path), 0, 24)
+    ratios = []
+    for row in data.read_hc18(tmp_path):
+        image = np.asarray(Image.open(row["path"]).convert("L"))
+        a = row["hc"] / row["pixel_size"] / (math.pi * 1.8 * (1 + 3 * (1 / 9) ** 2 / 10))  # b = 0.8 a (approx.)
+        if a > 250:  # the skull's top or sides outside the sector
+            continue
+        radii = np.arange(0.4 * a, 1.6 * a, 1.0)
+        perimeter, centre = skull_trace(image, skull_trace(image, (400, 270), radii)[1], radii)
+        ratios.append(perimeter * row["pixel_size"] / row["hc"])
+    ratios = np.array(ratios)
+    assert len(ratios) >= 12 and abs(np.median(ratios) - 1) < 0.02, ratios.round(3)
+    assert np.mean(abs(ratios - 1) < 0.03) >= 0.75 and abs(ratios - 1).max() < 0.1, ratios.round(3)
+
+
+def input_sized_mean(kind, subplane, weeks, n=12):
+    """Mean of n scans (same pose, fresh speckle and quality) at the demo models' input size."""
+    days, size = weeks * 7, synthetic.DEMO_INPUT
+    total = np.zeros((size, size), np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([7, i])
+        hc = synthetic.hc_median(days)
+        mm_per_px = synthetic.pick_zoom(hc / synthetic.ellipse_perimeter(1, 0.8)) * size / 160
+        scan = synthetic.render_scan(rng, kind, subplane, hc, mm_per_px, 160, 160, days, pose=(0.5, 0.5, 0.0))
+        total += np.asarray(Image.fromarray(scan).resize((size, size), Image.BOX), dtype=np.float32)
+    return total / n
+
+
+def test_each_sub_plane_shows_its_structures_at_the_input_size():
+    """Pose fixed (occiput to the right), averaged over quality and speckle, at the models' input size: the
+    thalami dark beside the midline, the lateral ventricles dark further forward with the bright choroid plexus
+    behind, the cerebellum bright near the occiput, each only in its own sub-plane."""
+    scans = {s[6:]: input_sized_mean("brain", s, 26) for s in synthetic.SUBPLANES}  # thalamic, cerebellum, ...
+    half_mm = synthetic.hc_median(26 * 7) / synthetic.ellipse_perimeter(1, 0.8)
+    a, centre = half_mm / synthetic.pick_zoom(half_mm), synthetic.DEMO_INPUT / 2  # semi-major axis, input px
+    at = lambda u, v: {s: scan[round(centre + v * 0.8 * a), round(centre + u * a)] for s, scan in scans.items()}
+    thalamus, ventricle, choroid, cerebellum = at(0, 0.16), at(-0.3, 0.21), at(0.33, 0.21), at(0.6, 0.15)
+    assert thalamus["thalamic"] < 0.75 * thalamus["cerebellum"]
+    assert ventricle["ventricular"] < 0.75 * min(ventricle["thalamic"], ventricle["cerebellum"])
+    assert choroid["ventricular"] > 1.5 * max(choroid["thalamic"], choroid["cerebellum"])
+    assert cerebellum["cerebellum"] > 1.5 * max(cerebellum["thalamic"], cerebellum["ventricular"])
+
+
+def test_the_brain_matures_with_gestational_age():
+    """Skull brighter and thicker, ventricles narrower relative to the head, cerebellum larger in head units
+    (clean canvas, full contrast)."""
+    size, a = 400, 150.0
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    u, v = x - size / 2, y - size / 2
+
+    def head(weeks, subplane):
+        tissue = np.zeros((size, size), np.float32)
+        synthetic.draw_head(tissue, u, v, a, a / 60, weeks, subplane, 1.0)  # a 60 mm semi-axis
+        return tissue
+
+    young, old = head(18, ""), head(36, "")
+    ring = lambda t: (t == t[size // 2, size // 2 + int(a)]).sum()  # pixels of the skull's value
+    assert old[size // 2, size // 2 + int(a)] > young[size // 2, size // 2 + int(a)] + 0.3
+    assert ring(old) > 1.5 * ring(young)
+    inside = slice(size // 2 - int(0.6 * 0.8 * a), size // 2 + int(0.6 * 0.8 * a))  # within the brain
+    width = lambda t: (t[inside, size // 2 - 15] < 0.05).sum()  # anechoic ventricles crossed by a vertical line
+    assert width(head(16, "trans-ventricular")) > 1.3 * width(head(34, "trans-ventricular"))
+    bright = lambda t: (t >= 0.69).sum()  # cerebellar hemispheres and vermis (and the Sylvian fissure)
+    assert bright(head(34, "trans-cerebellum")) - bright(head(34, "")) > 2 * (
+        bright(head(20, "trans-cerebellum")) - bright(head(20, ""))
+    )
+
+
+def test_captions_follow_the_protocols_wording():
+    days, spacing = 22 * 7 + 3, 1.5
+    captions = [
+        synthetic.make_caption(np.random.default_rng(i), "brain", "trans-thalamic", days, spacing) for i in range(40)
+    ]
+    verbatim = {t.format(weeks=22, day=3, pixel_spacing="1.50") for t in evaluate.PROMPTS["ga_templates"]}
+    assert any(any(c.startswith(t) for t in verbatim) for c in captions)  # a GA template, spacing included
+    assert all("22 weeks" in c for c in captions)
+    assert "heart" in synthetic.make_caption(np.random.default_rng(0), "heart", None)
+    views = [synthetic.make_caption(np.random.default_rng(i), "brain", "trans-cerebellum") for i in range(20)]
+    assert all("cerebellum" in c for c in views)
+
+
+def five_plane_f1(model, planes_dir):
+    """The protocol's five-plane zero-shot macro F1 (prompt-averaged class embeddings, argmax over 9 classes)."""
+    rows = [r for r in evaluate.planes_rows(planes_dir) if r["five"] >= 0]
+    with torch.no_grad():
+        features, _ = evaluate.encode_images(model.eval(), [r["path"] for r in rows])
+        classes = evaluate.class_embeddings(model, evaluate.PROMPTS["five_planes"])
+    model.train()
+    return evaluate.macro_f1((features @ classes.T).argmax(1).numpy(), [r["five"] for r in rows])
+
+
+def test_a_few_steps_of_clip_training_lift_a_model_above_chance(tmp_path):
+    """A tiny benchmark and ~150 steps of CLIP training from scratch: the five-plane zero-shot F1 of the demo
+    teacher's architecture rises from chance (about 0.2 with nine prompt classes) to well above it."""
+    synthetic.generate(str(tmp_path), seed=0, n_train=768, n_planes=105, n_hc18=1, width=96, height=72, shard_size=384)
+    folders = synthetic.layout(str(tmp_path))
+    torch.manual_seed(0)
+    model = create_model("demo_teacher")
+    before = five_plane_f1(model, folders["planes_dir"])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / 10))
+    view, reading = (model.image_size, model.image_mean, model.image_std), dict(context_length=model.context_length)
+    for epoch in range(6):
+        for images, _, tokens in data.train_loader(folders["train_data"], view, None, 32, epoch=epoch, **reading):
+            optimiser.zero_grad()
+            loss.clip_loss(*model(images, tokens)).backward()
+            optimiser.step()
+            warmup.step()
+    after = five_plane_f1(model, folders["planes_dir"])
+    assert before < 0.3 and after > 0.5, (before, after)
+
+
+def test_the_readme_grid_is_one_scan_per_class_and_age(tmp_path):
+    synthetic.draw_grid(str(tmp_path / "grid.png"), weeks=(20, 30), size=32, scale=1)
+    assert Image.open(tmp_path / "grid.png").size == (120 + 2 * 32, 14 + 8 * 32)

@@ -80,7 +80,7 @@ def test_config_errors_name_the_key_and_the_type():
     typed = run_train("--beta0=2", "--r=-0.8", "--wandb_project=a=b", "--epochs=1.5", check=False)
     assert "overriding: beta0 = 2.0" in typed.stdout and "overriding: r = -0.8" in typed.stdout
     assert "overriding: wandb_project = 'a=b'" in typed.stdout
-    assert typed.returncode != 0 and "--epochs=1.5: expected int (default 4)" in typed.stderr
+    assert typed.returncode != 0 and "--epochs=1.5: expected int (default 6)" in typed.stderr
 
 
 def test_bad_values_are_refused_before_anything_runs(tmp_path):
