@@ -80,7 +80,7 @@ MODEL_CONFIGS = {
     "demo_student": dict(
         about="a demo student",
         image="resnet10t",
-        image_kwargs=dict(channels=(32, 64, 128, 256), stem_width=16),
+        image_kwargs=dict(channels=(32, 64, 128, 240), stem_width=16),
         image_size=56,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
