@@ -147,7 +147,7 @@ def test_resume_continues_exactly(bench, demo_run):
     run_train(*common(bench, bench / "straight", *flags, "--max_steps=4"))
     run_train(*common(bench, bench / "resumed", *flags, "--max_steps=2"))
     for changed, listed in (
-        ("--learning_rate=0.01", "learning_rate 0.001 -> 0.01"),
+        ("--learning_rate=0.01", "learning_rate 0.002 -> 0.01"),
         ("--mode=coupled", "mode"),
         ("--seed=3", "seed 0 -> 3"),
         (f"--batch_size={2 * BATCH}", "batch_size 8 -> 16"),
