@@ -11,7 +11,6 @@ Writes out_dir/sweep.json (every run's metrics, the means and standard deviation
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -78,11 +77,12 @@ def pick(metrics, path):
 
 
 def summarise(runs):
-    """{row: {metric: (mean, std over seeds)}}; std is the sample standard deviation (ddof 1)."""
+    """{row: {metric: (mean, std over seeds)}}; std is the sample standard deviation (ddof 1), None
+    with one seed (strict JSON has no NaN)."""
     table = {}
     for row, by_seed in runs.items():
         values = {name: np.array([r["best"][name] for r in by_seed.values()]) for name in METRICS}
-        table[row] = {n: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan) for n, v in values.items()}
+        table[row] = {n: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None) for n, v in values.items()}
     return table
 
 
@@ -92,7 +92,10 @@ def print_table(table, seeds):
         + "".join(f"{n:>16}" for n in METRICS)
     )
     for row, metrics in table.items():
-        cells = [f"{m:.3f} +- {s:.3f}" if n != "HC18 %" else f"{m:.1f} +- {s:.1f}" for n, (m, s) in metrics.items()]
+        digits = {n: 1 if n == "HC18 %" else 3 for n in metrics}
+        cells = [
+            f"{m:.{digits[n]}f} +- " + ("n/a" if s is None else f"{s:.{digits[n]}f}") for n, (m, s) in metrics.items()
+        ]
         print(f"{row:<36}" + "".join(f"{c:>16}" for c in cells))
 
 

@@ -61,5 +61,8 @@ def test_missing_runs_call_train_py_with_the_rows_flags(tmp_path, monkeypatch):
         "--epochs=2",
     ]
     assert no_kd[2:5] == ["--mode=none", "--seed=0", "--out_dir=s/no_kd/seed0"]
+    saved = (tmp_path / "s" / "sweep.json").read_text()  # strict JSON: one seed has no standard deviation, not NaN
+    table = json.loads(saved, parse_constant=lambda c: pytest.fail(f"{c} in sweep.json"))["table"]
+    assert table["selective"]["Avg"][1] is None
     with pytest.raises(SystemExit, match="unknown rows \\['nokd'\\]"):
         sweep.main(["--rows=nokd"])
