@@ -165,14 +165,17 @@ def view(net):
 
 
 def train_demo_teacher(path):
-    """The demo's teacher: this same script with the CLIP loss only, run once and reused."""
+    """The demo's teacher: this same script with the CLIP loss only, run once and reused. An interrupted run is
+    resumed; one made with other settings (epochs included) is refused, naming them."""
     flags = dict(mode="none", student=teacher, out_dir=os.path.dirname(path), data_dir=data_dir, train_data=train_data)
     flags.update(planes_dir=planes_dir, hc18_dir=hc18_dir, epochs=demo_teacher_epochs, device=device, seed=seed)
+    flags.update(resume=os.path.exists(path))
     command = [sys.executable, os.path.abspath(__file__), *(f"--{k}={v}" for k, v in flags.items())]
     command.append(f"--num_workers={num_workers}")
-    print(f"no teacher checkpoint yet: training the demo teacher first ({' '.join(command[1:])})")
+    print(f"{'resuming' if flags['resume'] else 'training'} the demo teacher first ({' '.join(command[1:])})")
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    subprocess.run(command, check=True, env=environment)
+    if subprocess.run(command, env=environment).returncode != 0:
+        raise SystemExit(f"the demo teacher's run in {os.path.dirname(path)} failed: its error is above")
 
 
 # ------------------------------------------------------------------ models
@@ -217,8 +220,11 @@ elif mode != "none" or feature_kd > 0:
         if teacher != "demo_teacher":
             raise SystemExit(f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)")
         teacher_ckpt = os.path.join(out_dir, "demo_teacher", "ckpt.pt")  # its last epoch: not chosen on the benchmark
-        if master and not os.path.exists(teacher_ckpt):
-            train_demo_teacher(teacher_ckpt)
+        if master:
+            with configurator.user_errors("the demo teacher"):  # its ckpt.pt counts the epochs its run finished
+                done = os.path.exists(teacher_ckpt) and read_checkpoint(teacher_ckpt)["epoch"] == demo_teacher_epochs
+            if not done:
+                train_demo_teacher(teacher_ckpt)
         if ddp:
             dist.barrier()
     with configurator.user_errors("--teacher_ckpt"):

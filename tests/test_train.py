@@ -132,6 +132,20 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert student.name == "demo_student"
 
 
+def test_an_interrupted_demo_teacher_is_finished_before_it_teaches(bench, tmp_path):
+    out = tmp_path / "out"
+    folders = synthetic.layout(str(bench / "data"))  # what train.py hands the demo teacher's run
+    teacher = [f"--out_dir={out / 'demo_teacher'}", f"--data_dir={bench / 'data'}", "--num_workers=0"]
+    teacher += [f"--{key}={folder}" for key, folder in folders.items()]
+    run_train("--mode=none", "--student=demo_teacher", "--epochs=2", "--max_steps=1", *teacher)  # killed early
+    epochs_done = lambda: torch.load(out / "demo_teacher" / "ckpt.pt", weights_only=True, mmap=True)["epoch"]
+    assert epochs_done() == 0
+    process = run_train(*common(bench, out, "--epochs=1", "--demo_teacher_epochs=2", "--eval_every=0"))
+    assert "resuming the demo teacher first" in process.stdout and epochs_done() == 2
+    changed = run_train(*common(bench, out, "--epochs=1", "--demo_teacher_epochs=3", "--eval_every=0"), check=False)
+    assert changed.returncode != 0 and "epochs 2 -> 3" in changed.stderr and "Traceback" not in changed.stderr
+
+
 def test_resume_continues_exactly(bench, demo_run):
     out, _ = demo_run
     teacher = f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"
