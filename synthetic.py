@@ -347,6 +347,11 @@ def encode(image, fmt):
     return buffer.getvalue()
 
 
+def write_png(image, path):
+    with open(path, "wb") as f:
+        f.write(encode(image, "PNG"))
+
+
 def write_shards(out, seed, n, width, height, shard_size, input_size=DEMO_INPUT):
     """Pretraining pairs: train-NNNNNN.tar holding <key>.jpg + <key>.txt, keys %08d."""
     os.makedirs(out, exist_ok=True)
@@ -379,7 +384,7 @@ def write_planes(out, seed, n, width, height, input_size=DEMO_INPUT):
         image = render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days)
         patient = i % patients + 1  # a patient's images span several planes
         name = f"Patient{patient:05d}_Plane{i // patients + 1}_1_of_1"
-        Image.fromarray(image).save(os.path.join(out, "Images", name + ".png"), compress_level=1)
+        write_png(image, os.path.join(out, "Images", name + ".png"))
         brain_plane = "Not A Brain" if subplane is None else subplane.capitalize() if subplane else "Other"
         lines.append(
             ";".join(
@@ -407,7 +412,7 @@ def write_hc18(out, seed, n, input_size=DEMO_INPUT):
         days = int(rng.integers(13 * 7, 40 * 7))
         hc, _, pixel_size = _sample(rng, "brain", days, input_size, 800, 540)
         image = render_scan(rng, "brain", "trans-thalamic", hc, pixel_size, 800, 540, days)
-        Image.fromarray(image).save(os.path.join(out, "training_set", f"{i:03d}_HC.png"), compress_level=1)
+        write_png(image, os.path.join(out, "training_set", f"{i:03d}_HC.png"))
         lines.append(f"{i:03d}_HC.png,{pixel_size:.10f},{hc:.2f}")
     with open(os.path.join(out, data.HC18_CSV), "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
