@@ -156,7 +156,8 @@ def _figure(path, draw, size=(5, 4)):
     fig = plt.figure(figsize=size)
     draw(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with configurator.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     plt.close(fig)
     return str(path)
 
@@ -268,7 +269,7 @@ def main(arguments):
     out_dir = Path(config["out_dir"] or ckpt.parent / f"{ckpt.stem}_analysis")
     log = config["train_log"] or ckpt.parent / "log.jsonl"
     results = analyse(details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"])
-    (out_dir / "analysis.json").write_text(json.dumps(plain(results), indent=1))
+    configurator.write_atomic(out_dir / "analysis.json", json.dumps(plain(results), indent=1))
     print(json.dumps(plain(results), indent=1))
     print(f"wrote {out_dir}")
     return results

@@ -388,7 +388,7 @@ def main(arguments):
     results["machine"]["load_average_after"] = os.getloadavg()
     Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
     path = Path(config["out_dir"]) / "bench.json"
-    path.write_text(json.dumps(results, indent=1))
+    configurator.write_atomic(path, json.dumps(results, indent=1))
     print(f"wrote {path}")
     return results
 

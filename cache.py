@@ -141,7 +141,7 @@ def cache_one_shard(teacher, url, path, settings, device, autocast, bar):
         views, batch_size=settings["batch_size"], num_workers=settings["num_workers"], collate_fn=list
     )
     written = 0
-    with wds.TarWriter(path + ".tmp", encoder=False, mtime=0) as sink:  # fixed metadata: same input, same bytes
+    with configurator.atomic_path(path) as tmp, wds.TarWriter(tmp, encoder=False, mtime=0) as sink:  # same bytes
         for batch in loader:
             bar.update(len(batch))
             batch = [b for b in batch if b[3] is not None]
@@ -160,14 +160,11 @@ def cache_one_shard(teacher, url, path, settings, device, autocast, bar):
                     }
                 )
             written += len(batch)
-    os.replace(path + ".tmp", path)
     return written
 
 
 def write_json(path, content):
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(path + ".tmp", path)
+    configurator.write_atomic(path, json.dumps(content, indent=1))
 
 
 def start_manifest(net, settings, names):

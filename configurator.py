@@ -6,9 +6,12 @@
 A value takes the type of its default (an int is accepted where the default is a float, a bare `--flag` sets a
 bool); `--preset=NAME` applies a script's preset first, so explicit flags win; every override is printed; an
 unknown key or a wrong type is an error that names the key, the expected type or the valid keys.
+Also what every script shares around it: the device choice, one-line errors for a user's files, atomic writes.
 """
 
 import contextlib
+import os
+import shutil
 
 import torch
 
@@ -74,3 +77,33 @@ def user_errors(prefix):
         yield
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{prefix}: {error}") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` to write to; once the block ends without an error it replaces `path` in one
+    rename, so a crash never leaves a half-written file (or folder, e.g. a .mlpackage) where a good one is expected.
+    The temporary file is flushed to disk first and removed when the block fails."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            descriptor = os.open(tmp, os.O_RDONLY)
+            os.fsync(descriptor)
+            os.close(descriptor)
+        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot replace a folder in one rename
+            os.replace(path, tmp + ".old")
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + ".old"):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+            elif os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def write_atomic(path, content):
+    """Write str (UTF-8) or bytes to `path` through atomic_path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)

@@ -459,7 +459,7 @@ def run(config):
     results = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)
     print(format_table(results))
     out_json = out_dir / f"{ckpt.stem}_zeroshot.json"
-    out_json.write_text(json.dumps(plain(results), indent=1))
+    configurator.write_atomic(out_json, json.dumps(plain(results), indent=1))
     print(f"wrote {out_json}")
     return results
 

@@ -331,7 +331,7 @@ def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text
                 "parity": parity,
                 "versions": versions(),
             }
-            Path(f"{path}.json").write_text(json.dumps(sidecar, indent=1))
+            configurator.write_atomic(f"{path}.json", json.dumps(sidecar, indent=1))
             written.append(path)
             print(
                 f"wrote {path} (+ .json) | "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import fastvit, vision_transformer
 
+import configurator
 from data import CONTEXT_LENGTH
 
 # about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads (the width is unique per
@@ -456,5 +457,5 @@ def save_open_clip(model, path, official=False):
         trunk = to_apple_mci(visual, model.visual) if official else visual
         out = {**with_prefix(trunk, "visual.trunk."), **with_prefix(text, "text.")}
     out["logit_scale"] = state_dict["logit_scale"]
-    torch.save(out, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with configurator.atomic_path(path) as tmp:
+        torch.save(out, tmp)

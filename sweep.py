@@ -120,7 +120,8 @@ def figure2(runs, path):
     right.set(xlabel="epoch", ylabel="zero-shot Avg", title="Zero-shot Avg (mean +- std over seeds)")
     right.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with configurator.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -143,8 +144,8 @@ def main(arguments):
     table = summarise(runs)
     print_table(table, seed_list)
     os.makedirs(config["out_dir"], exist_ok=True)
-    with open(os.path.join(config["out_dir"], "sweep.json"), "w") as f:
-        json.dump({"config": config, "teacher_ckpt": teacher, "table": table, "runs": runs}, f, indent=1)
+    summary = {"config": config, "teacher_ckpt": teacher, "table": table, "runs": runs}
+    configurator.write_atomic(os.path.join(config["out_dir"], "sweep.json"), json.dumps(summary, indent=1))
     figure2(runs, os.path.join(config["out_dir"], "figure2.png"))
     print(f"wrote {config['out_dir']}/sweep.json and figure2.png")
     return table

@@ -317,7 +317,7 @@ def last_good_checkpoint():
 
 
 def save_checkpoint(path, epoch, metrics):
-    """Plain types only, the unwrapped student, written atomically (tmp file then os.replace).
+    """Plain types only, the unwrapped student, written atomically (configurator.atomic_path).
     A student with a non-finite weight or buffer (BatchNorm statistics too) is never written."""
     if not all(t.isfinite().all() for t in raw_student.state_dict().values() if t.is_floating_point()):
         raise SystemExit(
@@ -329,8 +329,8 @@ def save_checkpoint(path, epoch, metrics):
     checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state())
     if distillee.feature_proj is not None:
         checkpoint["feature_proj"] = distillee.feature_proj.state_dict()
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with configurator.atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def all_finite(value):

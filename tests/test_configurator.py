@@ -1,8 +1,11 @@
 """configurator.py: the one command line of every script."""
 
+import os
+from pathlib import Path
+
 import pytest
 
-from configurator import configure, parse, pick_device, settings
+from configurator import atomic_path, configure, parse, pick_device, settings, write_atomic
 
 
 def test_overrides_take_the_default_type_presets_and_one_positional():
@@ -56,3 +59,21 @@ def test_parse_accepts_an_int_for_a_float_and_names_bad_values():
 def test_pick_device():
     assert pick_device("cpu") == "cpu"
     assert pick_device("") in ("cuda", "mps", "cpu")
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one_never_half(tmp_path):
+    path = tmp_path / "result.json"
+    write_atomic(path, '{"old": 1}')
+    with pytest.raises(RuntimeError, match="killed"), atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write('{"new": ')  # half written when the crash comes
+        raise RuntimeError("killed")
+    assert path.read_text() == '{"old": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    write_atomic(path, b'{"new": 2}')
+    assert path.read_text() == '{"new": 2}'
+    folder = tmp_path / "model.mlpackage"  # Core ML files are folders
+    for version in ("a", "b"):
+        with atomic_path(folder) as tmp:
+            os.makedirs(tmp)
+            (Path(tmp) / "weights.bin").write_text(version)
+    assert (folder / "weights.bin").read_text() == "b" and len(list(tmp_path.iterdir())) == 2
