@@ -107,6 +107,15 @@ PLANES_CSV = "FETAL_PLANES_DB_data.csv"
 PLANES_COLUMNS = ("Image_name", "Patient_num", "Plane", "Brain_plane", "Operator", "US_Machine", "Train ")
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
 HC18_COLUMNS = ("filename", "pixel size(mm)", "head circumference (mm)")
+PIXEL_SIZE_RANGE_MM = (0.01, 5.0)  # plausible mm per pixel of an ultrasound image (HC18: 0.05-0.99)
+
+
+def check_pixel_size(value, what):
+    """A pixel size in mm that is positive, finite and plausible, or ValueError naming `what`."""
+    low, high = PIXEL_SIZE_RANGE_MM
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{what}={value!r}: expected a pixel size in mm between {low:g} and {high:g}")
+    return value
 
 
 def read_csv(path, delimiter, columns):
@@ -206,6 +215,48 @@ def count_samples(urls):
     return total
 
 
+# ------------------------------------------------------------------ pixels: any bit depth to the models' 8 bits
+
+
+def scale_to_8bit(pixels, bits=0):
+    """(H, W) or (H, W, C) array -> (uint8 array, how it was scaled; '' for 8-bit input). Never clipped:
+    integers scale by their bit depth, `bits` (a DICOM file's BitsStored) or else 16 where the values fit in 16 bits,
+    so a 16-bit export of an 8-bit scan (v * 257) gives back v; floats by their value range: [0, 1] times 255,
+    [0, 255] kept, any other range stretched from its minimum to its maximum (and said so)."""
+    if pixels.dtype == np.uint8:
+        return pixels, ""
+    values = pixels.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("pixel values are not all finite")
+    if np.issubdtype(pixels.dtype, np.floating) or low < 0:
+        kind = "float" if np.issubdtype(pixels.dtype, np.floating) else "signed"
+        if 0 <= low and high <= 1:
+            return np.rint(values * 255).astype(np.uint8), f"{kind} [0, 1] x 255"
+        if 0 <= low and high <= 255:
+            return np.rint(values).astype(np.uint8), f"{kind} [0, 255]"
+        stretched = (values - low) * (255 / (high - low)) if high > low else values * 0
+        return np.rint(stretched).astype(np.uint8), f"{kind} range [{low:g}, {high:g}] stretched to 0-255"
+    bits = bits or (16 if high < 2**16 else 8 * pixels.dtype.itemsize)
+    if high >= 2**bits:
+        raise ValueError(f"pixel values up to {high:g} do not fit in {bits} bits")
+    return np.rint(values * (255 / (2**bits - 1))).astype(np.uint8), f"{bits}-bit / {(2**bits - 1) / 255:g}"
+
+
+def to_8bit(image):
+    """A PIL image of any mode -> ('L' or 'RGB' 8-bit image, how it was scaled: see scale_to_8bit). PIL's own
+    convert('RGB') clips 16-bit values at 255 (a scan becomes a white silhouette) and floats at 1; palettes and
+    other colour spaces go through PIL's conversion, alpha is dropped."""
+    if image.mode in ("L", "RGB"):
+        return image, ""
+    if image.mode in ("1", "LA", "La"):
+        return image.convert("L"), ""
+    if image.mode == "F" or image.mode.startswith("I"):  # I;16 (PNG, TIFF), I;16B, I (32-bit), F (float TIFF)
+        pixels, note = scale_to_8bit(np.asarray(image))
+        return Image.fromarray(pixels, "L"), note
+    return image.convert("RGB"), ""  # P, PA, RGBA, CMYK, YCbCr, LAB, HSV ...
+
+
 # ------------------------------------------------------------------ transforms
 
 
@@ -295,7 +346,8 @@ def decode_sample(sample):
         caption = ""
     try:
         image = Image.open(io.BytesIO(sample[image_key]))
-        image = image.convert("L" if image.mode == "L" else "RGB")  # loads: raises when corrupt
+        image.load()  # decodes: raises when corrupt
+        image = to_8bit(image)[0]
     except Exception:  # missing or unreadable: PIL raises several types
         return 0
     return (image, caption) if caption else 1

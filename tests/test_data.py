@@ -516,3 +516,13 @@ def test_augment_params_pure_and_in_range():
     assert max(abs(t) for d in draws for t in d["translate"]) <= 0.05
     assert all(0.85 <= f <= 1.15 for d in draws for f in d["factors"])
     assert len({tuple(d["order"]) for d in draws}) == 6
+
+
+def test_a_16_bit_or_float_training_image_decodes_as_its_8_bit_scan():
+    scan = np.asarray(smooth_image(5).convert("L"))  # (H, W) uint8
+    eight = data.decode_sample({"png": encoded(Image.fromarray(scan), "PNG"), "txt": b"a scan"})[0]
+    for image in (Image.fromarray(scan.astype(np.uint16) * 257), Image.fromarray(scan.astype(np.float32) / 255)):
+        decoded, caption = data.decode_sample(
+            {"png": encoded(image, "PNG" if image.mode != "F" else "TIFF"), "txt": b"a scan"}
+        )
+        assert caption == "a scan" and np.array_equal(np.asarray(decoded), np.asarray(eight))
