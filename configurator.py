@@ -36,9 +36,16 @@ def parse(key, text, default):
         raise SystemExit(f"--{key}={text}: expected {kind.__name__} (default {default!r})") from None
 
 
-def configure(config, arguments, presets=None, positional=""):
-    """Apply --preset=NAME, then --key=value and the one bare argument (config[positional]) to config, in place."""
+def configure(config, arguments, presets=None, positional="", rest=""):
+    """Apply --preset=NAME, then --key=value and the one bare argument (config[positional]) to config, in place;
+    `rest` names a list that takes every further bare argument (python predict.py CKPT PATH [PATH ...])."""
     presets = presets or {}
+    if rest:
+        bare = [a for a in arguments if not a.startswith("--")]
+        config[rest] = bare[1:] if positional else bare
+        arguments = [a for a in arguments if a.startswith("--")] + (bare[:1] if positional else [])
+        if any(a.partition("=")[0] == f"--{rest}" for a in arguments):
+            raise SystemExit(f"--{rest}: give them as arguments, not as --{rest}=...")
     for argument in [a for a in arguments if a.startswith("--preset=")] if presets else []:
         name = argument.split("=", 1)[1]
         if name not in presets:

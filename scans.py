@@ -1,0 +1,365 @@
+"""Your scans as the models see them: images of any bit depth, DICOM as ultrasound scanners write it, and video
+clips, read one frame at a time with the calibration each file carries. predict.py, evaluate.py --task and
+analysis.py --probe read through it; run it alone to check a folder before a model sees it:
+
+    python scans.py exports/                          # per file: frames, colour, views, pixel size, or why not
+    python scans.py exports/ --save_frames=frames/    # every view of every frame as an 8-bit PNG, to look at
+
+What is read (DICOM PS3.3 C.7.6.3 and C.8.5.5; pydicom decodes, with Pillow's JPEG Baseline and JPEG 2000 codecs):
+- Files and folders (recursively, sorted). Images by extension (PNG, JPEG, TIFF, BMP, WebP, GIF; every page of a
+  multi-page file), video clips by extension (MP4, AVI, MOV, M4V, MKV, WebM; PyAV), DICOM by content (the 'DICM'
+  marker, any extension). Other files are listed as ignored; a scan that cannot be read is skipped with its reason.
+- Colour as the file means it: pydicom returns YBR (JPEG Baseline's YBR_FULL_422, JPEG 2000's YBR_RCT / YBR_ICT) as
+  RGB, converted once; PALETTE COLOR goes through its lookup tables (pydicom's apply_color_lut); MONOCHROME1 is
+  inverted; more than 8 bits scale by BitsStored, never clipped (data.scale_to_8bit); signed pixels shift by half
+  their range.
+- Views and calibration: the 2D tissue regions of SequenceOfUltrasoundRegions (RegionSpatialFormat 1, RegionDataType
+  1) are the views (a dual view gives two per frame), each cropped to its box, with its pixel size when the region is
+  in cm (PhysicalUnits 3) and square; Doppler, M-mode and other regions are left out. Regions that do not fit the
+  pixel array (the file was resized after calibration) are not trusted: the whole frame, no pixel size, and why.
+  PixelSpacing is used only where no region exists; `pixel_size` (mm) only for files that carry no calibration.
+"""
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageSequence
+
+import configurator
+import data
+
+DEFAULTS = {  # python scans.py PATH [PATH ...] --key=value
+    "paths": [],  # the files and folders: the arguments
+    "pixel_size": -1.0,  # mm per pixel for files that carry no calibration; -1 = none
+    "save_frames": "",  # a folder: write every view of every frame there as PNG
+}
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".m4v", ".mkv", ".webm")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+REGION_FORMATS = {1: "2D", 2: "M-mode", 3: "spectral Doppler", 4: "waveform", 5: "graphics"}
+REGION_TYPES = {1: "tissue", 2: "colour flow", 3: "PW Doppler", 4: "CW Doppler", 5: "Doppler mean trace"}
+CM = 3  # PhysicalUnitsX/YDirection code of centimetres (PS3.3 C.8.5.5.1.15)
+SQUARE = 0.01  # largest relative difference of a pixel's width and height still taken as square
+
+
+class Unreadable(ValueError):
+    """A file or frame that cannot be read, with the reason as the message."""
+
+
+@dataclasses.dataclass
+class View:
+    """One view of one frame, as the models get it."""
+
+    file: str
+    frame: int  # 0-based
+    region: int  # the tissue region's index in SequenceOfUltrasoundRegions; -1 = the whole frame
+    image: Image.Image  # 'L' or 'RGB', 8-bit, cropped to the region
+    pixel_size_mm: float | None  # mm per pixel of `image`; None = unknown (spacing_note says why)
+    spacing_source: str  # 'ultrasound region N', 'PixelSpacing', 'given' (pixel_size) or ''
+    spacing_note: str  # why there is no pixel size, or why the crop is not trusted
+    seconds: float | None  # the frame's time in a clip
+    pixels: str  # how the stored values became these 8-bit colours
+
+
+# ------------------------------------------------------------------ finding the scans
+
+
+def classify(path):
+    """-> 'image' | 'video' | 'dicom', or raises Unreadable (a scan that cannot be read) / NotAScan."""
+    name, suffix = os.path.basename(path), Path(path).suffix.lower()
+    if name.startswith("._"):
+        raise Unreadable("a macOS resource-fork file (AppleDouble), not a scan")
+    if os.path.getsize(path) == 0:
+        raise Unreadable("empty file (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if head[128:132] == b"DICM" or suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    raise NotAScan("not an image, video or DICOM file")
+
+
+class NotAScan(ValueError):
+    pass
+
+
+def walk(folder):
+    """Every file under `folder`, sorted, leaving out hidden folders (.git, .Trash ...)."""
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        yield from (os.path.join(root, f) for f in sorted(files))
+
+
+def find(paths):
+    """Files and folders -> (scans [(path, kind)], ignored [(path, why)], skipped [(path, why)]); folders are read
+    recursively in sorted order."""
+    scans, ignored, skipped = [], [], []
+    for item in paths:
+        if not os.path.exists(item):
+            skipped.append((item, "not found"))
+            continue
+        files = walk(item) if os.path.isdir(item) else [item]
+        for path in files:
+            try:
+                scans.append((path, classify(path)))
+            except NotAScan as why:
+                ignored.append((path, str(why)))
+            except (Unreadable, OSError) as why:
+                skipped.append((path, str(why)))
+    return scans, ignored, skipped
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read(path, kind, pixel_size=-1.0, indices=None):
+    """Views of one file, frame by frame (bounded memory); `indices` keeps only those frames. Raises Unreadable,
+    possibly after some views: the caller keeps those and reports the rest."""
+    reader = {"image": image_views, "dicom": dicom_views, "video": video_views}[kind]
+    given = pixel_size if pixel_size > 0 else None
+    try:
+        yield from reader(path, given, None if indices is None else set(indices))
+    except Unreadable:
+        raise
+    except Exception as error:  # decoders raise many types; the file is skipped with the reason
+        raise Unreadable(one_line(error)) from None
+
+
+def one_line(error):
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines)[:300]}" if lines else type(error).__name__
+
+
+def uncalibrated(path, frame, image, given, seconds=None, pixels=""):
+    source, note = ("given", "") if given else ("", "the file carries no calibration (give pixel_size)")
+    return View(path, frame, -1, image, given, source, note, seconds, pixels)
+
+
+def image_views(path, given, indices):
+    with Image.open(path) as image:
+        for frame, page in enumerate(ImageSequence.Iterator(image)):
+            if indices is None or frame in indices:
+                page.load()
+                converted, note = data.to_8bit(page)
+                yield uncalibrated(path, frame, converted.copy(), given, pixels=note or page.mode)
+
+
+def video_views(path, given, indices):
+    import av  # PyAV: imported only when a clip is read
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise Unreadable("no video stream")
+        for frame, decoded in enumerate(container.decode(video=0)):
+            if indices is None or frame in indices:
+                yield uncalibrated(path, frame, decoded.to_image(), given, decoded.time, "video frame as RGB")
+
+
+# ------------------------------------------------------------------ DICOM
+
+
+def dicom_views(path, given, indices):
+    """Each frame of a DICOM file, decoded one at a time (pydicom's iter_pixels), as its views."""
+    import pydicom
+    from pydicom.pixels import iter_pixels
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")  # malformed tags: read anyway
+    dataset = pydicom.dcmread(path, defer_size="256 KB", force=True)
+    if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        kind = getattr(dataset.get("SOPClassUID"), "name", "") or "no SOP class"
+        raise Unreadable(f"no pixel data ({kind})")
+    check_decoder(dataset)
+    frames, rows, columns = int(dataset.get("NumberOfFrames") or 1), dataset.Rows, dataset.Columns
+    views, note = calibrated_views(dataset, rows, columns, given)
+    to_rgb, pixels = colour(dataset)
+    frame_time = seconds_per_frame(dataset)
+    wanted = sorted(i for i in indices if i < frames) if indices is not None else None
+    for frame, array in zip(wanted or range(frames), iter_pixels(path, indices=wanted)):
+        image = Image.fromarray(to_rgb(array))
+        seconds = None if frame_time is None else frame * frame_time
+        for region, box, size, source in views:
+            crop = image if box is None else image.crop(box)
+            yield View(path, frame, region, crop, size, source, note, seconds, pixels)
+
+
+def check_decoder(dataset):
+    """A compressed transfer syntax whose decoder is missing: say which and what decodes it."""
+    from pydicom.pixels import get_decoder
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise Unreadable(f"{syntax.name} ({syntax}): pydicom has no decoder for it") from None
+    if not decoder.is_available:
+        options = "; ".join(decoder.missing_dependencies)
+        raise Unreadable(f"{syntax.name} ({syntax}): no decoder installed; pydicom decodes it with {options}")
+
+
+def colour(dataset):
+    """-> (function: a decoded frame -> (H, W) or (H, W, 3) uint8, description)."""
+    from pydicom.pixels import apply_color_lut
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    bits = int(dataset.get("BitsStored") or dataset.get("BitsAllocated") or 8)
+    if photometric == "PALETTE COLOR":
+        first, entries = (
+            dataset.RedPaletteColorLookupTableDescriptor[1],
+            dataset.RedPaletteColorLookupTableDescriptor[0],
+        )
+        table = apply_color_lut(np.arange(first, first + (entries or 65536)), dataset)
+        lut_bits = 16 if table.dtype == np.uint16 and table.max() > 255 else 8  # some write 8-bit values in 16
+        return lambda a: data.scale_to_8bit(apply_color_lut(a, dataset)[..., :3], lut_bits)[0], (
+            f"PALETTE COLOR through its {lut_bits}-bit lookup tables"
+        )
+    signed = int(dataset.get("PixelRepresentation") or 0) == 1
+
+    def to_rgb(array):
+        if signed and np.issubdtype(array.dtype, np.signedinteger):
+            array = array.astype(np.int64) + 2 ** (bits - 1)  # -> 0 .. 2**bits - 1
+        scaled = data.scale_to_8bit(array, bits if np.issubdtype(array.dtype, np.integer) else 0)[0]
+        return 255 - scaled if photometric == "MONOCHROME1" else scaled
+
+    how = {"MONOCHROME1": "MONOCHROME1 inverted", "RGB": "RGB"}.get(photometric, photometric)
+    if photometric.startswith("YBR"):
+        how = f"{photometric} -> RGB (pydicom, once)"
+    return to_rgb, how + (f", {bits}-bit scaled to 8" if bits > 8 else "")
+
+
+def seconds_per_frame(dataset):
+    if dataset.get("FrameTime"):
+        return float(dataset.FrameTime) / 1000  # ms
+    if dataset.get("CineRate"):
+        return 1 / float(dataset.CineRate)  # frames per second
+    return None
+
+
+def calibrated_views(dataset, rows, columns, given):
+    """-> ([(region, crop box or None, pixel size mm or None, source)], note): the views of each frame."""
+    regions = list(dataset.get("SequenceOfUltrasoundRegions") or [])
+    if not regions:
+        size, source, note = pixel_spacing(dataset, given)
+        return [(-1, None, size, source)], note
+    tissue = [
+        (i, r) for i, r in enumerate(regions) if r.get("RegionSpatialFormat") == 1 and r.get("RegionDataType") == 1
+    ]
+    if not tissue:
+        found = ", ".join(describe_region(r) for r in regions)
+        raise Unreadable(f"no 2D tissue region to classify (regions: {found})")
+    views = []
+    for index, region in tissue:
+        x0, y0, x1, y1 = (int(region.get(k, -1)) for k in ("RegionLocationMinX0", "RegionLocationMinY0",
+                                                           "RegionLocationMaxX1", "RegionLocationMaxY1"))  # fmt: skip
+        if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
+            where = f"region {index} spans x {x0}-{x1}, y {y0}-{y1} outside the {columns}x{rows} pixel array"
+            note = f"calibration not trusted: {where} (resized after calibration?): whole frame, no pixel size"
+            return [(-1, None, None, "")], note
+        size, why = region_pixel_size(region)
+        views.append((index, (x0, y0, x1 + 1, y1 + 1), size, f"ultrasound region {index}" if size else "", why))
+    notes = sorted({v[4] for v in views if v[4]})
+    return [v[:4] for v in views], "; ".join(notes)
+
+
+def describe_region(region):
+    spatial, kind = region.get("RegionSpatialFormat"), region.get("RegionDataType")
+    return f"{REGION_FORMATS.get(spatial, spatial)} {REGION_TYPES.get(kind, kind)}"
+
+
+def region_pixel_size(region):
+    """-> (mm per pixel or None, why not): PhysicalDeltaX/Y in cm when both units are cm and the pixel is square."""
+    units = (region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection"))
+    if units != (CM, CM):
+        return None, f"region units {units} are not cm (3): no pixel size"
+    return square_pixel(10 * float(region.get("PhysicalDeltaX", 0)), 10 * float(region.get("PhysicalDeltaY", 0)))
+
+
+def pixel_spacing(dataset, given):
+    """-> (mm, source, note) for a file without regions: PixelSpacing (row, column) else the given size."""
+    spacing = dataset.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2:
+        size, why = square_pixel(float(spacing[1]), float(spacing[0]))
+        return size, "PixelSpacing" if size else "", why
+    if given:
+        return given, "given", ""
+    return None, "", "the file carries no calibration (give pixel_size)"
+
+
+def square_pixel(width, height):
+    """A pixel's size in mm, when it is plausible and square."""
+    low, high = data.PIXEL_SIZE_RANGE_MM
+    if not all(math.isfinite(v) and low <= v <= high for v in (width, height)):
+        return None, f"implausible pixel size {width:g} x {height:g} mm (expected {low:g}-{high:g} mm)"
+    if abs(width - height) > SQUARE * max(width, height):
+        return None, f"pixels are not square ({width:.4g} x {height:.4g} mm): no single pixel size"
+    return (width + height) / 2, ""
+
+
+# ------------------------------------------------------------------ command line
+
+
+def frame_name(path, frame, region, taken):
+    """A file name for one view, unique within `taken` (a set it is added to)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).as_posix().lstrip("./")) or "scan"
+    name = f"{stem}_f{frame:04d}" + (f"_r{region}" if region >= 0 else "")
+    unique, n = name, 1
+    while unique in taken:
+        n += 1
+        unique = f"{name}-{n}"
+    taken.add(unique)
+    return unique + ".png"
+
+
+def summarise(path, kind, views):
+    first = views[0]
+    sizes = sorted({f"{v.pixel_size_mm:.4f} mm ({v.spacing_source})" if v.pixel_size_mm else "none" for v in views})
+    regions = sorted({v.region for v in views})
+    shape = "whole frame" if regions == [-1] else f"regions {regions}"
+    text = f"{path}: {kind}, {len({v.frame for v in views})} frames, {first.image.width}x{first.image.height} "
+    text += f"{first.image.mode}, {first.pixels}; {shape}; pixel size {', '.join(sizes)}"
+    return text + (f"; {first.spacing_note}" if first.spacing_note else "")
+
+
+def main(arguments):
+    config = configurator.configure(dict(DEFAULTS), arguments, rest="paths")
+    if not config["paths"]:
+        raise SystemExit("usage: python scans.py PATH [PATH ...] [--pixel_size=MM] [--save_frames=DIR]")
+    if config["pixel_size"] != -1:
+        data.check_pixel_size(config["pixel_size"], "--pixel_size")
+    found, ignored, skipped = find(config["paths"])
+    taken, read_files = set(), 0
+    for path, kind in found:
+        try:
+            views = list(read(path, kind, config["pixel_size"]))
+        except Unreadable as why:
+            skipped.append((path, str(why)))
+            continue
+        read_files += 1
+        print(summarise(path, kind, views) if views else f"{path}: no frames")
+        if config["save_frames"]:
+            os.makedirs(config["save_frames"], exist_ok=True)
+            for view in views:
+                target = os.path.join(config["save_frames"], frame_name(path, view.frame, view.region, taken))
+                with configurator.atomic_path(target) as tmp:
+                    view.image.save(tmp, format="PNG")
+    for path, why in skipped:
+        print(f"skipped {path}: {why}")
+    for path, why in ignored:
+        print(f"ignored {path}: {why}")
+    print(f"{read_files} scans read, {len(skipped)} skipped, {len(ignored)} ignored")
+    return found, ignored, skipped
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,215 @@
+"""scans.py: scans read as their files mean them, checked against pydicom's own decoding of real scanner files (its
+test files: a SonoSite cine in YBR_FULL_422 JPEG Baseline, a 16-bit PALETTE COLOR still, JPEG 2000, big-endian RGB),
+DICOM written with pydicom the way scanners write it (dual view with a Doppler strip, MONOCHROME1 in 12 bits), a clip
+written with PyAV, and every kind of unreadable file."""
+
+import os
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, convert_color_space
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+import data
+import scans
+
+PYDICOM_FILES = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
+
+
+def real(name):
+    return os.path.join(PYDICOM_FILES, name)
+
+
+def views(path, pixel_size=-1.0):
+    found, ignored, skipped = scans.find([str(path)])
+    assert not ignored and not skipped, (ignored, skipped)
+    return list(scans.read(*found[0], pixel_size))
+
+
+def region(x0, y0, x1, y1, spatial=1, kind=1, delta_cm=0.02, units=3):
+    item = Dataset()
+    item.RegionSpatialFormat, item.RegionDataType, item.RegionFlags = spatial, kind, 0
+    item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
+    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
+    item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = units
+    item.PhysicalDeltaX = item.PhysicalDeltaY = delta_cm
+    return item
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=8, regions=None, **tags):
+    """An ultrasound DICOM file as a scanner writes it: file meta, Ultrasound (Multi-frame) Image Storage, native
+    little-endian pixels (frames, rows, columns[, 3])."""
+    multi = pixels.ndim == (4 if photometric == "RGB" else 3)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1" if multi else "1.2.840.10008.5.1.4.1.1.6.1"
+    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta,
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality, ds.PhotometricInterpretation = "US", photometric
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    ds.Rows, ds.Columns = pixels.shape[1 if multi else 0], pixels.shape[2 if multi else 1]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        8 * pixels.itemsize,
+        bits_stored,
+        bits_stored - 1,
+        0,
+    )
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    if multi:
+        ds.NumberOfFrames, ds.FrameTime = pixels.shape[0], 40.0
+    if regions is not None:
+        ds.SequenceOfUltrasoundRegions = regions
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_real_ybr_cine_is_converted_to_rgb_once_and_its_misfit_calibration_is_not_trusted():
+    path = real("examples_ybr_color.dcm")  # SonoSite: 30 frames, YBR_FULL_422 in JPEG Baseline, regions of 640x480
+    got = views(path)
+    raw = pydicom.pixels.pixel_array(path, raw=True)  # the codec's YCbCr, not converted
+    assert len(got) == 30 and [v.frame for v in got] == list(range(30))
+    for view, ybr in zip(got[::7], raw[::7]):
+        expected = convert_color_space(ybr, "YBR_FULL", "RGB")  # one conversion, by pydicom
+        assert view.image.mode == "RGB" and np.array_equal(np.asarray(view.image), expected)
+        assert not np.array_equal(np.asarray(view.image), ybr)
+    assert got[3].seconds == pytest.approx(3 * 0.033333)  # FrameTime 33.333 ms
+    assert got[0].region == -1 and got[0].pixel_size_mm is None  # the region box lies outside the 320x240 frames
+    assert "not trusted" in got[0].spacing_note and "x 84-595" in got[0].spacing_note
+
+
+def test_a_real_16_bit_palette_goes_through_its_lookup_tables():
+    path = real("examples_palette.dcm")  # 8-bit indices, 16-bit LUT entries
+    (view,) = views(path, pixel_size=0.2)
+    ds = pydicom.dcmread(path)
+    expected = np.rint(apply_color_lut(ds.pixel_array, ds) / 257).astype(np.uint8)
+    assert view.image.mode == "RGB" and np.array_equal(np.asarray(view.image), expected)
+    assert view.pixel_size_mm is None and "not trusted" in view.spacing_note  # its regions do not fit either
+
+
+@pytest.mark.parametrize("name", ["examples_jpeg2k.dcm", "examples_rgb_color.dcm", "ExplVR_BigEnd.dcm"])
+def test_real_jpeg2000_rgb_and_big_endian_files_decode_as_pydicom_decodes_them(name):
+    (view,) = views(real(name), pixel_size=0.3)
+    assert np.array_equal(np.asarray(view.image), pydicom.dcmread(real(name)).pixel_array)
+    assert (view.pixel_size_mm, view.spacing_source) == (0.3, "given")  # no calibration in the file
+
+
+def test_dual_view_regions_crop_each_view_and_leave_the_doppler_strip_out(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 300, 800), dtype=np.uint8)
+    regions = [region(0, 0, 399, 199), region(400, 0, 799, 199, delta_cm=0.025), region(0, 200, 799, 299, 3, 3)]
+    path = write_dicom(tmp_path / "dual", frames, regions=regions, PixelSpacing=[0.5, 0.5])  # no extension
+    got = views(path, pixel_size=0.9)
+    assert [(v.frame, v.region) for v in got] == [(f, r) for f in range(3) for r in (0, 1)]
+    for view in got:
+        box = (slice(0, 200), slice(0, 400)) if view.region == 0 else (slice(0, 200), slice(400, 800))
+        assert np.array_equal(np.asarray(view.image), frames[view.frame][box])
+    assert [v.pixel_size_mm for v in got[:2]] == pytest.approx([0.2, 0.25])  # cm -> mm; PixelSpacing unused
+    assert got[1].spacing_source == "ultrasound region 1" and got[1].seconds == 0.0
+
+
+def test_regions_without_centimetres_or_square_pixels_give_no_pixel_size(tmp_path):
+    frame = np.zeros((100, 100), np.uint8)
+    (view,) = views(write_dicom(tmp_path / "a.dcm", frame, regions=[region(0, 0, 99, 99, units=0)]), 0.3)
+    assert view.pixel_size_mm is None and "not cm" in view.spacing_note  # the given size does not override it
+    oblong = region(0, 0, 99, 99)
+    oblong.PhysicalDeltaY = 0.03
+    (view,) = views(write_dicom(tmp_path / "b.dcm", frame, regions=[oblong]))
+    assert view.pixel_size_mm is None and "not square" in view.spacing_note
+    (view,) = views(write_dicom(tmp_path / "c.dcm", frame, PixelSpacing=[0.4, 0.4]))
+    assert (view.pixel_size_mm, view.spacing_source) == (0.4, "PixelSpacing")
+    only_doppler = [region(0, 0, 99, 99, spatial=3, kind=3)]
+    found, _, _ = scans.find([write_dicom(tmp_path / "d.dcm", frame, regions=only_doppler)])
+    with pytest.raises(scans.Unreadable, match="no 2D tissue region .*spectral Doppler PW Doppler"):
+        list(scans.read(*found[0]))
+
+
+def test_monochrome1_in_12_bits_is_inverted_and_scaled_never_clipped(tmp_path):
+    stored = np.array([[0, 1000, 4095], [2048, 4000, 17]], np.uint16)
+    (view,) = views(write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1", bits_stored=12))
+    expected = 255 - np.rint(pydicom.dcmread(tmp_path / "m1.dcm").pixel_array / 4095 * 255).astype(np.uint8)
+    assert view.image.mode == "L" and np.array_equal(np.asarray(view.image), expected)
+    assert np.asarray(view.image)[0, 0] == 255  # 0 is white in MONOCHROME1
+
+
+def test_16_bit_and_float_images_scale_to_the_8_bit_scan(tmp_path):
+    scan = np.random.default_rng(1).integers(0, 256, (40, 60), dtype=np.uint8)
+    Image.fromarray(scan).save(tmp_path / "scan8.png")
+    Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "scan16.png")  # how converters export 16 bits
+    Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "scan16.tif")
+    Image.fromarray(scan.astype(np.float32) / 255).save(tmp_path / "scan_float.tif")
+    for name in ("scan8.png", "scan16.png", "scan16.tif", "scan_float.tif"):
+        (view,) = views(tmp_path / name)
+        assert np.array_equal(np.asarray(view.image), scan), name
+    assert Image.open(tmp_path / "scan16.png").convert("RGB").getextrema()[0][1] == 255  # PIL alone clips
+
+
+def test_a_clip_written_with_pyav_gives_every_frame_in_order(tmp_path):
+    import av
+
+    path, levels = str(tmp_path / "loop.mp4"), [20, 60, 100, 140, 180, 220]
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for level in levels:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    got = views(path)
+    assert [v.frame for v in got] == list(range(6)) and got[0].image.size == (64, 48)
+    assert np.allclose([np.asarray(v.image).mean() for v in got], levels, atol=3)  # lossy codec: close, in order
+    assert got[2].seconds == pytest.approx(2 / 25)
+
+
+def test_unreadable_files_are_skipped_with_their_reason_and_other_files_listed_as_ignored(tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    shutil.copy(real("test-SR.dcm"), folder / "report.dcm")
+    shutil.copy(real("JPEGLSNearLossless_08.dcm"), folder / "IMG0001")  # DICOM without an extension
+    good = real("examples_rgb_color.dcm")
+    (folder / "truncated.dcm").write_bytes(open(good, "rb").read()[:-5000])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "._IMG0002.dcm").write_bytes(b"\0\5\26\7" * 100)
+    (folder / "clip.mp4").write_bytes(os.urandom(2000))
+    (folder / "notes.txt").write_text("not a scan")
+    shutil.copy(good, folder / "good.dcm")
+    found, ignored, skipped = scans.find([str(folder)])
+    reasons = dict(skipped)
+    for path, kind in found:
+        try:
+            assert list(scans.read(path, kind)), path
+        except scans.Unreadable as why:
+            reasons[path] = str(why)
+    named = {os.path.basename(p): why for p, why in reasons.items()}
+    assert sorted(named) == ["._IMG0002.dcm", "IMG0001", "clip.mp4", "empty.png", "report.dcm", "truncated.dcm"]
+    assert "no pixel data (Comprehensive SR Storage)" in named["report.dcm"]
+    assert (
+        "JPEG-LS" in named["IMG0001"]
+        and "1.2.840.10008.1.2.4.81" in named["IMG0001"]
+        and "pyjpegls" in named["IMG0001"]
+    )
+    assert "empty file" in named["empty.png"] and "AppleDouble" in named["._IMG0002.dcm"]
+    assert "reshape" in named["truncated.dcm"] or "truncated" in named["truncated.dcm"]
+    assert ignored == [(str(folder / "notes.txt"), "not an image, video or DICOM file")]
+
+
+def test_scale_to_8bit_never_clips_and_says_how():
+    assert data.scale_to_8bit(np.array([0, 257, 65535], np.uint16))[0].tolist() == [0, 1, 255]
+    assert data.scale_to_8bit(np.array([0, 4095], np.uint16), bits=12)[0].tolist() == [0, 255]
+    pixels, note = data.scale_to_8bit(np.array([-1.0, 3.0], np.float32))
+    assert pixels.tolist() == [0, 255] and "stretched" in note
+    with pytest.raises(ValueError, match="do not fit in 12 bits"):
+        data.scale_to_8bit(np.array([5000], np.uint16), bits=12)
+    with pytest.raises(ValueError, match="not all finite"):
+        data.scale_to_8bit(np.array([np.nan], np.float32))
