@@ -1,9 +1,8 @@
-"""Zero-shot evaluation with the FetalCLIP protocol (FetalCLIP, Maani et al. 2025; paper Sec. 4), and predictions
-on your own scans. analysis.py holds the paper's further analyses (Tables 4-5, Figures 2-3).
+"""Zero-shot evaluation with the FetalCLIP protocol (FetalCLIP, Maani et al. 2025; paper Sec. 4). predict.py applies
+a model to your own scans; analysis.py holds the paper's further analyses (Tables 4-5, Figures 2-3).
 
     python evaluate.py out/best.pt                                   # table + out/best_zeroshot.json
     python evaluate.py mobile_fetal_clip_weights.pt --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
-    python evaluate.py out/best.pt --images=my_scans/ --pixel_size=0.12   # planes, sub-plane, GA per scan
     python evaluate.py out/best.pt --eval_split=report               # held-out patients only (see README)
 
 Metrics are the release's (its evaluation/zero_shot.py): over the classes present in the labels, `f1` is the mean
@@ -24,7 +23,6 @@ takes minutes on 2 cores, on a GPU seconds (progress bars show both stages).
 
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -46,9 +44,7 @@ model = ""  # model.py name; '' = the name the checkpoint stores (or the one its
 planes_dir = "data/demo/planes"  # Planes DB folder (the demo's is written by python synthetic.py)
 hc18_dir = "data/demo/hc18"  # HC18 folder
 eval_split = "all"  # 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
-images = ""  # your own scans instead of the benchmark: image files or folders, comma-separated
-pixel_size = -1.0  # mm per pixel of those scans (as HC18's 'pixel size(mm)'); > 0 adds a GA estimate
-out_dir = ""  # where the JSON / CSV go; '' = beside the checkpoint
+out_dir = ""  # where the JSON goes; '' = beside the checkpoint
 device = ""  # '' = cuda, else mps, else cpu
 batch_size = 64
 num_workers = 0  # image-loading processes
@@ -176,7 +172,9 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            image = Image.open(self.paths[i]).convert("RGB")
+            image = Image.open(self.paths[i])
+            image.load()
+            image = data.to_8bit(image)[0]  # 'L' or 'RGB', 16-bit scaled, not clipped
         except Exception as error:  # PIL raises several types for unreadable files
             raise ValueError(f"{self.paths[i]}: not a readable image ({error})") from None
         return self.transform(image), max(image.size)  # original size, before pad-to-square
@@ -235,11 +233,12 @@ def ga_spacing(side, pixel_size, image_size):
     return f"{side / image_size * pixel_size:.2f}"
 
 
-def ga_scores(model, image_features, spacings, cache_text=True, device="cpu"):
+def ga_scores(model, image_features, spacings, cache_text=True, device="cpu", text_cache=None):
     """image_features (n, D), spacings n '%.2f' strings -> ((n, 175) float32 scores, prompts encoded).
     The GA text features depend on the image only through its spacing string, so cache_text=True
-    encodes them once per distinct string; cache_text=False re-encodes them per image (release)."""
-    cache, encoded, scores = {}, 0, []
+    encodes them once per distinct string (kept in `text_cache` across calls when given); cache_text=False
+    re-encodes them per image (release)."""
+    cache, encoded, scores = {} if text_cache is None else text_cache, 0, []
     for feature, spacing in zip(tqdm(image_features, desc="GA prompts", unit="image", leave=False), spacings):
         if not cache_text or spacing not in cache:
             cache[spacing] = ga_text_features(model, spacing, device).flatten(0, 1)  # (875, D)
@@ -364,69 +363,6 @@ def format_table(results):
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------ your own scans (--images)
-
-
-def image_paths(spec):
-    """'a.png,scans/' -> the image files, folders expanded (sorted); a missing path is an error naming it."""
-    paths = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        if os.path.isdir(item):
-            paths += sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in Image.registered_extensions())
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"--images: {item} is neither an image file nor a folder")
-    if not paths:
-        raise FileNotFoundError(f"--images={spec}: no image files found")
-    return paths
-
-
-@torch.no_grad()
-def predict(model, paths, pixel_size=-1.0, batch_size=64, device="cpu", num_workers=0):
-    """Per image: the five-plane probabilities (top 3), the brain sub-plane when the plane is brain, and with a
-    pixel size (mm/pixel) the GA estimate of the HC18 protocol (its prompts, the top-15 median rule)."""
-    model.eval()
-    features, sides = encode_images(model, paths, batch_size, device, num_workers)
-    plane_probs = (100.0 * features @ class_embeddings(model, PROMPTS["five_planes"], device).T).softmax(-1)
-    brain_probs = (100.0 * features @ class_embeddings(model, PROMPTS["brain_subplanes"], device).T).softmax(-1)
-    days = [None] * len(paths)
-    if pixel_size > 0:
-        spacings = [ga_spacing(side, pixel_size, model.image_size) for side in sides]
-        days = ga_prediction(ga_scores(model, features, spacings, device=device)[0]).tolist()
-    rows = []
-    for path, planes, brain, ga in zip(paths, plane_probs, brain_probs, days):
-        top = planes.topk(3)
-        row = {
-            "image": path,
-            **{f"plane{k + 1}": FIVE_PLANES[int(i)] for k, i in enumerate(top.indices)},
-            **{f"p{k + 1}": round(float(p), 4) for k, p in enumerate(top.values)},
-        }
-        is_brain = FIVE_PLANES[int(top.indices[0])] == "brain"
-        row["subplane"] = BRAIN_SUBPLANES[int(brain.argmax())] if is_brain else ""
-        row["p_subplane"] = round(float(brain.max()), 4) if is_brain else ""
-        row["ga"] = f"{ga // 7}w{ga % 7}d" if ga is not None else ""
-        row["ga_days"] = ga if ga is not None else ""
-        rows.append(row)
-    return rows
-
-
-def write_predictions(rows, out_dir, stem):
-    """Print the table; write <stem>_predictions.csv and .json into out_dir -> their paths."""
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    for row in [dict(zip(columns, columns))] + rows:
-        print("  ".join(f"{str(row[c]):<{widths[c]}}" for c in columns))
-    csv_path, json_path = Path(out_dir) / f"{stem}_predictions.csv", Path(out_dir) / f"{stem}_predictions.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = data.csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {csv_path} and {json_path}")
-    return csv_path, json_path
-
-
 # ------------------------------------------------------------------ command line
 
 
@@ -452,9 +388,6 @@ def run(config):
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
     batching = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"])
-    if config["images"]:
-        rows = predict(net, image_paths(config["images"]), config["pixel_size"], **batching)
-        return write_predictions(rows, out_dir, ckpt.stem)
     kwargs = dict(batching, split=config["eval_split"], cache_text=config["cache_text"])
     results = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)
     print(format_table(results))

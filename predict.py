@@ -1,0 +1,399 @@
+"""The model on your scans (nanoGPT's sample.py): which plane each frame shows, the best frame of each plane in a
+clip, the brain sub-plane, and a gestational-age estimate where the head is calibrated.
+
+    python predict.py out/best.pt exports/                    # every scan under exports/ (scans.py reads them)
+    python predict.py mobile_fetal_clip_weights.pt a.dcm loop.mp4 --pixel_size=0.2 --save_frames=frames/
+    python predict.py out/best.pt scans/ --prompts=my_classes.json    # your own classes: {class: [prompt, ...]}
+
+Per view of every frame (a dual-view DICOM frame has two): every class's probability (softmax of 100 * img @ cls.T
+with the protocol's prompt-averaged class embeddings), the top three, the brain sub-plane when the plane is brain,
+and the GA (the HC18 prompts and top-15 rule of evaluate.py at the spacing of the model's input, after crop, pad and
+resize) where the frame is a brain plane, its pixel size is known and the view can hold a measurable head (at least
+HC_MIN / pi = 32 mm across). Per multi-frame file (and view): the label of the mean probabilities and each class's
+best frame, and a timeline plot. Writes, each atomically, into out_dir:
+    predictions.json   {"rows": [...], "clips": [...], "skipped": [...], "ignored": [...], "produced_by": {...}}
+    predictions.csv    one line per row
+    timelines/         <file>.png per clip: class probabilities over frames
+produced_by holds the command, the checkpoint's path, sha256 and model, the prompts and the package versions. Frames
+are encoded in batches; the GA prompts once per distinct spacing. Memory grows with the rows, not the pixels.
+"""
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import configurator
+import data
+import evaluate
+import scans
+from model import load_model
+
+DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
+    "ckpt": "",  # the checkpoint: the first argument
+    "paths": [],  # files and folders of scans: the further arguments
+    "pixel_size": -1.0,  # mm per pixel for files that carry no calibration (as HC18's CSV); -1 = none
+    "prompts": "",  # JSON {class: [prompt, ...]} replacing the five planes (no sub-plane, no GA); '' = protocol
+    "save_frames": "",  # a folder: the image the model saw for every row, as PNG (to check colour and crop)
+    "out_dir": "predictions",  # predictions.json, predictions.csv, timelines/ (replaced, never mixed)
+    "model": "",  # model.py name; '' = the name the checkpoint stores
+    "device": "",  # '' = cuda, else mps, else cpu
+    "batch_size": 32,  # frames per forward pass
+}
+HEAD_MIN_MM = evaluate.HC_MIN / math.pi  # across the smallest head the protocol measures (HC 100 mm)
+PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
+
+# ------------------------------------------------------------------ classes and prompts
+
+
+def read_prompts(path):
+    """{class: [prompt, ...]} from a JSON file, checked: at least two classes, each with non-empty prompts."""
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prompts={path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--prompts={path}: not valid JSON ({error})") from None
+    if not isinstance(prompts, dict) or len(prompts) < 2:
+        raise ValueError(f"--prompts={path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more")
+    for name, texts in prompts.items():
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t.strip() for t in texts)):
+            raise ValueError(f"--prompts={path}: class {name!r} needs a non-empty list of prompt strings")
+    return prompts
+
+
+class Classifier:
+    """The zero-shot heads of one model: the classes (the five planes, or the user's), the brain sub-planes and the
+    GA prompts (protocol only), and the GA text features per spacing, encoded once each."""
+
+    def __init__(self, net, prompts, device):
+        self.net, self.device, self.protocol = net, device, prompts is None
+        self.prompts = evaluate.PROMPTS["five_planes"] if prompts is None else prompts
+        self.classes = list(self.prompts)
+        self.embeddings = evaluate.class_embeddings(net, self.prompts, device)  # (C, D)
+        self.brain = (
+            evaluate.class_embeddings(net, evaluate.PROMPTS["brain_subplanes"], device) if self.protocol else None
+        )
+        self.ga_text = {}  # spacing string -> (875, D)
+        transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
+        self.model_input = torchvision.transforms.Compose(transform.transforms[:-1])  # pad, resize, crop: PIL
+        self.normalise = transform.transforms[-1]
+
+    @torch.no_grad()
+    def __call__(self, views):
+        """Views -> rows (dicts), one per view."""
+        images = torch.stack([self.normalise(self.model_input(view.image)) for view in views]).to(self.device)
+        features = F.normalize(self.net.encode_image(images).float(), dim=-1).cpu()  # (B, D)
+        probs = (100.0 * features @ self.embeddings.T).softmax(-1)  # (B, C)
+        rows = [self.row(view, p) for view, p in zip(views, probs)]
+        if self.protocol:
+            self.add_subplanes(rows, features)
+            self.add_ga(rows, views, features)
+        return rows
+
+    def row(self, view, probs):
+        top = probs.topk(min(3, len(self.classes)))
+        return {
+            "file": view.file,
+            "frame": view.frame,
+            "region": None if view.region < 0 else view.region,
+            "seconds": view.seconds,
+            "label": self.classes[int(top.indices[0])],
+            "top": [[self.classes[int(i)], round(float(p), 4)] for i, p in zip(top.indices, top.values)],
+            "probs": {name: round(float(p), 6) for name, p in zip(self.classes, probs)},
+            "pixel_size_mm": view.pixel_size_mm,
+            "spacing_source": view.spacing_source or None,
+            "spacing_note": view.spacing_note or None,
+            "pixels": view.pixels,
+        }
+
+    def add_subplanes(self, rows, features):
+        brain = (100.0 * features @ self.brain.T).softmax(-1)  # (B, 3)
+        for row, p in zip(rows, brain):
+            is_brain = row["label"] == "brain"
+            row["subplane"] = evaluate.BRAIN_SUBPLANES[int(p.argmax())] if is_brain else None
+            row["p_subplane"] = round(float(p.max()), 4) if is_brain else None
+
+    def add_ga(self, rows, views, features):
+        """GA where measurable (see ga_note), else ga_days None and the reason."""
+        chosen, spacings = [], []
+        for i, (row, view) in enumerate(zip(rows, views)):
+            row.update(ga_days=None, ga=None, ga_spacing_mm=None, ga_note=ga_note(row, view))
+            if not row["ga_note"]:
+                chosen.append(i)
+                spacings.append(evaluate.ga_spacing(max(view.image.size), view.pixel_size_mm, self.net.image_size))
+        if chosen:
+            scores, _ = evaluate.ga_scores(
+                self.net, features[chosen], spacings, device=self.device, text_cache=self.ga_text
+            )
+            for i, days, spacing in zip(chosen, evaluate.ga_prediction(scores).tolist(), spacings):
+                rows[i].update(ga_days=days, ga=f"{days // 7}w{days % 7}d", ga_spacing_mm=float(spacing))
+
+
+def ga_note(row, view):
+    """Why a view gets no GA estimate ('' when it gets one)."""
+    if row["label"] != "brain":
+        return "not a brain plane"
+    if view.pixel_size_mm is None:
+        return view.spacing_note or "no pixel size"
+    span = max(view.image.size) * view.pixel_size_mm
+    if span < HEAD_MIN_MM:
+        return f"the view spans {span:.0f} mm, less than the smallest head measured ({HEAD_MIN_MM:.0f} mm across)"
+    return ""
+
+
+# ------------------------------------------------------------------ the scans, streamed
+
+
+def views_of(found, pixel_size, skipped, progress):
+    """Every view of every file in turn; a file that cannot be read is added to `skipped` with its reason (and the
+    number of frames read before the failure, whose rows stay)."""
+    for path, kind in found:
+        frames = set()
+        try:
+            for view in scans.read(path, kind, pixel_size):
+                frames.add(view.frame)
+                yield view
+        except scans.Unreadable as why:
+            skipped.append({"file": path, "reason": str(why), "frames_read": len(frames)})
+        progress.update(1)
+
+
+def batches(views, size):
+    batch = []
+    for view in views:
+        batch.append(view)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def save_model_input(view, classifier, folder, taken):
+    """The image the model saw (after crop, pad and resize, before normalising) as PNG -> its path."""
+    path = os.path.join(folder, scans.frame_name(view.file, view.frame, view.region, taken))
+    with configurator.atomic_path(path) as tmp:
+        classifier.model_input(view.image).save(tmp, format="PNG")
+    return path
+
+
+def predict(net, found, config, device):
+    """-> (rows, skipped) for the found scans: batched, streamed file by file."""
+    prompts = read_prompts(config["prompts"]) if config["prompts"] else None
+    classifier, rows, skipped, taken = Classifier(net, prompts, device), [], [], set()
+    if config["save_frames"]:
+        os.makedirs(config["save_frames"], exist_ok=True)
+    with tqdm(total=len(found), desc="scans", unit="file") as progress:
+        for batch in batches(views_of(found, config["pixel_size"], skipped, progress), config["batch_size"]):
+            batch_rows = classifier(batch)
+            for row, view in zip(batch_rows, batch):
+                saving = config["save_frames"]
+                row["saved"] = save_model_input(view, classifier, saving, taken) if saving else None
+            rows += batch_rows
+            progress.set_postfix(frames=len(rows))
+    return rows, skipped, classifier
+
+
+# ------------------------------------------------------------------ clips
+
+
+def clips_of(rows, classes):
+    """A clip per multi-frame file and view: its frame count, the label of the mean probabilities and, per class,
+    the frame where it is most probable."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["file"], row["region"]), []).append(row)
+    clips = []
+    for (path, region), members in groups.items():
+        if len(members) < 2:
+            continue
+        probs = np.array([[m["probs"][c] for c in classes] for m in members])  # (frames, C)
+        mean, best = probs.mean(0), probs.argmax(0)
+        clips.append(
+            {
+                "file": path,
+                "region": region,
+                "frames": len(members),
+                "label": classes[int(mean.argmax())],
+                "mean_probs": {c: round(float(p), 6) for c, p in zip(classes, mean)},
+                "best_frames": {
+                    c: {"frame": members[int(b)]["frame"], "prob": float(probs[b, i])}
+                    for i, (c, b) in enumerate(zip(classes, best))
+                },
+            }
+        )
+    return clips
+
+
+def timeline(clip, rows, classes):
+    """Class probabilities over the frames of one clip; classes that never reach 0.1 are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = [r for r in rows if r["file"] == clip["file"] and r["region"] == clip["region"]]
+    frames = [r["frame"] for r in members]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for name in classes:
+        series = [r["probs"][name] for r in members]
+        if max(series) >= 0.1:
+            ax.plot(frames, series, label=name, linewidth=1.2)
+    view = "" if clip["region"] is None else f", region {clip['region']}"
+    ax.set(xlabel="frame", ylabel="probability", ylim=(0, 1), title=f"{Path(clip['file']).name}{view}: {clip['label']}")
+    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ outputs
+
+CSV_COLUMNS = ["file", "frame", "region", "seconds", "label", "p", "second", "p2", "third", "p3", "subplane",
+               "p_subplane", "pixel_size_mm", "spacing_source", "ga", "ga_days", "note", "pixels", "saved"]  # fmt: skip
+
+
+def csv_line(row):
+    top = row["top"] + [[None, None]] * (3 - len(row["top"]))
+    line = {k: row.get(k) for k in CSV_COLUMNS}
+    line.update(p=top[0][1], second=top[1][0], p2=top[1][1], third=top[2][0], p3=top[2][1])
+    line["note"] = "; ".join(filter(None, [row.get("spacing_note"), row.get("ga_note")]))
+    return line | {f"p_{name}": p for name, p in row["probs"].items()}
+
+
+def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
+    """predictions.json, predictions.csv and timelines/, each replaced in one step."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken, figures = set(), {}
+    for clip in clips:
+        name = scans.frame_name(clip["file"], 0, -1 if clip["region"] is None else clip["region"], taken)
+        clip["timeline"] = str(out_dir / "timelines" / name.replace("_f0000", ""))
+        figures[Path(clip["timeline"]).name] = timeline(clip, rows, classes)
+    with configurator.atomic_path(out_dir / "timelines") as tmp:
+        os.makedirs(tmp)
+        for name, png in figures.items():
+            Path(tmp, name).write_bytes(png)
+    document = {"rows": rows, "clips": clips, "skipped": skipped, "ignored": ignored, "produced_by": produced_by}
+    configurator.write_atomic(out_dir / "predictions.json", json.dumps(evaluate.plain(document), indent=1))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS + [f"p_{c}" for c in classes])
+    writer.writeheader()
+    writer.writerows(csv_line(row) for row in rows)
+    configurator.write_atomic(out_dir / "predictions.csv", text.getvalue())
+    return out_dir / "predictions.json"
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(config, net, classifier):
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "command": " ".join(["python predict.py", *sys.argv[1:]]) if sys.argv[0].endswith("predict.py") else "",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checkpoint": os.path.abspath(config["ckpt"]),
+        "sha256": sha256(config["ckpt"]),
+        "model": net.name,
+        "prompts": {
+            "file": config["prompts"] or "zero_shot_prompts.json (the protocol's)",
+            "classes": classifier.prompts,
+        },
+        "pixel_size_mm": config["pixel_size"] if config["pixel_size"] > 0 else None,
+        "versions": versions,
+    }
+
+
+def print_table(rows, clips, skipped, ignored):
+    clipped = {(c["file"], c["region"]) for c in clips}
+    for row in rows:
+        if (row["file"], row["region"]) in clipped:
+            continue
+        view = "" if row["region"] is None else f" [region {row['region']}]"
+        top = ", ".join(f"{name} {p:.3f}" for name, p in row["top"])
+        extra = f" | {row['subplane']} {row['p_subplane']:.3f}" if row.get("subplane") else ""
+        extra += f" | GA {row['ga']}" if row.get("ga") else ""
+        print(f"{row['file']}{view}: {top}{extra}")
+    for clip in clips:
+        view = "" if clip["region"] is None else f" [region {clip['region']}]"
+        best = ", ".join(
+            f"{c} f{b['frame']} {b['prob']:.2f}" for c, b in clip["best_frames"].items() if b["prob"] >= 0.5
+        )
+        print(
+            f"{clip['file']}{view}: {clip['frames']} frames, {clip['label']} | best frames: {best or 'none above 0.5'}"
+        )
+    for entry in skipped:
+        print(f"skipped {entry['file']}: {entry['reason']}")
+    if ignored:
+        print(f"ignored {len(ignored)} files that are not scans (listed in predictions.json)")
+
+
+# ------------------------------------------------------------------ command line
+
+
+def check(config):
+    if not config["ckpt"] or not config["paths"]:
+        raise ValueError("usage: python predict.py CKPT PATH [PATH ...] [--pixel_size=MM] [--prompts=FILE] ...")
+    if config["pixel_size"] != -1:
+        data.check_pixel_size(config["pixel_size"], "--pixel_size")
+    if config["batch_size"] < 1:
+        raise ValueError(f"--batch_size={config['batch_size']}: expected at least 1")
+    if config["prompts"]:
+        read_prompts(config["prompts"])
+
+
+def run(config):
+    check(config)
+    device = configurator.pick_device(config["device"])
+    net = load_model(config["ckpt"], config["model"]).to(device).eval()  # refuses non-finite weights
+    found, ignored, skipped = scans.find(config["paths"])
+    print(f"{config['ckpt']}: {net.name} on {device}; {len(found)} scans, {len(ignored)} other files ignored")
+    rows, unreadable, classifier = predict(net, found, config, device)
+    skipped = [{"file": path, "reason": why, "frames_read": 0} for path, why in skipped] + unreadable
+    clips = clips_of(rows, classifier.classes)
+    ignored = [{"file": path, "reason": why} for path, why in ignored]
+    out = write_outputs(
+        config["out_dir"], rows, clips, skipped, ignored, provenance(config, net, classifier), classifier.classes
+    )
+    print_table(rows, clips, skipped, ignored)
+    print(f"wrote {out}, predictions.csv and {len(clips)} timelines: {len(rows)} rows, {len(skipped)} files skipped")
+    if not rows:
+        raise ValueError(f"no frame was predicted ({len(skipped)} files skipped, {len(ignored)} ignored; see {out})")
+    return rows, clips, skipped, ignored
+
+
+def main(arguments):
+    config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt", rest="paths")
+    try:
+        return run(config)
+    except (FileNotFoundError, ValueError) as error:  # the user's files and values: one line, no traceback
+        raise SystemExit(f"predict.py: {error}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

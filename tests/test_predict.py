@@ -1,0 +1,152 @@
+"""predict.py run as a user runs it on a folder of scans: the same pixels give the same answer whatever the file
+format, rows per frame and view, clips with their best frames, GA only where it can be measured (checked against
+evaluate.py's own HC18 functions), the user's own classes, outputs that replace the last run's, and bad input."""
+
+import csv
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import model
+import predict
+import synthetic
+from test_scans import region, write_dicom
+
+
+def save(net, path):
+    torch.save({"model": net.state_dict(), "model_name": net.name}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    torch.manual_seed(0)
+    return save(model.create_model("demo_student"), tmp_path_factory.mktemp("ckpt") / "student.pt")
+
+
+@pytest.fixture(scope="module")
+def brain_student(tmp_path_factory):
+    """A student whose every image embedding is the brain class's: each frame is a brain plane."""
+    torch.manual_seed(0)
+    net = model.create_model("demo_student").eval()
+    brain = evaluate.class_embeddings(net, {"brain": evaluate.PROMPTS["five_planes"]["brain"]})[0]
+    head = net.visual.get_classifier()
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.copy_(brain)
+    return save(net, tmp_path_factory.mktemp("ckpt") / "brain.pt")
+
+
+def scan(seed=0, width=160, height=120):
+    rng = np.random.default_rng(seed)
+    return synthetic.render_scan(rng, "brain", "trans-thalamic", 250, 0.3, width, height)  # (H, W) uint8
+
+
+def run(*arguments):
+    rows, clips, skipped, ignored = predict.main([str(a) for a in arguments])
+    return rows, clips, skipped, ignored
+
+
+def test_the_same_pixels_as_png_16_bit_png_and_dicom_give_the_same_probabilities(student, tmp_path):
+    pixels = scan()
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "a.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "b16.png")
+    write_dicom(folder / "c.dcm", pixels)
+    write_dicom(folder / "d.dcm", np.repeat(pixels[..., None], 3, -1), "RGB")
+    rows, _, skipped, _ = run(student, folder, f"--out_dir={tmp_path / 'out'}")
+    assert [r["file"].split("/")[-1] for r in rows] == ["a.png", "b16.png", "c.dcm", "d.dcm"] and not skipped
+    for row in rows[1:]:
+        assert row["probs"] == pytest.approx(rows[0]["probs"], abs=1e-5), row["file"]
+    assert sum(rows[0]["probs"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_rows_per_frame_and_view_clips_and_outputs_that_replace_the_last_run(student, tmp_path):
+    frames = np.stack([scan(seed) for seed in range(4)])[:, :100, :]  # (4, 100, 160)
+    regions = [region(0, 0, 79, 99), region(80, 0, 159, 99), region(0, 0, 159, 99, spatial=3, kind=3)]
+    cine = write_dicom(tmp_path / "cine.dcm", frames, regions=regions)
+    out, saved = tmp_path / "out", tmp_path / "frames"
+    (out / "timelines").mkdir(parents=True)
+    (out / "timelines" / "stale.png").write_bytes(b"an older run's")
+    rows, clips, _, _ = run(student, cine, f"--out_dir={out}", f"--save_frames={saved}")
+    assert [(r["frame"], r["region"]) for r in rows] == [(f, v) for f in range(4) for v in (0, 1)]
+    assert [(c["region"], c["frames"]) for c in clips] == [(0, 4), (1, 4)]
+    for clip in clips:
+        members = [r for r in rows if r["region"] == clip["region"]]
+        for name, best in clip["best_frames"].items():
+            assert best["prob"] == max(r["probs"][name] for r in members)
+        mean = {c: np.mean([r["probs"][c] for r in members]) for c in members[0]["probs"]}
+        assert clip["label"] == max(mean, key=mean.get)
+    document = json.loads((out / "predictions.json").read_text())
+    assert document["produced_by"]["sha256"] == hashlib.sha256(open(student, "rb").read()).hexdigest()
+    assert document["produced_by"]["model"] == "demo_student" and document["produced_by"]["versions"]["pydicom"]
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 8
+    assert sorted(p.name for p in (out / "timelines").iterdir()) == [
+        "cine.dcm_r0.png".join(["_".join(str(tmp_path).strip("/").split("/")) + "_", ""]),
+        "cine.dcm_r1.png".join(["_".join(str(tmp_path).strip("/").split("/")) + "_", ""]),
+    ]  # the older run's timeline is gone
+    assert Image.open(rows[3]["saved"]).size == (56, 56)  # the model's input, as the model saw it
+
+
+def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spacing(brain_student, tmp_path):
+    frames = np.stack([scan(seed, 320, 140) for seed in range(2)])  # two views of 160 x 140 px
+    regions = [region(0, 0, 159, 139, delta_cm=0.02), region(160, 0, 319, 139, delta_cm=0.025)]
+    files = [
+        write_dicom(tmp_path / "dual.dcm", frames, regions=regions),
+        tmp_path / "plain.png",
+        tmp_path / "small.png",
+    ]
+    Image.fromarray(scan(6, 160, 120)).save(files[1])  # 160 px x 0.2 mm given: region 0's spacing
+    Image.fromarray(scan(5, 100, 80)).save(files[2])  # 100 px x 0.2 mm: 20 mm across, no head fits
+    files.append(write_dicom(tmp_path / "nocm.dcm", scan(7), regions=[region(0, 0, 159, 119, units=0)]))
+    rows, _, _, _ = run(brain_student, *files, "--pixel_size=0.2", f"--out_dir={tmp_path / 'out'}")
+    net = model.load_model(brain_student)
+    with torch.no_grad():
+        feature = torch.nn.functional.normalize(net.encode_image(torch.zeros(1, 3, 56, 56)), dim=-1)
+    for row, mm in zip(rows[:2], (0.2, 0.25)):  # the file's calibration wins over --pixel_size
+        spacing = f"{160 / 56 * mm:.2f}"  # the crop's longer side, padded and resized to 56 px
+        days = evaluate.ga_prediction(evaluate.ga_scores(net, feature, [spacing])[0])[0]
+        assert (row["label"], row["ga_days"], row["ga_spacing_mm"]) == ("brain", days, float(spacing))
+        assert row["ga"] == f"{days // 7}w{days % 7}d" and row["subplane"] in evaluate.BRAIN_SUBPLANES
+    plain, small, nocm = rows[4:]
+    assert (plain["ga_days"], plain["spacing_source"]) == (rows[0]["ga_days"], "given")
+    assert small["ga_days"] is None and "spans 20 mm" in small["ga_note"]
+    assert nocm["ga_days"] is None and "not cm" in nocm["ga_note"]
+
+
+def test_your_own_classes_replace_the_planes(student, tmp_path):
+    prompts = tmp_path / "classes.json"
+    prompts.write_text(json.dumps({"four chamber": ["a four chamber view"], "other": ["an ultrasound image"]}))
+    Image.fromarray(scan()).save(tmp_path / "a.png")
+    rows, _, _, _ = run(student, tmp_path / "a.png", f"--prompts={prompts}", f"--out_dir={tmp_path / 'out'}")
+    assert list(rows[0]["probs"]) == ["four chamber", "other"] and "subplane" not in rows[0] and "ga" not in rows[0]
+    header = next(csv.reader(open(tmp_path / "out" / "predictions.csv")))
+    assert header[-2:] == ["p_four chamber", "p_other"]
+
+
+def test_bad_files_are_skipped_bad_values_refused_in_one_line(student, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(scan()).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    rows, _, skipped, _ = run(student, folder, f"--out_dir={tmp_path / 'out'}")
+    assert len(rows) == 1 and [s["file"].split("/")[-1] for s in skipped] == ["broken.png"]
+    for value in ("0", "nan", "inf", "1e9", "-0.5"):
+        with pytest.raises(SystemExit, match=f"predict.py: --pixel_size={float(value)!r}: expected a pixel size in mm"):
+            run(student, folder, f"--pixel_size={value}")
+    (tmp_path / "bad.json").write_text("{'brain': ['x']}")
+    with pytest.raises(SystemExit, match="--prompts=.*bad.json: not valid JSON"):
+        run(student, folder, f"--prompts={tmp_path / 'bad.json'}")
+    with pytest.raises(SystemExit, match=r"predict.py: no frame was predicted \(1 files skipped"):
+        run(student, folder / "broken.png", f"--out_dir={tmp_path / 'none'}")
+    document = json.loads((tmp_path / "none" / "predictions.json").read_text())
+    assert document["rows"] == [] and "broken.png" in document["skipped"][0]["file"]
+    with pytest.raises(SystemExit, match="usage: python predict.py CKPT PATH"):
+        run(student)
+    assert math.isfinite(rows[0]["probs"]["brain"])
