@@ -44,7 +44,7 @@ DEFAULTS = configurator.settings(globals())
 REPORT = "prepare_report.json"  # its presence marks a folder prepare.py wrote
 SHARD = "train-{:06d}.tar"
 SHARD_PATTERN = r"train-\d{6}\.tar"
-SEPARATORS = {"\t": "tab", ",": "comma", ";": "semicolon"}  # tried in this order; tab is open_clip's default
+SEPARATORS = ("\t", ",", ";")  # tried in this order; tab is open_clip's default
 REASONS = (
     "missing image",  # no such file (in a folder: a caption file without an image)
     "unreadable image",  # the file cannot be read, or the training loader cannot decode it
@@ -95,8 +95,6 @@ def csv_entries(path, img_key, caption_key, separator):
     """-> (separator, entries), one entry per row in file order; image paths relative to the CSV's folder."""
     if img_key == caption_key:
         raise ValueError(f"--img_key and --caption_key are both {img_key!r}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
     try:
         separator = csv_separator(path, img_key, caption_key, separator)
         rows = data.read_csv(path, separator, (img_key, caption_key))
@@ -157,21 +155,26 @@ def read_pair(image, caption):
     except OSError as error:
         raise Refused("unreadable image", f"{image}: {error.strerror}") from None
     extension = os.path.splitext(image)[1][1:].lower()
-    if extension in DICOM_EXTENSIONS or content[128:132] == b"DICM":  # DICOM's preamble then its magic word
-        raise Refused("DICOM or video", f"{image} is a DICOM file: {CONVERT}")
-    if extension in VIDEO_EXTENSIONS:
-        raise Refused("DICOM or video", f"{image} is a video clip: {CONVERT}")
-    if extension not in data.IMAGE_EXTENSIONS:
-        kind = f".{extension}" if extension else "a name without an extension"
-        readable = ", ".join(data.IMAGE_EXTENSIONS)
-        raise Refused("unsupported format", f"{image}: {kind} is not a format the loader reads ({readable})")
     sample = {extension: content, "txt": caption.encode()}
-    decoded = data.decode_sample(sample)  # the loader's own test of a pair: 0 = image, 1 = caption
+    decoded = data.decode_sample(sample)  # the loader's own test: 0 = no image field it decodes, 1 = no caption
     if decoded == 0:
-        raise Refused("unreadable image", f"{image}: the training loader cannot decode it (corrupt or truncated?)")
+        raise image_refusal(image, extension, content)
     if decoded == 1:
         raise Refused("empty caption", f"{image}: the caption is empty")
     return sample
+
+
+def image_refusal(image, extension, content):
+    """Why the loader cannot read an image file; DICOM files and video clips say how to convert them."""
+    if extension in DICOM_EXTENSIONS or content[128:132] == b"DICM":  # DICOM: a 128-byte preamble, then DICM
+        return Refused("DICOM or video", f"{image} is a DICOM file: {CONVERT}")
+    if extension in VIDEO_EXTENSIONS:
+        return Refused("DICOM or video", f"{image} is a video clip: {CONVERT}")
+    if extension not in data.IMAGE_EXTENSIONS:
+        kind = f".{extension}" if extension else "a name without an extension"
+        readable = ", ".join(data.IMAGE_EXTENSIONS)
+        return Refused("unsupported format", f"{image}: {kind} is not a format the loader reads ({readable})")
+    return Refused("unreadable image", f"{image}: the training loader cannot decode it (corrupt or truncated?)")
 
 
 def described(where):
@@ -210,14 +213,14 @@ def write_shards(entries, folder, shard_size):
         except Refused as refusal:
             refusals.append({**entry["where"], "reason": refusal.reason, "detail": refusal.detail})
             continue
-        written[digest] = entry["where"]
-        if sum(shards.values()) % shard_size == 0:
+        if len(written) % shard_size == 0:
             if sink is not None:
                 sink.close()
             name = SHARD.format(len(shards))
             sink, shards[name] = wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0), 0
         sink.write({"__key__": f"{entry['number']:09d}", **sample})
         shards[name] += 1
+        written[digest] = entry["where"]
     if sink is not None:
         sink.close()
     return shards, refusals
@@ -247,20 +250,21 @@ def prepare(source, out_dir, img_key="filepath", caption_key="title", separator=
         report.update(shards=shards, refusals=refusals)
         if not shards:  # nothing to train on: out_dir is left as it was
             first = f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
-            raise ValueError(f"{source}: no pair written, {len(refusals)} refused ({summary_counts(report)}){first}")
+            raise ValueError(f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}")
         configurator.write_atomic(os.path.join(tmp, REPORT), json.dumps(report, indent=1, ensure_ascii=False))
     print_summary(report, out_dir)
     return report
 
 
 def summary_counts(report):
-    return ", ".join(f"{count} {reason}" for reason, count in report["refused_by_reason"].items() if count) or "none"
+    counts = ", ".join(f"{count} {reason}" for reason, count in report["refused_by_reason"].items() if count)
+    return f" ({counts})" if counts else ""
 
 
 def print_summary(report, out_dir):
     shards = report["shards"]
     print(f"prepare.py: {report['source']} -> {out_dir}: {report['written']} pairs in {len(shards)} shards, "
-          f"{report['refused']} refused ({summary_counts(report)})")  # fmt: skip
+          f"{report['refused']} refused{summary_counts(report)}")  # fmt: skip
     for reason in REASONS:
         examples = [r for r in report["refusals"] if r["reason"] == reason]
         if examples:

@@ -53,7 +53,7 @@ ROWS = [
     ("images/broken.jpg", "truncated JPEG"),  # 6: unreadable image
     ("images/scan.jpg", "   "),  # 7: empty caption
     ("images/plain.png", "Fetal brain, transthalamic plane."),  # 8: duplicate of row 2
-    ("images/dicom/us.dcm", "a DICOM file"),  # 9: DICOM or video
+    ("images/dicom/IM0001", "a DICOM file named as scanners do"),  # 9: DICOM or video
     ("images/clip.mp4", "a video"),  # 10: DICOM or video
     ("images/anim.gif", "a GIF"),  # 11: unsupported format
     ("images/scan.jpg", "Abdomen"),  # 12
@@ -93,7 +93,7 @@ def pairs(tmp_path_factory):
     write(root / "images/scan.TIFF", image_bytes("TIFF", 6))
     write(root / "images/clip.mp4", b"\x00\x00\x00\x18ftypmp42")
     os.makedirs(root / "images/dicom")
-    shutil.copy(pydicom.data.get_testdata_file("examples_rgb_color.dcm"), root / "images/dicom/us.dcm")
+    shutil.copy(pydicom.data.get_testdata_file("examples_rgb_color.dcm"), root / "images/dicom/IM0001")
     assert Image.open(root / "images/deep.png").mode == "I;16"
     lines = ["filepath\ttitle"] + [f'{path}\t"{caption.replace(chr(34), 2 * chr(34))}"' for path, caption in ROWS]
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
