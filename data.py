@@ -333,7 +333,7 @@ def coupled_views(square, params, views):
 
 # ------------------------------------------------------------------ training loader
 
-IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
+IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp", "tif", "tiff", "bmp")  # the image fields a sample may hold
 SKIP_REASONS = ("image", "caption", "uncached")  # unreadable or missing, no caption, no teacher-cache entry
 
 
@@ -501,7 +501,7 @@ def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0,
                  world_size=1, samples_per_epoch=-1, resampled=False, shuffle_buffer=1000,
                  context_length=CONTEXT_LENGTH, return_keys=False, pin_memory=False, teacher_cache="",
                  augment_seed=None):  # fmt: skip
-    """WebDataset shards (image jpg|png|jpeg|webp, caption txt; brace pattern, list or folder) -> TrainLoader of
+    """WebDataset shards (image IMAGE_EXTENSIONS, caption txt; brace pattern, list or folder) -> TrainLoader of
     (student_images (B,3,Ss,Ss), teacher_images (B,3,St,St) or None, tokens (B,L)[, keys]). Views: (size, mean, std);
     batch_size is per rank. Both views come from one draw, a pure function of (augment_seed (default: seed), epoch,
     sample key); seed drives the shuffle. Ranks read disjoint shards (or samples, with fewer shards than readers)
