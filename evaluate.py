@@ -21,6 +21,7 @@ On a CPU most of the time goes to the 875 GA prompts per distinct pixel spacing;
 takes minutes on 2 cores, on a GPU seconds (progress bars show both stages).
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -36,13 +37,16 @@ from tqdm import tqdm
 
 import configurator
 import data
+import scans
 from model import load_model
 
 # ------------------------------------------------------------------ settings: --key=value
 ckpt = ""  # the checkpoint to evaluate: the one positional argument
 model = ""  # model.py name; '' = the name the checkpoint stores (or the one its keys show)
-planes_dir = "data/demo/planes"  # Planes DB folder (the demo's is written by python synthetic.py)
-hc18_dir = "data/demo/hc18"  # HC18 folder
+planes_dir = ""  # Planes DB folder; '' = the demo's (data/demo/planes, python synthetic.py) unless --task is given
+hc18_dir = ""  # HC18 folder; '' = the demo's (data/demo/hc18) unless --task is given
+task = ""  # your labelled scans: task folders (one sub-folder per class + prompts.json), comma-separated
+prompts = ""  # the tasks' prompts JSON {class: [prompt, ...]}; '' = each task folder's prompts.json
 eval_split = "all"  # 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
 out_dir = ""  # where the JSON goes; '' = beside the checkpoint
 device = ""  # '' = cuda, else mps, else cpu
@@ -70,6 +74,7 @@ GA_CURVES = {
     "q975": (2.50074069629423, 0.220067854715719, -4.93623111462443e-3, 3.89066000946519e-5),
 }
 HC_MIN, HC_MAX, TOP_N, BOOTSTRAP = 100.0, 342.0, 15, 10_000
+DEMO_FOLDERS = {"planes_dir": "data/demo/planes", "hc18_dir": "data/demo/hc18"}  # synthetic.layout("data/demo")
 
 # ------------------------------------------------------------------ protocol: metrics on arrays
 
@@ -92,13 +97,33 @@ def macro_f1(predictions, labels):
     return float(np.mean([f1 for f1, _, _ in per_class_scores(predictions, labels).values()]))
 
 
+def bootstrap_f1(predictions, labels, draws=BOOTSTRAP, chunk=500):
+    """95% CI of the macro F1 (classes present in each resample), as HC18's: numpy default_rng(42), `draws` resamples
+    of the items, percentiles 2.5 / 97.5."""
+    predictions, labels, rng, values = np.asarray(predictions), np.asarray(labels), np.random.default_rng(42), []
+    for start in range(0, draws, chunk):
+        picks = rng.integers(0, len(labels), size=(min(chunk, draws - start), len(labels)))
+        drawn_predictions, drawn_labels = predictions[picks], labels[picks]  # (chunk, N)
+        f1 = []
+        for c in np.unique(labels):
+            tp = ((drawn_predictions == c) & (drawn_labels == c)).sum(1)
+            wrong = ((drawn_predictions == c) != (drawn_labels == c)).sum(1)  # false positives + false negatives
+            present = (drawn_labels == c).any(1)
+            f1.append(np.where(present, 2 * tp / np.maximum(2 * tp + wrong, 1), np.nan))
+        values.append(np.nanmean(np.stack(f1), axis=0))
+    low, high = np.percentile(np.concatenate(values), [2.5, 97.5])
+    return float(low), float(high)
+
+
 def classification_metrics(probs, labels, class_names):
-    """probs (N, C) softmax over all C prompt classes, labels (N,) class indices -> the release's metrics."""
+    """probs (N, C) softmax over all C prompt classes, labels (N,) class indices -> the release's metrics, and the
+    bootstrap 95% CI of the macro F1 (f1_ci_low, f1_ci_high)."""
     if not len(labels):
         return {"f1": math.nan, "accuracy": math.nan, "top2": math.nan, "top3": math.nan, "n": 0, "per_class": {}}
     ranked = np.argsort(-probs, axis=1, kind="stable")  # ties: lower class index first
     per_class = per_class_scores(ranked[:, 0], labels)
     out = {"f1": float(np.mean([s[0] for s in per_class.values()]))}
+    out["f1_ci_low"], out["f1_ci_high"] = bootstrap_f1(ranked[:, 0], labels)
     for k, name in ((1, "accuracy"), (2, "top2"), (3, "top3")):
         hit = (ranked[:, :k] == labels[:, None]).any(1)  # (N,) the true class among the k best
         out[name] = float(np.mean([hit[labels == c].mean() for c in per_class]))  # per class, then averaged
@@ -294,72 +319,226 @@ def hc18_rows(hc18_dir, split="all"):
     return [row for row in data.read_hc18(hc18_dir) if select_split(row["filename"].split("_")[0], split)]
 
 
+# ------------------------------------------------------------------ tasks: labelled scans and prompts per class
+# A zero-shot classification task is its prompts per class (every class a candidate, class index = key order) and
+# its labelled items. The protocol's two are read from Planes DB (PLANES_TASKS); a user's task is a folder.
+
+PLANES_TASKS = {"five_planes": "five", "brain_subplanes": "sub"}  # name (its PROMPTS key) -> planes_rows' class key
+
+
+@dataclasses.dataclass
+class Task:
+    """A user's task: its prompts and scans.labelled(folder): every view of a file carries the file's class."""
+
+    name: str
+    prompts: dict  # {class: [prompt, ...]}
+    files: list  # [(path, kind)] as scans.find gives them
+    labels: list  # the class index of each file
+    skipped: list  # [(path, reason)]: scans that could not be read
+    ignored: list  # [(path, reason)]: files that are not scans
+
+
+def read_prompts(path):
+    """{class: [prompt, ...]} from a JSON file, checked: two classes or more, each with non-empty prompts."""
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: prompts file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(prompts, dict) or len(prompts) < 2:
+        raise ValueError(f"{path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more")
+    for name, texts in prompts.items():
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t.strip() for t in texts)):
+            raise ValueError(f"{path}: class {name!r} needs a non-empty list of prompt strings")
+    return prompts
+
+
+def read_task(folder, prompts=""):
+    """A task folder -> Task, its prompts from `prompts` or folder/prompts.json. A class without a folder stays a
+    candidate: predicting it is a miss, as the protocol's absent planes."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"task {folder}: not a folder")
+    classes = read_prompts(prompts or Path(folder) / "prompts.json")
+    return Task(Path(folder).name, classes, *scans.labelled(folder, list(classes)))
+
+
+def read_tasks(folders, prompts=""):
+    """'a/,b/' -> [Task], names made unique (a second 'scans' becomes 'scans-2')."""
+    tasks, names = [], set()
+    for folder in filter(None, (f.strip() for f in folders.split(","))):
+        task = read_task(folder, prompts)
+        base, n = task.name, 1
+        while task.name in names:
+            n += 1
+            task.name = f"{base}-{n}"
+        names.add(task.name)
+        tasks.append(task)
+    return tasks
+
+
+@torch.no_grad()
+def encode_task(model, task, batch_size=64, device="cpu", frames=0):
+    """-> (N, D) L2-normalised features of every view, (N,) labels, [(path, frame, region)] per view. frames > 0
+    keeps that many evenly spaced frames of each file (a clip's, the CHD probe's 16). Unreadable files join
+    task.skipped (with the views read before the failure kept)."""
+    transform = data.eval_transform(model.image_size, model.image_mean, model.image_std)
+    features, labels, where, batch = [], [], [], []
+
+    def flush():
+        images = torch.stack([transform(view.image) for view, _ in batch]).to(device)
+        features.append(F.normalize(model.encode_image(images).float(), dim=-1).cpu())
+        labels.extend(label for _, label in batch)
+        where.extend((view.file, view.frame, view.region) for view, _ in batch)
+        batch.clear()
+
+    for (path, kind), label in zip(tqdm(task.files, desc=task.name, unit="file", leave=False), task.labels):
+        indices = scans.evenly_spaced(scans.count_frames(path, kind), frames) if frames > 0 else None
+        try:
+            for view in scans.read(path, kind, indices=indices):
+                batch.append((view, label))
+                if len(batch) == batch_size:
+                    flush()
+        except scans.Unreadable as why:
+            task.skipped.append((path, str(why)))
+    if batch:
+        flush()
+    stacked = torch.cat(features) if features else torch.zeros(0, model.embed_dim)
+    return stacked, np.array(labels, dtype=np.int64), where
+
+
+def classify(model, features, labels, prompts, device="cpu"):
+    """Zero-shot: 100 * img @ cls.T over every class of `prompts` -> (metrics, logits (N, C))."""
+    logits = 100.0 * features @ class_embeddings(model, prompts, device).T  # (N, C)
+    return classification_metrics(logits.softmax(-1).numpy(), labels, list(prompts)), logits
+
+
+def task_results(model, tasks, batch_size, device):
+    """{task name: metrics + the files skipped and ignored} for the user's tasks."""
+    results = {}
+    for task in tasks:
+        features, labels, _ = encode_task(model, task, batch_size, device)
+        results[task.name] = classify(model, features, labels, task.prompts, device)[0]
+        results[task.name].update(files=len(task.files), skipped=task.skipped, ignored=task.ignored)
+    return results
+
+
 def zero_shot(
-    model, planes_dir, hc18_dir, batch_size=64, device="cpu", split="all", cache_text=True, num_workers=0, details=False
+    model,
+    planes_dir="",
+    hc18_dir="",
+    batch_size=64,
+    device="cpu",
+    split="all",
+    cache_text=True,
+    num_workers=0,
+    details=False,
+    tasks=(),
 ):
-    """Five planes, brain sub-planes and HC18 (FetalCLIP's protocol) -> nested dict (module docstring). The model
-    must already be on `device`; its train/eval mode is restored. details=True adds the features
-    and per-image predictions under '_details' (not JSON-serialisable; used by the analyses)."""
+    """The protocol (the five planes and brain sub-planes of planes_dir, HC18 of hc18_dir; each where given) and the
+    user's `tasks` -> nested dict (module docstring). The model must already be on `device`; its train/eval mode is
+    restored. details=True adds features and logits under '_details' (not JSON; used by the analyses)."""
     was_training = model.training
     model.eval()
+    results, extra = {"split": split}, {}
+    if planes_dir:
+        extra = planes_results(model, planes_dir, results, batch_size, device, split, num_workers, details)
+    if hc18_dir:
+        extra.update(hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text, num_workers))
+    if planes_dir and hc18_dir:
+        results["f1_all"] = (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8
+        results["avg"] = (results["f1_all"] + results["hc18"]["validity"] / 100) / 2
+    if tasks:
+        results["tasks"] = task_results(model, tasks, batch_size, device)
+    results["selection"] = dict(zip(("value", "rule"), selection_score(results)))
+    if details:
+        results["_details"] = extra
+    model.train(was_training)
+    return results
+
+
+def planes_results(model, planes_dir, results, batch_size, device, split, num_workers, details):
+    """The protocol's Planes DB tasks into `results` -> what the analyses need."""
     rows = planes_rows(planes_dir, split, include_other=details)
-    hc_rows = hc18_rows(hc18_dir, split)
     features, _ = encode_images(model, [r["path"] for r in rows], batch_size, device, num_workers)
-    results, extra = {"split": split}, {"planes_rows": rows, "planes_features": features}
-    for key, prompts, label in (
-        ("five_planes", PROMPTS["five_planes"], "five"),
-        ("brain_subplanes", PROMPTS["brain_subplanes"], "sub"),
-    ):
-        labels = np.array([r[label] for r in rows], dtype=np.int64)
-        logits = 100.0 * features @ class_embeddings(model, prompts, device).T  # (N, C)
+    extra = {"planes_rows": rows, "planes_features": features}
+    for name, key in PLANES_TASKS.items():
+        labels, prompts = np.array([r[key] for r in rows], dtype=np.int64), PROMPTS[name]
+        logits = 100.0 * features @ class_embeddings(model, prompts, device).T  # (N, C), "Other" rows too
         mask = labels >= 0
-        results[key] = classification_metrics(logits[mask].softmax(-1).numpy(), labels[mask], list(prompts))
-        extra[key + "_logits"] = logits
+        results[name] = classification_metrics(logits[mask].softmax(-1).numpy(), labels[mask], list(prompts))
+        extra[name + "_logits"] = logits
+    return extra
+
+
+def hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text, num_workers):
+    """HC18's GA validity into `results` -> what the analyses need."""
+    hc_rows = hc18_rows(hc18_dir, split)
     hc_features, sides = encode_images(model, [r["path"] for r in hc_rows], batch_size, device, num_workers)
     spacings = [ga_spacing(side, r["pixel_size"], model.image_size) for side, r in zip(sides, hc_rows)]
     scores, encoded = ga_scores(model, hc_features, spacings, cache_text, device)
     hc = ga_validity(scores, [r["hc"] for r in hc_rows])
     results["hc18"] = {k: hc[k] for k in ("validity", "valid", "n", "ci_low", "ci_high", "spearman")}
     results["hc18"].update(n_images=len(hc_rows), excluded=len(hc_rows) - hc["n"], text_encodings=encoded)
-    results["f1_all"] = (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8
-    results["avg"] = (results["f1_all"] + hc["validity"] / 100) / 2
-    if details:
-        results["_details"] = dict(
-            extra,
-            hc18=hc,
-            hc18_true=np.array([r["hc"] for r in hc_rows]),
-            hc18_scores=scores,
-            hc18_features=hc_features,
-        )
-    model.train(was_training)
-    return results
+    true_hc = np.array([r["hc"] for r in hc_rows])
+    return dict(hc18=hc, hc18_true=true_hc, hc18_scores=scores, hc18_features=hc_features)
+
+
+def selection_score(results):
+    """(value, rule) by which train.py keeps best.pt: the protocol's Avg (paper Sec. 3.6) when both its data sets
+    are evaluated, else F1-all (Planes DB alone), else HC18 validity / 100, else the mean macro F1 of the user's
+    tasks; NaN when nothing was evaluated."""
+    if "avg" in results:
+        return results["avg"], "Avg"
+    if "five_planes" in results:
+        return (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8, "F1-all"
+    if "hc18" in results:
+        return results["hc18"]["validity"] / 100, "HC18 validity"
+    if results.get("tasks"):
+        return float(np.mean([t["f1"] for t in results["tasks"].values()])), "mean task F1"
+    return math.nan, "nothing evaluated"
 
 
 def summary(results):
-    """One line: the protocol's five figures."""
-    parts = [f"F1-5 {results['five_planes']['f1']:.3f}", f"F1-3 {results['brain_subplanes']['f1']:.3f}"]
-    parts += [f"HC18 {results['hc18']['validity']:5.1f}%", f"F1-all {results['f1_all']:.3f}"]
-    return " | ".join(parts + [f"Avg {results['avg']:.3f}"])
+    """One line: the protocol's figures and each task's macro F1, as far as they were evaluated."""
+    parts = []
+    if "five_planes" in results:
+        parts += [f"F1-5 {results['five_planes']['f1']:.3f}", f"F1-3 {results['brain_subplanes']['f1']:.3f}"]
+    if "hc18" in results:
+        parts.append(f"HC18 {results['hc18']['validity']:5.1f}%")
+    if "avg" in results:
+        parts += [f"F1-all {results['f1_all']:.3f}", f"Avg {results['avg']:.3f}"]
+    parts += [f"{name} F1 {task['f1']:.3f}" for name, task in results.get("tasks", {}).items()]
+    return " | ".join(parts)
+
+
+def task_table(title, r):
+    lines = [f"{title} (n={r['n']})", f"  {'class':<20} {'F1':>7} {'recall':>7} {'n':>6}"]
+    lines += [f"  {name:<20} {c['f1']:7.4f} {c['recall']:7.4f} {c['n']:6d}" for name, c in r["per_class"].items()]
+    return lines + [
+        f"  {'macro':<20} {r['f1']:7.4f} {r['accuracy']:7.4f}  F1 95% CI [{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]",
+        f"  accuracy {r['accuracy']:.4f} | top-2 {r['top2']:.4f} | top-3 {r['top3']:.4f} (per class, "
+        f"averaged) | pooled {r['pooled_accuracy']:.4f} / {r['pooled_top2']:.4f} / {r['pooled_top3']:.4f}",
+    ]
 
 
 def format_table(results):
     lines = []
     for key, title in (("five_planes", "Five planes"), ("brain_subplanes", "Brain sub-planes")):
-        r = results[key]
-        lines += [f"{title} (n={r['n']})", f"  {'class':<20} {'F1':>7} {'recall':>7} {'n':>6}"]
-        lines += [f"  {name:<20} {c['f1']:7.4f} {c['recall']:7.4f} {c['n']:6d}" for name, c in r["per_class"].items()]
-        lines += [
-            f"  {'macro':<20} {r['f1']:7.4f} {r['accuracy']:7.4f}",
-            f"  accuracy {r['accuracy']:.4f} | top-2 {r['top2']:.4f} | top-3 {r['top3']:.4f} (per class, "
-            f"averaged) | pooled {r['pooled_accuracy']:.4f} / {r['pooled_top2']:.4f} / {r['pooled_top3']:.4f}",
-        ]
-    h = results["hc18"]
-    lines += [
-        f"HC18 validity {h['validity']:.2f}% ({h['valid']}/{h['n']}; {h['excluded']} of {h['n_images']} images "
-        f"outside {HC_MIN:.0f}-{HC_MAX:.0f} mm excluded), 95% CI [{h['ci_low']:.2f}, {h['ci_high']:.2f}], "
-        f"Spearman {h['spearman']:.4f}",
-        f"F1-all {results['f1_all']:.4f} | Avg {results['avg']:.4f} | split {results['split']}",
-    ]
+        lines += task_table(title, results[key]) if key in results else []
+    if "hc18" in results:
+        h = results["hc18"]
+        lines.append(
+            f"HC18 validity {h['validity']:.2f}% ({h['valid']}/{h['n']}; {h['excluded']} of {h['n_images']} images "
+            f"outside {HC_MIN:.0f}-{HC_MAX:.0f} mm excluded), 95% CI [{h['ci_low']:.2f}, {h['ci_high']:.2f}], "
+            f"Spearman {h['spearman']:.4f}"
+        )
+    if "avg" in results:
+        lines.append(f"F1-all {results['f1_all']:.4f} | Avg {results['avg']:.4f} | split {results['split']}")
+    for name, task in results.get("tasks", {}).items():
+        lines += task_table(f"Task {name}", task)
+        lines += [f"  skipped {path}: {why}" for path, why in task["skipped"]]
+        lines += [f"  ignored {len(task['ignored'])} files that are not scans"] if task["ignored"] else []
     return "\n".join(lines)
 
 
@@ -387,9 +566,15 @@ def run(config):
     out_dir.mkdir(parents=True, exist_ok=True)
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
+    tasks = read_tasks(config["task"], config["prompts"])
+    demo = {} if tasks else DEMO_FOLDERS  # the protocol runs on the demo's data unless tasks are named
+    planes_dir, hc18_dir = (
+        config["planes_dir"] or demo.get("planes_dir", ""),
+        config["hc18_dir"] or demo.get("hc18_dir", ""),
+    )
     batching = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"])
-    kwargs = dict(batching, split=config["eval_split"], cache_text=config["cache_text"])
-    results = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)
+    kwargs = dict(batching, split=config["eval_split"], cache_text=config["cache_text"], tasks=tasks)
+    results = zero_shot(net, planes_dir, hc18_dir, **kwargs)
     print(format_table(results))
     out_json = out_dir / f"{ckpt.stem}_zeroshot.json"
     configurator.write_atomic(out_json, json.dumps(plain(results), indent=1))

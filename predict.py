@@ -58,22 +58,6 @@ PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
 # ------------------------------------------------------------------ classes and prompts
 
 
-def read_prompts(path):
-    """{class: [prompt, ...]} from a JSON file, checked: at least two classes, each with non-empty prompts."""
-    try:
-        prompts = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--prompts={path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"--prompts={path}: not valid JSON ({error})") from None
-    if not isinstance(prompts, dict) or len(prompts) < 2:
-        raise ValueError(f"--prompts={path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more")
-    for name, texts in prompts.items():
-        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t.strip() for t in texts)):
-            raise ValueError(f"--prompts={path}: class {name!r} needs a non-empty list of prompt strings")
-    return prompts
-
-
 class Classifier:
     """The zero-shot heads of one model: the classes (the five planes, or the user's), the brain sub-planes and the
     GA prompts (protocol only), and the GA text features per spacing, encoded once each."""
@@ -192,7 +176,7 @@ def save_model_input(view, classifier, folder, taken):
 
 def predict(net, found, config, device):
     """-> (rows, skipped) for the found scans: batched, streamed file by file."""
-    prompts = read_prompts(config["prompts"]) if config["prompts"] else None
+    prompts = evaluate.read_prompts(config["prompts"]) if config["prompts"] else None
     classifier, rows, skipped, taken = Classifier(net, prompts, device), [], [], set()
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
@@ -364,7 +348,7 @@ def check(config):
     if config["batch_size"] < 1:
         raise ValueError(f"--batch_size={config['batch_size']}: expected at least 1")
     if config["prompts"]:
-        read_prompts(config["prompts"])
+        evaluate.read_prompts(config["prompts"])
 
 
 def run(config):

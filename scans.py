@@ -47,6 +47,7 @@ REGION_FORMATS = {1: "2D", 2: "M-mode", 3: "spectral Doppler", 4: "waveform", 5:
 REGION_TYPES = {1: "tissue", 2: "colour flow", 3: "PW Doppler", 4: "CW Doppler", 5: "Doppler mean trace"}
 CM = 3  # PhysicalUnitsX/YDirection code of centimetres (PS3.3 C.8.5.5.1.15)
 SQUARE = 0.01  # largest relative difference of a pixel's width and height still taken as square
+TASK_FILES = ("prompts.json", "patients.csv")  # what a labelled folder may hold beside its class folders
 
 
 class Unreadable(ValueError):
@@ -119,6 +120,32 @@ def find(paths):
     return scans, ignored, skipped
 
 
+def labelled(folder, classes):
+    """A folder of labelled scans, one sub-folder per class (its name one of `classes`) -> (files [(path, kind)],
+    labels (class indices), skipped, ignored). A sub-folder that is no class is an error naming it; files beside
+    the class folders other than TASK_FILES are ignored."""
+    class_folders = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in class_folders if p.name not in classes]
+    if unknown or not class_folders:
+        found = f"folders {unknown} are not classes" if unknown else "no class folder"
+        raise ValueError(f"{folder}: {found}; expected one sub-folder per class among {classes}")
+    loose = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name not in TASK_FILES]
+    files, labels, skipped, ignored = [], [], [], [(str(p), "not in a class folder") for p in loose]
+    for class_folder in class_folders:
+        found, not_scans, unreadable = find([str(class_folder)])
+        files += found
+        labels += [classes.index(class_folder.name)] * len(found)
+        ignored, skipped = ignored + not_scans, skipped + unreadable
+    if not files:
+        raise ValueError(f"{folder}: no scan in its class folders {[p.name for p in class_folders]}")
+    return files, labels, skipped, ignored
+
+
+def evenly_spaced(count, k):
+    """k frame indices spread evenly over `count` frames (all of them when there are fewer): a clip's 16 frames."""
+    return sorted({round(i * (count - 1) / max(k - 1, 1)) for i in range(k)}) if count > k else list(range(count))
+
+
 # ------------------------------------------------------------------ reading
 
 
@@ -133,6 +160,22 @@ def read(path, kind, pixel_size=-1.0, indices=None):
         raise
     except Exception as error:  # decoders raise many types; the file is skipped with the reason
         raise Unreadable(one_line(error)) from None
+
+
+def count_frames(path, kind):
+    """Frames in a file, without decoding them (a clip without a frame count in its header is decoded once)."""
+    if kind == "dicom":
+        import pydicom
+
+        return int(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("NumberOfFrames") or 1)
+    if kind == "image":
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1)
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return stream.frames or sum(1 for _ in container.decode(stream))
 
 
 def one_line(error):

@@ -3,6 +3,8 @@ analyses, and an end-to-end run on small files in the real Planes DB / HC18 layo
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +267,62 @@ def test_cli_on_the_generated_benchmark(tmp_path, capsys, monkeypatch):
     assert saved["hc18"]["n_images"] == 2 and "f1" in saved["brain_subplanes"]
     with pytest.raises(SystemExit, match="python synthetic.py"):
         evaluate.main([str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'missing'}"])
+
+
+# ------------------------------------------------------------------ your own tasks
+
+
+def planes_as_task(planes, folder, prompts=None):
+    """The Planes DB's five-plane rows as a user's task folder: one sub-folder per class, the protocol's prompts."""
+    for row in evaluate.planes_rows(planes):
+        if row["five"] >= 0:
+            target = folder / evaluate.FIVE_PLANES[row["five"]] / Path(row["path"]).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(row["path"], target)
+    (folder / "prompts.json").write_text(json.dumps(prompts or evaluate.PROMPTS["five_planes"]))
+    return folder
+
+
+def test_a_task_folder_of_the_planes_gives_exactly_the_protocols_five_plane_figures(tmp_path):
+    planes, _ = write_benchmark(tmp_path)
+    task = evaluate.read_task(planes_as_task(planes, tmp_path / "my_planes"))
+    assert len(task.prompts) == 9 and len(set(task.labels)) == 5  # four classes without a folder stay candidates
+    r = evaluate.zero_shot(TinyCLIP(), planes, tasks=[task], batch_size=4)
+    protocol, mine = r["five_planes"], r["tasks"]["my_planes"]
+    for key in ("f1", "accuracy", "top2", "top3", "pooled_accuracy", "pooled_top2", "pooled_top3", "n", "per_class"):
+        assert mine[key] == protocol[key], key
+    assert mine["f1_ci_low"] <= mine["f1"] <= mine["f1_ci_high"] and mine["files"] == 16
+    assert "hc18" not in r and "avg" not in r and r["selection"] == {"value": r["selection"]["value"], "rule": "F1-all"}
+    assert "Task my_planes (n=16)" in evaluate.format_table(r) and "my_planes F1" in evaluate.summary(r)
+
+
+def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monkeypatch, capsys):
+    from test_scans import region, write_dicom
+
+    folder = tmp_path / "echo"
+    for name in ("four_chamber", "other"):
+        (folder / name).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    write_dicom(folder / "four_chamber" / "loop", rng.integers(0, 255, (3, 40, 80), dtype=np.uint8),
+                regions=[region(0, 0, 39, 39), region(40, 0, 79, 39)])  # fmt: skip
+    Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(folder / "other" / "a.png")
+    (folder / "other" / "notes.txt").write_text("a note")
+    prompts = {"four_chamber": ["a four chamber view"], "other": ["an ultrasound image"], "outflow": ["an outflow"]}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    (tmp_path / "best.pt").write_bytes(b"")  # the loader is stubbed below
+    monkeypatch.setattr(evaluate, "load_model", lambda path, name="": TinyCLIP())
+    r = evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}", f"--prompts={tmp_path / 'prompts.json'}"])
+    assert set(r) == {"split", "tasks", "selection"}  # no demo protocol is asked for when tasks are named
+    assert r["tasks"]["echo"]["n"] == 7 and r["tasks"]["echo"]["per_class"]["four_chamber"]["n"] == 6  # 3 x 2 views
+    assert r["selection"] == {"value": r["tasks"]["echo"]["f1"], "rule": "mean task F1"}
+    assert len(r["tasks"]["echo"]["ignored"]) == 1 and "Task echo (n=7)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "best_zeroshot.json").read_text())
+    assert saved["tasks"]["echo"]["per_class"]["other"]["n"] == 1
+    (folder / "stray").mkdir()
+    with pytest.raises(SystemExit, match=r"evaluate.py: .*echo: folders \['stray'\] are not classes"):
+        evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}", f"--prompts={tmp_path / 'prompts.json'}"])
+    with pytest.raises(SystemExit, match=r"evaluate.py: .*echo/prompts.json: prompts file not found"):
+        evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}"])
 
 
 # ------------------------------------------------------------------ one-line errors
