@@ -4,12 +4,19 @@ the KD weight and zero-shot Avg over training: Figures 2-3).
 
     python analysis.py out/best.pt                                   # out/best_analysis/: JSON + three plots
     python analysis.py out/best.pt --teacher_ckpt=out/demo_teacher/best.pt --teacher=demo_teacher
+    python analysis.py out/best.pt --probe=my_labels/                # the linear probe on your labelled scans
 
-The features come from evaluate.zero_shot(..., details=True) on the same Planes DB and HC18 folders.
+The features come from evaluate.zero_shot(..., details=True) on the same Planes DB and HC18 folders. --probe reads a
+folder with one sub-folder per class (scans.labelled): images and single frames give one item per view; a folder of
+clips follows the paper's CHD probe (Table 5): 16 evenly spaced frames per clip (and view), their features
+concatenated. Cross-validated: 5 folds x 5 seeds (sklearn's StratifiedGroupKFold), each fold tested once, the next
+fold validating (best epoch), the rest training; folds by patient when the folder holds patients.csv (file, patient),
+else by file; AUROC for two classes, macro F1 otherwise; Student-t 95% CI over the 25 runs.
 """
 
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +27,19 @@ import torch.nn.functional as F
 from scipy import stats
 
 import configurator
-from evaluate import BRAIN_SUBPLANES, GA_DAYS, PLANE_TO_CLASS, ga_quantile, macro_f1, plain, zero_shot
+import data
+import scans
+from evaluate import (
+    BRAIN_SUBPLANES,
+    GA_DAYS,
+    PLANE_TO_CLASS,
+    Task,
+    encode_task,
+    ga_quantile,
+    macro_f1,
+    plain,
+    zero_shot,
+)
 from model import load_model
 
 # ------------------------------------------------------------------ settings: --key=value
@@ -34,6 +53,8 @@ train_log = ""  # train.py's log.jsonl for the dynamics plot; '' = log.jsonl bes
 out_dir = ""  # '' = <checkpoint folder>/<checkpoint stem>_analysis
 probe_epochs = 50  # linear-probe epochs (FetalCLIP's recipe: AdamW lr 3e-4, wd 0.01, batch 64)
 probe_seeds = 5  # x 5 patient-disjoint folds
+probe = ""  # your labelled scans (one sub-folder per class, optional patients.csv): run the linear probe on them
+probe_frames = 16  # frames per clip when every file of --probe is a clip (the paper's CHD probe)
 device = ""  # '' = cuda, else mps, else cpu
 batch_size = 64
 num_workers = 0
@@ -102,6 +123,72 @@ def linear_probe(
                 f1s.append(macro_f1(probe(features[test]).argmax(1).numpy(), labels[test].numpy()))
     mean, low, high = student_t_ci(f1s)
     return {"f1": mean, "ci_low": low, "ci_high": high, "runs": len(f1s)}
+
+
+def cross_validated_probe(features, labels, groups, folds=5, seeds=5, epochs=50):
+    """The probe on data without a split: per seed, StratifiedGroupKFold deals the groups into `folds`; each fold is
+    tested once, the next one validates, the rest train -> AUROC (two classes) or macro F1, mean and Student-t CI."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    features = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=-1)
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    two = len(np.unique(labels)) == 2
+    scores = []
+    for seed in range(seeds):
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        parts = [test for _, test in splitter.split(features, labels, groups)]
+        for k, test in enumerate(parts):
+            val = parts[(k + 1) % folds]
+            fit = np.concatenate([p for i, p in enumerate(parts) if i not in (k, (k + 1) % folds)])
+            probe = _fit_probe(features, torch.as_tensor(labels), fit, val, int(labels.max()) + 1, seed, epochs,
+                               3e-4, 0.01, 64)  # fmt: skip
+            with torch.no_grad():
+                probs = probe(features[test]).softmax(-1).numpy()
+            if two and len(np.unique(labels[test])) == 2:
+                scores.append(roc_auc_score(labels[test], probs[:, 1]))
+            elif not two:
+                scores.append(macro_f1(probs.argmax(1), labels[test]))
+    mean, low, high = student_t_ci(scores)
+    return {"metric": "auroc" if two else "f1", "value": mean, "ci_low": low, "ci_high": high, "runs": len(scores)}
+
+
+def probe_items(net, folder, frames, batch_size, device):
+    """A labelled folder -> (features (N, D) or (N, frames * D) for clips, labels, groups, how it was read)."""
+    classes = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels, skipped, ignored = scans.labelled(folder, classes)
+    clips = all(scans.count_frames(path, kind) > 1 for path, kind in files)
+    task = Task(Path(folder).name, {}, files, labels, skipped, ignored)
+    features, item_labels, where = encode_task(net, task, batch_size, device, frames if clips else 0)
+    keys = [(path, region) if clips else (path, frame, region) for path, frame, region in where]
+    if clips:  # per clip and view: `frames` evenly spaced positions (repeats for short clips), concatenated
+        order = {}
+        for i, key in enumerate(keys):
+            order.setdefault(key, []).append(i)
+        picks = [rows[j] for rows in order.values() for j in np.linspace(0, len(rows) - 1, frames).round().astype(int)]
+        features = features[picks].reshape(len(order), -1)  # (clips, frames * D)
+        item_labels, keys = item_labels[[rows[0] for rows in order.values()]], list(order)
+    groups, by = probe_groups(folder, [key[0] for key in keys])
+    mode = f"clips, {frames} frames each, features concatenated" if clips else "one item per view of each frame"
+    return features, item_labels, groups, dict(classes=classes, mode=mode, folds_by=by, skipped=task.skipped)
+
+
+def probe_groups(folder, paths):
+    """Each item's group: its patient from folder/patients.csv (columns file, patient; files relative to the folder),
+    else its file."""
+    table = Path(folder) / "patients.csv"
+    if not table.is_file():
+        return np.array(paths), "file"
+    patients = {}
+    for line, row in enumerate(data.read_csv(str(table), ",", ("file", "patient")), start=2):
+        path = os.path.normpath(os.path.join(folder, row["file"]))
+        if patients.get(path, row["patient"]) != row["patient"]:
+            raise ValueError(f"{table}, row {line}: {row['file']} is listed again with another patient")
+        patients[path] = row["patient"]
+    missing = sorted({p for p in paths if os.path.normpath(p) not in patients})
+    if missing:
+        raise ValueError(f"{table}: no patient for {len(missing)} files, e.g. {os.path.relpath(missing[0], folder)}")
+    return np.array([patients[os.path.normpath(p)] for p in paths]), "patient (patients.csv)"
 
 
 def geometry(features, labels, t=2.0, block=1024):
@@ -251,24 +338,44 @@ def analyse(details, out_dir, teacher_details=None, log_path="", probe_epochs=50
     return out
 
 
+def probe_folder(net, config, device):
+    """--probe: the cross-validated linear probe on the user's labelled folder -> its results."""
+    features, labels, groups, how = probe_items(
+        net, config["probe"], config["probe_frames"], config["batch_size"], device
+    )
+    if len(np.unique(labels)) < 2 or len(np.unique(groups)) < 5:
+        raise ValueError(
+            f"--probe={config['probe']}: a 5-fold probe needs two classes and 5 {how['folds_by']}s or more"
+        )
+    result = cross_validated_probe(features, labels, groups, seeds=config["probe_seeds"], epochs=config["probe_epochs"])
+    print(f"probe on {config['probe']} ({how['mode']}; {len(labels)} items, folds by {how['folds_by']}): "
+          f"{result['metric']} {result['value']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}, "
+          f"{result['runs']} runs)")  # fmt: skip
+    return {"probe": dict(result, items=len(labels), **how)}
+
+
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
     if not config["ckpt"]:
-        raise SystemExit("usage: python analysis.py CKPT [--teacher_ckpt=FILE --key=value ...]")
+        raise SystemExit("usage: python analysis.py CKPT [--teacher_ckpt=FILE --probe=DIR --key=value ...]")
     device, ckpt = configurator.pick_device(config["device"]), Path(config["ckpt"])
     kwargs = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"], details=True)
+    out_dir = Path(config["out_dir"] or ckpt.parent / f"{ckpt.stem}_analysis")
     try:
         net = load_model(str(ckpt), config["model"]).to(device).eval()
-        details = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
-        teacher = None
-        if config["teacher_ckpt"]:
-            teacher_net = load_model(config["teacher_ckpt"], config["teacher"]).to(device).eval()
-            teacher = zero_shot(teacher_net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
+        if config["probe"]:
+            results = probe_folder(net, config, device)
+        else:
+            details = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
+            teacher = None
+            if config["teacher_ckpt"]:
+                teacher_net = load_model(config["teacher_ckpt"], config["teacher"]).to(device).eval()
+                teacher = zero_shot(teacher_net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
+            log = config["train_log"] or ckpt.parent / "log.jsonl"
+            results = analyse(details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"])
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"analysis.py: {error}") from None
-    out_dir = Path(config["out_dir"] or ckpt.parent / f"{ckpt.stem}_analysis")
-    log = config["train_log"] or ckpt.parent / "log.jsonl"
-    results = analyse(details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"])
+    out_dir.mkdir(parents=True, exist_ok=True)
     configurator.write_atomic(out_dir / "analysis.json", json.dumps(plain(results), indent=1))
     print(json.dumps(plain(results), indent=1))
     print(f"wrote {out_dir}")

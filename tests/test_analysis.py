@@ -69,3 +69,58 @@ def test_analysis_writes_results_and_plots(tmp_path):
     assert [p.split("/")[-1] for p in out["plots"]] == ["tsne_brain.png", "hc18_ga.png", "training_dynamics.png"]
     assert all((tmp_path / "plots" / p.split("/")[-1]).stat().st_size > 0 for p in out["plots"])
     json.dumps(evaluate.plain(out))
+
+
+def write_clips(folder, labels, seed=0):
+    """Two-frame-count DICOM clips per class folder; class 1 clips are bright, class 0 dark: separable features."""
+    from test_scans import write_dicom
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for i, label in enumerate(labels):
+        level = 170 if i % 2 else 70  # brightness follows the clip, the folder follows `labels`
+        frames = np.clip(rng.normal(level, 20, (3 + i % 4, 24, 32)), 0, 255).astype(np.uint8)
+        target = folder / f"class{label}" / f"clip{i:02d}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files.append(write_dicom(target, frames))
+    rows = [f"class{label}/clip{i:02d}.dcm,patient{i // 2}" for i, label in enumerate(labels)]  # 2 clips a patient
+    (folder / "patients.csv").write_text("file,patient\n" + "\n".join(rows) + "\n")
+    return files
+
+
+def test_the_clip_probe_separates_separable_clips_and_not_shuffled_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(analysis, "load_model", lambda path, name="": TinyCLIP())
+    (tmp_path / "best.pt").write_bytes(b"")
+    separable = [i % 2 for i in range(24)]  # the folder is the brightness
+    write_clips(tmp_path / "separable", separable)
+    quick = ["--probe_epochs=15", "--probe_seeds=2"]
+    out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'separable'}", *quick])
+    probe = out["probe"]
+    assert probe["metric"] == "auroc" and probe["value"] == 1.0 and probe["runs"] == 10 and probe["items"] == 24
+    assert probe["folds_by"] == "patient (patients.csv)" and probe["mode"].startswith("clips, 16 frames")
+    shuffled = list(np.random.default_rng(1).permutation(separable))
+    write_clips(tmp_path / "shuffled", shuffled)
+    out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'shuffled'}", *quick])
+    assert abs(out["probe"]["value"] - 0.5) < 0.2  # the labels say nothing the clips show
+
+
+def test_probe_folds_never_split_a_patient(monkeypatch):
+    seen = []
+    fit_probe = analysis._fit_probe
+
+    def recording(features, labels, fit, val, *rest):
+        seen.append((fit, val))
+        return fit_probe(features, labels, fit, val, *rest)
+
+    monkeypatch.setattr(analysis, "_fit_probe", recording)
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(15), 3)  # 15 patients, 3 items each
+    labels = (groups % 3).astype(int)  # three classes: macro F1
+    features = np.eye(4)[labels] + rng.normal(scale=0.1, size=(45, 4))
+    result = analysis.cross_validated_probe(features, labels, groups, seeds=2, epochs=2)
+    assert result["metric"] == "f1" and result["runs"] == 10
+    for fit, val in seen:
+        test = np.setdiff1d(np.arange(45), np.concatenate([fit, val]))
+        parts = [set(groups[fit]), set(groups[val]), set(groups[test])]
+        assert all(not a & b for i, a in enumerate(parts) for b in parts[i + 1 :])  # no patient in two parts
+        assert len(parts[0]) + len(parts[1]) + len(parts[2]) == 15
