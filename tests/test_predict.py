@@ -141,7 +141,7 @@ def test_bad_files_are_skipped_bad_values_refused_in_one_line(student, tmp_path)
         with pytest.raises(SystemExit, match=f"predict.py: --pixel_size={float(value)!r}: expected a pixel size in mm"):
             run(student, folder, f"--pixel_size={value}")
     (tmp_path / "bad.json").write_text("{'brain': ['x']}")
-    with pytest.raises(SystemExit, match="--prompts=.*bad.json: not valid JSON"):
+    with pytest.raises(SystemExit, match="predict.py: .*bad.json: not valid JSON"):
         run(student, folder, f"--prompts={tmp_path / 'bad.json'}")
     with pytest.raises(SystemExit, match=r"predict.py: no frame was predicted \(1 files skipped"):
         run(student, folder / "broken.png", f"--out_dir={tmp_path / 'none'}")
