@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torch.multiprocessing.spawn import ProcessException
 
 import cache
 import data
@@ -230,7 +231,7 @@ def test_a_killed_rank_loses_only_its_unfinished_shard(setup, tmp_path, monkeypa
     out_dir = tmp_path / "cache"
     settings = dict(teacher_ckpt=teacher, train_data=str(root / "shards"), out_dir=str(out_dir), augs=AUGS)
     settings.update(batch_size=BATCH, num_workers=0, device="cpu")
-    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="process 0 terminated with exit code 1"):
+    with pytest.raises(ProcessException):  # rank 0 killed, rank 1 then fails or is ended
         # forked: the processes start with this one's modules instead of importing them again (seconds each)
         torch.multiprocessing.start_processes(
             killed_rank_zero, (str(tmp_path / "init"), settings), nprocs=2, start_method="fork"
