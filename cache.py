@@ -259,8 +259,8 @@ def remove_leftovers(out_dir, names):
 
 
 def start_manifest(net, settings, names):
-    """This run's manifest with no shard finished -> (manifest, whether the folder holds this cache already: only
-    then are its entry files trusted). A folder holding another cache is refused."""
+    """This run's manifest with no shard finished -> (manifest, the folder's manifest or None: only if the folder
+    holds this cache already are its entry files trusted). A folder holding another cache is refused."""
     manifest = dict(
         teacher=net.name,
         teacher_ckpt=os.path.abspath(settings["teacher_ckpt"]),
@@ -275,30 +275,32 @@ def start_manifest(net, settings, names):
     )
     path = os.path.join(settings["out_dir"], data.CACHE_MANIFEST)
     if not os.path.exists(path):
-        return manifest, False
+        return manifest, None
     previous = read_manifest(settings["out_dir"])
     for key in IDENTITY:  # resuming: the same teacher and draws, or nothing
         if previous[key] != manifest[key]:
             raise ValueError(
                 f"{path} holds a cache with {key} {previous[key]!r}, not {manifest[key]!r}: use another --out_dir"
             )
-    return manifest, True
+    return manifest, previous
 
 
 def plan(net, settings, urls, names):
     """Rank 0, before any rank writes: the folder checked, what killed processes left half-written removed, the
     manifest of the shards already finished written -> (manifest, [(url, name, fingerprint)] still to do)."""
     out_dir = settings["out_dir"]
-    manifest, ours = start_manifest(net, settings, names)
+    manifest, previous = start_manifest(net, settings, names)
     os.makedirs(out_dir, exist_ok=True)
     remove_leftovers(out_dir, names)
     todo = []
     for url, name in zip(urls, names):
-        fingerprint, entry = shard_fingerprint(url), read_entry(out_dir, name) if ours else None
+        fingerprint, entry = shard_fingerprint(url), read_entry(out_dir, name) if previous else None
         if shard_problem(out_dir, url, entry, fingerprint):
             todo.append((url, name, fingerprint))
         else:
             manifest["shards"][name] = entry
+    for name, entry in previous["shards"].items() if previous else ():
+        manifest["shards"].setdefault(name, entry)  # the shards of earlier runs with other --train_data stay listed
     write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)  # a listed shard is a finished one
     return manifest, todo
 

@@ -132,6 +132,10 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
         teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
     )
     same_files(tmp_path, root / "cache")
+    one_shard = cache.write_cache(  # a run for one of the shards keeps the others listed
+        teacher, str(root / "shards" / "train-000001.tar"), str(tmp_path), augs=AUGS, num_workers=0, device="cpu"
+    )
+    assert one_shard["shards"] == data.read_cache_manifest(str(root / "cache"))["shards"]
 
 
 def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
