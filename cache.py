@@ -300,7 +300,8 @@ def plan(net, settings, urls, names):
         else:
             manifest["shards"][name] = entry
     for name, entry in previous["shards"].items() if previous else ():
-        manifest["shards"].setdefault(name, entry)  # the shards of earlier runs with other --train_data stay listed
+        if entry is not None:  # the finished shards of earlier runs with other --train_data stay listed
+            manifest["shards"].setdefault(name, entry)
     write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)  # a listed shard is a finished one
     return manifest, todo
 
