@@ -128,14 +128,13 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
     assert list(data.read_cache_manifest(str(tmp_path))["shards"].values()) == [None] * 3  # no shard before the end
     finished = [cache.read_entry(str(tmp_path), f"train-00000{i}.tar") for i in range(3)]
     assert [entry and entry["samples"] for entry in finished] == [BATCH, None, None]
-    cache.write_cache(
-        teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
-    )
+    one_shard = str(root / "shards" / "train-000001.tar")
+    settings = dict(augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu")
+    assert list(cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"]) == ["train-000001.tar"]
+    cache.write_cache(teacher, str(root / "shards"), str(tmp_path), **settings)  # the rest: train-000002.tar
     same_files(tmp_path, root / "cache")
-    one_shard = cache.write_cache(  # a run for one of the shards keeps the others listed
-        teacher, str(root / "shards" / "train-000001.tar"), str(tmp_path), augs=AUGS, num_workers=0, device="cpu"
-    )
-    assert one_shard["shards"] == data.read_cache_manifest(str(root / "cache"))["shards"]
+    reference = data.read_cache_manifest(str(root / "cache"))["shards"]
+    assert cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"] == reference  # others stay
 
 
 def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
