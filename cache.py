@@ -3,13 +3,22 @@
 
     python cache.py --teacher_ckpt=FetalCLIP_weights.pt --train_data='shards/{000000..000246}.tar' \\
         --augs=20 --out_dir=teacher_cache      # resumable: run it again after an interruption
+    torchrun --standalone --nproc_per_node=8 cache.py --teacher_ckpt=...   # the same files, written by 8 GPUs
     python train.py --preset=paper --teacher_cache=teacher_cache ...
 
 For every pair the cache holds the teacher's L2-normalised text embedding of the caption and its image embeddings
 for `augs` coupled augmentations (data.augment_params(seed, a, key), a < augs), fp16, in one WebDataset shard per
-training shard (same file name, same keys) with the digest of the training sample it was computed from, plus
-manifest.json (teacher, checkpoint sha256, seed, augs, image size, context length, logit scale, and per finished
-shard its sample count and fingerprint). data.py holds the reading side and refuses a cache whose shards changed.
+training shard (same file name, same keys) with the digest of the training sample it was computed from; beside each
+its entry (NAME.json: sample count, the training shard's fingerprint, the cache shard's size and the sha256 of its
+start); and manifest.json: teacher, checkpoint sha256, seed, augs, what the views depend on (data.AUGMENT with its
+version, the teacher's input size, mean and std), context length, logit scale and the finished shards' entries.
+check_cache refuses a cache that differs from the run, whose training shards changed, or whose cache shards are
+missing, truncated or swapped; data.py holds the reading side and refuses an entry whose sample changed.
+
+Under torchrun (one node or several: the folder must be one that every node sees) the shards still to do are dealt
+to the processes, which write their cache shards and entries; rank 0 writes the manifest once all are done, the
+same bytes as one process's. A killed process loses only the shard it was writing: a rerun, with any number of
+processes, redoes what is missing.
 
 Amortisation for the paper's sweep (246,349 pairs, 20 epochs; MACs per sample by torch's FlopCounterMode:
 FetalCLIP image 81.0 G + text 10.2 G, student forward + backward about 3 x (2.39 + 2.94) = 16 G): a live teacher
@@ -23,11 +32,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tqdm
 import webdataset as wds
 
@@ -48,7 +60,15 @@ device = ""  # '' = cuda, else mps, else cpu
 dtype = ""  # '' = bfloat16 on cuda, float32 elsewhere
 DEFAULTS = configurator.settings(globals())
 
-IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", "image_size", "context_length")  # what a resume must match
+# What manifest.json holds: the teacher, the draws, what the views depend on (VIEW_KEYS) and, per training shard, the
+# entry of its finished cache shard (None until then). A resume must match IDENTITY; check_cache checks a run.
+VIEW_KEYS = ("augment", "image_size", "image_mean", "image_std")
+IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", *VIEW_KEYS, "context_length")
+MANIFEST_KEYS = ("teacher", "teacher_ckpt", *IDENTITY[1:], "embed_dim", "logit_scale", "shards")  # in file order
+# An entry: the cached sample count, the training shard's fingerprint, and the cache shard's size and the sha256 of
+# its first HEAD_BYTES, which bind the file to its training shard at start-up without decoding it.
+ENTRY_KEYS = ("samples", "fingerprint", "bytes", "head_sha256")
+HEAD_BYTES = 1 << 16
 
 
 def file_sha256(path):
@@ -57,6 +77,11 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def head_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
 
 
 def shard_fingerprint(url):
@@ -70,26 +95,67 @@ def shard_fingerprint(url):
     return digest.hexdigest()
 
 
-def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, image_size, context_length):
-    """The manifest of a complete cache that matches the run and the shards' current content, else ValueError
-    saying what differs. teacher_ckpt '' skips the checkpoint hash (the run then takes the cache's teacher)."""
-    manifest = data.read_cache_manifest(folder)
-    asked = dict(teacher=teacher, seed=seed, image_size=image_size, context_length=context_length)
+def view_recipe(view):
+    """What a cached view depends on besides (seed, draw, key): the augmentation (data.AUGMENT, its version included)
+    and the teacher's input (size, mean, std). A cache made with another recipe holds other views."""
+    size, mean, std = view
+    return dict(zip(VIEW_KEYS, (dict(data.AUGMENT), size, [float(m) for m in mean], [float(s) for s in std])))
+
+
+def read_manifest(folder):
+    """data.read_cache_manifest with every key there, else one line naming the first missing one."""
+    path = os.path.join(folder, data.CACHE_MANIFEST)
+    try:
+        manifest = data.read_cache_manifest(folder)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error}); rebuild the cache") from None
+    manifest = manifest if isinstance(manifest, dict) else {}
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    for name, entry in (manifest.get("shards") or {}).items():
+        missing += [f"shards/{name}/{key}" for key in ENTRY_KEYS if isinstance(entry, dict) and key not in entry]
+    if missing:
+        why = "made by an older cache.py, which did not record what its views depend on, or damaged"
+        raise ValueError(f"{path} has no key {missing[0]!r} ({why}): rebuild it with cache.py into a new --out_dir")
+    return manifest
+
+
+def shard_problem(folder, url, entry, fingerprint):
+    """Why the cache shard of training shard `url` (current fingerprint given) cannot be used, as words that follow
+    'teacher cache FOLDER', or ''. Cheap: its entry, the cache shard's size and its first HEAD_BYTES."""
+    path = os.path.join(folder, data.cache_shard_name(url))
+    if not isinstance(entry, dict):
+        return f"has no finished cache shard for {url}"
+    if entry["fingerprint"] != fingerprint:
+        return f"was made from another {url} (its members changed)"
+    if not os.path.isfile(path):
+        return f"lacks {path}, the cache shard of {url}"
+    if os.path.getsize(path) != entry["bytes"]:
+        return f"holds a truncated or replaced {path} ({os.path.getsize(path)} bytes; {entry['bytes']} were written)"
+    if head_sha256(path) != entry["head_sha256"]:
+        return f"holds a {path} that is not the cache shard of {url} (swapped or replaced: its first bytes differ)"
+    return ""
+
+
+def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, view, context_length):
+    """The manifest of a complete cache that matches the run (view: the teacher's (size, mean, std)), the training
+    shards' current content and its own cache shards, else ValueError saying what differs. teacher_ckpt '' skips
+    the checkpoint hash (the run then takes the cache's teacher). Reads tar headers, sizes and HEAD_BYTES per shard."""
+    manifest = read_manifest(folder)
+    asked = dict(teacher=teacher, seed=seed, context_length=context_length, **view_recipe(view))
     if teacher_ckpt:
         asked["teacher_sha256"] = file_sha256(teacher_ckpt)
     hints = {"seed": " (train.py --augment_seed sets the augmentation seed alone)"}
     hints["teacher_sha256"] = f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})"
+    hints["augment"] = " (the augmentation, data.AUGMENT, changed since: rebuild the cache with cache.py)"
     for key, value in asked.items():
         if manifest[key] != value:
             made = f"teacher cache {folder} was made with {key} {manifest[key]!r}"
             raise ValueError(f"{made}; this run asks for {value!r}{hints.get(key, '')}")
-    redo = "; run `python cache.py ...` again to finish it"
     for url in data.expand_urls(urls):
         entry = manifest["shards"].get(data.cache_shard_name(url))
-        if not isinstance(entry, dict):
-            raise ValueError(f"teacher cache {folder} has no finished cache shard for {url}{redo}")
-        if entry["fingerprint"] != shard_fingerprint(url):
-            raise ValueError(f"teacher cache {folder} was made from another {url} (its members changed){redo}")
+        problem = shard_problem(folder, url, entry, shard_fingerprint(url))
+        if problem:
+            raise ValueError(f"teacher cache {folder} {problem}; run `python cache.py ...` again to redo it")
     return manifest
 
 
@@ -167,81 +233,178 @@ def write_json(path, content):
     configurator.write_atomic(path, json.dumps(content, indent=1))
 
 
+def entry_path(out_dir, name):
+    """Beside each finished cache shard, its manifest entry: how every rank hands its shards to rank 0, and what a
+    rerun trusts. Written after the cache shard, removed before it is redone."""
+    return os.path.join(out_dir, f"{name}.json")
+
+
+def read_entry(out_dir, name):
+    """A cache shard's entry file, or None (missing, unreadable or incomplete: the shard is redone)."""
+    try:
+        with open(entry_path(out_dir, name)) as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and all(key in entry for key in ENTRY_KEYS) else None
+
+
+def remove_leftovers(out_dir, names):
+    """What a killed process left half-written: configurator.atomic_path's NAME.PID.tmp files of this cache."""
+    ours = {*names, *(os.path.basename(entry_path(out_dir, n)) for n in names), data.CACHE_MANIFEST}
+    for file in os.listdir(out_dir):
+        match = re.fullmatch(r"(.+)\.\d+\.tmp", file)
+        if match and match.group(1) in ours:
+            os.remove(os.path.join(out_dir, file))
+
+
 def start_manifest(net, settings, names):
-    """The manifest of this run, merged with the finished shards of an earlier run into the same folder."""
+    """This run's manifest with no shard finished -> (manifest, the folder's manifest or None: only if the folder
+    holds this cache already are its entry files trusted). A folder holding another cache is refused."""
     manifest = dict(
         teacher=net.name,
         teacher_ckpt=os.path.abspath(settings["teacher_ckpt"]),
         teacher_sha256=file_sha256(settings["teacher_ckpt"]),
         seed=settings["seed"],
         augs=settings["augs"],
-        image_size=net.image_size,
+        **view_recipe((net.image_size, net.image_mean, net.image_std)),
         context_length=net.context_length,
         embed_dim=net.embed_dim,
         logit_scale=net.logit_scale.exp().item(),
         shards={n: None for n in names},
     )
     path = os.path.join(settings["out_dir"], data.CACHE_MANIFEST)
-    if os.path.exists(path):  # resuming: the same teacher and draws, or nothing
-        previous = data.read_cache_manifest(settings["out_dir"])
-        for key in IDENTITY:
-            if previous.get(key) != manifest[key]:
-                raise ValueError(
-                    f"{path} holds a cache with {key} {previous.get(key)!r}, not {manifest[key]!r}: "
-                    "use another --out_dir"
-                )
-        finished = {n: entry for n, entry in previous["shards"].items() if isinstance(entry, dict)}
-        manifest["shards"].update(finished)
-    return manifest
+    if not os.path.exists(path):
+        return manifest, None
+    previous = read_manifest(settings["out_dir"])
+    for key in IDENTITY:  # resuming: the same teacher and draws, or nothing
+        if previous[key] != manifest[key]:
+            raise ValueError(
+                f"{path} holds a cache with {key} {previous[key]!r}, not {manifest[key]!r}: use another --out_dir"
+            )
+    return manifest, previous
+
+
+def plan(net, settings, urls, names):
+    """Rank 0, before any rank writes: the folder checked, what killed processes left half-written removed, the
+    manifest of the shards already finished written -> (manifest, [(url, name, fingerprint)] still to do)."""
+    out_dir = settings["out_dir"]
+    manifest, previous = start_manifest(net, settings, names)
+    os.makedirs(out_dir, exist_ok=True)
+    remove_leftovers(out_dir, names)
+    todo = []
+    for url, name in zip(urls, names):
+        fingerprint, entry = shard_fingerprint(url), read_entry(out_dir, name) if previous else None
+        if shard_problem(out_dir, url, entry, fingerprint):
+            todo.append((url, name, fingerprint))
+        else:
+            manifest["shards"][name] = entry
+    for name, entry in previous["shards"].items() if previous else ():
+        if entry is not None:  # the finished shards of earlier runs with other --train_data stay listed
+            manifest["shards"].setdefault(name, entry)
+    write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)  # a listed shard is a finished one
+    return manifest, todo
+
+
+def cache_shards(net, share, settings, device, autocast, rank):
+    """One rank's share of the shards: each cache shard, then its entry file. Rank 0 shows the progress bar."""
+    local = all("://" not in url and not url.startswith("pipe:") for url, _, _ in share)
+    total = data.count_samples([url for url, _, _ in share]) if share and local and rank == 0 else None
+    with tqdm.tqdm(total=total, unit="sample", disable=rank > 0) as bar:
+        for url, name, fingerprint in share:
+            path, entry_file = os.path.join(settings["out_dir"], name), entry_path(settings["out_dir"], name)
+            if os.path.exists(entry_file):
+                os.remove(entry_file)  # first: an entry file always describes a finished cache shard
+            count = cache_one_shard(net, url, path, settings, device, autocast, bar)
+            entry = dict(zip(ENTRY_KEYS, (count, fingerprint, os.path.getsize(path), head_sha256(path))))
+            write_json(entry_file, entry)
+            tqdm.tqdm.write(f"rank {rank}: cached {name} ({count} samples)")
+
+
+def finish_manifest(manifest, out_dir, todo):
+    """Rank 0, once every rank is done: the entries of the shards just cached, into the manifest."""
+    for url, name, fingerprint in todo:
+        entry = read_entry(out_dir, name)
+        if shard_problem(out_dir, url, entry, fingerprint):
+            unseen = f"{entry_path(out_dir, name)} is missing or wrong once every rank has finished"
+            raise ValueError(f"{unseen}: --out_dir must be one folder that every node sees")
+        manifest["shards"][name] = entry
+    write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)
+    total = sum(entry["samples"] for entry in manifest["shards"].values())
+    print(f"wrote {out_dir}: {total} samples, {manifest['embed_dim']}-d fp16 embeddings")
+
+
+def load_teacher(teacher_ckpt, teacher, device, dtype):
+    """-> (the teacher on `device` in eval mode, its autocast: bfloat16 on cuda, float32 elsewhere, unless dtype)"""
+    net = model_lib.load_model(teacher_ckpt, teacher).to(device).eval()
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    autocast = contextlib.nullcontext()
+    if dtype != "float32":
+        autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+    return net, autocast
 
 
 def write_cache(
     teacher_ckpt, train_data, out_dir, *, augs=4, teacher="", seed=0, batch_size=32, num_workers=2, device="", dtype=""
 ):
-    """Write (or finish) a cache folder -> its manifest. Finished shards whose training shard is unchanged are
-    kept, an interrupted or stale one is redone; a folder holding another teacher's cache is refused."""
+    """Write (or finish) a cache folder -> its manifest. Under torch.distributed (cache.py under torchrun) the shards
+    to do are dealt to the ranks in turn; rank 0 writes the manifest once all are done, the same bytes as one
+    process's. Finished shards whose training shard is unchanged are kept, unfinished or stale ones redone (by any
+    number of processes); a folder holding another teacher's cache is refused."""
     settings = dict(locals())
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = configurator.pick_device(device)
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    net = model_lib.load_model(teacher_ckpt, teacher).to(device).eval()
-    autocast = contextlib.nullcontext()
-    if dtype != "float32":
-        autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+    net, autocast = load_teacher(teacher_ckpt, teacher, device, dtype)
     urls = data.expand_urls(train_data)
     names = [data.cache_shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"{train_data}: training shards share file names; give each shard a distinct name")
-    manifest = start_manifest(net, settings, names)
-    os.makedirs(out_dir, exist_ok=True)
-    fingerprints = {n: shard_fingerprint(u) for u, n in zip(urls, names)}
-    todo = [
-        (u, n)
-        for u, n in zip(urls, names)
-        if manifest["shards"][n] is None
-        or manifest["shards"][n]["fingerprint"] != fingerprints[n]
-        or not os.path.exists(os.path.join(out_dir, n))
-    ]
-    print(
-        f"caching {net.name} ({teacher_ckpt}) for {len(urls)} shards x {augs} augmentations into {out_dir}; "
-        f"{len(urls) - len(todo)} already done"
-    )
-    local = all("://" not in u and not u.startswith("pipe:") for u, _ in todo)
-    with tqdm.tqdm(total=data.count_samples([u for u, _ in todo]) if todo and local else None, unit="sample") as bar:
-        for url, name in todo:
-            count = cache_one_shard(net, url, os.path.join(out_dir, name), settings, device, autocast, bar)
-            manifest["shards"][name] = {"samples": count, "fingerprint": fingerprints[name]}
-            write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)  # a listed shard is a finished one
-    write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)
-    total = sum(entry["samples"] for entry in manifest["shards"].values())
-    print(f"wrote {out_dir}: {total} samples, {manifest['embed_dim']}-d fp16 embeddings")
-    return manifest
+    shared = [plan(net, settings, urls, names) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(shared)  # one plan for every rank, made before any of them writes
+    manifest, todo = shared[0]
+    manifest_path = os.path.join(out_dir, data.CACHE_MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"rank {rank} does not see {manifest_path}: --out_dir must be one folder that every node sees")
+    if rank == 0:
+        done = f"{len(urls) - len(todo)} done, {len(todo)} to do by {world_size} processes"
+        print(
+            f"caching {net.name} ({teacher_ckpt}) for {len(urls)} shards x {augs} augmentations into {out_dir}: {done}"
+        )
+    cache_shards(net, todo[rank::world_size], settings, device, autocast, rank)  # dealt in turn
+    if world_size > 1:
+        dist.barrier()  # every rank's entry files are written
+    if rank == 0:
+        finish_manifest(manifest, out_dir, todo)
+    if world_size > 1:
+        dist.barrier()  # the manifest is written
+    return read_manifest(out_dir)
+
+
+def start_ranks(device):
+    """Under torchrun: join the process group, NCCL on GPUs and gloo on the CPU as in train.py -> this process's
+    device (cuda:LOCAL_RANK on GPUs)."""
+    device = configurator.pick_device(device)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return device
+    # the last rank may finish its last shard long after the others, who wait at a barrier
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def main(arguments):
+    config = configurator.configure(dict(DEFAULTS), arguments)
+    if not (config["teacher_ckpt"] and config["train_data"] and config["out_dir"]) or config["augs"] < 1:
+        raise SystemExit("usage: python cache.py --teacher_ckpt=FILE --train_data=SHARDS --out_dir=DIR [--augs=4 ...]")
+    config["device"] = start_ranks(config["device"])
+    with configurator.user_errors("cache.py"):
+        write_cache(**config)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    config = configurator.configure(dict(DEFAULTS), sys.argv[1:])
-    if not (config["teacher_ckpt"] and config["train_data"] and config["out_dir"]) or config["augs"] < 1:
-        raise SystemExit("usage: python cache.py --teacher_ckpt=FILE --train_data=SHARDS --out_dir=DIR [--augs=4 ...]")
-    try:
-        write_cache(**config)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"cache.py: {error}") from None
+    main(sys.argv[1:])

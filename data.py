@@ -294,14 +294,16 @@ def eval_transform(image_size, mean, std):
     )
 
 
+AUGMENT = dict(degrees=7.0, translate=0.05, jitter=0.15, version="2")  # caches record it; bump version if views change
+
+
 def augment_params(seed, epoch, key):
-    """One draw of RandomAffine(7 deg, translate 0.05) + ColorJitter(0.15, 0.15, 0.15), a pure function of (seed,
-    epoch, sample key): any view can be replayed exactly."""
+    """One draw of RandomAffine + ColorJitter (AUGMENT), a pure function of (seed, epoch, sample key): replayable."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    u = (2 * torch.rand(6, generator=generator) - 1).tolist()  # U(-1, 1)
-    params = dict(angle=7.0 * u[0], translate=(0.05 * u[1], 0.05 * u[2]))  # translation: fractions of the side
-    params["factors"] = (1 + 0.15 * u[3], 1 + 0.15 * u[4], 1 + 0.15 * u[5])  # brightness, contrast, saturation
+    u = (2 * torch.rand(6, generator=generator) - 1).tolist()  # U(-1, 1); translation: fractions of the side
+    params = dict(angle=AUGMENT["degrees"] * u[0], translate=(AUGMENT["translate"] * u[1], AUGMENT["translate"] * u[2]))
+    params["factors"] = tuple(1 + AUGMENT["jitter"] * x for x in u[3:])  # brightness, contrast, saturation
     params["order"] = torch.randperm(3, generator=generator).tolist()  # the order the three adjustments run in
     return params
 
@@ -519,15 +521,13 @@ def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0,
     return TrainLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
 
-# ------------------------------------------------------------------ teacher cache (reading side)
-# The frozen teacher's outputs for each pair, written once by cache.py and replayed by train.py --teacher_cache.
+# ------------------------------------------------------------------ teacher cache (reading side): see cache.py
 
 CACHE_MANIFEST = "manifest.json"
 
 
 def cached_augmentation(epoch, augs):
-    """The cached augmentation epoch `epoch` replays: every draw equally often, and in the first `augs` epochs
-    exactly the views a live teacher would see, so cached and live runs can be compared step by step."""
+    """Epoch e replays cached draw e % augs: each draw as often, and a live teacher's views in the first augs epochs."""
     return epoch % augs
 
 

@@ -207,7 +207,8 @@ teacher_net, cached_teacher = None, None
 if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never built: its outputs are on disk
     asked = dict(teacher=teacher, teacher_ckpt=teacher_ckpt, seed=augment_seed, context_length=CONTEXT)
     with configurator.user_errors(f"--teacher_cache={teacher_cache}"):
-        cached_teacher = cache.check_cache(teacher_cache, train_data, image_size=TEACHER_SIZE, **asked)
+        teacher_view = TEACHER_SIZE, MODEL_CONFIGS[teacher]["mean"], MODEL_CONFIGS[teacher]["std"]
+        cached_teacher = cache.check_cache(teacher_cache, train_data, view=teacher_view, **asked)
     cached_scale = torch.tensor(cached_teacher["logit_scale"], device=device)
     made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
     print(

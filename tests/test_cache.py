@@ -1,21 +1,30 @@
 """The teacher-embedding cache (cache.py, train.py --teacher_cache) against the live teacher."""
 
 import filecmp
+import json
 import os
 import shutil
+import subprocess
+import sys
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torch.multiprocessing.spawn import ProcessException
 
 import cache
 import data
 import synthetic
 from model import CLIP, MODEL_CONFIGS, create_model, load_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # samples per shard and per batch
 AUGS = 2
 TEACHER_SIZE = MODEL_CONFIGS["demo_teacher"]["image_size"]
+TEACHER_VIEW = (TEACHER_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,14 +55,21 @@ def setup(tmp_path_factory):
     return root, teacher, manifest
 
 
+def same_files(folder, reference):
+    """Every file of the reference folder, byte for byte, and nothing else (no temporary file left behind)."""
+    names = sorted(os.listdir(reference))
+    assert sorted(os.listdir(folder)) == names
+    match, mismatch, errors = filecmp.cmpfiles(reference, folder, names, shallow=False)
+    assert mismatch == [] and errors == [] and len(match) == 7  # 3 shards, their entries, the manifest
+
+
 def batches(root, epoch, **cache):
     """Epoch `epoch` of the loader in the shards' order: (student images, teacher input, tokens, keys)."""
     student = create_model("demo_student")
-    teacher_view = (TEACHER_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     loader = data.train_loader(
         str(root / "shards"),
         (student.image_size, student.image_mean, student.image_std),
-        teacher_view,
+        TEACHER_VIEW,
         BATCH,
         epoch=epoch,
         shuffle_buffer=1,
@@ -109,20 +125,21 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
             teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
         )
     monkeypatch.setattr(CLIP, "encode_image", encode_image)
-    partial = data.read_cache_manifest(str(tmp_path))["shards"]
-    assert [entry and entry["samples"] for entry in partial.values()] == [BATCH, None, None]
-    cache.write_cache(
-        teacher, str(root / "shards"), str(tmp_path), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu"
-    )
-    names = sorted(os.listdir(root / "cache"))
-    assert sorted(os.listdir(tmp_path)) == names  # no .tmp left behind
-    match, mismatch, errors = filecmp.cmpfiles(root / "cache", tmp_path, names, shallow=False)
-    assert mismatch == [] and errors == [] and len(match) == 4
+    assert list(data.read_cache_manifest(str(tmp_path))["shards"].values()) == [None] * 3  # no shard before the end
+    finished = [cache.read_entry(str(tmp_path), f"train-00000{i}.tar") for i in range(3)]
+    assert [entry and entry["samples"] for entry in finished] == [BATCH, None, None]
+    one_shard = str(root / "shards" / "train-000001.tar")
+    settings = dict(augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu")
+    assert list(cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"]) == ["train-000001.tar"]
+    cache.write_cache(teacher, str(root / "shards"), str(tmp_path), **settings)  # the rest: train-000002.tar
+    same_files(tmp_path, root / "cache")
+    reference = data.read_cache_manifest(str(root / "cache"))["shards"]
+    assert cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"] == reference  # others stay
 
 
 def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     root, teacher, _ = setup
-    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=TEACHER_SIZE, context_length=48)
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48)
     shards = str(root / "shards")
     folder = str(root / "cache")
     assert cache.check_cache(folder, shards, **asked)["augs"] == AUGS
@@ -131,7 +148,7 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     for change, message in [
         ({"teacher_ckpt": other}, "teacher_sha256 .* asks for .*other.pt"),
         ({"seed": 1}, "made with seed 0; this run asks for 1 .*--augment_seed"),
-        ({"image_size": 64}, f"made with image_size {TEACHER_SIZE}; this run asks for 64"),
+        ({"view": (64, *TEACHER_VIEW[1:])}, f"made with image_size {TEACHER_SIZE}; this run asks for 64"),
         ({"teacher": "fetalclip"}, "made with teacher .demo_teacher.; this run asks for .fetalclip."),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -153,7 +170,7 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     another image and caption. Refused at start-up, naming the shard; and where a shard keeps its members' names
     and sizes but not their bytes, by the first sample's digest."""
     root, teacher, _ = setup
-    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, image_size=TEACHER_SIZE, context_length=48)
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48)
     regenerated = tmp_path / "shards"
     synthetic.write_shards(str(regenerated), seed=1, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48)
     assert sorted(os.listdir(regenerated)) == sorted(os.listdir(root / "shards"))  # same file names and keys
@@ -173,3 +190,149 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     )
     with pytest.raises(data.StaleCache, match=f"the entry for 00000008 in {shard} was computed from another sample"):
         list(loader)
+
+
+def test_two_gloo_processes_build_the_cache_of_one(setup, tmp_path):
+    """cache.py under torchrun: the three shards dealt to two processes, each cached once, the same files."""
+    root, teacher, _ = setup
+    flags = [f"--teacher_ckpt={teacher}", f"--train_data={root / 'shards'}", f"--out_dir={tmp_path}", f"--augs={AUGS}"]
+    flags += [f"--batch_size={BATCH}", "--num_workers=0", "--device=cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    process = subprocess.run(
+        [*torchrun, os.path.join(ROOT, "cache.py"), *flags],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    cached = sorted(line.split(" (")[0] for line in process.stdout.splitlines() if ": cached " in line)
+    assert cached == sorted(f"rank {i % 2}: cached train-00000{i}.tar" for i in range(3))  # dealt in turn
+    same_files(tmp_path, root / "cache")
+
+
+def killed_rank_zero(rank, init_file, settings):
+    """One process of a two-process build, rank 0 killed in the middle of its second shard (after rank 1 has
+    finished its own): os._exit runs no clean-up, so its half-written file stays, as after kill -9."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    embed, calls = cache.embed, []
+
+    def embed_then_die(*args):
+        calls.append(args)
+        if rank == 0 and len(calls) == 2:  # one batch per shard
+            dist.barrier()  # met by rank 1 once its shard and its entry are written
+            os._exit(1)
+        return embed(*args)
+
+    cache.embed = embed_then_die
+    cache.write_cache(**settings)
+
+
+def test_a_killed_rank_loses_only_its_unfinished_shard(setup, tmp_path, monkeypatch):
+    root, teacher, _ = setup
+    out_dir = tmp_path / "cache"
+    settings = dict(teacher_ckpt=teacher, train_data=str(root / "shards"), out_dir=str(out_dir), augs=AUGS)
+    settings.update(batch_size=BATCH, num_workers=0, device="cpu")
+    with pytest.raises(ProcessException):  # rank 0 killed, rank 1 then fails or is ended
+        # forked: the processes start with this one's modules instead of importing them again (seconds each)
+        torch.multiprocessing.start_processes(
+            killed_rank_zero, (str(tmp_path / "init"), settings), nprocs=2, start_method="fork"
+        )
+    assert any(name.startswith("train-000002.tar.") and name.endswith(".tmp") for name in os.listdir(out_dir))
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48)
+    with pytest.raises(ValueError, match="has no finished cache shard for .*train-000000.tar"):
+        cache.check_cache(str(out_dir), str(root / "shards"), **asked)  # nothing listed before the end
+    redone, cache_one_shard = [], cache.cache_one_shard
+    monkeypatch.setattr(
+        cache, "cache_one_shard", lambda *a: redone.append(os.path.basename(a[2])) or cache_one_shard(*a)
+    )
+    cache.write_cache(**settings)  # the rerun, here by one process
+    assert redone == ["train-000002.tar"]
+    same_files(out_dir, root / "cache")
+
+
+def test_a_deleted_truncated_or_swapped_cache_shard_is_refused_naming_it(setup, tmp_path, monkeypatch):
+    """Refused at start-up, each naming the cache shard; a rerun of cache.py redoes exactly the damaged shards."""
+    root, teacher, _ = setup
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48)
+    shards, folder = str(root / "shards"), tmp_path / "cache"
+    shutil.copytree(root / "cache", folder)
+    first, second, third = (folder / f"train-00000{i}.tar" for i in range(3))
+    assert first.stat().st_size == second.stat().st_size  # a swap keeps every size
+    first.rename(tmp_path / "swap")
+    second.rename(first)
+    (tmp_path / "swap").rename(second)
+    with pytest.raises(ValueError, match=f"holds a {first} that is not the cache shard of .*train-000000.tar .swapped"):
+        cache.check_cache(str(folder), shards, **asked)
+    third.write_bytes(third.read_bytes()[: third.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"holds a truncated or replaced {third} .{third.stat().st_size} bytes"):
+        cache.check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
+    third.unlink()
+    with pytest.raises(ValueError, match=f"lacks {third}, the cache shard of .*train-000002.tar; run `python cache"):
+        cache.check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
+    redone, cache_one_shard = [], cache.cache_one_shard
+    monkeypatch.setattr(
+        cache, "cache_one_shard", lambda *a: redone.append(os.path.basename(a[2])) or cache_one_shard(*a)
+    )
+    cache.write_cache(teacher, shards, str(folder), augs=AUGS, batch_size=BATCH, num_workers=0, device="cpu")
+    assert redone == [f"train-00000{i}.tar" for i in range(3)]
+    same_files(folder, root / "cache")
+
+
+def test_a_cache_of_other_views_is_refused(setup, monkeypatch):
+    """The manifest records what the views depend on: data.AUGMENT (which drives augment_params) with its version,
+    and the teacher's input size, mean and std. A change in any is refused, naming the key."""
+    root, teacher, manifest = setup
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48)
+    recorded = {key: manifest[key] for key in ("augment", "image_size", "image_mean", "image_std")}
+    assert recorded == dict(
+        augment=dict(degrees=7.0, translate=0.05, jitter=0.15, version=data.AUGMENT["version"]),
+        image_size=TEACHER_SIZE,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+    assert tuple(manifest) == cache.MANIFEST_KEYS  # the names the start-up check requires, in the file's order
+    monkeypatch.setitem(data.AUGMENT, "degrees", 0.0)
+    monkeypatch.setitem(data.AUGMENT, "translate", 0.0)
+    monkeypatch.setitem(data.AUGMENT, "jitter", 0.0)
+    params = data.augment_params(0, 1, "00000003")
+    assert (params["angle"], params["translate"], params["factors"]) == (0, (0, 0), (1, 1, 1))  # AUGMENT is the draw
+    with pytest.raises(ValueError, match="made with augment .*'degrees': 7.0.*; this run asks for .*'degrees': 0.0"):
+        cache.check_cache(str(root / "cache"), str(root / "shards"), **asked)
+    monkeypatch.setattr(data, "AUGMENT", {**manifest["augment"], "version": "changed"})  # coupled_views changed
+    with pytest.raises(ValueError, match="made with augment .*; this run asks for .*'version': 'changed'.*rebuild"):
+        cache.check_cache(str(root / "cache"), str(root / "shards"), **asked)
+    monkeypatch.setattr(data, "AUGMENT", manifest["augment"])
+    assert cache.check_cache(str(root / "cache"), str(root / "shards"), **asked) == manifest
+    for position, name in ((1, "image_mean"), (2, "image_std")):
+        view = list(TEACHER_VIEW)
+        view[position] = (0.5, 0.5, 0.5)
+        with pytest.raises(ValueError, match=f"made with {name} .*; this run asks for .0.5, 0.5, 0.5."):
+            cache.check_cache(str(root / "cache"), str(root / "shards"), **{**asked, "view": tuple(view)})
+
+
+def test_a_manifest_without_a_key_is_one_line_naming_it(setup, tmp_path):
+    """A missing key (a cache of an older cache.py has no 'augment') is one line naming it and saying to rebuild."""
+    root, teacher, manifest = setup
+    asked = dict(teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48)
+    folder = tmp_path / "cache"
+    shutil.copytree(root / "cache", folder)
+    entry = dict(manifest["shards"]["train-000001.tar"])
+    del entry["fingerprint"]
+    for key, damaged in [
+        ("augs", {k: v for k, v in manifest.items() if k != "augs"}),
+        ("augment", {k: v for k, v in manifest.items() if k != "augment"}),
+        (
+            "shards/train-000001.tar/fingerprint",
+            {**manifest, "shards": {**manifest["shards"], "train-000001.tar": entry}},
+        ),
+    ]:
+        (folder / data.CACHE_MANIFEST).write_text(json.dumps(damaged))
+        with pytest.raises(ValueError) as error:
+            cache.check_cache(str(folder), str(root / "shards"), **asked)
+        assert f"{folder / data.CACHE_MANIFEST} has no key {key!r}" in str(error.value)
+        assert "rebuild" in str(error.value) and "\n" not in str(error.value)
+    (folder / data.CACHE_MANIFEST).write_text("{")
+    with pytest.raises(ValueError, match=f"{folder / data.CACHE_MANIFEST}: not JSON"):
+        cache.check_cache(str(folder), str(root / "shards"), **asked)
