@@ -154,23 +154,35 @@ def cross_validated_probe(features, labels, groups, folds=5, seeds=5, epochs=50)
 
 
 def probe_items(net, folder, frames, batch_size, device):
-    """A labelled folder -> (features (N, D) or (N, frames * D) for clips, labels, groups, how it was read)."""
+    """A labelled folder -> (features (N, D), or (N, frames * D) when every file is a clip, labels, groups, how)."""
     classes = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels, skipped, ignored = scans.labelled(folder, classes)
-    clips = all(scans.count_frames(path, kind) > 1 for path, kind in files)
-    task = Task(Path(folder).name, {}, files, labels, skipped, ignored)
-    features, item_labels, where = encode_task(net, task, batch_size, device, frames if clips else 0)
-    keys = [(path, region) if clips else (path, frame, region) for path, frame, region in where]
-    if clips:  # per clip and view: `frames` evenly spaced positions (repeats for short clips), concatenated
-        order = {}
-        for i, key in enumerate(keys):
-            order.setdefault(key, []).append(i)
-        picks = [rows[j] for rows in order.values() for j in np.linspace(0, len(rows) - 1, frames).round().astype(int)]
-        features = features[picks].reshape(len(order), -1)  # (clips, frames * D)
-        item_labels, keys = item_labels[[rows[0] for rows in order.values()]], list(order)
-    groups, by = probe_groups(folder, [key[0] for key in keys])
+    counts = {}
+    for path, kind in files:
+        try:
+            counts[path] = scans.count_frames(path, kind)
+        except scans.Unreadable as why:
+            skipped.append((path, str(why)))
+    kept = [i for i, (path, _) in enumerate(files) if path in counts]
+    task = Task(Path(folder).name, {}, [files[i] for i in kept], [labels[i] for i in kept], skipped, ignored)
+    clips = all(count > 1 for count in counts.values())
+    features, labels, where, skipped = encode_task(net, task, batch_size, device, frames if clips else 0)
+    if clips:
+        features, labels, where = concatenated_clips(features, labels, where, frames)
+    groups, by = probe_groups(folder, [path for path, *_ in where])
     mode = f"clips, {frames} frames each, features concatenated" if clips else "one item per view of each frame"
-    return features, item_labels, groups, dict(classes=classes, mode=mode, folds_by=by, skipped=task.skipped)
+    return features, labels, groups, dict(classes=classes, mode=mode, folds_by=by, skipped=skipped)
+
+
+def concatenated_clips(features, labels, where, frames):
+    """Per clip and view: the features of `frames` evenly spaced frames (repeated in a shorter clip), concatenated
+    (the paper's CHD probe) -> ((clips, frames * D), (clips,), [(path, region)])."""
+    rows_of = {}
+    for i, (path, _, region) in enumerate(where):
+        rows_of.setdefault((path, region), []).append(i)
+    picks = [rows[j] for rows in rows_of.values() for j in np.linspace(0, len(rows) - 1, frames).round().astype(int)]
+    first = [rows[0] for rows in rows_of.values()]
+    return features[picks].reshape(len(rows_of), -1), labels[first], list(rows_of)
 
 
 def probe_groups(folder, paths):

@@ -379,11 +379,11 @@ def read_tasks(folders, prompts=""):
 
 @torch.no_grad()
 def encode_task(model, task, batch_size=64, device="cpu", frames=0):
-    """-> (N, D) L2-normalised features of every view, (N,) labels, [(path, frame, region)] per view. frames > 0
-    keeps that many evenly spaced frames of each file (a clip's, the CHD probe's 16). Unreadable files join
-    task.skipped (with the views read before the failure kept)."""
+    """-> (N, D) L2-normalised features of every view, (N,) labels, [(path, frame, region)] per view, and the files
+    skipped (task.skipped and those that failed now; views read before a failure are kept). frames > 0 keeps that many
+    evenly spaced frames of each file (a clip's, the CHD probe's 16)."""
     transform = data.eval_transform(model.image_size, model.image_mean, model.image_std)
-    features, labels, where, batch = [], [], [], []
+    features, labels, where, batch, skipped = [], [], [], [], list(task.skipped)
 
     def flush():
         images = torch.stack([transform(view.image) for view, _ in batch]).to(device)
@@ -393,18 +393,18 @@ def encode_task(model, task, batch_size=64, device="cpu", frames=0):
         batch.clear()
 
     for (path, kind), label in zip(tqdm(task.files, desc=task.name, unit="file", leave=False), task.labels):
-        indices = scans.evenly_spaced(scans.count_frames(path, kind), frames) if frames > 0 else None
         try:
+            indices = scans.evenly_spaced(scans.count_frames(path, kind), frames) if frames > 0 else None
             for view in scans.read(path, kind, indices=indices):
                 batch.append((view, label))
                 if len(batch) == batch_size:
                     flush()
         except scans.Unreadable as why:
-            task.skipped.append((path, str(why)))
+            skipped.append((path, str(why)))
     if batch:
         flush()
     stacked = torch.cat(features) if features else torch.zeros(0, model.embed_dim)
-    return stacked, np.array(labels, dtype=np.int64), where
+    return stacked, np.array(labels, dtype=np.int64), where, skipped
 
 
 def classify(model, features, labels, prompts, device="cpu"):
@@ -417,9 +417,9 @@ def task_results(model, tasks, batch_size, device):
     """{task name: metrics + the files skipped and ignored} for the user's tasks."""
     results = {}
     for task in tasks:
-        features, labels, _ = encode_task(model, task, batch_size, device)
+        features, labels, _, skipped = encode_task(model, task, batch_size, device)
         results[task.name] = classify(model, features, labels, task.prompts, device)[0]
-        results[task.name].update(files=len(task.files), skipped=task.skipped, ignored=task.ignored)
+        results[task.name].update(files=len(task.files), skipped=skipped, ignored=task.ignored)
     return results
 
 

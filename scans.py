@@ -163,7 +163,15 @@ def read(path, kind, pixel_size=-1.0, indices=None):
 
 
 def count_frames(path, kind):
-    """Frames in a file, without decoding them (a clip without a frame count in its header is decoded once)."""
+    """Frames in a file, without decoding them (a clip without a frame count in its header is decoded once);
+    Unreadable when the file cannot tell."""
+    try:
+        return frames_in(path, kind)
+    except Exception as error:  # readers raise many types; the caller skips the file with the reason
+        raise Unreadable(one_line(error)) from None
+
+
+def frames_in(path, kind):
     if kind == "dicom":
         import pydicom
 
