@@ -160,8 +160,8 @@ def check(error, what, tol):
 
 
 def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=True, verify=None):
-    """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx and by verify(file) before it
-    replaces `path` -> what verify returns."""
+    """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx and by verify(file), if given,
+    before it replaces `path` -> path."""
     import onnx as onnx_lib
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
@@ -170,7 +170,9 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
         warnings.simplefilter("ignore")  # the legacy-exporter notice and advanced-indexing note are expected
         torch.onnx.export(module.eval(), (inputs,), tmp, opset_version=ONNX_OPSET, dynamo=False, **names)
         onnx_lib.checker.check_model(tmp)
-        return verify(tmp) if verify else None
+        if verify:
+            verify(tmp)
+    return path
 
 
 def onnx_session(path, threads=0):
@@ -288,13 +290,15 @@ def write_file(fmt, path, module, inputs, input_name, output_names, reference, t
     onnxruntime runs further than `tol` from it never replaces `path`."""
     parity = {"reference": "PyTorch, the model as trained (before reparameterisation), same inputs"}
     if fmt == "onnx":
+        shapes = {}
 
         def verify(written):
             outputs = onnx_session(written, torch.get_num_threads()).run(None, {input_name: inputs.numpy()})
             parity.update(max_abs_diff=check(max_abs_diff(outputs, reference), f"{path} vs PyTorch", tol))
-            return {n: ["batch"] + list(o.shape[1:]) for n, o in zip(output_names, outputs)}
+            shapes.update({n: ["batch"] + list(o.shape[1:]) for n, o in zip(output_names, outputs)})
 
-        return export_onnx(module, inputs, path, input_name, output_names, verify=verify), dict(parity, tolerance=tol)
+        export_onnx(module, inputs, path, input_name, output_names, verify=verify)
+        return shapes, dict(parity, tolerance=tol)
     shapes = export_coreml(module, inputs, path, input_name, output_names)
     if sys.platform == "darwin":
         return shapes, dict(parity, max_abs_diff=max_abs_diff(run_coreml(path, input_name, inputs), reference))

@@ -106,22 +106,23 @@ def image_batches(paths, net, batch_size=16):
 
 
 def quantize_onnx(source, path, calibration, net):
-    """onnxruntime's static quantisation of `source` into `path` (METHODS["onnx"])."""
+    """onnxruntime's static quantisation of `source` into `path` (METHODS["onnx"]); a fixed-batch file (bench.py's)
+    is calibrated on batches of its size."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    batches = ({"image": images.numpy()} for images in image_batches(calibration, net))
-    reader = types.SimpleNamespace(get_next=lambda: next(batches, None))  # onnxruntime's CalibrationDataReader
     with tempfile.TemporaryDirectory() as folder:
         prepared = os.path.join(folder, "prepared.onnx")
         quant_pre_process(str(source), prepared)  # shapes inferred and graph optimised first, as quantize_static asks
         graph = onnx.load(prepared).graph
         stem = [n.name for n in graph.node if n.op_type == "Conv" and graph.input[0].name in n.input]
+        batch_size = graph.input[0].type.tensor_type.shape.dim[0].dim_value or 16  # 0: a dynamic batch
+        batches = ({"image": images.numpy()} for images in image_batches(calibration, net, batch_size))
         quantize_static(
             prepared,
             path,
-            reader,
+            types.SimpleNamespace(get_next=lambda: next(batches, None)),  # onnxruntime's CalibrationDataReader
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -143,10 +144,14 @@ def int8_weights(encoder):
     return PostTrainingQuantizer(encoder, config).compress()
 
 
-def onnx_encoder(path):
-    """An ONNX image encoder as a function: (B, 3, S, S) -> (B, D)."""
-    session = export.onnx_session(path, torch.get_num_threads())
-    return lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+def onnx_encoder(path, threads=0):
+    """An ONNX image encoder as a function: (B, 3, S, S) -> (B, D); a fixed-batch file (bench.py's) runs in parts."""
+    session = export.onnx_session(path, threads or torch.get_num_threads())
+    size = session.get_inputs()[0].shape[0]  # 'batch', or a number
+    run = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+    return lambda images: torch.cat(
+        [run(part) for part in images.split(size if isinstance(size, int) else len(images))]
+    )
 
 
 # ------------------------------------------------------------------ agreement
