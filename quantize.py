@@ -129,7 +129,6 @@ def quantize_onnx(source, path, calibration, net):
             weight_type=QuantType.QInt8,
             op_types_to_quantize=OPS,
             nodes_to_exclude=stem,
-            extra_options={"CalibMaxIntermediateOutputs": 8},  # memory bounded: ranges merged every 8 batches
         )
 
 
