@@ -1,6 +1,6 @@
 """Int8 copies of the exported image encoder, each held against its fp32 source (python export.py --quantize=int8).
 
-    python export.py --quantize=int8                                  # out/best.pt, calibrated on the demo's images
+    python export.py --quantize=int8                                  # out/best.pt, calibrated on the demo's scans
     python export.py CKPT --quantize=int8 --calibration=my_scans/ --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
 
     image_encoder_int8.onnx       onnxruntime's static quantisation of image_encoder.onnx (quant_pre_process, then
@@ -8,21 +8,23 @@
                                   MinMax ranges over the calibration images (onnxruntime's advice for CPUs)
     image_encoder_int8.mlpackage  int8 symmetric per-channel weights (coremltools.optimize.torch's
                                   PostTrainingQuantizer; ct.convert stores exactly those as int8), fp16 compute
-Quantised are Conv, MatMul and Gemm, except the stem convolution that reads the image's 3 channels: on the demo student
-it alone took the minimum cosine below to 0.981 (it holds a few hundred weights). Quantising LayerNorm, softmax and
-the L2 norm as well took tiny_vit's to 0.94; they stay float.
+Quantised are Conv, MatMul and Gemm but the stem convolution that reads the image's 3 channels: its int8 weights alone
+took the demo student's minimum cosine (below) to 0.981, for a few hundred weights. LayerNorm, softmax and the L2
+norm stay float: quantised too, they took a random tiny_vit's to 0.94.
 
 Agreement: the --calibration images (files or folders, searched recursively) are sorted and every 4th (0, 4, 8, ...)
-is held out, never calibrated on. On those the int8 image features are held against the fp32 source's: mean and
-minimum cosine, and the zero-shot head's top-1 agreement (five planes, brain sub-planes). The ONNX file is run by
-onnxruntime against image_encoder.onnx. Core ML runs on Apple platforms only, so the Core ML figures are those of the
-PyTorch encoder with the file's very int8 weights (fp32 compute) against the fp32 PyTorch encoder; the fp16 compute
-both Core ML files share is not in them. With --planes_dir and --hc18_dir the protocol's zero-shot figures of both
-encoders are computed too (evaluate.zero_shot, the PyTorch text tower), and the sidecar says how many calibration
-images the Planes DB shares with them (the demo's calibration images are Planes DB images).
-Sidecar <file>.json: export.py's, plus quantization {method, source, calibration {images, source, held_out},
-size_mb {fp32, int8}}, agreement {images, cosine_mean, cosine_min, five_planes_top1_agreement,
-brain_subplanes_top1_agreement, min_cosine}, zero_shot {calibration_images_among_planes, fp32, int8}.
+is held out, never calibrated on (of the others at most --calibration_images calibrate, evenly spaced). On the held-out
+images the int8 image features are held against the fp32 source's: mean and minimum cosine, and the zero-shot head's
+top-1 agreement (five planes, brain sub-planes). onnxruntime runs the ONNX file and image_encoder.onnx. Core ML runs on
+Apple platforms only, so the Core ML figures are those of the PyTorch encoder with the file's very int8 weights (fp32
+compute) against the fp32 PyTorch encoder; the fp16 compute both Core ML files share is not in them. With
+--planes_dir and --hc18_dir the protocol's zero-shot figures of both encoders are computed too (evaluate.zero_shot,
+the PyTorch text tower), and the sidecar says how many calibration images the Planes DB shares with them (the demo
+calibrates on Planes DB images).
+Sidecar <file>.json: export.py's, plus quantization {method, source, calibration {images, source}, size_mb {fp32,
+int8}}, agreement {images, held_out, reference, cosine_mean, cosine_min, five_planes_top1_agreement,
+brain_subplanes_top1_agreement, min_cosine} and zero_shot {calibration_images_among_planes, fp32, int8}: each of
+these {five_planes_f1, brain_subplanes_f1, hc18_validity, f1_all, avg}.
 A minimum cosine below --min_cosine writes no int8 file (an older one there is removed: it would sit beside another
 fp32 file) and export.py exits non-zero with one line naming the figure and the threshold.
 """
@@ -202,6 +204,7 @@ def write_int8(fmt, fused, folder, settings):
     zero-shot figures or None); a ValueError naming the figure below min_cosine (an older int8 file is removed)."""
     source, path = (Path(folder) / f"image_encoder{tag}.{export.EXTENSIONS[fmt]}" for tag in ("", "_int8"))
     calibration, held_out = settings["images"]
+    calibration = calibration if fmt == "onnx" else []  # Core ML's int8 weights need no images
 
     def measure(encoders):
         figures = dict(agreement(encoders, held_out, fused), reference=REFERENCES[fmt], held_out=HELD_OUT)
@@ -210,7 +213,8 @@ def write_int8(fmt, fused, folder, settings):
             raise ValueError(
                 f"{path} not written: minimum cosine {figures['cosine_min']:.4f} of its image features with the fp32 "
                 f"ones on {len(held_out)} held-out images is below --min_cosine={settings['min_cosine']:g} (mean "
-                f"{figures['cosine_mean']:.4f}; calibrated on {len(calibration)} images)"
+                f"{figures['cosine_mean']:.4f}"
+                + (f"; calibrated on {len(calibration)} images)" if calibration else ")")
             )
         folders = settings["planes_dir"], settings["hc18_dir"]
         return path, figures, zero_shot_figures(encoders, fused, *folders, calibration) if folders[0] else None
@@ -245,7 +249,8 @@ def export_int8(net, fused, source, folder, formats, reparam_error, settings):
             failures.append(str(error))
             continue
         fp32_path = Path(folder) / f"image_encoder.{export.EXTENSIONS[fmt]}"
-        calibration = dict(images=len(settings["images"][0]), source=settings["calibration"], held_out=HELD_OUT)
+        calibration = dict(images=len(settings["images"][0]), source=settings["calibration"])
+        calibration = calibration if fmt == "onnx" else "none: weights only"
         sizes = {"fp32": size_mb(fp32_path), "int8": size_mb(path)}
         quantization = dict(method=METHODS[fmt], source=fp32_path.name, calibration=calibration, size_mb=sizes)
         figures = dict(quantization=quantization, agreement=agreed) | ({"zero_shot": zero_shot} if zero_shot else {})
