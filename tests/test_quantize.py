@@ -171,13 +171,16 @@ def test_zero_shot_figures_of_both(student):
     calibration = set(sorted(str(p) for p in (folder / "planes" / "Images").glob("*.png"))) - set(
         sorted(str(p) for p in (folder / "planes" / "Images").glob("*.png"))[::4]
     )
+    overlap = {"onnx": sum(r["path"] in calibration for r in rows), "mlpackage": 0}  # Core ML: no calibration
     for fmt in ("onnx", "mlpackage"):
-        figures = json.loads((folder / "export" / f"image_encoder_int8.{fmt}.json").read_text())["zero_shot"]
+        sidecar = json.loads((folder / "export" / f"image_encoder_int8.{fmt}.json").read_text())
+        figures = sidecar["zero_shot"]
         assert figures["fp32"]["five_planes_f1"] == pytest.approx(reference["five_planes"]["f1"])
         assert figures["fp32"]["brain_subplanes_f1"] == pytest.approx(reference["brain_subplanes"]["f1"])
         assert figures["fp32"]["hc18_validity"] == pytest.approx(reference["hc18"]["validity"])
         assert set(figures["int8"]) == set(figures["fp32"]) and 0 <= figures["int8"]["five_planes_f1"] <= 1
-        assert figures["calibration_images_among_planes"] == sum(r["path"] in calibration for r in rows) > 0
+        assert figures["calibration_images_among_planes"] == overlap[fmt]
+    assert overlap["onnx"] > 0 and sidecar["quantization"]["calibration"] == "none: weights only"
 
 
 def test_constant_calibration_is_caught(student, tmp_path):
