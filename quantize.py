@@ -277,6 +277,8 @@ def settings(config):
         raise ValueError("--planes_dir and --hc18_dir: give both (the zero-shot protocol's figures) or neither")
     if not config["quantize"]:
         return None
+    if config["calibration_images"] == 0 or config["calibration_images"] < -1:
+        raise ValueError(f"--calibration_images={config['calibration_images']}: expected a count >= 1, or -1 for all")
     if config["planes_dir"]:  # their errors now, not after the export
         evaluate.planes_rows(config["planes_dir"]), evaluate.hc18_rows(config["hc18_dir"])
     calibration = config["calibration"] or DEMO_CALIBRATION

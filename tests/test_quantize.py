@@ -219,6 +219,7 @@ def test_bad_settings_are_refused_before_export(student, tmp_path):
         (["--quantize=int8", f"--planes_dir={folder / 'planes'}"], "--planes_dir and --hc18_dir: give both"),
         (["--quantize=int8", f"--planes_dir={tmp_path}", f"--hc18_dir={tmp_path}"], "Planes DB: .* not found"),
         (["--min_cosine=high"], "--min_cosine=high: expected float"),
+        (["--quantize=int8", "--calibration_images=0"], "--calibration_images=0: expected a count >= 1, or -1"),
     ]
     for flags, message in cases:
         with pytest.raises(SystemExit, match=message):
