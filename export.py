@@ -105,10 +105,18 @@ def export_jobs(net, fused, zero_shot=True, text=False):
         with torch.no_grad():
             planes = evaluate.class_embeddings(net, evaluate.PROMPTS["five_planes"])  # (9, D)
             brain = evaluate.class_embeddings(net, evaluate.PROMPTS["brain_subplanes"])  # (3, D)
-        heads = ZeroShotHead(fused, planes, brain), ZeroShotHead(net, planes, brain)
-        outputs = ["plane_probs", "brain_probs", "image_features"]
         classes = {"plane_probs": evaluate.FIVE_PLANES, "brain_probs": evaluate.BRAIN_SUBPLANES}
-        jobs.append(("zero_shot", *heads, images, "image", outputs, classes))
+        jobs.append(
+            (
+                "zero_shot",
+                ZeroShotHead(fused, planes, brain),
+                ZeroShotHead(net, planes, brain),
+                images,
+                "image",
+                ["plane_probs", "brain_probs", "image_features"],
+                classes,
+            )
+        )
     if text:
         prompts = [p for class_prompts in evaluate.PROMPTS["five_planes"].values() for p in class_prompts][:4]
         tokens = data.tokenize(prompts, context_length=net.context_length)  # (4, L)
@@ -165,10 +173,18 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
     import onnx as onnx_lib
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
-    names = dict(input_names=[input_name], output_names=output_names, dynamic_axes=axes)
     with configurator.atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy-exporter notice and advanced-indexing note are expected
-        torch.onnx.export(module.eval(), (inputs,), tmp, opset_version=ONNX_OPSET, dynamo=False, **names)
+        torch.onnx.export(
+            module.eval(),
+            (inputs,),
+            tmp,
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
         onnx_lib.checker.check_model(tmp)
         if verify:
             verify(tmp)
@@ -262,13 +278,24 @@ def versions():
 
 def input_info(net, name, shape):
     if name == "tokens":
-        tokenizer = f"data.tokenize(texts, context_length={net.context_length}): CLIP BPE "
-        tokenizer += "(bpe_simple_vocab_16e6.txt.gz), start 49406, end 49407, pad 0, lower-cased"
-        return dict(name=name, shape=shape, dtype="int64 (onnx) | int32 (coreml)", tokenizer=tokenizer)
-    size, mean, std = net.image_size, list(net.image_mean), list(net.image_std)
-    preprocessing = f"data.eval_transform: pad to square (black, centred), resize {size} bicubic, centre crop {size}"
-    layout = dict(dtype="float32", layout="NCHW, RGB", image_size=size, mean=mean, std=std)
-    return dict(name=name, shape=shape, **layout, preprocessing=preprocessing + ", /255, (x - mean) / std")
+        return {
+            "name": name,
+            "shape": shape,
+            "dtype": "int64 (onnx) | int32 (coreml)",
+            "tokenizer": f"data.tokenize(texts, context_length={net.context_length}): CLIP BPE "
+            "(bpe_simple_vocab_16e6.txt.gz), start 49406, end 49407, pad 0, lower-cased",
+        }
+    return {
+        "name": name,
+        "shape": shape,
+        "dtype": "float32",
+        "layout": "NCHW, RGB",
+        "image_size": net.image_size,
+        "mean": list(net.image_mean),
+        "std": list(net.image_std),
+        "preprocessing": f"data.eval_transform: pad to square (black, centred), resize {net.image_size} "
+        f"bicubic, centre crop {net.image_size}, /255, (x - mean) / std",
+    }
 
 
 def sidecar(net, source, path, fmt, inputs, input_name, shapes, classes, reparam_error, **figures):
@@ -302,7 +329,8 @@ def write_file(fmt, path, module, inputs, input_name, output_names, reference, t
     shapes = export_coreml(module, inputs, path, input_name, output_names)
     if sys.platform == "darwin":
         return shapes, dict(parity, max_abs_diff=max_abs_diff(run_coreml(path, input_name, inputs), reference))
-    return shapes, dict(parity, max_abs_diff=None, note="not run: Core ML runs on Apple platforms only; spec checked")
+    note = "not run: Core ML executes on Apple platforms only; its spec was checked"
+    return shapes, dict(parity, max_abs_diff=None, note=note)
 
 
 def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text=False, tol=1e-3, int8=None):
