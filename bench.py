@@ -15,8 +15,8 @@
 - loader: coupled two-view samples (800x540 grayscale PNG -> student 256 px + teacher 224 px) and one-view
   samples (the --teacher_cache path) per CPU-second of one thread, next to the plain torchvision pipeline.
 - latency: image encoders at batch 1 (paper Table 2): parameters, FLOPs by torch's FlopCounterMode (a multiply-add
-  counts 2, the paper's GMACs are half), median latency in PyTorch, and in onnxruntime at one thread and at all
-  threads with the ONNX file's size: the teacher, the reparameterised student and its int8 copy (quantize.py,
+  counts 2, the paper's GMACs are half), median latency in PyTorch, and in onnxruntime at one thread and at one
+  per core, with the ONNX file's size: the teacher, the reparameterised student and its int8 copy (quantize.py,
   calibrated on --calibration images; its cosine and zero-shot agreement with the fp32 file on held-out ones);
   random weights.
 - hc18: the HC18 GA prompts encoded once per distinct pixel spacing vs once per image (the release's procedure).
