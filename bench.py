@@ -2,7 +2,7 @@
 
     python bench.py                                   # all four benchmarks on this CPU
     python bench.py --benchmarks=step --device=cuda --dtype=bfloat16 --configs=paper --batch_size=256
-    python bench.py --benchmarks=latency --threads=1  # the paper's Table 2 on this machine
+    python bench.py --benchmarks=latency              # the paper's Table 2 on this machine, with the int8 student
     python bench.py --benchmarks=loader,hc18
 
 - step: samples/s and peak memory of train.py's optimiser step (teacher forward without gradients, student forward
@@ -15,11 +15,15 @@
 - loader: coupled two-view samples (800x540 grayscale PNG -> student 256 px + teacher 224 px) and one-view
   samples (the --teacher_cache path) per CPU-second of one thread, next to the plain torchvision pipeline.
 - latency: image encoders at batch 1 (paper Table 2): parameters, FLOPs by torch's FlopCounterMode (a multiply-add
-  counts 2, the paper's GMACs are half), median latency in PyTorch and onnxruntime; random weights.
+  counts 2, the paper's GMACs are half), median latency in PyTorch, and in onnxruntime at one thread and at one
+  per core, with the ONNX file's size: the teacher, the reparameterised student and its int8 copy (quantize.py,
+  calibrated on --calibration images; its cosine and zero-shot agreement with the fp32 file on held-out ones);
+  random weights.
 - hc18: the HC18 GA prompts encoded once per distinct pixel spacing vs once per image (the release's procedure).
 Figures go to out_dir/bench.json with the machine they were measured on.
 """
 
+import functools
 import json
 import math
 import multiprocessing
@@ -50,10 +54,12 @@ batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8)
 steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
 device = "cpu"
 dtype = "float32"  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
-threads = 0  # torch (and onnxruntime) threads; 0 = torch's default
+threads = 0  # torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
 runs = 50  # latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
 warmup = 5
-onnx = True  # latency: also time the teacher and the reparameterised student through onnxruntime
+onnx = True  # latency: also time the teacher, the reparameterised student and its int8 copy through onnxruntime
+calibration = ""  # latency: images the int8 student calibrates on (quantize.py; '' = the demo Planes DB images)
+calibration_images = 64  # latency: at most this many of them (every 4th is held out for the agreement)
 student = "mobilefetalclip"  # latency: model.py names of the two image encoders
 teacher = "fetalclip"
 loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)
@@ -273,25 +279,60 @@ def latency_ms(call, warmup, runs):
     return {"median": statistics.median(times), "p10": float(p10), "p90": float(p90), "runs": runs}
 
 
-def latency_row(label, name, encoder, config):
-    """[pytorch row, onnxruntime row (the deployable graphs only)] of one image encoder, batch 1."""
-    from export import export_onnx, onnx_session
+def encoder_row(label, name, encoder, images):
+    """What a latency row says of an image encoder before it is timed: parameters and FLOPs."""
+    flops = count_flops(encoder, images)
+    return dict(row=label, model=name, params=sum(p.numel() for p in encoder.parameters()), flops=flops)
 
-    size = MODEL_CONFIGS[name]["image_size"]
-    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(config["seed"]))
-    row = dict(
-        row=label, model=name, params=sum(p.numel() for p in encoder.parameters()), flops=count_flops(encoder, images)
-    )
+
+def pytorch_row(about, encoder, images, config):
     with torch.inference_mode():
-        rows = [dict(row, runtime="pytorch", ms=latency_ms(lambda: encoder(images), config["warmup"], config["runs"]))]
-    if config["onnx"] and label != "student as trained":
-        with tempfile.TemporaryDirectory() as folder:  # fixed batch 1, as the Core ML file
-            path = export_onnx(encoder, images, Path(folder) / "encoder.onnx", "image", ["image_features"], False)
-            session, feed = onnx_session(path, torch.get_num_threads()), {"image": images.numpy()}
-            ms = latency_ms(lambda: session.run(None, feed), config["warmup"], config["runs"])
-            rows.append(dict(row, runtime="onnxruntime", ms=ms))
-    print(f"  {label}: " + ", ".join(f"{r['runtime']} {r['ms']['median']:.1f} ms" for r in rows), flush=True)
+        ms = latency_ms(lambda: encoder(images), config["warmup"], config["runs"])
+    print(f"  {about['row']}: pytorch {ms['median']:.1f} ms", flush=True)
+    return dict(about, runtime="pytorch", threads=torch.get_num_threads(), ms=ms)
+
+
+def onnxruntime_rows(about, path, images, config):
+    """The ONNX file at `path`, batch 1, at one thread and at one per core: its size and latency rows."""
+    from export import onnx_session
+
+    rows, feed = [], {"image": images.numpy()}
+    for threads in sorted({1, os.cpu_count()}):
+        session = onnx_session(path, threads)
+        ms = latency_ms(functools.partial(session.run, None, feed), config["warmup"], config["runs"])
+        rows.append(dict(about, runtime="onnxruntime", threads=threads, mb=os.path.getsize(path) / 1e6, ms=ms))
+        print(f"  {about['row']}: onnxruntime {threads} thread(s) {ms['median']:.1f} ms", flush=True)
     return rows
+
+
+def int8_student(fused, fp32_path, folder, config):
+    """The reparameterised student through quantize.py, calibrated on --calibration images -> (its ONNX file, int8 vs
+    fp32 agreement on the held-out images). Random weights: a trained student's agreement is export.py's to measure."""
+    import quantize
+
+    spec = config["calibration"] or quantize.DEMO_CALIBRATION
+    calibration, held_out = quantize.calibration_split(quantize.image_files(spec), config["calibration_images"])
+    path = Path(folder) / "student_int8.onnx"
+    quantize.quantize_onnx(fp32_path, path, calibration, fused)
+    encoders = {"fp32": quantize.onnx_encoder(fp32_path), "int8": quantize.onnx_encoder(path)}
+    return path, dict(quantize.agreement(encoders, held_out, fused), calibration_images=len(calibration))
+
+
+def onnx_rows(encoders, inputs, about, fused, config):
+    """The teacher, the reparameterised student and its int8 copy as ONNX files of batch 1, as the Core ML file."""
+    from export import export_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = {}
+        for label in ("teacher as trained", "student reparameterised"):
+            path = Path(folder) / f"{len(files)}.onnx"
+            files[label] = export_onnx(encoders[label], inputs[label], path, "image", ["image_features"], False)
+        files["student int8"], agreement = int8_student(fused, files["student reparameterised"], folder, config)
+        about["student int8"] = dict(about["student reparameterised"], row="student int8", agreement=agreement)
+        inputs["student int8"] = inputs["student reparameterised"]
+        return [
+            row for label, path in files.items() for row in onnxruntime_rows(about[label], path, inputs[label], config)
+        ]
 
 
 def bench_latency(config):
@@ -299,24 +340,39 @@ def bench_latency(config):
 
     torch.manual_seed(config["seed"])
     teacher, student = (create_model(config[name]).eval() for name in ("teacher", "student"))
-    encoders = [
-        ("teacher as trained", config["teacher"], ImageEncoder(teacher)),
-        ("student as trained", config["student"], ImageEncoder(student)),
-        ("student reparameterised", config["student"], ImageEncoder(reparameterize(student))),
-    ]
-    rows = [r for label, name, encoder in encoders for r in latency_row(label, name, encoder, config)]
+    fused = reparameterize(student)
+    names = {"teacher as trained": "teacher", "student as trained": "student", "student reparameterised": "student"}
+    encoders = dict(zip(names, (ImageEncoder(teacher), ImageEncoder(student), ImageEncoder(fused))))
+    rows, about, inputs = [], {}, {}
+    for label, encoder in encoders.items():
+        name = config[names[label]]
+        size = MODEL_CONFIGS[name]["image_size"]
+        inputs[label] = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(config["seed"]))
+        about[label] = encoder_row(label, name, encoder, inputs[label])
+        rows.append(pytorch_row(about[label], encoder, inputs[label], config))
+    return print_latency(rows + (onnx_rows(encoders, inputs, about, fused, config) if config["onnx"] else []))
+
+
+def print_latency(rows):
+    """The table, each row's median against the teacher's in the same runtime and thread count -> rows."""
     print(
-        f"image encoders, batch 1, {torch.get_num_threads()} thread(s)\n"
-        f"{'':<24}{'runtime':<12}{'params':>12}{'GMACs':>7}{'ms median':>11}{'p10-p90':>16}{'teacher/row':>13}"
+        f"image encoders, batch 1\n{'':<24}{'runtime':<12}{'threads':>7}{'params':>12}{'GMACs':>7}{'MB':>8}"
+        f"{'ms median':>11}{'p10-p90':>16}{'teacher/row':>13}"
     )
     for r in rows:
-        teacher_ms = next(
-            t["ms"]["median"] for t in rows if t["row"] == rows[0]["row"] and t["runtime"] == r["runtime"]
-        )
-        r["teacher_over_row"] = teacher_ms / r["ms"]["median"]
+        same = [t for t in rows if (t["runtime"], t["threads"]) == (r["runtime"], r["threads"])]
+        r["teacher_over_row"] = same[0]["ms"]["median"] / r["ms"]["median"]  # the teacher comes first
+        mb = f"{r['mb']:.1f}" if "mb" in r else ""
         print(
-            f"{r['row']:<24}{r['runtime']:<12}{r['params']:>12,}{r['flops'] / 2e9:>7.2f}{r['ms']['median']:>11.1f}"
-            f"{r['ms']['p10']:>8.1f}-{r['ms']['p90']:<7.1f}{r['teacher_over_row']:>13.1f}"
+            f"{r['row']:<24}{r['runtime']:<12}{r['threads']:>7}{r['params']:>12,}{r['flops'] / 2e9:>7.2f}{mb:>8}"
+            f"{r['ms']['median']:>11.1f}{r['ms']['p10']:>8.1f}-{r['ms']['p90']:<7.1f}{r['teacher_over_row']:>13.1f}"
+        )
+    agreement = next((r["agreement"] for r in rows if "agreement" in r), None)
+    if agreement:
+        print(
+            f"student int8 vs reparameterised (onnxruntime), {agreement['images']} held-out images: cosine mean "
+            f"{agreement['cosine_mean']:.4f}, min {agreement['cosine_min']:.4f}; zero-shot top-1 agreement five planes "
+            f"{agreement['five_planes_top1_agreement']:.3f}, brain {agreement['brain_subplanes_top1_agreement']:.3f}"
         )
     s, t = PAPER_TABLE_2["student"], PAPER_TABLE_2["teacher"]
     print(

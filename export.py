@@ -1,7 +1,8 @@
-"""A deployable student: Core ML and ONNX files of its image encoder, zero-shot head and text encoder.
+"""A deployable student: Core ML and ONNX files of its image encoder, zero-shot head and text encoder, and int8 ones.
 
     python export.py                                # out/best.pt -> export/: image encoder + zero-shot head
     python export.py mobile_fetal_clip_weights.pt --text=True --out_dir=export_s0
+    python export.py --quantize=int8 --planes_dir=data/demo/planes --hc18_dir=data/demo/hc18  # + int8, its figures
     python bench.py --benchmarks=latency            # their latency next to the paper's Table 2
 
 Export: fuse FastViT's branches (timm's reparameterisation, checked against the model as trained), then write
@@ -9,14 +10,17 @@ Export: fuse FastViT's branches (timm's reparameterisation, checked against the 
     zero_shot.{mlpackage,onnx}      image -> plane_probs (B, 9), brain_probs (B, 3), image_features (B, D):
                                     softmax(100 * img @ cls.T), evaluate.py's class embeddings baked in
     text_encoder.{mlpackage,onnx}   (--text=True) tokens (B, L) from data.tokenize -> text_features (B, D)
+    image_encoder_int8.{...}        (--quantize=int8) int8 copies held against the fp32 encoder: quantize.py
 Core ML: ML program, fp16 compute, iOS 17+, batch 1, float32 in and out (int32 tokens); Linux cannot run it,
 so its spec is checked (macOS also runs it). ONNX: opset 17, dynamic batch, onnx.checker, onnxruntime vs
-PyTorch. Sidecar <file>.json: file, format, model, source_checkpoint, input {name, shape, dtype, image_size,
-mean, std, preprocessing | tokenizer}, outputs [{name, shape, dtype, classes}], reparameterisation_max_abs_diff,
-parity {reference, max_abs_diff, tolerance | note}, versions.
+PyTorch. A file replaces the old one only once written and checked. Sidecar <file>.json: file, format, model,
+source_checkpoint, input {name, shape, dtype, image_size, mean, std, preprocessing | tokenizer}, outputs [{name,
+shape, dtype, classes}], reparameterisation_max_abs_diff, parity {reference, max_abs_diff, tolerance | note}, versions.
 """
 
 import json
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -42,11 +46,18 @@ zero_shot_head = True  # also export the encoder with the plane / brain sub-plan
 text = False  # also export the text encoder (on-device prompts)
 allow_teacher = False  # export a teacher (fetalclip, demo_teacher) too; refused by default
 tolerance = 1e-3  # max abs difference allowed on L2-normalised features (reparameterisation, ONNX)
+quantize = ""  # 'int8': also image_encoder_int8.{onnx,mlpackage}, each held against its fp32 source (quantize.py)
+calibration = ""  # int8: image files or folders (recursive), comma-separated; '' = the demo's Planes DB images
+calibration_images = 256  # int8: at most this many calibrate, evenly spaced (-1 = all); every 4th is held out
+min_cosine = 0.99  # int8: the least cosine of int8 and fp32 image features allowed on the held-out images
+planes_dir = ""  # int8: with hc18_dir, the zero-shot protocol's figures of both encoders; '' = none
+hc18_dir = ""
 DEFAULTS = configurator.settings(globals())
 
 TEACHERS = ("fetalclip", "demo_teacher")
 ONNX_OPSET = 17
 FORMATS = {"coreml": "Core ML ML program, fp16 compute, iOS 17+", "onnx": f"ONNX opset {ONNX_OPSET}"}
+EXTENSIONS = {"coreml": "mlpackage", "onnx": "onnx"}
 
 # ------------------------------------------------------------------ what gets exported
 
@@ -156,24 +167,27 @@ def check(error, what, tol):
 # ------------------------------------------------------------------ writers
 
 
-def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=True):
-    """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx."""
+def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=True, verify=None):
+    """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx and by verify(file), if given,
+    before it replaces `path` -> path."""
     import onnx as onnx_lib
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
-    with warnings.catch_warnings():  # the legacy-exporter notice and advanced-indexing note are expected
-        warnings.simplefilter("ignore")
+    with configurator.atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy-exporter notice and advanced-indexing note are expected
         torch.onnx.export(
             module.eval(),
             (inputs,),
-            str(path),
+            tmp,
             input_names=[input_name],
             output_names=output_names,
             dynamic_axes=axes,
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    onnx_lib.checker.check_model(str(path))
+        onnx_lib.checker.check_model(tmp)
+        if verify:
+            verify(tmp)
     return path
 
 
@@ -200,7 +214,8 @@ def register_alias_as_noop():
 
 
 def export_coreml(module, inputs, path, input_name, output_names):
-    """ML program, fp16 compute, iOS 17, batch 1, from torch.export (torch.jit.trace fails with coremltools 9)."""
+    """ML program, fp16 compute, iOS 17, batch 1, from torch.export (torch.jit.trace fails with coremltools 9), its
+    spec checked before it replaces `path` -> {output: shape}. Weights coremltools.optimize.torch compressed stay so."""
     import coremltools as ct
 
     register_alias_as_noop()
@@ -217,8 +232,13 @@ def export_coreml(module, inputs, path, input_name, output_names):
             inputs=[ct.TensorType(name=input_name, shape=tuple(example.shape), dtype=dtype)],
             outputs=[ct.TensorType(name=n, dtype=np.float32) for n in output_names],
         )
-    converted.save(str(path))
-    return path
+    with configurator.atomic_path(path) as tmp:
+        try:
+            converted.save(f"{tmp}.mlpackage")  # coremltools insists on the extension
+            os.replace(f"{tmp}.mlpackage", tmp)
+        finally:
+            shutil.rmtree(f"{tmp}.mlpackage", ignore_errors=True)
+        return coreml_output_shapes(tmp, input_name, output_names)
 
 
 def coreml_output_shapes(path, input_name, output_names):
@@ -278,19 +298,44 @@ def input_info(net, name, shape):
     }
 
 
-def write_file(fmt, path, module, inputs, input_name, output_names):
-    """One exported file -> (output shapes, its outputs on `inputs`, or None where it cannot run here)."""
+def sidecar(net, source, path, fmt, inputs, input_name, shapes, classes, reparam_error, **figures):
+    """What <file>.json says of one exported file, with `figures` (parity, or the int8 ones)."""
+    shape = list(inputs[:1].shape) if fmt == "coreml" else ["batch"] + list(inputs.shape[1:])
+    outputs = [
+        dict(name=n, shape=s, dtype="float32") | ({"classes": classes[n]} if n in classes else {})
+        for n, s in shapes.items()
+    ]
+    about = dict(file=Path(path).name, format=FORMATS[fmt], model=net.name, source_checkpoint=str(source))
+    about.update(
+        input=input_info(net, input_name, shape), outputs=outputs, reparameterisation_max_abs_diff=reparam_error
+    )
+    return dict(about, **figures, versions=versions())
+
+
+def write_file(fmt, path, module, inputs, input_name, output_names, reference, tol):
+    """One exported file -> (output shapes, parity with `reference`, the model as trained). An ONNX file that
+    onnxruntime runs further than `tol` from it never replaces `path`."""
+    parity = {"reference": "PyTorch, the model as trained (before reparameterisation), same inputs"}
     if fmt == "onnx":
-        export_onnx(module, inputs, path, input_name, output_names)
-        outputs = onnx_session(path, torch.get_num_threads()).run(None, {input_name: inputs.numpy()})
-        return {n: ["batch"] + list(o.shape[1:]) for n, o in zip(output_names, outputs)}, outputs
-    export_coreml(module, inputs, path, input_name, output_names)
-    shapes = coreml_output_shapes(path, input_name, output_names)
-    return shapes, run_coreml(path, input_name, inputs) if sys.platform == "darwin" else None
+        shapes = {}
+
+        def verify(written):
+            outputs = onnx_session(written, torch.get_num_threads()).run(None, {input_name: inputs.numpy()})
+            parity.update(max_abs_diff=check(max_abs_diff(outputs, reference), f"{path} vs PyTorch", tol))
+            shapes.update({n: ["batch"] + list(o.shape[1:]) for n, o in zip(output_names, outputs)})
+
+        export_onnx(module, inputs, path, input_name, output_names, verify=verify)
+        return shapes, dict(parity, tolerance=tol)
+    shapes = export_coreml(module, inputs, path, input_name, output_names)
+    if sys.platform == "darwin":
+        return shapes, dict(parity, max_abs_diff=max_abs_diff(run_coreml(path, input_name, inputs), reference))
+    note = "not run: Core ML executes on Apple platforms only; its spec was checked"
+    return shapes, dict(parity, max_abs_diff=None, note=note)
 
 
-def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text=False, tol=1e-3):
-    """Reparameterise, check, write each file with its sidecar -> [paths]."""
+def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text=False, tol=1e-3, int8=None):
+    """Reparameterise, check, write each file with its sidecar, then the int8 ones (int8: quantize.settings(...))
+    -> [paths]."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     fused = reparameterize(net)
     reparam_error = check(reparameterisation_error(net, fused), "reparameterised vs as trained", tol)
@@ -305,68 +350,41 @@ def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text
             reference = trained(inputs)
         reference = [reference] if torch.is_tensor(reference) else list(reference)
         for fmt in formats:
-            path = Path(folder) / f"{stem}.{'mlpackage' if fmt == 'coreml' else 'onnx'}"
-            shapes, outputs = write_file(fmt, path, module, inputs, input_name, output_names)
-            parity = {
-                "reference": "PyTorch, the model as trained (before reparameterisation), same inputs",
-                "max_abs_diff": None if outputs is None else max_abs_diff(outputs, reference),
-            }
-            if fmt == "onnx":
-                check(parity["max_abs_diff"], f"{path} vs PyTorch", tol)
-                parity["tolerance"] = tol
-            elif outputs is None:
-                parity["note"] = "not run: Core ML executes on Apple platforms only; its spec was checked"
-            shape = list(inputs[:1].shape) if fmt == "coreml" else ["batch"] + list(inputs.shape[1:])
-            sidecar = {
-                "file": path.name,
-                "format": FORMATS[fmt],
-                "model": net.name,
-                "source_checkpoint": str(source),
-                "input": input_info(net, input_name, shape),
-                "outputs": [
-                    dict(name=n, shape=shapes[n], dtype="float32", **({"classes": classes[n]} if n in classes else {}))
-                    for n in output_names
-                ],
-                "reparameterisation_max_abs_diff": reparam_error,
-                "parity": parity,
-                "versions": versions(),
-            }
-            configurator.write_atomic(f"{path}.json", json.dumps(sidecar, indent=1))
+            path = Path(folder) / f"{stem}.{EXTENSIONS[fmt]}"
+            shapes, parity = write_file(fmt, path, module, inputs, input_name, output_names, reference, tol)
+            about = sidecar(net, source, path, fmt, inputs, input_name, shapes, classes, reparam_error, parity=parity)
+            configurator.write_atomic(f"{path}.json", json.dumps(about, indent=1))
             written.append(path)
+            error = parity["max_abs_diff"]
             print(
                 f"wrote {path} (+ .json) | "
-                + (
-                    f"max abs diff vs PyTorch {parity['max_abs_diff']:.2e}"
-                    if outputs is not None
-                    else "spec checked, not run (Linux)"
-                )
+                + ("spec checked, not run (Linux)" if error is None else f"max abs diff vs PyTorch {error:.2e}")
             )
-    return written
+    if not int8:
+        return written
+    import quantize  # the int8 files (quantize.py builds on this file's writers)
+
+    return written + quantize.export_int8(net, fused, source, folder, formats, reparam_error, int8)
 
 
 # ------------------------------------------------------------------ command line
 
 
 def main(arguments):
+    import quantize  # the int8 files (quantize.py builds on this file's writers)
+
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
-    try:
-        formats = [f for f in ("coreml", "onnx") if config[f]]
+    formats = [f for f in ("coreml", "onnx") if config[f]]
+    with configurator.user_errors("export.py"):
         if not formats:
             raise ValueError("nothing to write: --coreml=False and --onnx=False")
-        net = load_student(config["ckpt"], config["model"], config["allow_teacher"])
-        return export(
-            net,
-            config["ckpt"],
-            config["out_dir"],
-            formats,
-            config["zero_shot_head"],
-            config["text"],
-            config["tolerance"],
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(f"export.py: {error} (train a student with `python train.py`, or pass CKPT)") from None
-    except ValueError as error:
-        raise SystemExit(f"export.py: {error}") from None
+        int8 = quantize.settings(config)
+        try:
+            net = load_student(config["ckpt"], config["model"], config["allow_teacher"])
+        except FileNotFoundError as error:
+            raise SystemExit(f"export.py: {error} (train a student with `python train.py`, or pass CKPT)") from None
+        options = [config[k] for k in ("zero_shot_head", "text", "tolerance")]
+        return export(net, config["ckpt"], config["out_dir"], formats, *options, int8=int8)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """bench.py: the FLOP count against a hand count, and every benchmark's figures at a tiny size (never timed)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ def test_flops_match_hand_count():
 
 def test_latency_loader_hc18_and_step_figures(tmp_path):
     synthetic.write_hc18(str(tmp_path / "hc18"), 0, 3)
+    synthetic.write_planes(str(tmp_path / "planes"), 0, 8, 160, 120)  # the int8 student calibrates on 6, checks 2
     arguments = [
         "--benchmarks=latency,loader,hc18",
         "--student=demo_student",
@@ -37,27 +39,37 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
         "--warmup=0",
         "--threads=1",
         "--loader_samples=4",
+        f"--calibration={tmp_path / 'planes' / 'Images'}",
         f"--hc18_dir={tmp_path / 'hc18'}",
         f"--out_dir={tmp_path}",
     ]
     results = bench.main(arguments)
     rows = results["latency"]
-    assert [(r["row"], r["runtime"]) for r in rows] == [
-        ("teacher as trained", "pytorch"),
-        ("teacher as trained", "onnxruntime"),
-        ("student as trained", "pytorch"),
-        ("student reparameterised", "pytorch"),
-        ("student reparameterised", "onnxruntime"),
+    onnx_rows = [
+        (row, "onnxruntime", threads)
+        for row in ("teacher as trained", "student reparameterised", "student int8")
+        for threads in sorted({1, os.cpu_count()})  # one thread, and one per core
+    ]
+    assert [(r["row"], r["runtime"], r["threads"]) for r in rows] == [
+        ("teacher as trained", "pytorch", 1),
+        ("student as trained", "pytorch", 1),
+        ("student reparameterised", "pytorch", 1),
+        *onnx_rows,
     ]
     for row in rows:
         assert row["ms"]["runs"] == 2 and row["ms"]["median"] > 0 and row["flops"] > 0
-    assert rows[0]["teacher_over_row"] == 1.0
+    assert [r["teacher_over_row"] for r in rows if r["row"] == "teacher as trained"] == [1.0] * 3
+    by_row = {(r["row"], r["threads"]): r for r in rows if r["runtime"] == "onnxruntime"}
+    fp32, int8 = by_row["student reparameterised", 1], by_row["student int8", 1]
+    assert 0 < int8["mb"] < fp32["mb"] / 3 and int8["flops"] == fp32["flops"]  # the same graph in int8 weights
+    assert int8["agreement"]["images"] == 2 and int8["agreement"]["calibration_images"] == 6
+    assert 0.9 < int8["agreement"]["cosine_min"] <= int8["agreement"]["cosine_mean"] < 1
     loader = {(r["pipeline"], r["views"]): r["samples_per_cpu_s"] for r in results["loader"]}
     assert set(loader) == {("torchvision", 2), ("torchvision", 1), ("data.py", 2), ("data.py", 1)}
     assert all(rate > 0 for rate in loader.values())
     assert results["hc18"]["identical"] and results["hc18"]["per_image"]["prompts"] == 3 * 875
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["machine"]["cores"] >= 1 and len(saved["latency"]) == 5
+    assert saved["machine"]["cores"] >= 1 and len(saved["latency"]) == 3 + len(onnx_rows)
     config = dict(bench.DEFAULTS, steps=1, device="cpu", dtype="float32", threads=1)
     seconds, peak, imports = bench.step_seconds("demo", True, 4, config)  # in this process, one step
     assert seconds > 0 and peak >= imports > 0

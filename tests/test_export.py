@@ -222,3 +222,28 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             export.main(argv)
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A model file replaces the old one only once written and checked: a check failing half-way leaves the old file,
+    no temporary and no sidecar."""
+    import onnx
+
+    torch.manual_seed(0)
+    ckpt = save_project_checkpoint(create_model("tiny_vit").eval(), tmp_path / "student.pt")
+    out = tmp_path / "export"
+    (out / "image_encoder.mlpackage").mkdir(parents=True)
+    (out / "image_encoder.mlpackage" / "Manifest.json").write_text("old")
+    (out / "image_encoder.onnx").write_bytes(b"old")
+
+    def broken(*args, **kwargs):
+        raise ValueError("the check failed")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    monkeypatch.setattr(export, "coreml_output_shapes", broken)
+    for fmt in ("--coreml=False", "--onnx=False"):
+        with pytest.raises(SystemExit, match="export.py: the check failed"):
+            export.main([ckpt, f"--out_dir={out}", fmt, "--zero_shot_head=False"])
+    assert (out / "image_encoder.onnx").read_bytes() == b"old"
+    assert (out / "image_encoder.mlpackage" / "Manifest.json").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["image_encoder.mlpackage", "image_encoder.onnx"]
