@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import configurator
 import data
 import evaluate
 import export
+import scans
 import synthetic
 
 DEMO_CALIBRATION = os.path.join(synthetic.layout(synthetic.DEFAULTS["out_dir"])["planes_dir"], "Images")
@@ -66,26 +66,26 @@ HELD_OUT = "every 4th of the sorted images (0, 4, 8, ...), never calibrated on"
 
 
 def read_image(path):
-    """A calibration or held-out image as PIL RGB: this file reads images here only."""
+    """A calibration or held-out file's first view, read as predict.py reads it (scans.py: DICOM, clips, 16-bit)."""
     try:
-        return Image.open(path).convert("RGB")
-    except Exception as error:  # PIL raises several types for unreadable files
-        raise ValueError(f"{path}: not a readable image ({error})") from None
+        return next(scans.read(path, scans.classify(path), indices=[0])).image
+    except (scans.Unreadable, scans.NotAScan, StopIteration) as error:
+        raise ValueError(f"{path}: not a readable scan ({error or 'no frame'})") from None
 
 
 def image_files(spec):
-    """'a.png,scans/' -> the sorted image files, folders searched recursively; a missing path is named."""
-    paths = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        if os.path.isdir(item):
-            paths += [str(p) for p in Path(item).rglob("*") if p.suffix.lower() in Image.registered_extensions()]
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
+    """'a.png,scans/' -> the sorted scan files (scans.find: folders searched recursively); a missing path is named."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    for item in items:
+        if not os.path.exists(item):
             hint = " (python synthetic.py writes the demo's)" if item == DEMO_CALIBRATION else ""
-            raise FileNotFoundError(f"--calibration: {item} is neither an image file nor a folder{hint}")
+            raise FileNotFoundError(f"--calibration: {item} is neither a scan file nor a folder{hint}")
+    found, _, skipped = scans.find(items)
+    if skipped:
+        raise ValueError(f"--calibration: {skipped[0][0]} cannot be read ({skipped[0][1]})")
+    paths = [path for path, _ in found]
     if len(paths) < 2:
-        raise ValueError(f"--calibration={spec}: {len(paths)} image file(s), at least 2 needed (one is held out)")
+        raise ValueError(f"--calibration={spec}: {len(paths)} scan file(s), at least 2 needed (one is held out)")
     return sorted(paths)
 
 

@@ -215,7 +215,7 @@ def test_bad_settings_are_refused_before_export(student, tmp_path):
     cases = [
         (["--quantize=int4"], "--quantize=int4: expected int8"),
         (["--quantize=int8", f"--calibration={tmp_path / 'nope'}"], "--calibration: .*nope is neither"),
-        (["--quantize=int8", f"--calibration={one}"], "1 image file.s., at least 2 needed"),
+        (["--quantize=int8", f"--calibration={one}"], "1 scan file.s., at least 2 needed"),
         (["--quantize=int8", f"--planes_dir={folder / 'planes'}"], "--planes_dir and --hc18_dir: give both"),
         (["--quantize=int8", f"--planes_dir={tmp_path}", f"--hc18_dir={tmp_path}"], "Planes DB: .* not found"),
         (["--min_cosine=high"], "--min_cosine=high: expected float"),
