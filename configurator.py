@@ -10,6 +10,8 @@ Also what every script shares around it: the device choice, one-line errors for 
 """
 
 import contextlib
+import difflib
+import math
 import os
 import shutil
 
@@ -49,7 +51,9 @@ def configure(config, arguments, presets=None, positional="", rest=""):
     for argument in [a for a in arguments if a.startswith("--preset=")] if presets else []:
         name = argument.split("=", 1)[1]
         if name not in presets:
-            raise SystemExit(f"--preset={name}: unknown preset; expected one of {sorted(presets)}")
+            raise SystemExit(
+                f"--preset={name}: unknown preset; expected one of {sorted(presets)}{closest(name, presets)}"
+            )
         for key, value in presets[name].items():
             print(f"overriding: {key} = {value!r} (preset {name})")
             config[key] = value
@@ -62,7 +66,9 @@ def configure(config, arguments, presets=None, positional="", rest=""):
             continue
         key, has_value, text = argument[2:].partition("=") if argument.startswith("--") else (positional, "=", argument)
         if key not in config:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
+            raise SystemExit(
+                f"unknown config key {key!r}{closest(key, config)}; valid keys: {', '.join(sorted(config))}"
+            )
         if not has_value and not isinstance(config[key], bool):
             raise SystemExit(f"--{key} needs a value: --{key}=<{type(config[key]).__name__}>")
         config[key] = parse(key, text if has_value else "true", config[key])
@@ -70,11 +76,54 @@ def configure(config, arguments, presets=None, positional="", rest=""):
     return config
 
 
+def refuse(config, rules):
+    """Exit with one line per broken rule, (setting, holds, expected), before anything runs. A float that is not
+    finite breaks a rule of its own first (nan passes no comparison, inf passes some)."""
+    not_finite = [k for k, v in config.items() if type(v) is float and not math.isfinite(v)]
+    problems = [f"--{k}={config[k]!r}: expected a finite number" for k in not_finite]
+    problems += [f"--{k}={config[k]!r}: expected {why}" for k, holds, why in rules if not (holds or k in not_finite)]
+    if problems:
+        raise SystemExit("\n".join(problems))
+
+
+def closest(value, accepted):
+    """' (did you mean X?)' for the accepted name nearest a mistyped one (difflib, ignoring case), else ''."""
+    by_lower = {str(name).lower(): name for name in accepted}
+    match = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
+
+
+def one_of(value, accepted):
+    """What a name setting expects, for its one-line error: 'one of a, b, c (did you mean b?)'."""
+    names = ", ".join(repr(name) if name == "" else str(name) for name in accepted)
+    return f"one of {names}{closest(value, accepted)}"
+
+
+def choice(key, value, accepted):
+    """The rule (for refuse) that setting `key` is one of `accepted`; its error suggests the closest."""
+    return key, value in accepted, one_of(value, accepted)
+
+
+DEVICES = ("cpu", "cuda", "cuda:N", "mps")
+
+
 def pick_device(device=""):
-    """'' = cuda, else mps, else cpu: the meaning of every script's --device=''."""
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """'' = cuda, else mps, else cpu: the meaning of every script's --device=''. A named device must be one of
+    DEVICES and present on this machine, checked before anything runs (one line, not a traceback on first use)."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, colon, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or colon and (kind != "cuda" or not index.isdigit()):
+        raise SystemExit(f"--device={device}: expected '' (automatic) or {one_of(device, DEVICES)}")
+    present = {
+        "cpu": True,
+        "cuda": int(index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not present[kind]:
+        found = f"{torch.cuda.device_count()} CUDA devices" + (", MPS" if torch.backends.mps.is_available() else "")
+        raise SystemExit(f"--device={device}: not on this machine (torch finds {found}); use --device=cpu or ''")
+    return device
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), byt
 (sha256 924691ac...48d6804a); the 49,408-entry vocabulary is built from it as CLIP does.
 """
 
+import concurrent.futures
 import csv
 import functools
 import gzip
@@ -107,7 +108,7 @@ PLANES_CSV = "FETAL_PLANES_DB_data.csv"
 PLANES_COLUMNS = ("Image_name", "Patient_num", "Plane", "Brain_plane", "Operator", "US_Machine", "Train ")
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
 HC18_COLUMNS = ("filename", "pixel size(mm)", "head circumference (mm)")
-PIXEL_SIZE_RANGE_MM = (0.01, 5.0)  # plausible mm per pixel of an ultrasound image (HC18: 0.05-0.99)
+PIXEL_SIZE_RANGE_MM = (0.01, 5.0)  # a plausible B-mode pixel size in mm: HC18's CSV and --pixel_size
 
 
 def check_pixel_size(value, what):
@@ -131,20 +132,23 @@ def read_csv(path, delimiter, columns):
         return [{c: (row[header[c.strip()]] or "").strip() for c in columns} for row in reader]
 
 
-def _number(path, line, column, text, kind, positive=False):
-    """A CSV cell as an int or float; positive=True also refuses 0, negatives, nan and inf (sizes, spacings)."""
+def _number(path, line, column, text, kind, positive=False, within=None):
+    """A CSV cell as an int or float; positive=True also refuses 0, negatives, nan and inf (sizes, spacings);
+    within=(low, high) refuses what lies outside (and nan)."""
     expected = "an integer" if kind is int else "a positive finite number" if positive else "a number"
     try:
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or (positive and not (math.isfinite(value) and value > 0)):
+    refused = value is None or positive and not (math.isfinite(value) and value > 0)
+    if refused or within and not within[0] <= value <= within[1]:
+        expected = f"a number in [{within[0]}, {within[1]}]" if within else expected
         raise ValueError(f"{path}, row {line}: column {column!r} = {text!r} is not {expected}")
     return value
 
 
 def _existing(path):
-    """An image file that exists and whose header PIL reads (fast: nothing is decoded)."""
+    """An image file that exists and whose header PIL reads (fast: nothing is decoded; see decode_all)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
@@ -154,9 +158,36 @@ def _existing(path):
     return path
 
 
+def decode_all(paths):
+    """Decode every pixel of every image (a truncated PNG has a good header), one thread per CPU (PIL releases the
+    GIL while decoding); the first failure in `paths` order is an error naming the file."""
+
+    def failure(path):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # PIL raises several types for damaged files
+            return f"{path}: not a readable image ({error})"
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        first = next(filter(None, pool.map(failure, paths)), None)
+    if first:
+        raise ValueError(first)
+
+
+def _unique(path, rows, key):
+    """A second row for one image would count it twice: refused, naming both rows."""
+    first = {}
+    for row in rows:
+        if first.setdefault(row[key], row["row"]) != row["row"]:
+            raise ValueError(f"{path}, rows {first[row[key]]} and {row['row']} list the same image {row[key]!r}")
+    return rows
+
+
 def read_planes_db(root):
     """FETAL_PLANES_DB (';'-separated) -> [{path, image_name, patient, plane, brain_plane, operator,
-    us_machine, train, csv, row}], one per row, in file order (row: the line number in csv, for messages)."""
+    us_machine, train, csv, row}], one per row, in file order (row: the line number in csv, for messages);
+    an image listed twice is an error."""
     path = os.path.join(root, PLANES_CSV)
     rows = []
     for line, row in enumerate(read_csv(path, ";", PLANES_COLUMNS), start=2):
@@ -166,21 +197,23 @@ def read_planes_db(root):
         record["patient"] = _number(path, line, "Patient_num", row["Patient_num"], int)
         record["train"] = _number(path, line, "Train ", row["Train "], int) == 1
         rows.append(record)
-    return rows
+    return _unique(path, rows, "image_name")
 
 
 def read_hc18(root):
-    """HC18 training set -> [{path, filename, pixel_size (mm/px), hc (mm), csv, row}], in file order. Pixel
-    size and head circumference must be positive finite numbers (the protocol filters the range later)."""
+    """HC18 training set -> [{path, filename, pixel_size (mm/px), hc (mm), csv, row}], in file order. The pixel
+    size must lie in PIXEL_SIZE_RANGE_MM, the head circumference be a positive finite number (the protocol filters
+    its range later); a filename listed twice is an error."""
     path = os.path.join(root, HC18_CSV)
     rows = []
     for line, row in enumerate(read_csv(path, ",", HC18_COLUMNS), start=2):
         record = dict(filename=row["filename"], csv=path, row=line)
         record["path"] = _existing(os.path.join(root, "training_set", row["filename"]))
-        for key, column in (("pixel_size", "pixel size(mm)"), ("hc", "head circumference (mm)")):
-            record[key] = _number(path, line, column, row[column], float, positive=True)
+        size, hc = row["pixel size(mm)"], row["head circumference (mm)"]
+        record["pixel_size"] = _number(path, line, "pixel size(mm)", size, float, within=PIXEL_SIZE_RANGE_MM)
+        record["hc"] = _number(path, line, "head circumference (mm)", hc, float, positive=True)
         rows.append(record)
-    return rows
+    return _unique(path, rows, "filename")
 
 
 def expand_urls(urls):
@@ -466,7 +499,7 @@ class CoupledShards(torch.utils.data.IterableDataset):
 
 class TrainLoader(torch.utils.data.DataLoader):
     """A DataLoader of CoupledShards: iterating runs one epoch, then reports the samples it skipped (kept in
-    .skipped and .broken_shards). set_epoch(e) changes the shuffle and the augmentation draws of the next one."""
+    .skipped and .broken_shards; also when the caller stops early). set_epoch(e) changes the next epoch's draws."""
 
     skipped, broken_shards = {}, ()  # until an epoch has run to its end
 
@@ -483,20 +516,23 @@ class TrainLoader(torch.utils.data.DataLoader):
     def __iter__(self):
         d = self.dataset
         d.skipped.zero_(), d.broken.zero_()
+        batches = super().__iter__()
         try:
-            yield from super().__iter__()
+            yield from batches
         except StaleCache as error:  # from a worker, the message holds its traceback: keep the last line
             raise StaleCache(str(error).strip().splitlines()[-1].split("StaleCache: ")[-1]) from None
-        self.skipped = dict(zip(SKIP_REASONS, d.skipped.sum(0).tolist()))
-        self.broken_shards = [url for url, broken in zip(d.urls, d.broken.tolist()) if broken]
-        self.skipped["shard"] = len(self.broken_shards)
-        if any(self.skipped.values()):
-            image, caption, uncached, shard = self.skipped.values()
-            print(
-                f"data: epoch {d.epoch} (rank {d.rank}) skipped {image} unreadable images, {caption} captionless "
-                f"and {uncached} uncached samples, and the rest of {shard} broken shards {self.broken_shards[:3]}",
-                file=sys.stderr,
-            )
+        finally:  # also when the caller stops early (GeneratorExit): the report counts what was read
+            del batches  # stops the workers, so their counts are final
+            self.skipped = dict(zip(SKIP_REASONS, d.skipped.sum(0).tolist()))
+            self.broken_shards = [url for url, broken in zip(d.urls, d.broken.tolist()) if broken]
+            self.skipped["shard"] = len(self.broken_shards)
+            if any(self.skipped.values()):
+                image, caption, uncached, shard = self.skipped.values()
+                print(
+                    f"data: epoch {d.epoch} (rank {d.rank}) skipped {image} unreadable images, {caption} captionless "
+                    f"and {uncached} uncached samples, and the rest of {shard} broken shards {self.broken_shards[:3]}",
+                    file=sys.stderr,
+                )
 
 
 def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0, seed=0, epoch=0, rank=0,

@@ -297,10 +297,11 @@ def require(folder, csv_name, what):
 
 
 def planes_rows(planes_dir, split="all", include_other=False):
-    """Planes DB rows with 'five' / 'brain' class indices (-1 where the protocol drops the row)."""
+    """Planes DB rows with 'five' / 'brain' class indices (-1 where the protocol drops the row). A split with no row
+    of either task (a header-only file, an --eval_split that leaves none) is an error naming the folder."""
     require(planes_dir, data.PLANES_CSV, "Planes DB")
-    rows = []
-    for row in data.read_planes_db(planes_dir):
+    rows, read = [], data.read_planes_db(planes_dir)
+    for row in read:
         plane, brain, where = row["plane"], row["brain_plane"], f"{row['csv']}, row {row['row']}"
         if plane != "Other" and plane not in PLANE_TO_CLASS:
             raise ValueError(f"{where}: unknown Plane {plane!r}, expected one of {list(PLANE_TO_CLASS)} or Other")
@@ -310,13 +311,28 @@ def planes_rows(planes_dir, split="all", include_other=False):
         sub = BRAIN_SUBPLANES.index(brain.lower()) if brain not in BRAIN_DROPPED else -1
         if select_split(row["patient"], split) and (five >= 0 or sub >= 0 or include_other):
             rows.append(dict(row, five=five, sub=sub))
+    if not any(r["five"] >= 0 or r["sub"] >= 0 for r in rows):
+        raise ValueError(f"Planes DB {planes_dir}, split {split!r}: no image to evaluate ({len(read)} rows read)")
     return rows
 
 
+def require_tasks(rows, planes_dir, split):
+    """Both tasks have images (five planes, brain sub-planes), else F1-all and Avg are undefined (nan)."""
+    for label, task in (("five", "five-plane"), ("sub", "brain sub-plane")):
+        if not any(r[label] >= 0 for r in rows):
+            raise ValueError(f"Planes DB {planes_dir}, split {split!r}: no {task} image (its F1 and Avg would be nan)")
+
+
 def hc18_rows(hc18_dir, split="all"):
+    """HC18 rows of the split; none, or none within the protocol's HC_MIN-HC_MAX mm (a column in cm), is an error."""
     require(hc18_dir, data.HC18_CSV, "HC18")
     # HC18 names images <subject>_HC.png, <subject>_2HC.png, ...: the prefix is the subject
-    return [row for row in data.read_hc18(hc18_dir) if select_split(row["filename"].split("_")[0], split)]
+    rows = [row for row in data.read_hc18(hc18_dir) if select_split(row["filename"].split("_")[0], split)]
+    heads, where = [row["hc"] for row in rows], f"HC18 {Path(hc18_dir) / data.HC18_CSV}, split {split!r}"
+    if not any(HC_MIN <= hc <= HC_MAX for hc in heads):  # also when the split is empty
+        unit = " (all under 50: the column must be in mm, not cm)" if heads and max(heads) < 50 else ""
+        raise ValueError(f"{where}: {len(rows)} heads, none within the protocol's {HC_MIN:.0f}-{HC_MAX:.0f} mm{unit}")
+    return rows
 
 
 # ------------------------------------------------------------------ tasks: labelled scans and prompts per class

@@ -11,6 +11,7 @@ parameter names, so open_clip checkpoints load by name.
 """
 
 import copy
+import functools
 import math
 import os
 import re
@@ -26,8 +27,9 @@ from timm.models import fastvit, vision_transformer
 import configurator
 from data import CONTEXT_LENGTH
 
-# about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads (the width is unique per
-# model: it names the model a file holds); causal: text attention mask or none.
+# about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads; causal: text attention
+# mask or none. A file is identified by the name it stores, or by its keys and shapes fitting exactly one entry
+# (held_model_name), so registering a model is one entry here.
 MODEL_CONFIGS = {
     # FetalCLIP: open_clip CLIP, ViT-L/14 with exact GELU, causal text tower, 427.6M.
     "fetalclip": dict(
@@ -223,8 +225,16 @@ class CLIP(nn.Module):
 
 def create_model(name):
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODEL_CONFIGS)}")
+        raise ValueError(f"unknown model {name!r}; expected {configurator.one_of(name, MODEL_CONFIGS)}")
     return CLIP(name)
+
+
+@functools.cache
+def shapes_of(name):
+    """{our key: shape} of model `name`, built on the meta device (no memory, no initialisation), and the model."""
+    with torch.device("meta"):
+        net = create_model(name)
+    return {k: v.shape for k, v in net.state_dict().items()}, net
 
 
 def reparameterize(model):
@@ -366,15 +376,52 @@ def state_dict_of(path, checkpoint):
         raise ValueError(f"{path}: {error}") from None
 
 
+def fits(state_dict, name):
+    """True when a file's state dict, converted to our keys for model `name`, has exactly its keys and shapes (the
+    text positions may differ in number: load_checkpoint resizes them)."""
+    shapes, net = shapes_of(name)
+    try:
+        ours = to_our_keys(state_dict, net)
+    except Exception:  # a converter (timm's) that cannot map these keys onto this model's tower
+        return False
+    resized = {"text.positional_embedding"}
+    return ours.keys() == shapes.keys() and all(
+        ours[k].shape == shapes[k] or k in resized and ours[k].shape[1:] == shapes[k][1:] for k in ours
+    )
+
+
+def held_model_name(path, checkpoint):
+    """The model a file holds: the name it stores (this project's files), else the one configuration its keys and
+    shapes fit exactly; never guessed from one width. Several or none: an error listing the candidates."""
+    stored = checkpoint.get("model_name", "")
+    if stored:
+        if not isinstance(stored, str) or stored not in MODEL_CONFIGS:
+            raise ValueError(f"{path} stores model_name {stored!r}, not {configurator.one_of(stored, MODEL_CONFIGS)}")
+        return stored
+    state_dict = state_dict_of(path, checkpoint)
+    matches = [name for name in MODEL_CONFIGS if fits(state_dict, name)]
+    if len(matches) == 1:
+        return matches[0]
+    fit = f"fits {' and '.join(matches)} alike" if matches else "fits no model's keys and shapes exactly"
+    names = ", ".join(MODEL_CONFIGS)
+    raise ValueError(
+        f"{path} stores no model name and {fit}: name it (--model=NAME, a teacher --teacher=NAME): {names}"
+    )
+
+
 def load_checkpoint(model, path, checkpoint=None):
-    """Load any supported checkpoint into `model`; every key must be accounted for. `checkpoint`: the file's
-    content when the caller has read it already (read_checkpoint), so a 1.7 GB teacher is read once."""
-    state_dict = state_dict_of(path, read_checkpoint(path) if checkpoint is None else checkpoint)
-    held = guess_model_name(state_dict)
+    """Load any supported checkpoint into `model`; every key must be accounted for, every float tensor finite.
+    `checkpoint`: the file's content when the caller has read it already (read_checkpoint), so a 1.7 GB teacher is
+    read once. A file that is another model (its stored name, or its keys and shapes) is refused, naming it."""
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    raw = state_dict_of(path, checkpoint)
+    held = checkpoint.get("model_name", "")
+    if not held and not fits(raw, model.name):  # what its keys and shapes prove, when they are not this model's
+        held = next((name for name in MODEL_CONFIGS if fits(raw, name)), "")
     if held and held != model.name:
-        about = MODEL_CONFIGS[held]["about"]
-        raise ValueError(f"{path} holds {about} ({held!r}), not the {model.name!r} model expected here")
-    state_dict = resize_text_positions(to_our_keys(state_dict, model), model.context_length)
+        about = f"{MODEL_CONFIGS[held]['about']} ({held!r})" if held in MODEL_CONFIGS else f"model {held!r}"
+        raise ValueError(f"{path} holds {about}, not the {model.name!r} model expected here")
+    state_dict = resize_text_positions(to_our_keys(raw, model), model.context_length)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -389,31 +436,20 @@ def load_checkpoint(model, path, checkpoint=None):
                 f"{path}: {key} has shape {tuple(value.shape)}, "
                 f"model {model.name!r} expects {tuple(expected[key].shape)}"
             )
+    bad = next((k for k, v in raw.items() if v.is_floating_point() and not v.isfinite().all()), "")
+    if bad:  # weights and BatchNorm statistics alike; named as the file names it
+        raise ValueError(f"{path}: {bad} holds NaN or inf values (a diverged run, or a damaged file)")
     model.load_state_dict(state_dict)
     return model
 
 
-def guess_model_name(state_dict):
-    """Which model a state dict holds, from its text tower's width (unique per model); '' when it cannot tell."""
-    for key in ("token_embedding.weight", "text.token_embedding.weight", "text_encoder.embedding_layer.weight"):
-        if key in state_dict and state_dict[key].ndim == 2:
-            names = [n for n, cfg in MODEL_CONFIGS.items() if cfg["text_width"] == state_dict[key].shape[1]]
-            return names[0] if len(names) == 1 else ""
-    return ""
-
-
-def held_model_name(path, checkpoint):
-    """The model a checkpoint holds: the name this project's files store, else the one its text tower shows."""
-    name = checkpoint.get("model_name", "") or guess_model_name(state_dict_of(path, checkpoint))
-    if not isinstance(name, str) or name not in MODEL_CONFIGS:
-        raise ValueError(f"{path}: cannot tell which model it holds ({name!r}); name it: {sorted(MODEL_CONFIGS)}")
-    return name
-
-
-def load_model(path, name="", checkpoint=None):
-    """Build the model a checkpoint holds and load it; `name` overrides what the file says."""
+def load_model(path, name="", checkpoint=None, trainable=False):
+    """Build the model a checkpoint holds (held_model_name) and load it; `name` overrides what the file says.
+    In eval mode and frozen (a forward pass moves no BatchNorm statistic, nothing collects gradients) unless
+    trainable=True."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-    return load_checkpoint(create_model(name or held_model_name(path, checkpoint)), path, checkpoint)
+    net = load_checkpoint(create_model(name or held_model_name(path, checkpoint)), path, checkpoint)
+    return net if trainable else net.eval().requires_grad_(False)
 
 
 def to_apple_mci(trunk, visual):

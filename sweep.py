@@ -5,8 +5,9 @@ standard deviation of each row and metric, and the paper's Figure 2 (KD weight p
     python sweep.py --rows=no_kd,selective --seeds=0,1 --out_dir=out/small_sweep
 
 Each run is `python train.py` with the row's flags (below), `--seed=S` and the same `--teacher_ckpt`; the first
-run trains the demo teacher when none is given. A run whose best.pt exists is not run again, so an interrupted
-sweep continues where it stopped. Every row reports its best epoch by Avg, as the demo and the paper select.
+run trains the demo teacher when none is given. An interrupted sweep continues where it stopped: a finished run (its
+ckpt.pt holds its last epoch, whose evaluation log.jsonl records) is not run again, an unfinished one is resumed
+(--resume=True). Every row reports its best epoch by Avg, as the demo and the paper select.
 Writes out_dir/sweep.json (every run's metrics, the means and standard deviations) and out_dir/figure2.png.
 """
 
@@ -47,16 +48,29 @@ METRICS = {
 }
 
 
+def finished(folder):
+    """True when a run's ckpt.pt holds its last epoch and log.jsonl that epoch's evaluation (train.py writes ckpt.pt
+    before evaluating and the evaluation's record last); a best.pt alone may be an early epoch's."""
+    try:
+        checkpoint = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            evaluated = {record["epoch"] for record in map(json.loads, f) if "eval" in record}
+    except Exception:  # missing or unreadable: train.py starts it, or its --resume=True says what is wrong
+        return False
+    return checkpoint["epoch"] == checkpoint["config"]["epochs"] and checkpoint["epoch"] - 1 in evaluated
+
+
 def run(row, seed, config, teacher):
-    """One train.py run (skipped when its best.pt exists) -> its folder."""
+    """One train.py run -> its folder: started, resumed when it has a ckpt.pt, skipped when finished."""
     folder = os.path.join(config["out_dir"], row, f"seed{seed}")
-    if not os.path.exists(os.path.join(folder, "best.pt")):
+    if not finished(folder):
         flags = [*ROWS[row].split(), f"--seed={seed}", f"--out_dir={folder}", *config["train_flags"].split()]
         flags += [f"--teacher_ckpt={teacher}"] if teacher else []
+        flags += ["--resume=True"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
         print(f"== {row}, seed {seed}: python train.py {' '.join(flags)}", flush=True)
-        subprocess.run(
-            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *flags], check=True
-        )
+        train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+        if subprocess.run([sys.executable, train, *flags]).returncode != 0:
+            raise SystemExit(f"sweep.py: the run {row}, seed {seed} in {folder} failed: its error is above")
     return folder
 
 
@@ -130,7 +144,7 @@ def main(arguments):
     chosen = [r for r in config["rows"].split(",") if r] or list(ROWS)
     unknown = [r for r in chosen if r not in ROWS]
     if unknown:
-        raise SystemExit(f"--rows: unknown rows {unknown}; expected names from {list(ROWS)}")
+        raise SystemExit(f"--rows: unknown row {unknown[0]!r}; expected {configurator.one_of(unknown[0], ROWS)}")
     seed_list = [configurator.parse("seeds", s, 0) for s in config["seeds"].split(",")]
     teacher = config["teacher_ckpt"]
     runs = {row: {} for row in chosen}

@@ -438,11 +438,15 @@ def generate(
     shard_size=500,
     input_size=DEMO_INPUT,
 ):
-    """Write the benchmark: out_dir/shards, out_dir/planes, out_dir/hc18 (deterministic in seed)."""
-    start, folders = time.time(), layout(out_dir)
-    write_shards(folders["train_data"], seed, n_train, width, height, shard_size, input_size)
-    write_planes(folders["planes_dir"], seed, n_planes, width, height, input_size)
-    write_hc18(folders["hc18_dir"], seed, n_hc18, input_size)
+    """Write the benchmark: out_dir/shards, out_dir/planes, out_dir/hc18 (deterministic in seed). All or nothing: it is
+    written into a temporary folder renamed to out_dir at the end, since train.py generates data_dir only when it is
+    missing (a generation killed half-way must not be taken for a finished one)."""
+    start = time.time()
+    with configurator.atomic_path(out_dir) as tmp:
+        folders = layout(tmp)
+        write_shards(folders["train_data"], seed, n_train, width, height, shard_size, input_size)
+        write_planes(folders["planes_dir"], seed, n_planes, width, height, input_size)
+        write_hc18(folders["hc18_dir"], seed, n_hc18, input_size)
     print(
         f"wrote {out_dir}: {n_train} pairs in {math.ceil(n_train / shard_size)} shards, {n_planes} Planes DB "
         f"images, {n_hc18} HC18 images in {time.time() - start:.1f} s"
@@ -472,6 +476,9 @@ def draw_grid(path, seed=0, weeks=(16, 22, 28, 34), size=DEMO_INPUT, scale=2):
 
 if __name__ == "__main__":
     settings = configurator.configure(dict(DEFAULTS), sys.argv[1:])
+    sizes = [(k, settings[k] >= 16, "at least 16 pixels") for k in ("width", "height", "input_size")]
+    counts = [(k, settings[k] >= 1, "at least 1") for k in ("n_train", "n_planes", "n_hc18", "shard_size")]
+    configurator.refuse(settings, [("seed", settings["seed"] >= 0, "0 or more"), *sizes, *counts])
     grid_path = settings.pop("grid")
     if grid_path:
         draw_grid(grid_path, settings["seed"], size=settings["input_size"])

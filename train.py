@@ -74,7 +74,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.98
 eps = 1e-6
-grad_clip = 1.0
+grad_clip = 1.0  # the gradient norm is clipped to this; 0 = off (as in nanoGPT)
 max_bad_steps = 5  # consecutive non-finite losses before the run stops
 max_steps = -1  # stop after this many optimiser steps (smoke tests); -1 = run all epochs
 # system
@@ -93,10 +93,12 @@ RESUMABLE = ("log_interval", "eval_every", "num_workers", "device", "max_steps",
 config = configurator.configure(configurator.settings(globals()), sys.argv[1:], PRESETS)  # in every checkpoint
 globals().update(config)
 one_step = batch_size * grad_accum  # pairs per optimiser step
-rules = [  # (setting, holds, expected): checked before anything runs
-    ("mode", mode in ("none", "coupled", "selective"), "none, coupled or selective"),
-    ("dtype", dtype in ("", "float32", "bfloat16", "float16"), "'', float32, bfloat16 or float16"),
-    ("eval_split", eval_split in ("all", "select", "report"), "all, select or report"),
+rules = [  # (setting, holds, expected): checked before anything runs, after every float is checked to be finite
+    configurator.choice("mode", mode, ("none", "coupled", "selective")),
+    configurator.choice("student", student, MODEL_CONFIGS),
+    configurator.choice("teacher", teacher, MODEL_CONFIGS),
+    configurator.choice("dtype", dtype, ("", "float32", "bfloat16", "float16")),
+    configurator.choice("eval_split", eval_split, ("all", "select", "report")),
     ("batch_size", batch_size > 0, "a positive number of pairs"),
     ("grad_accum", grad_accum > 0, "at least 1"),
     ("epochs", epochs > 0, "at least 1"),
@@ -105,15 +107,23 @@ rules = [  # (setting, holds, expected): checked before anything runs
     ("log_interval", log_interval > 0, "at least 1"),
     ("eval_every", eval_every >= 0, "0 (never) or more"),
     ("max_bad_steps", max_bad_steps > 0, "at least 1"),
+    ("max_steps", max_steps == -1 or max_steps > 0, "-1 (all epochs) or at least 1"),
     ("shuffle_buffer", shuffle_buffer > 0, "at least 1"),
     ("demo_teacher_epochs", demo_teacher_epochs > 0, "at least 1"),
+    ("seed", seed >= 0, "0 or more"),
+    ("augment_seed", augment_seed >= -1, "-1 (= seed) or 0 or more"),
     ("warmup_steps", warmup_steps >= 0, "0 or more"),
     ("learning_rate", learning_rate > 0, "a positive number"),
+    ("weight_decay", weight_decay >= 0, "0 or more"),
+    ("beta1", 0 <= beta1 < 1, "a number in [0, 1)"),
+    ("beta2", 0 <= beta2 < 1, "a number in [0, 1)"),
+    ("eps", eps > 0, "a positive number"),
+    ("grad_clip", grad_clip >= 0, "0 (off) or a positive gradient norm"),
     ("tau_kd", tau_kd > 0, "a positive temperature"),
+    ("smoothing", 0 <= smoothing < 1, "a number in [0, 1)"),
+    ("feature_kd", feature_kd >= 0, "0 (off) or a positive weight"),
 ]
-problems = [f"--{key}={globals()[key]!r}: expected {expected}" for key, holds, expected in rules if not holds]
-if problems:
-    raise SystemExit("\n".join(problems))
+configurator.refuse(config, rules)
 
 # ------------------------------------------------------------------ system
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
@@ -152,16 +162,12 @@ planes_dir = planes_dir or demo_folders["planes_dir"]
 hc18_dir = hc18_dir or demo_folders["hc18_dir"]
 with configurator.user_errors(
     "the data (--train_data, --planes_dir, --hc18_dir; --eval_every=0 trains without the evaluation sets)"
-):  # a wrong path or a bad image fails now, not in epoch 0
+):  # a wrong path, a bad image or an empty evaluation set fails now, not after epoch 0
     data.expand_urls(train_data)
-    if eval_every > 0 and master:  # the readers check every row and open every image's header
-        evaluate.planes_rows(planes_dir, eval_split)
-        evaluate.hc18_rows(hc18_dir, eval_split)
-
-
-def view(net):
-    """What the data pipeline needs to make a model's input: size, mean, std."""
-    return net.image_size, net.image_mean, net.image_std
+    if eval_every > 0 and master:  # every row checked, every image decoded (a truncated PNG has a good header)
+        planes = evaluate.planes_rows(planes_dir, eval_split)
+        evaluate.require_tasks(planes, planes_dir, eval_split)
+        data.decode_all([row["path"] for row in planes + evaluate.hc18_rows(hc18_dir, eval_split)])
 
 
 def train_demo_teacher(path):
@@ -211,9 +217,8 @@ if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never
         cached_teacher = cache.check_cache(teacher_cache, train_data, view=teacher_view, **asked)
     cached_scale = torch.tensor(cached_teacher["logit_scale"], device=device)
     made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
-    print(
-        f"teacher: cached {made}, {cached_teacher['augs']} augmentations replayed as epoch % {cached_teacher['augs']}"
-    )
+    augs = cached_teacher["augs"]
+    print(f"teacher: cached {made}, {augs} augmentations replayed as epoch % {augs}")
     if not teacher_ckpt:  # nothing was checked against a checkpoint: say loudly whose outputs these are
         print(f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher {made} unchecked")
 elif mode != "none" or feature_kd > 0:
@@ -229,7 +234,7 @@ elif mode != "none" or feature_kd > 0:
         if ddp:
             dist.barrier()
     with configurator.user_errors("--teacher_ckpt"):
-        teacher_net = load_model(teacher_ckpt, teacher).to(device).eval().requires_grad_(False)  # frozen
+        teacher_net = load_model(teacher_ckpt, teacher).to(device)  # in eval mode and frozen
     if teacher_net.context_length != raw_student.context_length:
         raise SystemExit(
             f"teacher {teacher} reads {teacher_net.context_length} tokens, student {student} "
@@ -276,10 +281,15 @@ applied_steps = 0  # optimiser steps that changed the weights (a window with a n
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
 window_finite = True  # every micro-batch of the current accumulation window had a finite loss
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ("ckpt.pt", "best.pt", "log.jsonl"))
+last_good_checkpoint = lambda: ckpt_path if os.path.exists(ckpt_path) else "none yet"
 resumed_changes = {}
 if resume:
     with configurator.user_errors("--resume=True"):
         checkpoint = read_checkpoint(ckpt_path)
+        missing = [k for k in ("config", "optimizer", "step", "rng") if k not in checkpoint]  # e.g. an open_clip file
+        if missing:
+            where = f"{ckpt_path} is not a train.py checkpoint (no {', '.join(missing)})"
+            raise ValueError(f"{where}: to start from its weights, use --student_init={ckpt_path} without --resume")
     changed = {k: [v, config[k]] for k, v in checkpoint["config"].items() if config.get(k, v) != v}
     resumed_changes = {k: pair for k, pair in changed.items() if k != "resume"}
     refused = [f"{k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items() if k not in RESUMABLE]
@@ -298,10 +308,8 @@ if resume:
     if os.path.exists(best_path):  # written after ckpt.pt when that epoch's evaluation found a new best
         best_avg = max(best_avg, torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)["best_avg"])
     torch.set_rng_state(checkpoint["rng"])
-    print(
-        f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}"
-        + "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
-    )
+    changes = "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
+    print(f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}{changes}")
 
 
 def log(record):
@@ -311,10 +319,6 @@ def log(record):
             f.write(json.dumps(record) + "\n")
         if wandb_log and "config" not in record:  # wandb.init has the config
             wandb.log(record)
-
-
-def last_good_checkpoint():
-    return ckpt_path if os.path.exists(ckpt_path) else "none yet"
 
 
 def save_checkpoint(path, epoch, metrics):
@@ -332,6 +336,17 @@ def save_checkpoint(path, epoch, metrics):
         checkpoint["feature_proj"] = distillee.feature_proj.state_dict()
     with configurator.atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
+
+
+def evaluate_epoch(epoch, late=False):
+    """Zero-shot evaluation after `epoch`, best.pt when it wins, then the log record that says it finished."""
+    global best_avg
+    metrics = evaluate.zero_shot(raw_student, planes_dir, hc18_dir, device=device, split=eval_split)
+    print(f"epoch {epoch} | {evaluate.summary(metrics)}")
+    if metrics["avg"] > best_avg:
+        best_avg = metrics["avg"]
+        save_checkpoint(best_path, epoch + 1, metrics)
+    log({"epoch": epoch, "step": step, "eval": metrics, **({"late": True} if late else {})})
 
 
 def all_finite(value):
@@ -358,21 +373,33 @@ if master:
         f"{epochs} epochs | {micro_per_epoch} micro-batches of {batch_size} per epoch | {device} {dtype}"
     )
 
+# an epoch's evaluation killed after its ckpt.pt (written first) runs now, never silently skipped
+ended_epoch = step == start_epoch * micro_per_epoch and start_epoch > 0  # ckpt.pt is an epoch's end
+if master and resume and ended_epoch and eval_every > 0 and start_epoch % eval_every == 0:
+    with configurator.user_errors(f"--resume=True: {log_path}"), open(log_path) as f:  # one line per record
+        logged = {record["epoch"] for record in map(json.loads, f) if "eval" in record}
+    if start_epoch - 1 not in logged:
+        print(f"epoch {start_epoch - 1} was saved but its evaluation never finished: evaluating it now")
+        evaluate_epoch(start_epoch - 1, late=True)
+if ddp:
+    dist.barrier()
+
 # ------------------------------------------------------------------ training loop
 stopped = False
+view = lambda net: (net.image_size, net.image_mean, net.image_std)  # what the data pipeline needs to make its input
 views = (view(raw_student), view(teacher_net) if teacher_net else None)
 reading = dict(num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, augment_seed=augment_seed)
 reading.update(samples_per_epoch=samples_per_epoch, shuffle_buffer=shuffle_buffer, context_length=CONTEXT)
 reading.update(teacher_cache=teacher_cache if cached_teacher else "")
-losses = dict(
-    mode=mode, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd, smoothing=smoothing, feat_weight=feature_kd
-)
+losses = dict(mode=mode, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd, smoothing=smoothing)
+losses.update(feat_weight=feature_kd)
 for epoch in range(start_epoch, epochs):
     loader = data.train_loader(train_data, *views, batch_size // world_size, epoch=epoch, **reading)
     done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
     bar = tqdm(total=micro_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch}", disable=not master, leave=False)
     timer = time.time()
-    for index, (student_images, teacher_input, tokens) in enumerate(loader):
+    batches = iter(loader)  # closed below: the loader's skip report is complete also when the epoch stops early
+    for index, (student_images, teacher_input, tokens) in enumerate(batches):
         if index >= micro_per_epoch:
             break
         if index < done_in_epoch:  # replay the stream up to where the checkpoint stopped
@@ -413,7 +440,8 @@ for epoch in range(start_epoch, epochs):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(opt_step)
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip)  # read when logged
+                # grad_clip 0 = off: max_norm inf measures the norm only (logged); max_norm 0 would zero the gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip or math.inf)
                 scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
                 scaler.update()
                 applied_steps += 1
@@ -424,12 +452,8 @@ for epoch in range(start_epoch, epochs):
             opt_step += 1
         if step % log_interval == 0 and master:
             elapsed, timer = time.time() - timer, time.time()
-            record = {
-                "step": step,
-                "epoch": epoch,
-                **{k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off")},
-            }
-            record.update(kd_feat=parts["kd_feat"].item(), weight=parts["weight"], lr=optimizer.param_groups[0]["lr"])
+            record = {"step": step, "epoch": epoch, "weight": parts["weight"], "lr": optimizer.param_groups[0]["lr"]}
+            record.update({k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off", "kd_feat")})
             record.update(logit_scale=logit_scale.item(), grad_norm=float(grad_norm))
             record["samples_per_s"] = log_interval * batch_size / elapsed
             tqdm.write(
@@ -443,6 +467,7 @@ for epoch in range(start_epoch, epochs):
             stopped = True
             break
     bar.close()
+    batches.close()
     if any(loader.skipped.values()) and master:  # data.py has printed the counts already
         log({"epoch": epoch, "skipped": loader.skipped})
     if applied_steps == 0:  # the same on every rank: the skip decisions are all-reduced
@@ -454,12 +479,7 @@ for epoch in range(start_epoch, epochs):
         print(f"stopped after {opt_step} optimiser steps (--max_steps); saved {ckpt_path}")
         break
     if master and eval_every > 0 and (epoch + 1) % eval_every == 0:
-        metrics = evaluate.zero_shot(raw_student, planes_dir, hc18_dir, device=device, split=eval_split)
-        print(f"epoch {epoch} | {evaluate.summary(metrics)}")
-        log({"epoch": epoch, "step": step, "eval": metrics})
-        if metrics["avg"] > best_avg:
-            best_avg = metrics["avg"]
-            save_checkpoint(best_path, epoch + 1, metrics)
+        evaluate_epoch(epoch)
     if ddp:
         dist.barrier()
 
@@ -471,9 +491,7 @@ if master and not stopped and eval_every > 0 and os.path.exists(best_path):
             teacher_net, planes_dir, hc18_dir, device=device, split=eval_split
         )
     rows[f"{student} (best)"] = torch.load(best_path, map_location="cpu", weights_only=True)["metrics"]
-    print()
-    for name, metrics in rows.items():
-        print(f"{name:<28} {evaluate.summary(metrics)}")
+    print("\n" + "\n".join(f"{name:<28} {evaluate.summary(metrics)}" for name, metrics in rows.items()))
     print(f"best checkpoint: {best_path}")
 if ddp:
     dist.destroy_process_group()

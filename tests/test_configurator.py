@@ -4,8 +4,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from configurator import atomic_path, configure, parse, pick_device, settings, write_atomic
+from configurator import atomic_path, choice, configure, parse, pick_device, refuse, settings, write_atomic
 
 
 def test_overrides_take_the_default_type_presets_and_one_positional():
@@ -23,8 +24,10 @@ def test_overrides_take_the_default_type_presets_and_one_positional():
         "seed": 1,
         "scale": 9.0,
     }  # the preset first, the explicit flag wins wherever it stands
-    with pytest.raises(SystemExit, match="unknown config key 'sed'; valid keys: seed"):
+    with pytest.raises(SystemExit, match="unknown config key 'sed' \\(did you mean 'seed'\\?\\); valid keys: seed"):
         configure({"seed": 0}, ["--sed=1"])
+    with pytest.raises(SystemExit, match="unknown config key 'xyz'; valid keys: seed"):  # nothing close: no guess
+        configure({"seed": 0}, ["--xyz=1"])
     with pytest.raises(SystemExit, match="--seed=1.5: expected int"):
         configure({"seed": 0}, ["--seed=1.5"])
     with pytest.raises(SystemExit, match="--preset=small: unknown preset; expected one of \\['big'\\]"):
@@ -56,9 +59,30 @@ def test_parse_accepts_an_int_for_a_float_and_names_bad_values():
         parse("resume", "yes", False)
 
 
-def test_pick_device():
+def test_pick_device_accepts_only_devices_this_machine_has():
     assert pick_device("cpu") == "cpu"
     assert pick_device("") in ("cuda", "mps", "cpu")
+    for device in ("gpu", "cuda:x", "cpu:0", "CUDA"):
+        with pytest.raises(SystemExit, match=f"--device={device}: expected '' \\(automatic\\) or one of cpu, cuda, "):
+            pick_device(device)
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a machine without one)
+    with pytest.raises(SystemExit, match=f"--device={missing}: not on this machine \\(torch finds "):
+        pick_device(missing)
+
+
+def test_rules_are_refused_in_one_line_each_with_the_closest_name():
+    config = {"mode": "selectiv", "lr": float("nan"), "clip": float("-inf"), "epochs": 0}
+    rules = [choice("mode", config["mode"], ("none", "selective")), ("lr", config["lr"] > 0, "a positive number")]
+    rules += [("clip", config["clip"] >= 0, "0 or more"), ("epochs", config["epochs"] > 0, "at least 1")]
+    with pytest.raises(SystemExit) as refused:
+        refuse(config, rules)
+    assert str(refused.value).splitlines() == [  # nan and inf: one line each, not a second for the rule they break
+        "--lr=nan: expected a finite number",
+        "--clip=-inf: expected a finite number",
+        "--mode='selectiv': expected one of none, selective (did you mean 'selective'?)",
+        "--epochs=0: expected at least 1",
+    ]
+    refuse({"epochs": 2}, [("epochs", True, "at least 1")])  # nothing broken: nothing happens
 
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one_never_half(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_lib
 import release_mci
-from model import create_model, load_checkpoint, load_model, reparameterize, save_open_clip
+from model import create_model, held_model_name, load_checkpoint, load_model, reparameterize, save_open_clip
 
 ATOL = 1e-4  # on unit-normalised features, fp32
 
@@ -205,10 +206,18 @@ def test_official_files_load_strictly_into_the_release(release, student_pair, tm
         save_open_clip(create_model("demo_student"), str(tmp_path / "no.pt"), official=True)
 
 
+def meta_open_clip(config_name, context_length=117):
+    """open_clip's own model on the meta device: its real keys and shapes, no memory (a 64 kB file for FetalCLIP)."""
+    cfg = open_clip.get_model_config(config_name)
+    cfg["text_cfg"]["context_length"] = context_length
+    custom_text = cfg.pop("custom_text", False)
+    with torch.device("meta"):
+        return (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg).state_dict()
+
+
 def test_a_file_of_the_wrong_kind_is_named_in_one_line(tmp_path):
-    """FetalCLIP's ViT offered as the student: the file, what it holds and what was expected."""
-    fetalclip_like = {"token_embedding.weight": torch.zeros(8, 768), "visual.class_embedding": torch.zeros(1024)}
-    torch.save(fetalclip_like, tmp_path / "FetalCLIP_weights.pt")
+    """FetalCLIP's ViT offered as the student: the file, what its keys and shapes prove it holds, what was expected."""
+    torch.save(meta_open_clip("ViT-L-14"), tmp_path / "FetalCLIP_weights.pt")
     expected = (
         r"FetalCLIP_weights.pt holds the FetalCLIP teacher \(ViT-L/14\) \('fetalclip'\), not the 'mobilefetalclip'"
     )
@@ -222,6 +231,63 @@ def test_a_file_of_the_wrong_kind_is_named_in_one_line(tmp_path):
         with pytest.raises(ValueError, match=f"{name}: {message}") as error:
             load_model(str(tmp_path / name))
         assert "\n" not in str(error.value)
+
+
+def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(release, monkeypatch, tmp_path):
+    """Registering a second 512-wide student (MobileCLIP2-S2's image tower, the same text tower) is one entry in
+    MODEL_CONFIGS and every existing format is still identified; a file that fits two entries is not guessed."""
+    configs = dict(model_lib.MODEL_CONFIGS)
+    configs["mobileclip2_s2"] = dict(configs["mobilefetalclip"], image="fastvit_mci2", about="a MobileCLIP2-S2")
+    configs["demo_student_b"] = dict(configs["demo_student"], image_kwargs={}, about="another demo student")
+    monkeypatch.setattr(model_lib, "MODEL_CONFIGS", configs)
+    mobileclip2 = meta_open_clip("MobileCLIP2-S0", 77)
+    save_open_clip(create_model("demo_student"), str(tmp_path / "demo_student.pt"))
+    files = {  # the file (as read), the model it holds
+        "FetalCLIP, open_clip CLIP": (meta_open_clip("ViT-L-14"), "fetalclip"),
+        "MobileCLIP2-S0, open_clip CustomTextCLIP, 77 positions": (mobileclip2, "mobilefetalclip"),
+        "MobileCLIP2-S0, Apple's format": (to_apple_format(mobileclip2), "mobilefetalclip"),
+        "the release's Apple-named trunk": (release_mci.release_checkpoint(release, "bare"), "mobilefetalclip"),
+        "MobileCLIP2-S2, open_clip": (meta_open_clip("MobileCLIP2-S2", 77), "mobileclip2_s2"),
+        "demo student, open_clip": (torch.load(tmp_path / "demo_student.pt", weights_only=True), "demo_student"),
+        "ours, named": ({"model": {}, "model_name": "mobileclip2_s2"}, "mobileclip2_s2"),
+    }
+    for about, (checkpoint, name) in files.items():
+        assert held_model_name(about, checkpoint) == name, about
+    configs["mobilefetalclip_copy"] = configs["mobilefetalclip"]
+    with pytest.raises(ValueError, match="fits mobilefetalclip and mobilefetalclip_copy alike: name it"):
+        held_model_name("student.pt", mobileclip2)
+    with pytest.raises(
+        ValueError, match="x.pt stores model_name 'demo_studnet', not one of .*did you mean 'demo_student'"
+    ):
+        held_model_name("x.pt", {"model": {}, "model_name": "demo_studnet"})
+
+
+def test_non_finite_tensors_are_refused_naming_them_and_load_model_returns_a_frozen_model(tmp_path):
+    """A NaN weight or an inf BatchNorm statistic, in our files and in open_clip's: refused at load, named as the
+    file names it. A loaded model is in eval mode and frozen: a user's forward pass moves no BatchNorm statistic."""
+    net = create_model("demo_student")
+    variance = next(k for k in net.state_dict() if k.endswith("running_var"))
+    for key, value in ((variance, float("inf")), ("text.ln_final.weight", float("nan"))):
+        state_dict = {k: v.clone() for k, v in net.state_dict().items()}
+        state_dict[key].view(-1)[0] = value
+        torch.save({"model": state_dict, "model_name": "demo_student"}, tmp_path / "ours.pt")
+        with pytest.raises(ValueError, match=f"ours.pt: {re.escape(key)} holds NaN or inf values"):
+            load_model(str(tmp_path / "ours.pt"))
+    broken = create_model("demo_student")
+    with torch.no_grad():
+        broken.get_buffer(variance).fill_(float("nan"))
+    save_open_clip(broken, str(tmp_path / "open_clip.pt"))
+    trunk_key = re.escape(variance.replace("visual.", "visual.trunk.", 1))
+    with pytest.raises(ValueError, match=f"open_clip.pt: {trunk_key} holds NaN or inf values"):
+        load_model(str(tmp_path / "open_clip.pt"))
+    torch.save({"model": net.state_dict(), "model_name": "demo_student"}, tmp_path / "good.pt")
+    loaded = load_model(str(tmp_path / "good.pt"))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    loaded(torch.randn(4, 3, 56, 56), random_tokens(4, loaded.context_length))
+    assert all(torch.equal(before[k], v) for k, v in loaded.state_dict().items())
+    trainable = load_model(str(tmp_path / "good.pt"), trainable=True)
+    assert trainable.training and all(p.requires_grad for p in trainable.parameters())
 
 
 def test_reparameterised_student_matches(student_pair):
@@ -238,7 +304,7 @@ def test_load_model_names_the_model_from_the_file(tmp_path):
     source = create_model("demo_student")
     torch.save({"model": source.state_dict(), "model_name": "demo_student"}, tmp_path / "ours.pt")
     assert load_model(str(tmp_path / "ours.pt")).name == "demo_student"
-    save_open_clip(source, str(tmp_path / "open_clip.pt"))  # no name inside: guessed from widths
+    save_open_clip(source, str(tmp_path / "open_clip.pt"))  # no name inside: identified by its keys and shapes
     loaded = load_model(str(tmp_path / "open_clip.pt"))
     assert loaded.name == "demo_student"
     for key, value in source.state_dict().items():

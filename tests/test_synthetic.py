@@ -37,6 +37,22 @@ def test_generator_is_deterministic(tmp_path):
     assert a.keys() == c.keys() and a != c
 
 
+def test_a_generation_killed_half_way_leaves_nothing_to_reuse(tmp_path, monkeypatch):
+    """train.py generates data_dir only when it is missing: a generation that stops in its HC18 part (after the
+    shards and the Planes DB) must leave no data_dir, or a later run would take the half for the benchmark."""
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_hc18", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(str(tmp_path / "demo"), **TINY)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    synthetic.generate(str(tmp_path / "demo"), **TINY)
+    assert sorted(os.listdir(tmp_path / "demo")) == ["hc18", "planes", "shards"] and len(os.listdir(tmp_path)) == 1
+
+
 def test_generator_writes_the_real_formats(tmp_path):
     synthetic.generate(str(tmp_path), seed=0, **TINY)
     rows = data.read_planes_db(tmp_path / "planes")

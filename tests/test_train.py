@@ -2,13 +2,18 @@
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
+import data
 import synthetic
 from model import create_model, load_model, save_open_clip
 
@@ -36,6 +41,16 @@ def run_train(*args, nproc=1, check=True, env=None):
     if check and process.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
     return process
+
+
+def train_refusal(*args):
+    """train.py run in-process (runpy) until it refuses: the message it exits with. Settings, data and resume errors
+    stop it before it trains, as in a subprocess, in milliseconds instead of seconds (tests/test_commands.py checks
+    the process boundary: one line, no traceback). It must not reach the synthetic data's generation either."""
+    never = mock.patch.object(synthetic, "generate", side_effect=AssertionError("train.py went past its checks"))
+    with never, mock.patch.object(sys, "argv", ["train.py", *args]), pytest.raises(SystemExit) as refused:
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    return str(refused.value)
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +87,16 @@ def assert_same_weights(path_a, path_b, atol=0.0):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
-def test_config_errors_name_the_key_and_the_type():
-    unknown = run_train("--beta=2", check=False)
-    assert unknown.returncode != 0
-    assert "unknown config key 'beta'" in unknown.stderr and "beta0" in unknown.stderr  # lists valid keys
+def test_config_errors_name_the_key_and_the_type(capsys):
+    unknown = train_refusal("--lerning_rate=1e-3")
+    assert "unknown config key 'lerning_rate' (did you mean 'learning_rate'?); valid keys: " in unknown
+    assert "beta0" in unknown  # lists the valid keys
     # an int where the default is a float, '=' inside a value, then a float where an int is expected
-    typed = run_train("--beta0=2", "--r=-0.8", "--wandb_project=a=b", "--epochs=1.5", check=False)
-    assert "overriding: beta0 = 2.0" in typed.stdout and "overriding: r = -0.8" in typed.stdout
-    assert "overriding: wandb_project = 'a=b'" in typed.stdout
-    assert typed.returncode != 0 and "--epochs=1.5: expected int (default 6)" in typed.stderr
+    typed = train_refusal("--beta0=2", "--r=-0.8", "--wandb_project=a=b", "--epochs=1.5")
+    printed = capsys.readouterr().out
+    assert "overriding: beta0 = 2.0" in printed and "overriding: r = -0.8" in printed
+    assert "overriding: wandb_project = 'a=b'" in printed
+    assert typed == "--epochs=1.5: expected int (default 6)"
 
 
 def test_bad_values_are_refused_before_anything_runs(tmp_path):
@@ -88,20 +104,38 @@ def test_bad_values_are_refused_before_anything_runs(tmp_path):
         (["--batch_size=-32"], "--batch_size=-32: expected a positive number of pairs"),
         (["--batch_size=0"], "--batch_size=0: expected a positive number of pairs"),
         (["--grad_accum=0"], "--grad_accum=0: expected at least 1"),
-        (["--dtype=float8"], "--dtype='float8': expected '', float32, bfloat16 or float16"),
+        (
+            ["--dtype=float8"],
+            "--dtype='float8': expected one of '', float32, bfloat16, float16 (did you mean 'float32'?)",
+        ),
         (
             ["--epochs=-1", "--mode=distil"],
-            "--mode='distil': expected none, coupled or selective\n--epochs=-1: expected",
+            "--mode='distil': expected one of none, coupled, selective\n--epochs=-1: expected",
         ),
         (
             ["--samples_per_epoch=3", "--batch_size=4", "--grad_accum=2"],
             "--samples_per_epoch=3: expected -1 or at least 8",
         ),
+        # the issue's rows: a negative clip flipped every gradient; 0 means off
+        (["--grad_clip=-1"], "--grad_clip=-1.0: expected 0 (off) or a positive gradient norm"),
+        (["--smoothing=5"], "--smoothing=5.0: expected a number in [0, 1)"),
+        (["--beta1=1.5", "--beta2=-0.1"], "--beta1=1.5: expected a number in [0, 1)\n--beta2=-0.1: expected a number"),
+        (
+            ["--learning_rate=inf", "--r=nan"],
+            "--r=nan: expected a finite number\n--learning_rate=inf: expected a finite",
+        ),
+        (["--eps=0", "--weight_decay=-0.1"], "--weight_decay=-0.1: expected 0 or more\n--eps=0.0: expected a positive"),
+        (["--tau_kd=-inf"], "--tau_kd=-inf: expected a finite number"),
+        (["--student=Demo_student"], "--student='Demo_student': expected one of fetalclip, mobilefetalclip, "),
+        (["--student=Demo_student"], "(did you mean 'demo_student'?)"),
+        (["--teacher=demo_techer"], "--teacher='demo_techer': expected one of fetalclip, "),
+        (["--teacher=demo_techer"], "(did you mean 'demo_teacher'?)"),
+        (["--device=gpu"], "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps"),
+        (["--seed=-1", "--max_steps=0"], "--max_steps=0: expected -1 (all epochs) or at least 1\n--seed=-1: expected"),
     ]
     for arguments, message in cases:
-        process = run_train(f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *arguments, check=False)
-        assert process.returncode != 0 and message in process.stderr, (arguments, process.stderr[-500:])
-        assert "Traceback" not in process.stderr
+        refused = train_refusal(f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *arguments)
+        assert message in refused, (arguments, refused)
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # nothing ran, nothing was written
 
 
@@ -264,12 +298,13 @@ def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, dem
 
 
 def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, tmp_path):
-    """Every loss non-finite (a student initialised with NaN weights), fewer in a row than max_bad_steps."""
+    """Every loss non-finite (a student initialised with weights of 1e30, whose features overflow), fewer in a row than
+    max_bad_steps. (A NaN weight is refused when the file is read: tests/test_model.py.)"""
     out, _ = demo_run
     student = create_model("demo_student").state_dict()
-    student = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in student.items()}
-    torch.save({"model": student, "model_name": "demo_student"}, tmp_path / "nan.pt")
-    flags = (f"--student_init={tmp_path / 'nan.pt'}", "--max_bad_steps=1000", "--epochs=1", f"--batch_size={BATCH}")
+    student = {k: v.fill_(1e30) if v.is_floating_point() else v for k, v in student.items()}
+    torch.save({"model": student, "model_name": "demo_student"}, tmp_path / "huge.pt")
+    flags = (f"--student_init={tmp_path / 'huge.pt'}", "--max_bad_steps=1000", "--epochs=1", f"--batch_size={BATCH}")
     process = run_train(
         *common(bench, bench / "untrained", *flags, f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), check=False
     )
@@ -277,28 +312,114 @@ def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, 
     assert not (bench / "untrained" / "ckpt.pt").exists() and not (bench / "untrained" / "best.pt").exists()
 
 
-def test_evaluation_data_is_checked_at_start_up_and_a_failing_evaluation_loses_no_training(bench, demo_run, tmp_path):
-    out, _ = demo_run
+def test_evaluation_data_is_checked_at_start_up(bench, tmp_path):
+    """Every evaluation image decoded (a truncated PNG has a good header), every row and the split's contents checked
+    before anything is built: one line each, naming the file and the row."""
     shutil.copytree(bench / "data", tmp_path / "data")
-    image = sorted((tmp_path / "data" / "planes" / "Images").iterdir())[0]
-    teacher = f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"
-    flags = (
-        f"--data_dir={tmp_path / 'data'}",
-        f"--out_dir={tmp_path / 'out'}",
-        "--num_workers=0",
-        "--epochs=1",
-        teacher,
+    planes, hc18 = tmp_path / "data" / "planes", tmp_path / "data" / "hc18"
+    image = sorted((planes / "Images").iterdir())[0]
+    planes_csv, hc18_csv = planes / data.PLANES_CSV, hc18 / data.HC18_CSV
+    planes_lines, hc18_lines = planes_csv.read_text().splitlines(), hc18_csv.read_text().splitlines()
+    png = (hc18 / "training_set" / "000_HC.png").read_bytes()
+    in_cm = [hc18_lines[0]] + [
+        f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10:.2f}" for line in hc18_lines[1:]
+    ]
+    no_brain = [line.replace(line.split(";")[3], "Not A Brain") for line in planes_lines[1:]]
+    cases = [  # (file, its content, what train.py says)
+        (image, b"not an image", f"{image}: not a readable image"),
+        (image, png[: len(png) // 2], f"{image}: not a readable image (image file is truncated"),
+        (
+            planes_csv,
+            "\n".join(planes_lines + planes_lines[1:2]),
+            f"{planes_csv}, rows 2 and {len(planes_lines) + 1} list the same image",
+        ),
+        (
+            hc18_csv,
+            "\n".join(hc18_lines + hc18_lines[3:4]),
+            f"{hc18_csv}, rows 4 and {len(hc18_lines) + 1} list the same image '002_HC.png'",
+        ),
+        (
+            hc18_csv,
+            "\n".join(in_cm),
+            "none within the protocol's 100-342 mm (all under 50: the column must be in mm, not cm)",
+        ),
+        (
+            hc18_csv,
+            hc18_lines[0] + "\n000_HC.png,12,180",
+            f"{hc18_csv}, row 2: column 'pixel size(mm)' = '12' is not a",
+        ),
+        (planes_csv, planes_lines[0], f"Planes DB {planes}, split 'all': no image to evaluate (0 rows read)"),
+        (planes_csv, "\n".join(planes_lines[:1] + no_brain), "split 'all': no brain sub-plane image (its F1 and Avg"),
+    ]
+    for path, content, message in cases:
+        original = path.read_bytes()
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        refused = train_refusal(f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--mode=none")
+        assert message in refused and "\n" not in refused, (message, refused)
+        path.write_bytes(original)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+KILL_DURING_EVALUATION = """
+import os, signal, sys
+sys.path.insert(0, os.environ["REPOSITORY"])
+import evaluate
+evaluate.zero_shot = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while evaluating
+"""
+
+
+def test_an_evaluation_killed_after_its_checkpoint_runs_first_on_resume(bench, tmp_path, capsys):
+    """kill -9 during an epoch's evaluation (a sitecustomize sends it): ckpt.pt holds the epoch's training, nothing
+    says it was evaluated; --resume=True (run in-process) evaluates it first, writes best.pt, logs it as late."""
+    out, hook = tmp_path / "out", tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_DURING_EVALUATION)
+    flags = common(bench, out, "--mode=none", "--epochs=1", f"--batch_size={2 * BATCH}")
+    killed = run_train(*flags, check=False, env=dict(PYTHONPATH=str(hook), REPOSITORY=ROOT))
+    assert killed.returncode == -9 and torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1
+    evaluations = lambda: [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r]
+    assert not evaluations() and not (out / "best.pt").exists()  # the evaluation never finished
+    with mock.patch.object(sys, "argv", ["train.py", *flags, "--resume=True"]):
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "epoch 0 was saved but its evaluation never finished: evaluating it now" in printed
+    (late,) = evaluations()
+    assert late["epoch"] == 0 and late["late"] is True
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["metrics"]["avg"] == late["eval"]["avg"] and "(best)" in printed
+
+
+def test_resume_refuses_a_file_that_is_not_a_run_in_one_line(bench, tmp_path):
+    """An open_clip file copied to ckpt.pt: weights without a run's state (a KeyError before)."""
+    (tmp_path / "out").mkdir()
+    save_open_clip(create_model("demo_student"), str(tmp_path / "out" / "ckpt.pt"))
+    refused = train_refusal(*common(bench, tmp_path / "out", "--mode=none", "--eval_every=0", "--resume=True"))
+    path = tmp_path / "out" / "ckpt.pt"
+    assert refused == (
+        f"--resume=True: {path} is not a train.py checkpoint (no config, optimizer, step, rng): to start from its "
+        f"weights, use --student_init={path} without --resume"
     )
-    image.write_bytes(b"not an image")
-    process = run_train(*flags, check=False)
-    assert process.returncode != 0 and f"{image}: not a readable image" in process.stderr
-    assert "Traceback" not in process.stderr and not (tmp_path / "out" / "ckpt.pt").exists()
-    png = (tmp_path / "data" / "hc18" / "training_set" / "000_HC.png").read_bytes()
-    image.write_bytes(png[: len(png) // 2])  # its header reads, its pixels do not: evaluation fails after epoch 0
-    process = run_train(*flags, check=False)
-    assert process.returncode != 0 and "epoch 0" not in process.stdout  # the evaluation did not finish
-    saved = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert saved["epoch"] == 1 and saved["opt_step"] > 0  # the epoch's training was saved before evaluating
+
+
+def test_the_skip_report_is_complete_when_an_epoch_stops_before_the_loader_ends(tmp_path, capsys):
+    """A fixed-length epoch (the paper preset uses 480 of 481 batches) or --max_steps stops reading early: what was
+    skipped until then is reported, whether the loop breaks (train.py closes the iterator) or lets it go."""
+    jpeg = synthetic.encode(np.full((24, 32), 90, np.uint8), "JPEG")
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")) as sink:
+        sink.write({"__key__": "000", "jpg": b"not an image", "txt": b"a scan"})
+        for i in range(1, 7):
+            sink.write({"__key__": f"{i:03d}", "jpg": jpeg, "txt": b"a scan"})
+    view = (32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    loader = data.train_loader(str(tmp_path / "train-000000.tar"), view, None, 2, shuffle_buffer=1)
+    batches = iter(loader)
+    next(batches)  # 1 of 3 batches, as train.py's loop stops
+    batches.close()
+    assert loader.skipped == {"image": 1, "caption": 0, "uncached": 0, "shard": 0}
+    assert "data: epoch 0 (rank 0) skipped 1 unreadable images, 0 captionless" in capsys.readouterr().err
+    loader.skipped = {}
+    for _ in loader:
+        break
+    assert loader.skipped["image"] == 1
 
 
 def test_a_student_init_of_the_wrong_kind_is_one_line(bench, demo_run):
@@ -321,8 +442,9 @@ def test_missing_data_fails_before_training(bench):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dtype):
-    """Autocast (fp16 with its gradient scaler) trains and saves; --wandb_log hands wandb the config
-    and the log records (a stand-in wandb module records the calls: the real one needs an account)."""
+    """Autocast (fp16 with its gradient scaler) trains and saves, with clipping off (--grad_clip=0 once zeroed every
+    gradient); --wandb_log hands wandb the config and the log records (a stand-in wandb module records the calls: the
+    real one needs an account)."""
     out, _ = demo_run
     (tmp_path / "wandb.py").write_text(
         "import json, os\n"
@@ -342,6 +464,7 @@ def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dty
             bench,
             run_dir,
             f"--dtype={dtype}",
+            "--grad_clip=0",
             "--max_steps=2",
             "--eval_every=0",
             "--wandb_log=True",
@@ -357,7 +480,10 @@ def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dty
         assert checkpoint["scaler"]["scale"] > 0  # the scaler ran and its state is saved for --resume
     torch.manual_seed(0)
     initial = create_model("demo_student").state_dict()
-    assert any(not torch.equal(checkpoint["model"][k], initial[k]) for k in initial)  # it trained
+    assert any(not torch.equal(checkpoint["model"][k], initial[k]) for k in initial)  # it ran
+    if dtype == "bfloat16":  # it trained (fp16's first steps overflow at the scaler's initial 65536, and are skipped):
+        # a LayerNorm gain has no weight decay, so only a gradient moves it
+        assert not torch.equal(checkpoint["model"]["text.ln_final.weight"], initial["text.ln_final.weight"])
     records = [json.loads(line) for line in calls.read_text().splitlines()]
     assert records[0]["project"] == "mobilefetalclip" and records[0]["config"]["dtype"] == dtype
     assert [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -1,0 +1,112 @@
+"""Every command, given a user's mistake, says what is wrong in one line, with no traceback, before any model loads.
+
+The commands run as subprocesses (the process boundary is the point: the exit status, what reaches the terminal), all
+started at once so the suite waits for the slowest. Adding a command is one line in MISTAKES. The evaluation sets'
+rows of issue 23 are checked through evaluate.main in-process (train.py's own check: tests/test_train.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import evaluate
+import synthetic
+from model import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MISTAKES = {  # a command line with a user's mistake -> what its one line says
+    "train.py --grad_clip=-1": "--grad_clip=-1.0: expected 0 (off) or a positive gradient norm",
+    "evaluate.py out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps",
+    "analysis.py out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps",
+    "export.py nowhere.pt": "export.py: checkpoint not found: nowhere.pt",
+    "cache.py --teacher_ckpt=t.pt --train_data=x --out_dir=y --device=cuda:x": "--device=cuda:x: expected ''",
+    "sweep.py --rows=selectve": "--rows: unknown row 'selectve'; expected one of no_kd, static, ",
+    "bench.py --benchmarks=stepp": "--benchmarks: expected names from ['step', ",
+    "synthetic.py --width=0": "--width=0: expected at least 16 pixels",
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Every command of MISTAKES, run at once in an empty folder -> {command line: (exit status, stdout, stderr)}."""
+    folder = tmp_path_factory.mktemp("commands")
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    running = {
+        line: subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, line.split()[0]), *line.split()[1:]],
+            cwd=folder,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for line in MISTAKES
+    }
+    results = {line: (process.wait(timeout=300), *process.communicate()) for line, process in running.items()}
+    assert not os.listdir(folder), "a refused command wrote something"
+    return results
+
+
+@pytest.mark.parametrize("line", MISTAKES)
+def test_a_mistake_is_one_line_without_a_traceback(finished, line):
+    status, stdout, stderr = finished[line]
+    assert status == 1 and "Traceback" not in stdout + stderr, stderr[-2000:]
+    assert len(stderr.strip().splitlines()) == 1 and MISTAKES[line] in stderr, stderr
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    """A tiny benchmark and a demo student's checkpoint, the NaN-weighted one beside it."""
+    root = tmp_path_factory.mktemp("benchmark")
+    synthetic.generate(str(root / "data"), n_train=4, n_planes=42, n_hc18=6, width=64, height=48, shard_size=4)
+    student = create_model("demo_student").state_dict()
+    torch.save({"model": student, "model_name": "demo_student"}, root / "student.pt")
+    student["visual.bn1.running_var"][0] = float("nan")
+    torch.save({"model": student, "model_name": "demo_student"}, root / "nan.pt")
+    return root
+
+
+def evaluate_refusal(benchmark, checkpoint="student.pt"):
+    arguments = [str(benchmark / checkpoint), f"--planes_dir={benchmark / 'data' / 'planes'}", "--device=cpu"]
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main([*arguments, f"--hc18_dir={benchmark / 'data' / 'hc18'}", f"--out_dir={benchmark / 'out'}"])
+    assert "\n" not in str(refused.value)
+    return str(refused.value)
+
+
+def test_evaluate_refuses_a_checkpoint_with_a_nan_statistic_naming_it(benchmark):
+    """Before: plane p=nan and GA 15w0d for every scan, exit status 0."""
+    assert evaluate_refusal(benchmark, "nan.pt") == (
+        f"evaluate.py: {benchmark / 'nan.pt'}: visual.bn1.running_var holds NaN or inf values (a diverged run, or a "
+        "damaged file)"
+    )
+
+
+@pytest.mark.parametrize(
+    "csv_name, edit, message",
+    [  # before: counted twice (n = 24 for 12 images); Avg nan, exit status 0; KeyError: 'pooled_accuracy'
+        (data.PLANES_CSV, lambda lines: lines + lines[5:6], "rows 6 and 44 list the same image 'Patient"),
+        (data.HC18_CSV, lambda lines: lines + lines[1:2], "rows 2 and 8 list the same image '000_HC.png'"),
+        (data.HC18_CSV, lambda lines: lines[:2] + ["001_HC.png,12,180"] + lines[3:], "'12' is not a number in [0.01"),
+        (data.PLANES_CSV, lambda lines: lines[:1], "split 'all': no image to evaluate (0 rows read)"),
+        (
+            data.HC18_CSV,
+            lambda lines: (
+                lines[:1] + [f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10}" for line in lines[1:]]
+            ),
+            "6 heads, none within the protocol's 100-342 mm (all under 50: the column must be in mm, not cm)",
+        ),
+    ],
+)
+def test_evaluate_refuses_duplicate_empty_or_out_of_range_evaluation_sets(benchmark, csv_name, edit, message):
+    folder = benchmark / "data" / ("planes" if csv_name == data.PLANES_CSV else "hc18")
+    original = (folder / csv_name).read_text()
+    (folder / csv_name).write_text("\n".join(edit(original.splitlines())) + "\n")
+    try:
+        refused = evaluate_refusal(benchmark)
+    finally:
+        (folder / csv_name).write_text(original)
+    assert "evaluate.py: " in refused and message in refused, refused
