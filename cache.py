@@ -71,14 +71,6 @@ ENTRY_KEYS = ("samples", "fingerprint", "bytes", "head_sha256")
 HEAD_BYTES = 1 << 16
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def head_sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
@@ -143,7 +135,7 @@ def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, view, context_leng
     manifest = read_manifest(folder)
     asked = dict(teacher=teacher, seed=seed, context_length=context_length, **view_recipe(view))
     if teacher_ckpt:
-        asked["teacher_sha256"] = file_sha256(teacher_ckpt)
+        asked["teacher_sha256"] = configurator.file_sha256(teacher_ckpt)
     hints = {"seed": " (train.py --augment_seed sets the augmentation seed alone)"}
     hints["teacher_sha256"] = f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})"
     hints["augment"] = " (the augmentation, data.AUGMENT, changed since: rebuild the cache with cache.py)"
@@ -264,7 +256,7 @@ def start_manifest(net, settings, names):
     manifest = dict(
         teacher=net.name,
         teacher_ckpt=os.path.abspath(settings["teacher_ckpt"]),
-        teacher_sha256=file_sha256(settings["teacher_ckpt"]),
+        teacher_sha256=configurator.file_sha256(settings["teacher_ckpt"]),
         seed=settings["seed"],
         augs=settings["augs"],
         **view_recipe((net.image_size, net.image_mean, net.image_std)),

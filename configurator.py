@@ -11,6 +11,7 @@ Also what every script shares around it: the device choice, one-line errors for 
 
 import contextlib
 import difflib
+import hashlib
 import math
 import os
 import shutil
@@ -157,6 +158,15 @@ def atomic_path(path):
                 shutil.rmtree(leftover)
             elif os.path.exists(leftover):
                 os.remove(leftover)
+
+
+def file_sha256(path):
+    """The sha256 of a file, read in 16 MiB blocks: which checkpoint (or teacher) produced a result."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path, content):

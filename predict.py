@@ -20,7 +20,6 @@ are encoded in batches; the GA prompts once per distinct spacing. Memory grows w
 
 import csv
 import datetime
-import hashlib
 import io
 import json
 import math
@@ -283,14 +282,6 @@ def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
     return out_dir / "predictions.json"
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def provenance(config, net, classifier):
     versions = {}
     for package in PACKAGES:
@@ -302,7 +293,7 @@ def provenance(config, net, classifier):
         "command": " ".join(["python predict.py", *sys.argv[1:]]) if sys.argv[0].endswith("predict.py") else "",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": os.path.abspath(config["ckpt"]),
-        "sha256": sha256(config["ckpt"]),
+        "sha256": configurator.file_sha256(config["ckpt"]),
         "model": net.name,
         "prompts": {
             "file": config["prompts"] or "zero_shot_prompts.json (the protocol's)",

@@ -372,13 +372,23 @@ def frame_name(path, frame, region, taken):
     return unique + ".png"
 
 
-def summarise(path, kind, views):
-    first = views[0]
-    sizes = sorted({f"{v.pixel_size_mm:.4f} mm ({v.spacing_source})" if v.pixel_size_mm else "none" for v in views})
-    regions = sorted({v.region for v in views})
-    shape = "whole frame" if regions == [-1] else f"regions {regions}"
-    text = f"{path}: {kind}, {len({v.frame for v in views})} frames, {first.image.width}x{first.image.height} "
-    text += f"{first.image.mode}, {first.pixels}; {shape}; pixel size {', '.join(sizes)}"
+def describe(path, kind, views, save_frames="", taken=None):
+    """Read every view of a file (saving each as PNG into save_frames) -> one line saying what was read."""
+    first, frames, sizes, regions = None, set(), set(), set()
+    for view in views:
+        first = first or view
+        frames.add(view.frame)
+        regions.add(view.region)
+        sizes.add(f"{view.pixel_size_mm:.4f} mm ({view.spacing_source})" if view.pixel_size_mm else "none")
+        if save_frames:
+            target = os.path.join(save_frames, frame_name(path, view.frame, view.region, taken))
+            with configurator.atomic_path(target) as tmp:
+                view.image.save(tmp, format="PNG")
+    if first is None:
+        return f"{path}: no frames"
+    shape = "whole frame" if regions == {-1} else f"regions {sorted(regions)}"
+    text = f"{path}: {kind}, {len(frames)} frames, {first.image.width}x{first.image.height} {first.image.mode}, "
+    text += f"{first.pixels}; {shape}; pixel size {', '.join(sorted(sizes))}"
     return text + (f"; {first.spacing_note}" if first.spacing_note else "")
 
 
@@ -386,24 +396,19 @@ def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, rest="paths")
     if not config["paths"]:
         raise SystemExit("usage: python scans.py PATH [PATH ...] [--pixel_size=MM] [--save_frames=DIR]")
-    if config["pixel_size"] != -1:
-        data.check_pixel_size(config["pixel_size"], "--pixel_size")
+    with configurator.user_errors("scans.py"):
+        if config["pixel_size"] != -1:
+            data.check_pixel_size(config["pixel_size"], "--pixel_size")
     found, ignored, skipped = find(config["paths"])
+    if config["save_frames"]:
+        os.makedirs(config["save_frames"], exist_ok=True)
     taken, read_files = set(), 0
     for path, kind in found:
         try:
-            views = list(read(path, kind, config["pixel_size"]))
+            print(describe(path, kind, read(path, kind, config["pixel_size"]), config["save_frames"], taken))
+            read_files += 1
         except Unreadable as why:
             skipped.append((path, str(why)))
-            continue
-        read_files += 1
-        print(summarise(path, kind, views) if views else f"{path}: no frames")
-        if config["save_frames"]:
-            os.makedirs(config["save_frames"], exist_ok=True)
-            for view in views:
-                target = os.path.join(config["save_frames"], frame_name(path, view.frame, view.region, taken))
-                with configurator.atomic_path(target) as tmp:
-                    view.image.save(tmp, format="PNG")
     for path, why in skipped:
         print(f"skipped {path}: {why}")
     for path, why in ignored:

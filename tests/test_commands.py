@@ -26,6 +26,9 @@ MISTAKES = {  # a command line with a user's mistake -> what its one line says
     "sweep.py --rows=selectve": "--rows: unknown row 'selectve'; expected one of no_kd, static, ",
     "bench.py --benchmarks=stepp": "--benchmarks: expected names from ['step', ",
     "synthetic.py --width=0": "--width=0: expected at least 16 pixels",
+    "predict.py nowhere.pt scans/ --pixel_size=1e9": "predict.py: --pixel_size=1000000000.0: expected a pixel size",
+    "scans.py scans/ --pixel_size=0": "scans.py: --pixel_size=0.0: expected a pixel size in mm between 0.01 and 5",
+    "prepare.py pairs.csv --out_dir=shards --shard_size=0": "prepare.py: --shard_size=0: expected a positive number",
 }
 
 

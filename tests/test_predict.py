@@ -149,4 +149,10 @@ def test_bad_files_are_skipped_bad_values_refused_in_one_line(student, tmp_path)
     assert document["rows"] == [] and "broken.png" in document["skipped"][0]["file"]
     with pytest.raises(SystemExit, match="usage: python predict.py CKPT PATH"):
         run(student)
+    weights = torch.load(student, weights_only=True)
+    weights["model"]["visual.bn1.running_mean"][3] = float("inf")
+    torch.save(weights, tmp_path / "inf.pt")
+    with pytest.raises(SystemExit, match="predict.py: .*inf.pt: visual.bn1.running_mean holds NaN or inf values"):
+        run(tmp_path / "inf.pt", folder, f"--out_dir={tmp_path / 'never'}")
+    assert not (tmp_path / "never").exists()  # refused before any prediction
     assert math.isfinite(rows[0]["probs"]["brain"])
