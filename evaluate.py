@@ -323,6 +323,16 @@ def require_tasks(rows, planes_dir, split):
             raise ValueError(f"Planes DB {planes_dir}, split {split!r}: no {task} image (its F1 and Avg would be nan)")
 
 
+def check_sets(planes_dir="", hc18_dir="", task_folders="", prompts="", split="all"):
+    """Every evaluation set that is given, checked before anything runs: each row, each image decoded (a truncated
+    PNG has a good header), both Planes DB tasks present -> the user's tasks (read_tasks)."""
+    planes = planes_rows(planes_dir, split) if planes_dir else []
+    if planes_dir:
+        require_tasks(planes, planes_dir, split)
+    data.decode_all([row["path"] for row in planes + (hc18_rows(hc18_dir, split) if hc18_dir else [])])
+    return read_tasks(task_folders, prompts)
+
+
 def hc18_rows(hc18_dir, split="all"):
     """HC18 rows of the split; none, or none within the protocol's HC_MIN-HC_MAX mm (a column in cm), is an error."""
     require(hc18_dir, data.HC18_CSV, "HC18")
@@ -582,12 +592,9 @@ def run(config):
     out_dir.mkdir(parents=True, exist_ok=True)
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
-    tasks = read_tasks(config["task"], config["prompts"])
-    demo = {} if tasks else DEMO_FOLDERS  # the protocol runs on the demo's data unless tasks are named
-    planes_dir, hc18_dir = (
-        config["planes_dir"] or demo.get("planes_dir", ""),
-        config["hc18_dir"] or demo.get("hc18_dir", ""),
-    )
+    demo = {} if config["task"] else DEMO_FOLDERS  # the protocol runs on the demo's data unless tasks are named
+    planes_dir, hc18_dir = (config[k] or demo.get(k, "") for k in ("planes_dir", "hc18_dir"))
+    tasks = check_sets(planes_dir, hc18_dir, config["task"], config["prompts"], config["eval_split"])
     batching = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"])
     kwargs = dict(batching, split=config["eval_split"], cache_text=config["cache_text"], tasks=tasks)
     results = zero_shot(net, planes_dir, hc18_dir, **kwargs)

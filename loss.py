@@ -17,6 +17,8 @@ import torch
 import torch.distributed.nn  # all_gather with a backward pass
 import torch.nn.functional as F
 
+KD_MODES = ("none", "coupled", "selective")  # distill_loss's modes: CLIP alone, Eq. 4-5, Eq. 6-7
+
 
 def _gather(features):  # (B, D) -> (N, D): rows of all ranks in rank order, and this rank's offset
     dist = torch.distributed
@@ -80,8 +82,8 @@ def distill_loss(image_features, text_features, logit_scale, teacher_image_featu
     through the caller's Linear(D, D_T); kd_feat = feat_weight * MSE(L2-normalised projection,
     teacher_image_features) is added to loss."""
     teacher = (teacher_image_features, teacher_text_features, teacher_logit_scale)
-    if mode not in ("none", "coupled", "selective"):
-        raise ValueError(f"distill_loss: mode must be none, coupled or selective, got {mode!r}")
+    if mode not in KD_MODES:
+        raise ValueError(f"distill_loss: mode must be one of {KD_MODES}, got {mode!r}")
     if (mode != "none" or projected_image_features is not None) and any(x is None for x in teacher):
         raise ValueError(f"distill_loss: mode {mode!r} (or feature KD) needs all teacher_* inputs")
     logits = _logits(image_features, text_features, logit_scale)

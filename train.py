@@ -31,16 +31,17 @@ import configurator
 import data
 import evaluate
 import synthetic
-from loss import distill_loss
+from loss import KD_MODES, distill_loss
 from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model, read_checkpoint
 
 # ------------------------------------------------------------------ settings: --key=value
 # I/O
-out_dir = "out"  # ckpt.pt (latest), best.pt (best Avg), log.jsonl
-data_dir = "data/demo"  # the synthetic benchmark, written by synthetic.py when missing
-train_data = ""  # WebDataset shards, brace-expanded; '' = the demo shards in data_dir
-planes_dir = ""  # Planes DB folder; '' = data_dir/planes
-hc18_dir = ""  # HC18 folder; '' = data_dir/hc18
+out_dir = "out"  # ckpt.pt (latest), best.pt (best by evaluate.selection_score: Avg), log.jsonl
+data_dir = "data/demo"  # the synthetic benchmark, written by synthetic.py when missing; '' = none (your data)
+train_data = ""  # WebDataset shards, brace-expanded (prepare.py writes them); '' = the demo shards in data_dir
+planes_dir = ""  # Planes DB folder; '' = data_dir/planes, none without data_dir
+hc18_dir = ""  # HC18 folder; '' = data_dir/hc18, none without data_dir
+eval_tasks = ""  # your task folders (evaluate.py --task), comma-separated: evaluated every epoch beside the protocol
 eval_every = 1  # zero-shot evaluation + best.pt every N epochs; 0 = never
 eval_split = "all"  # 'all' = the published protocol; 'select' = held-out patients (evaluate.py)
 log_interval = 10  # micro-batches between log lines
@@ -94,7 +95,7 @@ config = configurator.configure(configurator.settings(globals()), sys.argv[1:], 
 globals().update(config)
 one_step = batch_size * grad_accum  # pairs per optimiser step
 rules = [  # (setting, holds, expected): checked before anything runs, after every float is checked to be finite
-    configurator.choice("mode", mode, ("none", "coupled", "selective")),
+    configurator.choice("mode", mode, KD_MODES),
     configurator.choice("student", student, MODEL_CONFIGS),
     configurator.choice("teacher", teacher, MODEL_CONFIGS),
     configurator.choice("dtype", dtype, ("", "float32", "bfloat16", "float16")),
@@ -106,6 +107,7 @@ rules = [  # (setting, holds, expected): checked before anything runs, after eve
     ("num_workers", num_workers >= 0, "0 or more"),
     ("log_interval", log_interval > 0, "at least 1"),
     ("eval_every", eval_every >= 0, "0 (never) or more"),
+    ("eval_every", not eval_every or data_dir or planes_dir or hc18_dir or eval_tasks, "0: nothing to evaluate"),
     ("max_bad_steps", max_bad_steps > 0, "at least 1"),
     ("max_steps", max_steps == -1 or max_steps > 0, "-1 (all epochs) or at least 1"),
     ("shuffle_buffer", shuffle_buffer > 0, "at least 1"),
@@ -156,26 +158,25 @@ if data_dir and not os.path.isdir(data_dir):
         synthetic.generate(data_dir, seed=seed)
     if ddp:
         dist.barrier()
-demo_folders = synthetic.layout(data_dir)
-train_data = train_data or demo_folders["train_data"]
-planes_dir = planes_dir or demo_folders["planes_dir"]
-hc18_dir = hc18_dir or demo_folders["hc18_dir"]
+demo_folders = synthetic.layout(data_dir) if data_dir else {}
+train_data = train_data or demo_folders.get("train_data", "")
+planes_dir = planes_dir or demo_folders.get("planes_dir", "")
+hc18_dir = hc18_dir or demo_folders.get("hc18_dir", "")
+tasks = []  # the user's zero-shot tasks (--eval_tasks), read once
 with configurator.user_errors(
-    "the data (--train_data, --planes_dir, --hc18_dir; --eval_every=0 trains without the evaluation sets)"
+    "the data (--train_data, --planes_dir, --hc18_dir, --eval_tasks; --eval_every=0 trains without evaluating)"
 ):  # a wrong path, a bad image or an empty evaluation set fails now, not after epoch 0
     data.expand_urls(train_data)
-    if eval_every > 0 and master:  # every row checked, every image decoded (a truncated PNG has a good header)
-        planes = evaluate.planes_rows(planes_dir, eval_split)
-        evaluate.require_tasks(planes, planes_dir, eval_split)
-        data.decode_all([row["path"] for row in planes + evaluate.hc18_rows(hc18_dir, eval_split)])
+    if eval_every > 0 and master:
+        tasks = evaluate.check_sets(planes_dir, hc18_dir, eval_tasks, split=eval_split)
 
 
 def train_demo_teacher(path):
     """The demo's teacher: this same script with the CLIP loss only, run once and reused. An interrupted run is
     resumed; one made with other settings (epochs included) is refused, naming them."""
     flags = dict(mode="none", student=teacher, out_dir=os.path.dirname(path), data_dir=data_dir, train_data=train_data)
-    flags.update(planes_dir=planes_dir, hc18_dir=hc18_dir, epochs=demo_teacher_epochs, device=device, seed=seed)
-    flags.update(resume=os.path.exists(path))
+    flags.update(planes_dir=planes_dir, hc18_dir=hc18_dir, eval_tasks=eval_tasks, eval_every=eval_every, seed=seed)
+    flags.update(epochs=demo_teacher_epochs, device=device, resume=os.path.exists(path))
     command = [sys.executable, os.path.abspath(__file__), *(f"--{k}={v}" for k, v in flags.items())]
     command.append(f"--num_workers={num_workers}")
     print(f"{'resuming' if flags['resume'] else 'training'} the demo teacher first ({' '.join(command[1:])})")
@@ -276,7 +277,13 @@ def lr_at(opt_step):
     return learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-step, opt_step, start_epoch, best_avg, bad_steps = 0, 0, 0, -math.inf, 0
+def best_of(path):
+    """The selection score a checkpoint was saved with (files before tasks called it best_avg)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return saved.get("best_score", saved.get("best_avg"))
+
+
+step, opt_step, start_epoch, best_score, bad_steps = 0, 0, 0, -math.inf, 0
 applied_steps = 0  # optimiser steps that changed the weights (a window with a non-finite loss does not)
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
 window_finite = True  # every micro-batch of the current accumulation window had a finite loss
@@ -304,9 +311,9 @@ if resume:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     step, opt_step, start_epoch = checkpoint["step"], checkpoint["opt_step"], checkpoint["epoch"]
-    best_avg, applied_steps = checkpoint["best_avg"], checkpoint["applied_steps"]
+    best_score, applied_steps = best_of(ckpt_path), checkpoint["applied_steps"]
     if os.path.exists(best_path):  # written after ckpt.pt when that epoch's evaluation found a new best
-        best_avg = max(best_avg, torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)["best_avg"])
+        best_score = max(best_score, best_of(best_path))
     torch.set_rng_state(checkpoint["rng"])
     changes = "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
     print(f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}{changes}")
@@ -330,7 +337,7 @@ def save_checkpoint(path, epoch, metrics):
             f"the last good checkpoint is {last_good_checkpoint()}"
         )
     checkpoint = dict(model=raw_student.state_dict(), model_name=student, config=config, metrics=metrics, epoch=epoch)
-    checkpoint.update(step=step, opt_step=opt_step, applied_steps=applied_steps, best_avg=best_avg)
+    checkpoint.update(step=step, opt_step=opt_step, applied_steps=applied_steps, best_score=best_score)
     checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state())
     if distillee.feature_proj is not None:
         checkpoint["feature_proj"] = distillee.feature_proj.state_dict()
@@ -339,12 +346,13 @@ def save_checkpoint(path, epoch, metrics):
 
 
 def evaluate_epoch(epoch, late=False):
-    """Zero-shot evaluation after `epoch`, best.pt when it wins, then the log record that says it finished."""
-    global best_avg
-    metrics = evaluate.zero_shot(raw_student, planes_dir, hc18_dir, device=device, split=eval_split)
-    print(f"epoch {epoch} | {evaluate.summary(metrics)}")
-    if metrics["avg"] > best_avg:
-        best_avg = metrics["avg"]
+    """Zero-shot evaluation after `epoch`, best.pt when its selection score wins (the protocol's Avg, or without the
+    protocol's data the mean F1 of the user's tasks: evaluate.selection_score), then the log record."""
+    global best_score
+    metrics = evaluate.zero_shot(raw_student, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks)
+    print(f"epoch {epoch} | {evaluate.summary(metrics)} | best.pt by {metrics['selection']['rule']}")
+    if metrics["selection"]["value"] > best_score:
+        best_score = metrics["selection"]["value"]
         save_checkpoint(best_path, epoch + 1, metrics)
     log({"epoch": epoch, "step": step, "eval": metrics, **({"late": True} if late else {})})
 
@@ -488,7 +496,7 @@ if master and not stopped and eval_every > 0 and os.path.exists(best_path):
     rows = {}
     if teacher_net is not None:
         rows[f"{teacher} (teacher)"] = evaluate.zero_shot(
-            teacher_net, planes_dir, hc18_dir, device=device, split=eval_split
+            teacher_net, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks
         )
     rows[f"{student} (best)"] = torch.load(best_path, map_location="cpu", weights_only=True)["metrics"]
     print("\n" + "\n".join(f"{name:<28} {evaluate.summary(metrics)}" for name, metrics in rows.items()))

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 import data
+import prepare
 import synthetic
 from model import create_model, load_model, save_open_clip
 
@@ -576,3 +578,44 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
             bench, bench / "seed1", *flags, f"--teacher_cache={cache}", "--seed=1", "--augment_seed=0", "--max_steps=1"
         )
     )
+
+
+def user_pairs_and_task(root):
+    """A user's own data, as they would bring it: a CSV of image-caption pairs made into shards by prepare.py, and
+    a labelled task folder (one sub-folder per class and its prompts)."""
+    kinds = ("brain", "abdomen", "femur")
+    lines = ["filepath,title"]
+    for i in range(48):
+        rng = np.random.default_rng([9, i])
+        kind = kinds[i % 3]
+        hc, _, mm_per_px = synthetic._sample(rng, kind, 200, 56, 96, 72)
+        Image.fromarray(synthetic.render_scan(rng, kind, "trans-thalamic", hc, mm_per_px, 96, 72)).save(
+            root / f"{i}.png"
+        )
+        caption = synthetic.make_caption(rng, kind, "trans-thalamic" if kind == "brain" else None).replace(",", " ")
+        lines.append(f"{i}.png,{caption}")
+        if i < 12:
+            (root / "task" / kind).mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / f"{i}.png", root / "task" / kind / f"{i}.png")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    prompts = {kind: synthetic.PROMPTS["five_planes"][kind] for kind in kinds}
+    (root / "task" / "prompts.json").write_text(json.dumps(prompts))
+    prepare.prepare(str(root / "pairs.csv"), str(root / "shards"), shard_size=16)
+    return root / "shards", root / "task"
+
+
+def test_a_run_on_a_users_shards_and_task_trains_selects_and_resumes(demo_run, tmp_path):
+    shards, task = user_pairs_and_task(tmp_path)
+    out, teacher = tmp_path / "out", demo_run[0] / "demo_teacher" / "ckpt.pt"
+    user = ("--data_dir=", f"--train_data={shards}", f"--eval_tasks={task}", f"--teacher_ckpt={teacher}")
+    flags = (*user, f"--out_dir={out}", "--num_workers=0", "--epochs=2", "--batch_size=16", "--warmup_steps=1")
+    run_train(*flags, "--max_steps=4")  # stops one step into the second epoch
+    stopped = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert (stopped["epoch"], stopped["opt_step"]) == (1, 4) and not (tmp_path / "data").exists()
+    process = run_train(*flags, "--resume=True", "--max_steps=-1")
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["metrics"]["selection"]["rule"] == "mean task F1" and "five_planes" not in best["metrics"]
+    assert best["metrics"]["tasks"]["task"]["n"] == 12 and "best.pt by mean task F1" in process.stdout
+    evaluated = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r]
+    assert [r["epoch"] for r in evaluated] == [0, 1]  # epoch 0 evaluated before the stop, epoch 1 after the resume
+    assert best["best_score"] == max(r["eval"]["selection"]["value"] for r in evaluated)
