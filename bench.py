@@ -1,6 +1,6 @@
 """Every timing of the project, printed as figures (tests never time anything):
 
-    python bench.py                                   # all four benchmarks on this CPU
+    python bench.py                                   # every benchmark on this CPU
     python bench.py --benchmarks=step --device=cuda --dtype=bfloat16 --configs=paper --batch_size=256
     python bench.py --benchmarks=latency              # the paper's Table 2 on this machine, with the int8 student
     python bench.py --benchmarks=loader,hc18
@@ -20,6 +20,7 @@
   calibrated on --calibration images; its cosine and zero-shot agreement with the fp32 file on held-out ones);
   random weights.
 - hc18: the HC18 GA prompts encoded once per distinct pixel spacing vs once per image (the release's procedure).
+- predict: predict.py's frames per second on a cine loop with the real-size student (see bench_predict).
 Figures go to out_dir/bench.json with the machine they were measured on.
 """
 
@@ -48,9 +49,9 @@ from loss import distill_loss
 from model import MODEL_CONFIGS, create_model, reparameterize
 
 # ------------------------------------------------------------------ settings: --key=value
-benchmarks = "step,loader,latency,hc18"  # which to run, comma-separated
+benchmarks = "step,loader,latency,hc18,predict"  # which to run, comma-separated
 configs = "demo,paper"  # step: model pairs from CONFIGS, comma-separated
-batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8)
+batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8); predict: 0 = 32 frames
 steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
 device = "cpu"
 dtype = "float32"  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
@@ -64,6 +65,7 @@ student = "mobilefetalclip"  # latency: model.py names of the two image encoders
 teacher = "fetalclip"
 loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)
 hc18_dir = "data/demo/hc18"  # hc18: the folder whose GA prompts are timed (python synthetic.py writes it)
+cine = "data/demo/scans/sweep"  # predict: the cine loop (DICOM or clip) whose frames are predicted
 out_dir = "bench"  # bench.json
 seed = 0
 DEFAULTS = configurator.settings(globals())
@@ -410,6 +412,43 @@ def bench_hc18(config):
     return dict(cached=fast, per_image=slow, identical=identical)
 
 
+# ------------------------------------------------------------------ predict.py on a cine loop
+
+
+def bench_predict(config):
+    """predict.py's frames per second on a cine loop (--cine: the demo's DICOM sweep by default): scans.py reading
+    and cropping each frame, the batched encoder and zero-shot heads of the real-size student (--student, random
+    weights), as predict.predict runs them (after one warm-up pass); and, once per distinct pixel spacing, the GA
+    prompts (875 through the real-size text tower), which a calibrated brain frame adds."""
+    import evaluate
+    import predict
+    import scans
+
+    torch.manual_seed(config["seed"])
+    net, device = create_model(config["student"]).eval(), config["device"]
+    found, _, skipped = scans.find([config["cine"]])
+    if skipped or not found:
+        raise FileNotFoundError(
+            f"--cine={config['cine']}: {skipped[0][1] if skipped else 'no scan'} (python synthetic.py)"
+        )
+    classifier = predict.Classifier(net, None, device, ga=False)
+    run = lambda: [classifier(batch) for batch in predict.batches(scans.read(*found[0]), config["batch_size"] or 32)]
+    run()
+    start = time.perf_counter()
+    frames = sum(len(rows) for rows in run())
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        evaluate.ga_text_features(net, "0.50", device)
+    ga_seconds = time.perf_counter() - start
+    print(
+        f"predict.py, {config['student']} on {device}, {torch.get_num_threads()} threads: {frames} frames of "
+        f"{config['cine']} in {seconds:.1f} s, {frames / seconds:.1f} frames/s; GA prompts {ga_seconds:.1f} s once "
+        "per distinct spacing"
+    )
+    return dict(frames=frames, seconds=seconds, frames_per_s=frames / seconds, ga_prompts_seconds=ga_seconds)
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -422,7 +461,7 @@ def machine():
     return dict(cpu=cpu, cores=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__)
 
 
-BENCHMARKS = {"step": bench_step, "loader": bench_loader, "latency": bench_latency, "hc18": bench_hc18}
+BENCHMARKS = dict(step=bench_step, loader=bench_loader, latency=bench_latency, hc18=bench_hc18, predict=bench_predict)
 
 
 def main(arguments):

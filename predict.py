@@ -59,10 +59,10 @@ PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
 
 class Classifier:
     """The zero-shot heads of one model: the classes (the five planes, or the user's), the brain sub-planes and the
-    GA prompts (protocol only), and the GA text features per spacing, encoded once each."""
+    GA prompts (protocol only; ga=False leaves GA out), and the GA text features per spacing, encoded once each."""
 
-    def __init__(self, net, prompts, device):
-        self.net, self.device, self.protocol = net, device, prompts is None
+    def __init__(self, net, prompts, device, ga=True):
+        self.net, self.device, self.protocol, self.ga = net, device, prompts is None, ga
         self.prompts = evaluate.PROMPTS["five_planes"] if prompts is None else prompts
         self.classes = list(self.prompts)
         self.embeddings = evaluate.class_embeddings(net, self.prompts, device)  # (C, D)
@@ -83,6 +83,7 @@ class Classifier:
         rows = [self.row(view, p) for view, p in zip(views, probs)]
         if self.protocol:
             self.add_subplanes(rows, features)
+        if self.protocol and self.ga:
             self.add_ga(rows, views, features)
         return rows
 

@@ -418,12 +418,64 @@ def write_hc18(out, seed, n, input_size=DEMO_INPUT):
         f.write("\n".join(lines) + "\n")
 
 
+def write_scans(out, seed, days=170):
+    """A clinic's export folder for predict.py: sweep.dcm, a cine sweeping brain -> abdomen -> femur as an ultrasound
+    scanner writes it (RGB frames, a calibrated 2D tissue region above a spectral Doppler strip, no file extension
+    needed), loop.mp4 of the cervix (PyAV) and head16.png, a 16-bit PNG of a head."""
+    import av
+    import pydicom
+
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng([seed, 5])
+    hc, _, mm_per_px = _sample(rng, "brain", days, DEMO_INPUT, 320, 240)  # one depth for the whole sweep
+    frames = np.zeros((24, 300, 320, 3), np.uint8)  # (frames, rows, columns, RGB): the tissue over a strip
+    for i, kind in enumerate(["brain"] * 8 + ["abdomen"] * 8 + ["femur"] * 8):
+        pose = (0.5 + 0.03 * math.sin(i), 0.52, 0.15 * math.cos(i / 3))  # the probe moves a little
+        frames[i, :240] = render_scan(rng, kind, "trans-thalamic", hc, mm_per_px, 320, 240, days, pose, 0.8)[..., None]
+        frames[i, 240 + (30 + 20 * np.sin(np.arange(320) / 9 + i)).astype(int), np.arange(320)] = 200  # a trace
+    dataset = pydicom.Dataset()
+    regions = [(1, 1, 0, 0, 319, 239, mm_per_px / 10), (3, 3, 0, 240, 319, 299, 0.0)]  # (format, type, box, cm)
+    dataset.SequenceOfUltrasoundRegions = [ultrasound_region(*region) for region in regions]
+    dataset.update(dict(Modality="US", PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0))
+    dataset.update(dict(Rows=300, Columns=320, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0))
+    dataset.update(dict(NumberOfFrames=24, FrameTime=40.0, PixelData=frames.tobytes()))
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+    dataset.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(seed)])
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.update(dict(MediaStorageSOPClassUID=dataset.SOPClassUID, TransferSyntaxUID="1.2.840.10008.1.2.1"))
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.save_as(os.path.join(out, "sweep"), enforce_file_format=True)
+    with av.open(os.path.join(out, "loop.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for _ in range(8):
+            scan = render_scan(rng, "cervix", None, hc, 0.4, 160, 120, days, quality=0.8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.repeat(scan[..., None], 3, -1), "rgb24")))
+        container.mux(stream.encode())
+    head = render_scan(rng, "brain", "trans-cerebellum", hc, mm_per_px, 320, 240, days, quality=0.8)
+    Image.fromarray(head.astype(np.uint16) * 257).save(os.path.join(out, "head16.png"))
+
+
+def ultrasound_region(spatial_format, data_type, x0, y0, x1, y1, delta_cm):
+    """One item of SequenceOfUltrasoundRegions (DICOM PS3.3 C.8.5.5): its kind, inclusive pixel box, cm per pixel."""
+    import pydicom
+
+    region = pydicom.Dataset()
+    region.update(dict(RegionSpatialFormat=spatial_format, RegionDataType=data_type, RegionFlags=0))
+    region.update(dict(RegionLocationMinX0=x0, RegionLocationMinY0=y0, RegionLocationMaxX1=x1, RegionLocationMaxY1=y1))
+    units = 3 if delta_cm else 0  # cm, or none
+    region.update(dict(PhysicalUnitsXDirection=units, PhysicalUnitsYDirection=units))
+    region.update(dict(PhysicalDeltaX=delta_cm, PhysicalDeltaY=delta_cm))
+    return region
+
+
 def layout(out_dir):
-    """Where generate writes each part, as train.py's settings name them."""
+    """Where generate writes each part, as train.py's settings name them (scans: predict.py's demo input)."""
     return dict(
         train_data=os.path.join(out_dir, "shards"),
         planes_dir=os.path.join(out_dir, "planes"),
         hc18_dir=os.path.join(out_dir, "hc18"),
+        scans=os.path.join(out_dir, "scans"),
     )
 
 
@@ -447,9 +499,10 @@ def generate(
         write_shards(folders["train_data"], seed, n_train, width, height, shard_size, input_size)
         write_planes(folders["planes_dir"], seed, n_planes, width, height, input_size)
         write_hc18(folders["hc18_dir"], seed, n_hc18, input_size)
+        write_scans(folders["scans"], seed)
     print(
         f"wrote {out_dir}: {n_train} pairs in {math.ceil(n_train / shard_size)} shards, {n_planes} Planes DB "
-        f"images, {n_hc18} HC18 images in {time.time() - start:.1f} s"
+        f"images, {n_hc18} HC18 images, a DICOM cine, a clip and a 16-bit PNG in {time.time() - start:.1f} s"
     )
 
 

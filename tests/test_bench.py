@@ -31,8 +31,10 @@ def test_flops_match_hand_count():
 def test_latency_loader_hc18_and_step_figures(tmp_path):
     synthetic.write_hc18(str(tmp_path / "hc18"), 0, 3)
     synthetic.write_planes(str(tmp_path / "planes"), 0, 8, 160, 120)  # the int8 student calibrates on 6, checks 2
+    synthetic.write_scans(str(tmp_path / "scans"), 0)
     arguments = [
-        "--benchmarks=latency,loader,hc18",
+        "--benchmarks=latency,loader,hc18,predict",
+        f"--cine={tmp_path / 'scans' / 'sweep'}",
         "--student=demo_student",
         "--teacher=tiny_vit",
         "--runs=2",
@@ -68,6 +70,7 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
     assert set(loader) == {("torchvision", 2), ("torchvision", 1), ("data.py", 2), ("data.py", 1)}
     assert all(rate > 0 for rate in loader.values())
     assert results["hc18"]["identical"] and results["hc18"]["per_image"]["prompts"] == 3 * 875
+    assert results["predict"]["frames"] == 24 and results["predict"]["frames_per_s"] > 0  # the sweep's 24 frames
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["machine"]["cores"] >= 1 and len(saved["latency"]) == 3 + len(onnx_rows)
     config = dict(bench.DEFAULTS, steps=1, device="cpu", dtype="float32", threads=1)

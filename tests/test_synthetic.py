@@ -50,7 +50,8 @@ def test_a_generation_killed_half_way_leaves_nothing_to_reuse(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     synthetic.generate(str(tmp_path / "demo"), **TINY)
-    assert sorted(os.listdir(tmp_path / "demo")) == ["hc18", "planes", "shards"] and len(os.listdir(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path / "demo")) == ["hc18", "planes", "scans", "shards"]
+    assert len(os.listdir(tmp_path)) == 1
 
 
 def test_generator_writes_the_real_formats(tmp_path):
@@ -230,3 +231,19 @@ def test_a_few_steps_of_clip_training_lift_a_model_above_chance(tmp_path):
 def test_the_readme_grid_is_one_scan_per_class_and_age(tmp_path):
     synthetic.draw_grid(str(tmp_path / "grid.png"), weeks=(20, 30), size=32, scale=1)
     assert Image.open(tmp_path / "grid.png").size == (120 + 2 * 32, 14 + 8 * 32)
+
+
+def test_the_demo_scans_read_as_a_clinics_export(tmp_path):
+    import pydicom
+
+    import scans
+
+    synthetic.write_scans(str(tmp_path), seed=0)
+    found, ignored, skipped = scans.find([str(tmp_path)])
+    assert [os.path.basename(p) for p, _ in found] == ["head16.png", "loop.mp4", "sweep"] and not ignored + skipped
+    views = {os.path.basename(p): list(scans.read(p, kind)) for p, kind in found}
+    stored = pydicom.dcmread(tmp_path / "sweep").pixel_array  # (24, 300, 320, 3): the tissue above a Doppler strip
+    assert len(views["sweep"]) == 24 and all(v.region == 0 for v in views["sweep"])  # the strip is left out
+    assert np.array_equal(np.asarray(views["sweep"][9].image), stored[9, :240])
+    assert views["sweep"][0].pixel_size_mm > 0 and views["sweep"][0].spacing_source == "ultrasound region 0"
+    assert len(views["loop.mp4"]) == 8 and views["head16.png"][0].pixels == "16-bit / 257"
