@@ -29,18 +29,9 @@ from scipy import stats
 import configurator
 import data
 import scans
-from evaluate import (
-    BRAIN_SUBPLANES,
-    GA_DAYS,
-    PLANE_TO_CLASS,
-    Task,
-    encode_task,
-    ga_quantile,
-    macro_f1,
-    plain,
-    zero_shot,
-)
+from evaluate import Task, encode_task, plain, zero_shot
 from model import load_model
+from protocol import BRAIN_SUBPLANES, GA_DAYS, PLANE_TO_CLASS, ga_quantile, macro_f1
 
 # ------------------------------------------------------------------ settings: --key=value
 ckpt = ""  # the checkpoint to analyse: the one positional argument

@@ -45,6 +45,7 @@ import webdataset as wds
 
 import configurator
 import data
+import protocol
 from loss import distill_loss
 from model import MODEL_CONFIGS, create_model, reparameterize
 
@@ -394,7 +395,7 @@ def bench_hc18(config):
 
     torch.manual_seed(config["seed"])
     net = create_model("demo_student").eval()
-    rows = evaluate.hc18_rows(config["hc18_dir"])
+    rows = protocol.hc18_rows(config["hc18_dir"])
     features, sides = evaluate.encode_images(net, [r["path"] for r in rows])
     spacings = [evaluate.ga_spacing(side, r["pixel_size"], net.image_size) for side, r in zip(sides, rows)]
     runs = {}

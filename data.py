@@ -1,4 +1,4 @@
-"""What training and evaluation read: the CLIP tokenizer, the real formats (WebDataset shards, Planes DB, HC18),
+"""What training and evaluation read: the CLIP tokenizer, CSV files and WebDataset shards, images of any bit depth,
 the evaluation transform, coupled augmentation, the training loader and the reading side of the teacher cache.
 Imports no other file of this project: copy it into yours.
 
@@ -10,7 +10,6 @@ bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), byt
 (sha256 924691ac...48d6804a); the 49,408-entry vocabulary is built from it as CLIP does.
 """
 
-import concurrent.futures
 import csv
 import functools
 import gzip
@@ -102,21 +101,7 @@ def tokenize(texts, context_length=CONTEXT_LENGTH):
     return result
 
 
-# ------------------------------------------------------------------ readers for the real formats
-
-PLANES_CSV = "FETAL_PLANES_DB_data.csv"
-PLANES_COLUMNS = ("Image_name", "Patient_num", "Plane", "Brain_plane", "Operator", "US_Machine", "Train ")
-HC18_CSV = "training_set_pixel_size_and_HC.csv"
-HC18_COLUMNS = ("filename", "pixel size(mm)", "head circumference (mm)")
-PIXEL_SIZE_RANGE_MM = (0.01, 5.0)  # a plausible B-mode pixel size in mm: HC18's CSV and --pixel_size
-
-
-def check_pixel_size(value, what):
-    """A pixel size in mm that is positive, finite and plausible, or ValueError naming `what`."""
-    low, high = PIXEL_SIZE_RANGE_MM
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{what}={value!r}: expected a pixel size in mm between {low:g} and {high:g}")
-    return value
+# ------------------------------------------------------------------ readers
 
 
 def read_csv(path, delimiter, columns):
@@ -130,90 +115,6 @@ def read_csv(path, delimiter, columns):
             if column.strip() not in header:
                 raise ValueError(f"{path}: missing column {column!r} (found {reader.fieldnames})")
         return [{c: (row[header[c.strip()]] or "").strip() for c in columns} for row in reader]
-
-
-def _number(path, line, column, text, kind, positive=False, within=None):
-    """A CSV cell as an int or float; positive=True also refuses 0, negatives, nan and inf (sizes, spacings);
-    within=(low, high) refuses what lies outside (and nan)."""
-    expected = "an integer" if kind is int else "a positive finite number" if positive else "a number"
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    refused = value is None or positive and not (math.isfinite(value) and value > 0)
-    if refused or within and not within[0] <= value <= within[1]:
-        expected = f"a number in [{within[0]}, {within[1]}]" if within else expected
-        raise ValueError(f"{path}, row {line}: column {column!r} = {text!r} is not {expected}")
-    return value
-
-
-def _existing(path):
-    """An image file that exists and whose header PIL reads (fast: nothing is decoded; see decode_all)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        Image.open(path).close()
-    except Exception as error:  # PIL raises several types for files it cannot identify
-        raise ValueError(f"{path}: not a readable image ({error})") from None
-    return path
-
-
-def decode_all(paths):
-    """Decode every pixel of every image (a truncated PNG has a good header), one thread per CPU (PIL releases the
-    GIL while decoding); the first failure in `paths` order is an error naming the file."""
-
-    def failure(path):
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as error:  # PIL raises several types for damaged files
-            return f"{path}: not a readable image ({error})"
-
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        first = next(filter(None, pool.map(failure, paths)), None)
-    if first:
-        raise ValueError(first)
-
-
-def _unique(path, rows, key):
-    """A second row for one image would count it twice: refused, naming both rows."""
-    first = {}
-    for row in rows:
-        if first.setdefault(row[key], row["row"]) != row["row"]:
-            raise ValueError(f"{path}, rows {first[row[key]]} and {row['row']} list the same image {row[key]!r}")
-    return rows
-
-
-def read_planes_db(root):
-    """FETAL_PLANES_DB (';'-separated) -> [{path, image_name, patient, plane, brain_plane, operator,
-    us_machine, train, csv, row}], one per row, in file order (row: the line number in csv, for messages);
-    an image listed twice is an error."""
-    path = os.path.join(root, PLANES_CSV)
-    rows = []
-    for line, row in enumerate(read_csv(path, ";", PLANES_COLUMNS), start=2):
-        record = dict(image_name=row["Image_name"], plane=row["Plane"], brain_plane=row["Brain_plane"], csv=path)
-        record.update(operator=row["Operator"], us_machine=row["US_Machine"], row=line)
-        record["path"] = _existing(os.path.join(root, "Images", row["Image_name"] + ".png"))
-        record["patient"] = _number(path, line, "Patient_num", row["Patient_num"], int)
-        record["train"] = _number(path, line, "Train ", row["Train "], int) == 1
-        rows.append(record)
-    return _unique(path, rows, "image_name")
-
-
-def read_hc18(root):
-    """HC18 training set -> [{path, filename, pixel_size (mm/px), hc (mm), csv, row}], in file order. The pixel
-    size must lie in PIXEL_SIZE_RANGE_MM, the head circumference be a positive finite number (the protocol filters
-    its range later); a filename listed twice is an error."""
-    path = os.path.join(root, HC18_CSV)
-    rows = []
-    for line, row in enumerate(read_csv(path, ",", HC18_COLUMNS), start=2):
-        record = dict(filename=row["filename"], csv=path, row=line)
-        record["path"] = _existing(os.path.join(root, "training_set", row["filename"]))
-        size, hc = row["pixel size(mm)"], row["head circumference (mm)"]
-        record["pixel_size"] = _number(path, line, "pixel size(mm)", size, float, within=PIXEL_SIZE_RANGE_MM)
-        record["hc"] = _number(path, line, "head circumference (mm)", hc, float, positive=True)
-        rows.append(record)
-    return _unique(path, rows, "filename")
 
 
 def expand_urls(urls):

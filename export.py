@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import configurator
 import data
 import evaluate
+import protocol
 from model import held_model_name, load_model, read_checkpoint, reparameterize
 
 # ------------------------------------------------------------------ settings: --key=value
@@ -103,9 +104,9 @@ def export_jobs(net, fused, zero_shot=True, text=False):
     jobs = [("image_encoder", ImageEncoder(fused), ImageEncoder(net), images, "image", ["image_features"], {})]
     if zero_shot:
         with torch.no_grad():
-            planes = evaluate.class_embeddings(net, evaluate.PROMPTS["five_planes"])  # (9, D)
-            brain = evaluate.class_embeddings(net, evaluate.PROMPTS["brain_subplanes"])  # (3, D)
-        classes = {"plane_probs": evaluate.FIVE_PLANES, "brain_probs": evaluate.BRAIN_SUBPLANES}
+            planes = evaluate.class_embeddings(net, protocol.PROMPTS["five_planes"])  # (9, D)
+            brain = evaluate.class_embeddings(net, protocol.PROMPTS["brain_subplanes"])  # (3, D)
+        classes = {"plane_probs": protocol.FIVE_PLANES, "brain_probs": protocol.BRAIN_SUBPLANES}
         jobs.append(
             (
                 "zero_shot",
@@ -118,7 +119,7 @@ def export_jobs(net, fused, zero_shot=True, text=False):
             )
         )
     if text:
-        prompts = [p for class_prompts in evaluate.PROMPTS["five_planes"].values() for p in class_prompts][:4]
+        prompts = [p for class_prompts in protocol.PROMPTS["five_planes"].values() for p in class_prompts][:4]
         tokens = data.tokenize(prompts, context_length=net.context_length)  # (4, L)
         jobs.append(("text_encoder", TextEncoder(fused), TextEncoder(net), tokens, "tokens", ["text_features"], {}))
     return jobs

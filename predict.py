@@ -37,6 +37,7 @@ from tqdm import tqdm
 import configurator
 import data
 import evaluate
+import protocol
 import scans
 from model import load_model
 
@@ -51,7 +52,7 @@ DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
     "device": "",  # '' = cuda, else mps, else cpu
     "batch_size": 32,  # frames per forward pass
 }
-HEAD_MIN_MM = evaluate.HC_MIN / math.pi  # across the smallest head the protocol measures (HC 100 mm)
+HEAD_MIN_MM = protocol.HC_MIN / math.pi  # across the smallest head the protocol measures (HC 100 mm)
 PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
 
 # ------------------------------------------------------------------ classes and prompts
@@ -63,11 +64,11 @@ class Classifier:
 
     def __init__(self, net, prompts, device, ga=True):
         self.net, self.device, self.protocol, self.ga = net, device, prompts is None, ga
-        self.prompts = evaluate.PROMPTS["five_planes"] if prompts is None else prompts
+        self.prompts = protocol.PROMPTS["five_planes"] if prompts is None else prompts
         self.classes = list(self.prompts)
         self.embeddings = evaluate.class_embeddings(net, self.prompts, device)  # (C, D)
         self.brain = (
-            evaluate.class_embeddings(net, evaluate.PROMPTS["brain_subplanes"], device) if self.protocol else None
+            evaluate.class_embeddings(net, protocol.PROMPTS["brain_subplanes"], device) if self.protocol else None
         )
         self.ga_text = {}  # spacing string -> (875, D)
         transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
@@ -107,7 +108,7 @@ class Classifier:
         brain = (100.0 * features @ self.brain.T).softmax(-1)  # (B, 3)
         for row, p in zip(rows, brain):
             is_brain = row["label"] == "brain"
-            row["subplane"] = evaluate.BRAIN_SUBPLANES[int(p.argmax())] if is_brain else None
+            row["subplane"] = protocol.BRAIN_SUBPLANES[int(p.argmax())] if is_brain else None
             row["p_subplane"] = round(float(p.max()), 4) if is_brain else None
 
     def add_ga(self, rows, views, features):
@@ -122,7 +123,7 @@ class Classifier:
             scores, _ = evaluate.ga_scores(
                 self.net, features[chosen], spacings, device=self.device, text_cache=self.ga_text
             )
-            for i, days, spacing in zip(chosen, evaluate.ga_prediction(scores).tolist(), spacings):
+            for i, days, spacing in zip(chosen, protocol.ga_prediction(scores).tolist(), spacings):
                 rows[i].update(ga_days=days, ga=f"{days // 7}w{days % 7}d", ga_spacing_mm=float(spacing))
 
 
@@ -336,7 +337,7 @@ def check(config):
     if not config["ckpt"] or not config["paths"]:
         raise ValueError("usage: python predict.py CKPT PATH [PATH ...] [--pixel_size=MM] [--prompts=FILE] ...")
     if config["pixel_size"] != -1:
-        data.check_pixel_size(config["pixel_size"], "--pixel_size")
+        protocol.check_pixel_size(config["pixel_size"], "--pixel_size")
     if config["batch_size"] < 1:
         raise ValueError(f"--batch_size={config['batch_size']}: expected at least 1")
     if config["prompts"]:

@@ -44,6 +44,7 @@ import configurator
 import data
 import evaluate
 import export
+import protocol
 import scans
 import synthetic
 
@@ -178,7 +179,7 @@ def agreement(encoders, paths, net):
     cosine = F.cosine_similarity(fp32, int8, dim=-1)  # (N,)
     figures = dict(images=len(paths), cosine_mean=cosine.mean().item(), cosine_min=cosine.min().item())
     for key in ("five_planes", "brain_subplanes"):
-        classes = evaluate.class_embeddings(net, evaluate.PROMPTS[key]).double()  # (C, D)
+        classes = evaluate.class_embeddings(net, protocol.PROMPTS[key]).double()  # (C, D)
         same = (fp32 @ classes.T).argmax(-1) == (int8 @ classes.T).argmax(-1)  # (N,)
         figures[f"{key}_top1_agreement"] = same.double().mean().item()
     return figures
@@ -186,7 +187,7 @@ def agreement(encoders, paths, net):
 
 def zero_shot_figures(encoders, net, planes_dir, hc18_dir, calibration):
     """The protocol's figures of both image encoders with net's text tower, and the calibration images among them."""
-    evaluated = {os.path.realpath(row["path"]) for row in evaluate.planes_rows(planes_dir)}
+    evaluated = {os.path.realpath(row["path"]) for row in protocol.planes_rows(planes_dir)}
     out = {"calibration_images_among_planes": len(evaluated & {os.path.realpath(p) for p in calibration})}
     for label, encoder in encoders.items():
         results = evaluate.zero_shot(ImageTower(net, encoder), planes_dir, hc18_dir)
@@ -280,7 +281,7 @@ def settings(config):
     if config["calibration_images"] == 0 or config["calibration_images"] < -1:
         raise ValueError(f"--calibration_images={config['calibration_images']}: expected a count >= 1, or -1 for all")
     if config["planes_dir"]:  # their errors now, not after the export
-        evaluate.planes_rows(config["planes_dir"]), evaluate.hc18_rows(config["hc18_dir"])
+        protocol.planes_rows(config["planes_dir"]), protocol.hc18_rows(config["hc18_dir"])
     calibration = config["calibration"] or DEMO_CALIBRATION
     images = calibration_split(image_files(calibration), config["calibration_images"])
     return dict(config, calibration=calibration, images=images)

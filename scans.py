@@ -33,6 +33,7 @@ from PIL import Image, ImageSequence
 
 import configurator
 import data
+import protocol
 
 DEFAULTS = {  # python scans.py PATH [PATH ...] --key=value
     "paths": [],  # the files and folders: the arguments
@@ -349,7 +350,7 @@ def pixel_spacing(dataset, given):
 
 def square_pixel(width, height):
     """A pixel's size in mm, when it is plausible and square."""
-    low, high = data.PIXEL_SIZE_RANGE_MM
+    low, high = protocol.PIXEL_SIZE_RANGE_MM
     if not all(math.isfinite(v) and low <= v <= high for v in (width, height)):
         return None, f"implausible pixel size {width:g} x {height:g} mm (expected {low:g}-{high:g} mm)"
     if abs(width - height) > SQUARE * max(width, height):
@@ -398,7 +399,7 @@ def main(arguments):
         raise SystemExit("usage: python scans.py PATH [PATH ...] [--pixel_size=MM] [--save_frames=DIR]")
     with configurator.user_errors("scans.py"):
         if config["pixel_size"] != -1:
-            data.check_pixel_size(config["pixel_size"], "--pixel_size")
+            protocol.check_pixel_size(config["pixel_size"], "--pixel_size")
     found, ignored, skipped = find(config["paths"])
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)

@@ -19,7 +19,7 @@ ambiguous, as real ones are). What a sonographer reads is drawn where a sonograp
   trans-cerebellum: cerebellar hemispheres joined by the bright vermis, the anechoic cisterna magna behind them;
   trans-ventricular: lateral ventricles (anechoic) beside the falx, the echogenic choroid plexus in the atrium.
   The cavum septi pellucidi is in all three.
-- gestational age (GA): the head circumference follows the median growth curve (evaluate.GA_CURVES q500, 3%
+- gestational age (GA): the head circumference follows the median growth curve (protocol.GA_CURVES q500, 3%
   spread), drawn in mm through the spacing the caption states (one of a few zooms); and the brain matures:
   the skull ossifies (brighter, thicker), the Sylvian fissure deepens from 18 weeks and cortical sulci appear
   from 23 weeks, the ventricle/hemisphere ratio falls (0.58 at 14 weeks, 0.31 at 32), the transcerebellar
@@ -40,8 +40,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import configurator
 import data
-from evaluate import PROMPTS, ga_quantile
+import protocol
 from model import MODEL_CONFIGS
+from protocol import PROMPTS, ga_quantile
 
 # ------------------------------------------------------------------ settings: --key=value
 out_dir = "data/demo"  # output folder
@@ -375,7 +376,7 @@ def write_planes(out, seed, n, width, height, input_size=DEMO_INPUT):
     """Planes DB: FETAL_PLANES_DB_data.csv (';') + Images/<Image_name>.png, ~5 images a patient; patients
     with Patient_num % 5 == 0 are the test split (Train 0)."""
     os.makedirs(os.path.join(out, "Images"), exist_ok=True)
-    lines, patients = [";".join(data.PLANES_COLUMNS)], math.ceil(n / 5)
+    lines, patients = [";".join(protocol.PLANES_COLUMNS)], math.ceil(n / 5)
     for i in range(n):
         rng = np.random.default_rng([seed, 1, i])
         kind, subplane = PLANES_PATTERN[i % len(PLANES_PATTERN)]
@@ -399,14 +400,14 @@ def write_planes(out, seed, n, width, height, input_size=DEMO_INPUT):
                 ]
             )
         )
-    with open(os.path.join(out, data.PLANES_CSV), "w", newline="") as f:
+    with open(os.path.join(out, protocol.PLANES_CSV), "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def write_hc18(out, seed, n, input_size=DEMO_INPUT):
     """HC18: 800x540 trans-thalamic heads at GA 13-40 weeks (some fall outside the protocol's 100-342 mm)."""
     os.makedirs(os.path.join(out, "training_set"), exist_ok=True)
-    lines = [",".join(data.HC18_COLUMNS)]
+    lines = [",".join(protocol.HC18_COLUMNS)]
     for i in range(n):
         rng = np.random.default_rng([seed, 2, i])
         days = int(rng.integers(13 * 7, 40 * 7))
@@ -414,7 +415,7 @@ def write_hc18(out, seed, n, input_size=DEMO_INPUT):
         image = render_scan(rng, "brain", "trans-thalamic", hc, pixel_size, 800, 540, days)
         write_png(image, os.path.join(out, "training_set", f"{i:03d}_HC.png"))
         lines.append(f"{i:03d}_HC.png,{pixel_size:.10f},{hc:.2f}")
-    with open(os.path.join(out, data.HC18_CSV), "w", newline="") as f:
+    with open(os.path.join(out, protocol.HC18_CSV), "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
 
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-import data
 import evaluate
+import protocol
 import synthetic
 from model import create_model
 
@@ -91,12 +91,16 @@ def test_evaluate_refuses_a_checkpoint_with_a_nan_statistic_naming_it(benchmark)
 @pytest.mark.parametrize(
     "csv_name, edit, message",
     [  # before: counted twice (n = 24 for 12 images); Avg nan, exit status 0; KeyError: 'pooled_accuracy'
-        (data.PLANES_CSV, lambda lines: lines + lines[5:6], "rows 6 and 44 list the same image 'Patient"),
-        (data.HC18_CSV, lambda lines: lines + lines[1:2], "rows 2 and 8 list the same image '000_HC.png'"),
-        (data.HC18_CSV, lambda lines: lines[:2] + ["001_HC.png,12,180"] + lines[3:], "'12' is not a number in [0.01"),
-        (data.PLANES_CSV, lambda lines: lines[:1], "split 'all': no image to evaluate (0 rows read)"),
+        (protocol.PLANES_CSV, lambda lines: lines + lines[5:6], "rows 6 and 44 list the same image 'Patient"),
+        (protocol.HC18_CSV, lambda lines: lines + lines[1:2], "rows 2 and 8 list the same image '000_HC.png'"),
         (
-            data.HC18_CSV,
+            protocol.HC18_CSV,
+            lambda lines: lines[:2] + ["001_HC.png,12,180"] + lines[3:],
+            "'12' is not a number in [0.01",
+        ),
+        (protocol.PLANES_CSV, lambda lines: lines[:1], "split 'all': no image to evaluate (0 rows read)"),
+        (
+            protocol.HC18_CSV,
             lambda lines: (
                 lines[:1] + [f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10}" for line in lines[1:]]
             ),
@@ -105,7 +109,7 @@ def test_evaluate_refuses_a_checkpoint_with_a_nan_statistic_naming_it(benchmark)
     ],
 )
 def test_evaluate_refuses_duplicate_empty_or_out_of_range_evaluation_sets(benchmark, csv_name, edit, message):
-    folder = benchmark / "data" / ("planes" if csv_name == data.PLANES_CSV else "hc18")
+    folder = benchmark / "data" / ("planes" if csv_name == protocol.PLANES_CSV else "hc18")
     original = (folder / csv_name).read_text()
     (folder / csv_name).write_text("\n".join(edit(original.splitlines())) + "\n")
     try:

@@ -1,5 +1,5 @@
-"""data.py: tokenizer parity with open_clip, readers of the real formats, the synthetic benchmark,
-coupled augmentation and the training loader. CPU, small files written here, fixed seeds."""
+"""data.py: tokenizer parity with open_clip, images of any bit depth, coupled augmentation and the training loader.
+CPU, small files written here, fixed seeds (the Planes DB and HC18 readers: tests/test_protocol.py)."""
 
 import io
 import json
@@ -150,109 +150,6 @@ def test_tokenizer_shape_and_special_ids():
     assert tokens[0, 0] == 49406 and tokens[0, 3] == 49407 and tokens[0, 4:].eq(0).all()
     ids = set(data.clip_tokenizer().get_vocab().values())  # joined special-token pieces reuse the special ids
     assert len(ids) == 49408 and max(ids) == 49407
-
-
-# ------------------------------------------------------------------ readers
-
-
-def write_planes(root, rows, header="Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train ", images=True):
-    os.makedirs(os.path.join(root, "Images"), exist_ok=True)
-    with open(os.path.join(root, "FETAL_PLANES_DB_data.csv"), "w") as f:
-        f.write(header + "\n" + "".join(";".join(r) + "\n" for r in rows))
-    for r in rows if images else []:
-        Image.new("L", (40, 30), 100).save(os.path.join(root, "Images", r[0] + ".png"))
-
-
-PLANES_ROWS = [
-    ["Patient00001_Plane1_1_of_15", "1", "Other", "Not A Brain", "Other", "Aloka", "1"],
-    ["Patient00002_Plane3_1_of_2", "2", "Fetal brain", "Trans-thalamic", "Op. 3", "Voluson E6", "0"],
-]
-
-
-def test_read_planes_db(tmp_path):
-    write_planes(tmp_path, PLANES_ROWS)
-    rows = data.read_planes_db(tmp_path)
-    assert [(r["image_name"], r["patient"], r["plane"], r["brain_plane"], r["train"]) for r in rows] == [
-        ("Patient00001_Plane1_1_of_15", 1, "Other", "Not A Brain", True),
-        ("Patient00002_Plane3_1_of_2", 2, "Fetal brain", "Trans-thalamic", False),
-    ]
-    assert rows[1]["path"] == os.path.join(tmp_path, "Images", "Patient00002_Plane3_1_of_2.png")
-    assert rows[1]["operator"] == "Op. 3" and rows[1]["us_machine"] == "Voluson E6"
-
-
-def test_read_planes_db_errors(tmp_path):
-    write_planes(
-        tmp_path, [r[:3] + r[4:] for r in PLANES_ROWS], header="Image_name;Patient_num;Plane;Operator;US_Machine;Train "
-    )
-    with pytest.raises(ValueError, match="Brain_plane") as error:
-        data.read_planes_db(tmp_path)
-    assert "FETAL_PLANES_DB_data.csv" in str(error.value)
-    write_planes(tmp_path / "no_images", PLANES_ROWS, images=False)
-    with pytest.raises(FileNotFoundError, match="Patient00001_Plane1_1_of_15.png"):
-        data.read_planes_db(tmp_path / "no_images")
-    with pytest.raises(FileNotFoundError, match="FETAL_PLANES_DB_data.csv"):
-        data.read_planes_db(tmp_path / "nowhere")
-
-
-def write_hc18(root, lines, images=("000_HC.png", "001_2HC.png")):
-    os.makedirs(os.path.join(root, "training_set"), exist_ok=True)
-    with open(os.path.join(root, "training_set_pixel_size_and_HC.csv"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    for name in images:
-        Image.new("L", (800, 540)).save(os.path.join(root, "training_set", name))
-
-
-def test_read_hc18(tmp_path):
-    write_hc18(
-        tmp_path,
-        [
-            "filename,pixel size(mm),head circumference (mm)",
-            "000_HC.png,0.0691358041432,44.3",
-            "001_2HC.png,0.0891,56.81",
-        ],
-    )
-    rows = data.read_hc18(tmp_path)
-    assert [(r["filename"], r["pixel_size"], r["hc"]) for r in rows] == [
-        ("000_HC.png", 0.0691358041432, 44.3),
-        ("001_2HC.png", 0.0891, 56.81),
-    ]
-    assert rows[0]["path"] == os.path.join(tmp_path, "training_set", "000_HC.png")
-
-
-def test_read_hc18_errors(tmp_path):
-    write_hc18(tmp_path, ["filename,pixel size(mm)", "000_HC.png,0.07"])
-    with pytest.raises(ValueError, match="head circumference"):
-        data.read_hc18(tmp_path)
-    write_hc18(tmp_path, ["filename,pixel size(mm),head circumference (mm)", "000_HC.png,0.07,abc"])
-    with pytest.raises(ValueError, match="row 2.*head circumference.*abc"):
-        data.read_hc18(tmp_path)
-    write_hc18(tmp_path, ["filename,pixel size(mm),head circumference (mm)", "005_HC.png,0.07,50"])
-    with pytest.raises(FileNotFoundError, match="005_HC.png"):
-        data.read_hc18(tmp_path)
-
-
-def test_hc18_sizes_must_be_positive_finite_numbers(tmp_path):
-    header = "filename,pixel size(mm),head circumference (mm)"
-    for line, column in (
-        ("000_HC.png,0,150.0", "pixel size"),
-        ("000_HC.png,nan,150.0", "pixel size"),
-        ("000_HC.png,-0.07,150.0", "pixel size"),
-        ("000_HC.png,0.07,-44.3", "head circumference"),
-        ("000_HC.png,0.07,inf", "head circumference"),
-    ):
-        write_hc18(tmp_path, [header, "001_2HC.png,0.07,150.0", line])
-        value = line.split(",")[1 if column == "pixel size" else 2]
-        with pytest.raises(
-            ValueError, match=f"training_set_pixel_size_and_HC.csv, row 3: column '{column}.*= '{value}'"
-        ):
-            data.read_hc18(tmp_path)
-
-
-def test_an_unreadable_evaluation_image_is_named_when_the_rows_are_read(tmp_path):
-    write_planes(tmp_path, PLANES_ROWS)
-    (tmp_path / "Images" / "Patient00002_Plane3_1_of_2.png").write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="Patient00002_Plane3_1_of_2.png: not a readable image"):
-        data.read_planes_db(tmp_path)
 
 
 # ------------------------------------------------------------------ shards and loader

@@ -1,8 +1,7 @@
-"""evaluate.py: the FetalCLIP zero-shot protocol on hand-built cases, the fast HC18 path, the
-analyses, and an end-to-end run on small files in the real Planes DB / HC18 layouts."""
+"""evaluate.py: the fast HC18 path, an end-to-end run on small files in the real Planes DB / HC18 layouts, the user's
+tasks and one-line errors (the protocol's metrics on hand-built cases: tests/test_protocol.py)."""
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from scipy import stats
-from sklearn.metrics import f1_score
 
 import evaluate
-from evaluate import GA_DAYS, ga_validity, macro_f1
+import protocol
 
 
 class TinyCLIP(nn.Module):
@@ -47,128 +44,7 @@ class TinyCLIP(nn.Module):
         )
 
 
-def scores_with_top(indices, values=None):
-    """(1, 175) scores that are 0 except at `indices`."""
-    scores = np.zeros((1, len(GA_DAYS)), np.float32)
-    scores[0, indices] = 10.0 if values is None else values
-    return scores
-
-
-def released_median_index(scores, n=15):
-    """The release's find_median_from_top_n, transcribed as a naive reference."""
-    pairs = sorted([[i, t] for i, t in enumerate(scores)], key=lambda x: x[1], reverse=True)[:n]
-    return sorted(pairs, key=lambda x: x[0])[n // 2][0]
-
-
-# ------------------------------------------------------------------ classification
-
-
-def test_macro_f1_matches_sklearn_over_present_classes():
-    rng = np.random.default_rng(0)
-    labels = rng.choice([0, 1, 2, 3, 8], size=300)  # 4 of 9 classes never present
-    predictions = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 9, 300))
-    expected = f1_score(labels, predictions, labels=np.unique(labels), average="macro", zero_division=0)
-    assert macro_f1(predictions, labels) == pytest.approx(expected, abs=1e-12)
-
-
-def test_prediction_of_absent_class_is_only_a_miss():
-    # class 0: tp 1, fn 1 -> F1 2/3; class 1: perfect. Class 5 (absent) is not averaged in.
-    assert macro_f1([0, 5, 1, 1], [0, 0, 1, 1]) == pytest.approx((2 / 3 + 1) / 2)
-    assert macro_f1([1, 1, 1, 1], [0, 0, 1, 1]) == pytest.approx((0 + 2 * 2 / (2 * 2 + 2)) / 2)  # no div by 0
-
-
-def release_topk_accuracy(probs, labels, k):
-    """The release's acc / acc_top{k}: per class present, the share of its images whose top k holds it, averaged
-    over those classes (torchmetrics Accuracy(top_k=k, average="none")), as a naive loop."""
-    per_class = []
-    for c in sorted(set(labels.tolist())):
-        rows = [i for i in range(len(labels)) if labels[i] == c]
-        ranked = [sorted(range(probs.shape[1]), key=lambda j: (-probs[i, j], j))[:k] for i in rows]
-        per_class.append(sum(c in top for top in ranked) / len(rows))
-    return sum(per_class) / len(per_class)
-
-
-def test_classification_metrics_are_the_release_definitions():
-    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
-    labels = np.array([1, 1, 2, 1])  # row 3 ties 0/1: the lower index ranks first (pred 0)
-    m = evaluate.classification_metrics(probs, labels, ["a", "b", "c"])
-    # hand-computed: class b is right 1 of 3 times at top 1 and 2 of 3 at top 2, class c always
-    assert m["accuracy"] == pytest.approx((1 / 3 + 1) / 2) and m["top2"] == pytest.approx((2 / 3 + 1) / 2)
-    assert m["top3"] == 1.0 and m["n"] == 4
-    assert (m["pooled_accuracy"], m["pooled_top2"], m["pooled_top3"]) == (0.5, 0.75, 1.0)  # over all images
-    assert set(m["per_class"]) == {"b", "c"}  # only classes present in the labels
-    assert m["per_class"]["b"]["recall"] == pytest.approx(1 / 3)
-    assert m["f1"] == pytest.approx(macro_f1(probs.argmax(1), labels))
-    rng = np.random.default_rng(0)  # and on a larger case with absent classes, against the naive loop
-    probs = rng.dirichlet(np.ones(9), size=200)
-    labels = rng.choice([0, 2, 3, 7], size=200, p=[0.6, 0.2, 0.15, 0.05])
-    m = evaluate.classification_metrics(probs, labels, [str(c) for c in range(9)])
-    for k, name in ((1, "accuracy"), (2, "top2"), (3, "top3")):
-        assert m[name] == pytest.approx(release_topk_accuracy(probs, labels, k), abs=1e-12)
-        assert m[name] != pytest.approx(m[f"pooled_{name}"], abs=1e-3)  # the two definitions do differ here
-
-
-# ------------------------------------------------------------------ HC18 protocol
-
-
-def test_ga_prediction_is_median_index_of_top15():
-    top = [3, 40, 41, 42, 60, 61, 62, 100, 101, 130, 150, 160, 170, 171, 174]
-    values = np.linspace(20, 6, 15)[np.random.default_rng(1).permutation(15)]  # order of scores irrelevant
-    assert evaluate.ga_prediction(scores_with_top(top, values))[0] == 98 + 100
-
-
-def test_ga_prediction_ties_follow_the_stable_sort():
-    assert evaluate.ga_prediction(np.zeros((1, 175)))[0] == 98 + 7  # all tied: indices 0..14
-    # 14 clear winners at 100..113 and a tie for the 15th place between indices 20 and 150:
-    # the lower index (20) is kept, so the sorted top 15 is [20, 100..113] and position 7 is 106.
-    scores = scores_with_top(list(range(100, 114)))
-    scores[0, [20, 150]] = 5.0
-    assert evaluate.ga_prediction(scores)[0] == 98 + 106
-    rng = np.random.default_rng(0)
-    many_ties = rng.integers(0, 4, size=(50, 175)).astype(np.float32)
-    expected = [98 + released_median_index(row) for row in many_ties]
-    np.testing.assert_array_equal(evaluate.ga_prediction(many_ties), expected)
-
-
-def test_validity_curves_against_hand_computed_values():
-    w = 140 / 7  # 20 weeks, coefficients typed independently from the FetalCLIP release
-    q025 = math.exp(1.59317517131532 + 0.29459800552433 * w - 7.3860372566707e-3 * w**2 + 6.56951770216148e-5 * w**3)
-    q975 = math.exp(2.50074069629423 + 0.220067854715719 * w - 4.93623111462443e-3 * w**2 + 3.89066000946519e-5 * w**3)
-    assert evaluate.ga_quantile(140, "q025") == pytest.approx(q025, rel=1e-12)
-    assert evaluate.ga_quantile(140, "q975") == pytest.approx(q975, rel=1e-12)
-    # the release's anchors: median HC 100 mm at 14 weeks, 342 mm at 40 weeks
-    assert evaluate.ga_quantile(98) == pytest.approx(100, abs=1) and evaluate.ga_quantile(280) == pytest.approx(
-        342, abs=1
-    )
-
-
-def test_filter_bounds_are_inclusive_and_validity_bounds_too():
-    day = 98 + 100
-    scores = np.repeat(scores_with_top(list(range(93, 108))), 6, axis=0)  # every image predicts index 100
-    low, high = evaluate.ga_quantile(day, "q025"), evaluate.ga_quantile(day, "q975")
-    true_hc = np.array([99.999, 100.0, 342.0, 342.001, low, np.nextafter(low, 0)])
-    r = ga_validity(scores, true_hc)
-    np.testing.assert_array_equal(r["kept"], [False, True, True, False, True, True])
-    np.testing.assert_array_equal(r["pred_days"], [day] * 6)
-    np.testing.assert_array_equal(r["is_valid"], [False, False, False, False, True, False])
-    assert (r["n"], r["valid"]) == (4, 1) and r["validity"] == 25.0
-    upper = ga_validity(scores[:3], [(low + high) / 2, high, np.nextafter(high, np.inf)])
-    np.testing.assert_array_equal(upper["is_valid"], [True, True, False])
-
-
-def test_bootstrap_is_reproducible_and_matches_an_independent_resampling():
-    rng = np.random.default_rng(3)
-    scores = rng.normal(size=(120, 175)).astype(np.float32)
-    true_hc = rng.uniform(80, 360, size=120)
-    a, b = ga_validity(scores, true_hc), ga_validity(scores, true_hc)
-    assert (a["ci_low"], a["ci_high"]) == (b["ci_low"], b["ci_high"])
-    hits = a["is_valid"][a["kept"]].astype(float)
-    draws = np.random.default_rng(42).integers(0, len(hits), size=(10_000, len(hits)))
-    means = [np.mean([hits[j] for j in row]) for row in draws]  # one resample at a time
-    assert (a["ci_low"], a["ci_high"]) == pytest.approx(tuple(100 * np.percentile(means, [2.5, 97.5])))
-    assert a["ci_low"] <= a["validity"] <= a["ci_high"]
-    kept = a["kept"]
-    assert a["spearman"] == pytest.approx(stats.spearmanr(a["pred_days"][kept], true_hc[kept]).statistic)
+# ------------------------------------------------------------------ HC18 GA prompts
 
 
 def test_cached_and_per_image_ga_scores_are_identical():
@@ -225,7 +101,7 @@ def test_zero_shot_end_to_end_on_real_layouts(tmp_path):
     assert model.training  # mode restored
     assert r["five_planes"]["n"] == 16 and r["brain_subplanes"]["n"] == 6  # 'Other' / brain drops
     assert set(r["five_planes"]["per_class"]) <= {"abdomen", "brain", "femur", "heart", "cervix"}
-    assert set(r["brain_subplanes"]["per_class"]) == set(evaluate.BRAIN_SUBPLANES)
+    assert set(r["brain_subplanes"]["per_class"]) == set(protocol.BRAIN_SUBPLANES)
     assert r["hc18"]["n"] == 4 and r["hc18"]["n_images"] == 6  # 100 <= HC <= 342 mm
     assert r["hc18"]["excluded"] == 2 and "2 of 6 images outside 100-342 mm excluded" in evaluate.format_table(r)
     assert r["hc18"]["text_encodings"] == 875 * 2  # 2 distinct spacing strings
@@ -238,8 +114,8 @@ def test_zero_shot_end_to_end_on_real_layouts(tmp_path):
 def test_select_and_report_splits_are_patient_disjoint(tmp_path):
     planes, hc18 = write_benchmark(tmp_path)
     for rows, patient in (
-        (lambda s: evaluate.planes_rows(planes, s), lambda r: r["patient"]),
-        (lambda s: evaluate.hc18_rows(hc18, s), lambda r: r["filename"].split("_")[0]),
+        (lambda s: protocol.planes_rows(planes, s), lambda r: r["patient"]),
+        (lambda s: protocol.hc18_rows(hc18, s), lambda r: r["filename"].split("_")[0]),
     ):
         every, select, report = rows("all"), rows("select"), rows("report")
         assert len(select) + len(report) == len(every) and select and report
@@ -274,12 +150,12 @@ def test_cli_on_the_generated_benchmark(tmp_path, capsys, monkeypatch):
 
 def planes_as_task(planes, folder, prompts=None):
     """The Planes DB's five-plane rows as a user's task folder: one sub-folder per class, the protocol's prompts."""
-    for row in evaluate.planes_rows(planes):
+    for row in protocol.planes_rows(planes):
         if row["five"] >= 0:
-            target = folder / evaluate.FIVE_PLANES[row["five"]] / Path(row["path"]).name
+            target = folder / protocol.FIVE_PLANES[row["five"]] / Path(row["path"]).name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(row["path"], target)
-    (folder / "prompts.json").write_text(json.dumps(prompts or evaluate.PROMPTS["five_planes"]))
+    (folder / "prompts.json").write_text(json.dumps(prompts or protocol.PROMPTS["five_planes"]))
     return folder
 
 
@@ -352,4 +228,4 @@ def test_unknown_planes_label_names_the_file_and_the_row(tmp_path):
     lines[3] = lines[3].replace("Fetal brain", "Fetal heart")
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="FETAL_PLANES_DB_data.csv, row 4: unknown Plane 'Fetal heart'"):
-        evaluate.planes_rows(planes)
+        protocol.planes_rows(planes)

@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import evaluate
 import export
+import protocol
 from model import create_model, reparameterize, save_open_clip
 
 ONNX_ATOL = 1e-3  # the bound on L2-normalised features (observed: ~1e-7)
@@ -69,7 +70,7 @@ def fit_image_tower(net, paths, plane_targets, brain_targets, steps=60):
     transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
-        classes = {k: evaluate.class_embeddings(net, evaluate.PROMPTS[k]) for k in ("five_planes", "brain_subplanes")}
+        classes = {k: evaluate.class_embeddings(net, protocol.PROMPTS[k]) for k in ("five_planes", "brain_subplanes")}
     optimizer = torch.optim.Adam(net.visual.parameters(), lr=3e-3)
     for _ in range(steps):
         features = F.normalize(net.encode_image(images), dim=-1)
@@ -147,7 +148,7 @@ def test_coreml_package_and_sidecar(tiny):
         assert sidecar["parity"]["max_abs_diff"] is None  # Core ML cannot run on Linux; said so, not faked
     sidecar = json.loads((folder / "zero_shot.mlpackage.json").read_text())
     assert sidecar["input"]["mean"] == list(net.image_mean) and sidecar["input"]["std"] == list(net.image_std)
-    assert sidecar["outputs"][0]["classes"] == list(evaluate.PROMPTS["five_planes"])
+    assert sidecar["outputs"][0]["classes"] == list(protocol.PROMPTS["five_planes"])
     assert sidecar["outputs"][1]["classes"] == ["trans-thalamic", "trans-cerebellum", "trans-ventricular"]
 
 
@@ -187,7 +188,7 @@ def test_zero_shot_head_matches_evaluate(tiny):
     net, _, folder, _, paths = tiny
     features, _ = evaluate.encode_images(net, paths)
     expected = {
-        key: (100.0 * features @ evaluate.class_embeddings(net, evaluate.PROMPTS[key]).T).softmax(-1)
+        key: (100.0 * features @ evaluate.class_embeddings(net, protocol.PROMPTS[key]).T).softmax(-1)
         for key in ("five_planes", "brain_subplanes")
     }
     transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)

@@ -15,6 +15,7 @@ from PIL import Image
 import evaluate
 import model
 import predict
+import protocol
 import synthetic
 from test_scans import region, write_dicom
 
@@ -35,7 +36,7 @@ def brain_student(tmp_path_factory):
     """A student whose every image embedding is the brain class's: each frame is a brain plane."""
     torch.manual_seed(0)
     net = model.create_model("demo_student").eval()
-    brain = evaluate.class_embeddings(net, {"brain": evaluate.PROMPTS["five_planes"]["brain"]})[0]
+    brain = evaluate.class_embeddings(net, {"brain": protocol.PROMPTS["five_planes"]["brain"]})[0]
     head = net.visual.get_classifier()
     with torch.no_grad():
         head.weight.zero_(), head.bias.copy_(brain)
@@ -111,9 +112,9 @@ def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spaci
         feature = torch.nn.functional.normalize(net.encode_image(torch.zeros(1, 3, 56, 56)), dim=-1)
     for row, mm in zip(rows[:2], (0.2, 0.25)):  # the file's calibration wins over --pixel_size
         spacing = f"{160 / 56 * mm:.2f}"  # the crop's longer side, padded and resized to 56 px
-        days = evaluate.ga_prediction(evaluate.ga_scores(net, feature, [spacing])[0])[0]
+        days = protocol.ga_prediction(evaluate.ga_scores(net, feature, [spacing])[0])[0]
         assert (row["label"], row["ga_days"], row["ga_spacing_mm"]) == ("brain", days, float(spacing))
-        assert row["ga"] == f"{days // 7}w{days % 7}d" and row["subplane"] in evaluate.BRAIN_SUBPLANES
+        assert row["ga"] == f"{days // 7}w{days % 7}d" and row["subplane"] in protocol.BRAIN_SUBPLANES
     plain, small, nocm = rows[4:]
     assert (plain["ga_days"], plain["spacing_source"]) == (rows[0]["ga_days"], "given")
     assert small["ga_days"] is None and "spans 20 mm" in small["ga_note"]

@@ -18,6 +18,7 @@ from test_export import run_onnx, save_project_checkpoint
 import data
 import evaluate
 import export
+import protocol
 import synthetic
 from model import create_model
 
@@ -33,11 +34,11 @@ def one_thread():
 def fit_to_planes(net, planes_dir, steps=60):
     """A few Adam steps of the image tower towards the five-plane class embeddings: a random network maps every
     scan to nearly the same feature, against which any int8 file would agree."""
-    rows = [r for r in evaluate.planes_rows(planes_dir) if r["five"] >= 0]
+    rows = [r for r in protocol.planes_rows(planes_dir) if r["five"] >= 0]
     images = torch.stack([transform(net)(Image.open(r["path"]).convert("RGB")) for r in rows])
     labels = torch.tensor([r["five"] for r in rows])
     with torch.no_grad():
-        classes = evaluate.class_embeddings(net, evaluate.PROMPTS["five_planes"])  # (9, D)
+        classes = evaluate.class_embeddings(net, protocol.PROMPTS["five_planes"])  # (9, D)
     optimizer = torch.optim.Adam(net.visual.parameters(), lr=3e-3)
     for _ in range(steps):
         loss = F.cross_entropy(100 * F.normalize(net.encode_image(images), dim=-1) @ classes.T, labels)
@@ -65,7 +66,7 @@ def features(net, images):
 def agreement(fp32, int8, net):
     """Cosines and the five-plane argmax agreement of two (N, D) feature sets."""
     with torch.no_grad():
-        classes = evaluate.class_embeddings(net, evaluate.PROMPTS["five_planes"]).double()
+        classes = evaluate.class_embeddings(net, protocol.PROMPTS["five_planes"]).double()
     same = (fp32 @ classes.T).argmax(-1) == (int8 @ classes.T).argmax(-1)
     return F.cosine_similarity(fp32, int8, dim=-1), same.double().mean().item()
 
@@ -167,7 +168,7 @@ def test_zero_shot_figures_of_both(student):
     """The sidecar's fp32 figures are evaluate.py's for the PyTorch student; the int8 ones sit beside them."""
     net, _, folder, _ = student
     reference = evaluate.zero_shot(net, folder / "planes", folder / "hc18")
-    rows = evaluate.planes_rows(folder / "planes")
+    rows = protocol.planes_rows(folder / "planes")
     calibration = set(sorted(str(p) for p in (folder / "planes" / "Images").glob("*.png"))) - set(
         sorted(str(p) for p in (folder / "planes" / "Images").glob("*.png"))[::4]
     )

@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter
 import data
 import evaluate
 import loss
+import protocol
 import synthetic
 from model import create_model
 
@@ -56,7 +57,7 @@ def test_a_generation_killed_half_way_leaves_nothing_to_reuse(tmp_path, monkeypa
 
 def test_generator_writes_the_real_formats(tmp_path):
     synthetic.generate(str(tmp_path), seed=0, **TINY)
-    rows = data.read_planes_db(tmp_path / "planes")
+    rows = protocol.read_planes_db(tmp_path / "planes")
     assert len(rows) == 42
     assert {r["plane"] for r in rows} == {
         "Fetal brain",
@@ -71,7 +72,7 @@ def test_generator_writes_the_real_formats(tmp_path):
     assert {r["brain_plane"] for r in rows if r["plane"] != "Fetal brain"} == {"Not A Brain"}
     assert {r["train"] for r in rows} == {True, False}
     assert Image.open(rows[0]["path"]).size == (64, 48) and Image.open(rows[0]["path"]).format == "PNG"
-    hc18 = data.read_hc18(tmp_path / "hc18")
+    hc18 = protocol.read_hc18(tmp_path / "hc18")
     assert len(hc18) == 3 and all(Image.open(r["path"]).size == (800, 540) for r in hc18)
     assert all(80 < r["hc"] < 360 and 0.02 < r["pixel_size"] < 0.6 for r in hc18)
     urls = synthetic.layout(str(tmp_path))["train_data"]
@@ -118,7 +119,7 @@ def test_hc18_heads_measure_what_the_csv_says(tmp_path):
     across a skull (as in real scans) cost the tracer a few percent on some heads."""
     synthetic.write_hc18(str(tmp_path), 0, 24)
     ratios = []
-    for row in data.read_hc18(tmp_path):
+    for row in protocol.read_hc18(tmp_path):
         image = np.asarray(Image.open(row["path"]).convert("L"))
         a = row["hc"] / row["pixel_size"] / (math.pi * 1.8 * (1 + 3 * (1 / 9) ** 2 / 10))  # b = 0.8 a (approx.)
         if a > 250:  # the skull's top or sides outside the sector
@@ -189,7 +190,7 @@ def test_captions_follow_the_protocols_wording():
     captions = [
         synthetic.make_caption(np.random.default_rng(i), "brain", "trans-thalamic", days, spacing) for i in range(40)
     ]
-    verbatim = {t.format(weeks=22, day=3, pixel_spacing="1.50") for t in evaluate.PROMPTS["ga_templates"]}
+    verbatim = {t.format(weeks=22, day=3, pixel_spacing="1.50") for t in protocol.PROMPTS["ga_templates"]}
     assert any(any(c.startswith(t) for t in verbatim) for c in captions)  # a GA template, spacing included
     assert all("22 weeks" in c for c in captions)
     assert "heart" in synthetic.make_caption(np.random.default_rng(0), "heart", None)
@@ -199,12 +200,12 @@ def test_captions_follow_the_protocols_wording():
 
 def five_plane_f1(model, planes_dir):
     """The protocol's five-plane zero-shot macro F1 (prompt-averaged class embeddings, argmax over 9 classes)."""
-    rows = [r for r in evaluate.planes_rows(planes_dir) if r["five"] >= 0]
+    rows = [r for r in protocol.planes_rows(planes_dir) if r["five"] >= 0]
     with torch.no_grad():
         features, _ = evaluate.encode_images(model.eval(), [r["path"] for r in rows])
-        classes = evaluate.class_embeddings(model, evaluate.PROMPTS["five_planes"])
+        classes = evaluate.class_embeddings(model, protocol.PROMPTS["five_planes"])
     model.train()
-    return evaluate.macro_f1((features @ classes.T).argmax(1).numpy(), [r["five"] for r in rows])
+    return protocol.macro_f1((features @ classes.T).argmax(1).numpy(), [r["five"] for r in rows])
 
 
 def test_a_few_steps_of_clip_training_lift_a_model_above_chance(tmp_path):

@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import prepare
+import protocol
 import synthetic
 from model import create_model, load_model, save_open_clip
 
@@ -320,7 +321,7 @@ def test_evaluation_data_is_checked_at_start_up(bench, tmp_path):
     shutil.copytree(bench / "data", tmp_path / "data")
     planes, hc18 = tmp_path / "data" / "planes", tmp_path / "data" / "hc18"
     image = sorted((planes / "Images").iterdir())[0]
-    planes_csv, hc18_csv = planes / data.PLANES_CSV, hc18 / data.HC18_CSV
+    planes_csv, hc18_csv = planes / protocol.PLANES_CSV, hc18 / protocol.HC18_CSV
     planes_lines, hc18_lines = planes_csv.read_text().splitlines(), hc18_csv.read_text().splitlines()
     png = (hc18 / "training_set" / "000_HC.png").read_bytes()
     in_cm = [hc18_lines[0]] + [
