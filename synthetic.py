@@ -1,6 +1,6 @@
 """Synthetic fetal-ultrasound benchmark in the real file formats: the data of the CPU demo (python train.py).
 
-    python synthetic.py                                  # writes data/demo: shards/ planes/ hc18/
+    python synthetic.py                                  # writes data/demo: shards/ planes/ hc18/ scans/
     python synthetic.py --out_dir=data/big --seed=1 --n_train=20000
     python synthetic.py --grid=assets/synthetic.png         # one scan per class and GA, as the models see it
 
@@ -8,24 +8,20 @@ Every file is a function of --seed (same seed, byte-identical files):
   shards/train-NNNNNN.tar   WebDataset pretraining pairs <key>.jpg + <key>.txt
   planes/                   FETAL_PLANES_DB format: the five planes, the three brain sub-planes and 'Other'
   hc18/                     HC18 format: 800x540 trans-thalamic heads, pixel size and head circumference
+  scans/                    a clinic's export for predict.py: a DICOM cine (regions), an MP4, a 16-bit PNG
 
-Scans are B-mode-like: a sector on black, Rayleigh speckle, depth attenuation, anatomy drawn to scale in mm
-through the pixel spacing, and a random image quality that fades the inner structures (low-quality scans are
-ambiguous, as real ones are). What a sonographer reads is drawn where a sonographer reads it:
-- planes: head (skull ellipse, falx); abdomen (round trunk, stomach bubble, umbilical vein, spine, few ribs);
-  thorax (rib ring, four-chamber heart); femur (bright diaphysis with an acoustic shadow); cervix (transvaginal
-  fan, canal); spine and kidney are 'Other'.
-- brain sub-planes: trans-thalamic: paired hypoechoic thalami either side of the third ventricle;
-  trans-cerebellum: cerebellar hemispheres joined by the bright vermis, the anechoic cisterna magna behind them;
-  trans-ventricular: lateral ventricles (anechoic) beside the falx, the echogenic choroid plexus in the atrium.
-  The cavum septi pellucidi is in all three.
-- gestational age (GA): the head circumference follows the median growth curve (protocol.GA_CURVES q500, 3%
-  spread), drawn in mm through the spacing the caption states (one of a few zooms); and the brain matures:
-  the skull ossifies (brighter, thicker), the Sylvian fissure deepens from 18 weeks and cortical sulci appear
-  from 23 weeks, the ventricle/hemisphere ratio falls (0.58 at 14 weeks, 0.31 at 32), the transcerebellar
-  diameter grows ~1 mm a week (faster after 24). Each fetus looks older or younger by ~1 week (maturity jitter).
-Captions use the protocol's wording (zero_shot_prompts.json): plane and sub-plane phrases, and for GA either
-the five GA templates verbatim or the same facts in other words; spacings are mm per model-input pixel.
+Scans are B-mode-like: a sector on black, Rayleigh speckle, depth attenuation, anatomy drawn to scale in mm through
+the pixel spacing, and a random image quality that fades the inner structures (low-quality scans are ambiguous, as
+real ones are). What a sonographer reads is drawn where a sonographer reads it. Planes: head (skull ellipse, falx),
+abdomen (round trunk, stomach bubble, umbilical vein, spine, few ribs), thorax (rib ring, four-chamber heart), femur
+(bright diaphysis, acoustic shadow), cervix (transvaginal fan, canal); spine and kidney are 'Other'. Sub-planes:
+trans-thalamic (paired hypoechoic thalami beside the third ventricle), trans-cerebellum (hemispheres joined by the
+bright vermis, the cisterna magna behind), trans-ventricular (anechoic lateral ventricles, echogenic choroid plexus);
+the cavum septi pellucidi in all three. GA: the head circumference follows protocol.GA_CURVES q500 (3% spread); the
+skull ossifies, the Sylvian fissure deepens from 18 weeks, sulci appear from 23, the ventricle/hemisphere ratio falls
+(0.58 at 14 weeks, 0.31 at 32), the transcerebellar diameter grows ~1 mm a week; each fetus looks +- ~1 week older.
+Captions use the protocol's wording (zero_shot_prompts.json): plane and sub-plane phrases, and for GA either the five
+GA templates verbatim or the same facts in other words; spacings are mm per model-input pixel.
 """
 
 import io
@@ -62,17 +58,9 @@ DEMO_INPUT = DEFAULTS["input_size"]
 ZOOMS = (0.75, 1.5, 3.0, 6.0)  # mm per model-input pixel: depth presets a factor 2 apart
 FILL = 0.28  # structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
 SUBPLANES = ("trans-thalamic", "trans-cerebellum", "trans-ventricular")
-PLANES = {
-    "brain": "Fetal brain",
-    "abdomen": "Fetal abdomen",
-    "heart": "Fetal thorax",
-    "femur": "Fetal femur",
-    "cervix": "Maternal cervix",
-    "spine": "Other",
-    "kidney": "Other",
-    "profile": "Other",
-    "lips_nose": "Other",
-}
+PLANES = {"brain": "Fetal brain", "abdomen": "Fetal abdomen", "heart": "Fetal thorax", "femur": "Fetal femur",
+          "cervix": "Maternal cervix",
+          **dict.fromkeys(("spine", "kidney", "profile", "lips_nose"), "Other")}  # fmt: skip
 # Planes DB rows cycle through this: (kind, sub-plane); "" = a brain plane without a name ('Other')
 PLANES_PATTERN = (
     [("brain", s) for s in SUBPLANES * 2]
@@ -80,18 +68,10 @@ PLANES_PATTERN = (
     + [(k, None) for k in ("abdomen", "heart", "femur", "cervix") for _ in range(3)]
     + [("spine", None), ("kidney", None)]
 )
-TRAIN_MIX = {
-    ("brain", "trans-thalamic"): 0.24,
-    ("brain", "trans-cerebellum"): 0.2,
-    ("brain", "trans-ventricular"): 0.2,
-    ("abdomen", None): 0.07,
-    ("heart", None): 0.07,
-    ("femur", None): 0.05,
-    ("cervix", None): 0.05,
-    ("spine", None): 0.03,
-    ("kidney", None): 0.03,
-    ("profile", None): 0.03,
-    ("lips_nose", None): 0.03,
+TRAIN_MIX = {  # (kind, sub-plane): share of the pretraining pairs
+    **{("brain", s): share for s, share in zip(SUBPLANES, (0.24, 0.2, 0.2))},
+    **{(k, None): share for k, share in (("abdomen", 0.07), ("heart", 0.07), ("femur", 0.05), ("cervix", 0.05))},
+    **{(k, None): 0.03 for k in ("spine", "kidney", "profile", "lips_nose")},
 }
 SUBJECTS = {
     "brain": ["the fetal brain", "the developing fetal brain", "fetal brain structures", "the fetal head"],
@@ -105,52 +85,25 @@ SUBJECTS = {
     "lips_nose": ["the fetal lips and nose", "the lips and nose"],
 }
 VIEWS = {
-    "trans-thalamic": [
-        "the brain thalamic (transverse) view",
-        "the transverse view of the brain thalamus",
-        "the brain thalamic region in a transverse plane",
-        "the thalamus in a transverse view",
-    ],
-    "trans-cerebellum": [
-        "the cerebellum, highlighting its typical butterfly shape",
-        "the cerebellum",
-        "the transverse view of the cerebellum",
-        "the transverse section of the brain cerebellum",
-    ],
-    "trans-ventricular": [
-        "the brain ventricles",
-        "the brain ventricular view",
-        "the brain ventricular region",
-        "the brain's transverse view, emphasizing the ventricular system",
-    ],
-}
-VIEW_OPENERS = [
-    "Transverse fetal ultrasound image focusing on {}.",
-    "Fetal ultrasound image emphasizing {}.",
-    "Ultrasound image highlighting {}.",
-    "Fetal ultrasound image showcasing {}.",
-    "Transverse fetal ultrasound highlighting {}.",
-]
+    "trans-thalamic": ["the brain thalamic (transverse) view", "the transverse view of the brain thalamus",
+                       "the brain thalamic region in a transverse plane", "the thalamus in a transverse view"],
+    "trans-cerebellum": ["the cerebellum, highlighting its typical butterfly shape", "the cerebellum",
+                         "the transverse view of the cerebellum", "the transverse section of the brain cerebellum"],
+    "trans-ventricular": ["the brain ventricles", "the brain ventricular view", "the brain ventricular region",
+                          "the brain's transverse view, emphasizing the ventricular system"],
+}  # fmt: skip
+VIEW_OPENERS = ["Transverse fetal ultrasound image focusing on {}.", "Fetal ultrasound image emphasizing {}.",
+                "Ultrasound image highlighting {}.", "Fetal ultrasound image showcasing {}.",
+                "Transverse fetal ultrasound highlighting {}."]  # fmt: skip
 SENTENCES = {
     "trans-thalamic": ["The thalamic (transverse) view.", "Transverse view of the thalamus."],
     "trans-cerebellum": ["Transverse view of the cerebellum.", "The butterfly-shaped cerebellum."],
     "trans-ventricular": ["The brain ventricular view.", "Transverse view of the ventricles."],
 }
-OPENERS = [
-    "Ultrasound image focusing on {}",
-    "Detailed ultrasound scan of {}",
-    "Fetal ultrasound image showing {}",
-    "Clear ultrasound of {}",
-    "Focused ultrasound highlighting {}",
-    "Ultrasound scan showcasing {}",
-]
-CLOSERS = [
-    ", highlighting anatomical structures.",
-    ", emphasizing structural details.",
-    ".",
-    " with detailed visualization.",
-    ", showcasing its development.",
-]
+OPENERS = ["Ultrasound image focusing on {}", "Detailed ultrasound scan of {}", "Fetal ultrasound image showing {}",
+           "Clear ultrasound of {}", "Focused ultrasound highlighting {}", "Ultrasound scan showcasing {}"]  # fmt: skip
+CLOSERS = [", highlighting anatomical structures.", ", emphasizing structural details.", ".",
+           " with detailed visualization.", ", showcasing its development."]  # fmt: skip
 GA_WORDS = ["at {w} weeks and {d} days gestation", "at {w} weeks, {d} days of gestation"]
 
 
@@ -461,12 +414,12 @@ def ultrasound_region(spatial_format, data_type, x0, y0, x1, y1, delta_cm):
     """One item of SequenceOfUltrasoundRegions (DICOM PS3.3 C.8.5.5): its kind, inclusive pixel box, cm per pixel."""
     import pydicom
 
-    region = pydicom.Dataset()
-    region.update(dict(RegionSpatialFormat=spatial_format, RegionDataType=data_type, RegionFlags=0))
-    region.update(dict(RegionLocationMinX0=x0, RegionLocationMinY0=y0, RegionLocationMaxX1=x1, RegionLocationMaxY1=y1))
+    box = dict(RegionLocationMinX0=x0, RegionLocationMinY0=y0, RegionLocationMaxX1=x1, RegionLocationMaxY1=y1)
     units = 3 if delta_cm else 0  # cm, or none
-    region.update(dict(PhysicalUnitsXDirection=units, PhysicalUnitsYDirection=units))
-    region.update(dict(PhysicalDeltaX=delta_cm, PhysicalDeltaY=delta_cm))
+    physical = dict(PhysicalUnitsXDirection=units, PhysicalUnitsYDirection=units, PhysicalDeltaX=delta_cm)
+    region = pydicom.Dataset()
+    region.update(dict(RegionSpatialFormat=spatial_format, RegionDataType=data_type, RegionFlags=0, **box, **physical))
+    region.PhysicalDeltaY = delta_cm
     return region
 
 

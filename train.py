@@ -1,12 +1,10 @@
 """Selective repulsive knowledge distillation: FetalCLIP (teacher) -> MobileFetalCLIP (student).
 
-The built-in demo (synthetic benchmark, demo teacher trained first, then distillation; CPU, minutes):
-    python train.py
-The paper's recipe on real data (paper Sec. 3.6), one GPU or many:
-    python train.py --preset=paper --teacher_ckpt=FetalCLIP_weights.pt \
-        --student_init=mobileclip2_s0.pt --train_data='shards/{000000..000123}.tar' \
-        --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18 --beta0=2 --r=-0.8
+    python train.py                  # the demo: synthetic benchmark, demo teacher first, then distillation (CPU)
+    python train.py --preset=paper --teacher_ckpt=FetalCLIP_weights.pt --student_init=mobileclip2_s0.pt \
+        --train_data='shards/{000000..000246}.tar' --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18   # paper Sec. 3.6
     torchrun --standalone --nproc_per_node=8 train.py --preset=paper ...
+    python train.py --data_dir= --train_data=shards --eval_tasks=my_task/    # your pairs (prepare.py), your task
 Any global below can be overridden with --key=value; --resume=True continues out_dir/ckpt.pt exactly (settings
 other than RESUMABLE ones must not change).
 """
@@ -86,9 +84,8 @@ shuffle_buffer = 1000  # samples; 1 keeps the shards' order
 seed = 0
 augment_seed = -1  # seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
 PRESETS = {"paper": dict(student="mobilefetalclip", teacher="fetalclip", epochs=20, batch_size=512, grad_accum=2)}
-PRESETS["paper"].update(tau_kd=5.0)
-PRESETS["paper"].update(learning_rate=1e-5, warmup_steps=500, num_workers=8, dtype="float16", log_interval=50)
-PRESETS["paper"].update(data_dir="")  # the real data are named by --train_data, --planes_dir, --hc18_dir
+PRESETS["paper"].update(tau_kd=5.0, learning_rate=1e-5, warmup_steps=500, dtype="float16", log_interval=50)
+PRESETS["paper"].update(num_workers=8, data_dir="")  # the real data: --train_data, --planes_dir, --hc18_dir
 RESUMABLE = ("log_interval", "eval_every", "num_workers", "device", "max_steps", "wandb_log", "wandb_project", "resume")
 
 config = configurator.configure(configurator.settings(globals()), sys.argv[1:], PRESETS)  # in every checkpoint
@@ -277,12 +274,6 @@ def lr_at(opt_step):
     return learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def best_of(path):
-    """The selection score a checkpoint was saved with (files before tasks called it best_avg)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return saved.get("best_score", saved.get("best_avg"))
-
-
 step, opt_step, start_epoch, best_score, bad_steps = 0, 0, 0, -math.inf, 0
 applied_steps = 0  # optimiser steps that changed the weights (a window with a non-finite loss does not)
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
@@ -311,9 +302,10 @@ if resume:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     step, opt_step, start_epoch = checkpoint["step"], checkpoint["opt_step"], checkpoint["epoch"]
-    best_score, applied_steps = best_of(ckpt_path), checkpoint["applied_steps"]
+    best_of = lambda saved: saved.get("best_score", saved.get("best_avg"))  # best_avg: files from before tasks
+    best_score, applied_steps = best_of(checkpoint), checkpoint["applied_steps"]
     if os.path.exists(best_path):  # written after ckpt.pt when that epoch's evaluation found a new best
-        best_score = max(best_score, best_of(best_path))
+        best_score = max(best_score, best_of(torch.load(best_path, weights_only=True, mmap=True)))
     torch.set_rng_state(checkpoint["rng"])
     changes = "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
     print(f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}{changes}")
