@@ -311,6 +311,7 @@ def cache_shards(net, share, settings, device, autocast, rank):
             entry = dict(zip(ENTRY_KEYS, (count, fingerprint, os.path.getsize(path), head_sha256(path))))
             write_json(entry_file, entry)
             tqdm.tqdm.write(f"rank {rank}: cached {name} ({count} samples)")
+            sys.stdout.flush()  # ranks share the terminal (or a pipe): one whole line at a time
 
 
 def finish_manifest(manifest, out_dir, todo):

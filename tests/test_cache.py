@@ -3,6 +3,7 @@
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,8 +207,9 @@ def test_two_gloo_processes_build_the_cache_of_one(setup, tmp_path):
         timeout=300,
     )
     assert process.returncode == 0, process.stderr[-3000:]
-    cached = sorted(line.split(" (")[0] for line in process.stdout.splitlines() if ": cached " in line)
-    assert cached == sorted(f"rank {i % 2}: cached train-00000{i}.tar" for i in range(3))  # dealt in turn
+    cached = sorted(re.findall(r"rank \d: cached train-\d+\.tar", process.stdout))
+    expected = sorted(f"rank {i % 2}: cached train-00000{i}.tar" for i in range(3))  # dealt in turn
+    assert cached == expected, process.stdout + process.stderr[-2000:]
     same_files(tmp_path, root / "cache")
 
 
