@@ -18,13 +18,7 @@ from model import create_model, reparameterize, save_open_clip
 ONNX_ATOL = 1e-3  # the issue's bound on L2-normalised features (observed: ~1e-7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread runs them many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomise_batchnorm(net, seed=0):
