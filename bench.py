@@ -426,7 +426,8 @@ def bench_predict(config):
     import scans
 
     torch.manual_seed(config["seed"])
-    net, device = create_model(config["student"]).eval(), config["device"]
+    device = config["device"]
+    net = create_model(config["student"]).eval().to(device)
     found, _, skipped = scans.find([config["cine"]])
     if skipped or not found:
         raise FileNotFoundError(
