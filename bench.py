@@ -434,7 +434,7 @@ def bench_predict(config):
             f"--cine={config['cine']}: {skipped[0][1] if skipped else 'no scan'} (python synthetic.py)"
         )
     classifier = predict.Classifier(net, None, device, ga=False)
-    run = lambda: [classifier(batch) for batch in predict.batches(scans.read(*found[0]), config["batch_size"] or 32)]
+    run = lambda: [classifier(batch)[0] for batch in predict.batches(scans.read(*found[0]), config["batch_size"] or 32)]
     run()
     start = time.perf_counter()
     frames = sum(len(rows) for rows in run())

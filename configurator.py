@@ -169,6 +169,19 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def package_versions(names):
+    """{package: installed version or None}: what produced a result."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def write_atomic(path, content):
     """Write str (UTF-8) or bytes to `path` through atomic_path."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -269,12 +268,8 @@ def run_coreml(path, input_name, inputs):
 
 
 def versions():
-    import onnxruntime
-
-    out = {"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": onnxruntime.__version__}
-    if "coremltools" in sys.modules:  # imported only when a Core ML file is written (slow, noisy import)
-        out["coremltools"] = sys.modules["coremltools"].__version__
-    return out
+    coreml = ("coremltools",) if "coremltools" in sys.modules else ()  # imported only when a Core ML file is written
+    return configurator.package_versions(("torch", "timm", "onnxruntime", *coreml))
 
 
 def input_info(net, name, shape):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +76,9 @@ class Classifier:
 
     @torch.no_grad()
     def __call__(self, views):
-        """Views -> rows (dicts), one per view."""
-        images = torch.stack([self.normalise(self.model_input(view.image)) for view in views]).to(self.device)
+        """Views -> (rows (dicts), the images the model saw (PIL, before normalising)), one per view."""
+        seen = [self.model_input(view.image) for view in views]
+        images = torch.stack([self.normalise(image) for image in seen]).to(self.device)
         features = F.normalize(self.net.encode_image(images).float(), dim=-1).cpu()  # (B, D)
         probs = (100.0 * features @ self.embeddings.T).softmax(-1)  # (B, C)
         rows = [self.row(view, p) for view, p in zip(views, probs)]
@@ -86,7 +86,7 @@ class Classifier:
             self.add_subplanes(rows, features)
         if self.protocol and self.ga:
             self.add_ga(rows, views, features)
-        return rows
+        return rows, seen
 
     def row(self, view, probs):
         top = probs.topk(min(3, len(self.classes)))
@@ -167,26 +167,26 @@ def batches(views, size):
         yield batch
 
 
-def save_model_input(view, classifier, folder, taken):
+def save_model_input(view, seen, folder, taken):
     """The image the model saw (after crop, pad and resize, before normalising) as PNG -> its path."""
     path = os.path.join(folder, scans.frame_name(view.file, view.frame, view.region, taken))
     with configurator.atomic_path(path) as tmp:
-        classifier.model_input(view.image).save(tmp, format="PNG")
+        seen.save(tmp, format="PNG")
     return path
 
 
 def predict(net, found, config, device):
-    """-> (rows, skipped) for the found scans: batched, streamed file by file."""
+    """-> (rows, skipped, the classifier) for the found scans: batched, streamed file by file."""
     prompts = evaluate.read_prompts(config["prompts"]) if config["prompts"] else None
     classifier, rows, skipped, taken = Classifier(net, prompts, device), [], [], set()
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
     with tqdm(total=len(found), desc="scans", unit="file") as progress:
         for batch in batches(views_of(found, config["pixel_size"], skipped, progress), config["batch_size"]):
-            batch_rows = classifier(batch)
-            for row, view in zip(batch_rows, batch):
-                saving = config["save_frames"]
-                row["saved"] = save_model_input(view, classifier, saving, taken) if saving else None
+            batch_rows, seen = classifier(batch)
+            for row, view, image in zip(batch_rows, batch, seen):
+                folder = config["save_frames"]
+                row["saved"] = save_model_input(view, image, folder, taken) if folder else None
             rows += batch_rows
             progress.set_postfix(frames=len(rows))
     return rows, skipped, classifier
@@ -195,14 +195,19 @@ def predict(net, found, config, device):
 # ------------------------------------------------------------------ clips
 
 
-def clips_of(rows, classes):
-    """A clip per multi-frame file and view: its frame count, the label of the mean probabilities and, per class,
-    the frame where it is most probable."""
+def views_of_files(rows):
+    """{(file, region): its rows, in frame order}."""
     groups = {}
     for row in rows:
         groups.setdefault((row["file"], row["region"]), []).append(row)
+    return groups
+
+
+def clips_of(rows, classes):
+    """A clip per multi-frame file and view: its frame count, the label of the mean probabilities and, per class,
+    the frame where it is most probable."""
     clips = []
-    for (path, region), members in groups.items():
+    for (path, region), members in views_of_files(rows).items():
         if len(members) < 2:
             continue
         probs = np.array([[m["probs"][c] for c in classes] for m in members])  # (frames, C)
@@ -223,14 +228,13 @@ def clips_of(rows, classes):
     return clips
 
 
-def timeline(clip, rows, classes):
-    """Class probabilities over the frames of one clip; classes that never reach 0.1 are left out."""
+def timeline(clip, members, classes):
+    """Class probabilities over the frames of one clip (its rows); classes that never reach 0.1 are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    members = [r for r in rows if r["file"] == clip["file"] and r["region"] == clip["region"]]
     frames = [r["frame"] for r in members]
     fig, ax = plt.subplots(figsize=(8, 3))
     for name in classes:
@@ -265,11 +269,11 @@ def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
     """predictions.json, predictions.csv and timelines/, each replaced in one step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    taken, figures = set(), {}
+    taken, figures, views = set(), {}, views_of_files(rows)
     for clip in clips:
-        name = scans.frame_name(clip["file"], 0, -1 if clip["region"] is None else clip["region"], taken)
-        clip["timeline"] = str(out_dir / "timelines" / name.replace("_f0000", ""))
-        figures[Path(clip["timeline"]).name] = timeline(clip, rows, classes)
+        name = scans.frame_name(clip["file"], None, -1 if clip["region"] is None else clip["region"], taken)
+        clip["timeline"] = str(out_dir / "timelines" / name)
+        figures[name] = timeline(clip, views[clip["file"], clip["region"]], classes)
     with configurator.atomic_path(out_dir / "timelines") as tmp:
         os.makedirs(tmp)
         for name, png in figures.items():
@@ -285,12 +289,6 @@ def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
 
 
 def provenance(config, net, classifier):
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
         "command": " ".join(["python predict.py", *sys.argv[1:]]) if sys.argv[0].endswith("predict.py") else "",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -302,7 +300,7 @@ def provenance(config, net, classifier):
             "classes": classifier.prompts,
         },
         "pixel_size_mm": config["pixel_size"] if config["pixel_size"] > 0 else None,
-        "versions": versions,
+        "versions": configurator.package_versions(PACKAGES),
     }
 
 

@@ -362,9 +362,10 @@ def square_pixel(width, height):
 
 
 def frame_name(path, frame, region, taken):
-    """A file name for one view, unique within `taken` (a set it is added to)."""
+    """A file name for one view of one frame (frame None: for the whole file), unique within `taken` (a set it is
+    added to)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).as_posix().lstrip("./")) or "scan"
-    name = f"{stem}_f{frame:04d}" + (f"_r{region}" if region >= 0 else "")
+    name = stem + ("" if frame is None else f"_f{frame:04d}") + (f"_r{region}" if region >= 0 else "")
     unique, n = name, 1
     while unique in taken:
         n += 1
