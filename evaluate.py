@@ -37,6 +37,7 @@ from protocol import (
     HC_MAX,
     HC_MIN,
     PROMPTS,
+    SCALE,
     classification_metrics,
     decode_all,
     ga_validity,
@@ -150,7 +151,7 @@ def ga_scores(model, image_features, spacings, cache_text=True, device="cpu", te
             encoded += cache[spacing].shape[0]
         text = cache[spacing] if cache_text else cache.pop(spacing)
         # 100 * img @ txt.T per image, averaged over the 5 templates: (1, 875) -> (175,)
-        scores.append((100.0 * feature[None] @ text.T).view(len(PROMPTS["ga_templates"]), -1).mean(0))
+        scores.append((SCALE * feature[None] @ text.T).view(len(PROMPTS["ga_templates"]), -1).mean(0))
     return torch.stack(scores).numpy() if scores else np.zeros((0, len(GA_DAYS)), np.float32), encoded
 
 
@@ -252,10 +253,9 @@ def encode_task(model, task, batch_size=64, device="cpu", frames=0):
     return stacked, np.array(labels, dtype=np.int64), where, skipped
 
 
-def classify(model, features, labels, prompts, device="cpu"):
-    """Zero-shot: 100 * img @ cls.T over every class of `prompts` -> (metrics, logits (N, C))."""
-    logits = 100.0 * features @ class_embeddings(model, prompts, device).T  # (N, C)
-    return classification_metrics(logits.softmax(-1).numpy(), labels, list(prompts)), logits
+def class_logits(model, features, prompts, device="cpu"):
+    """Zero-shot logits over every class of `prompts`: SCALE * img @ cls.T -> (N, C)."""
+    return SCALE * features @ class_embeddings(model, prompts, device).T
 
 
 def task_results(model, tasks, batch_size, device):
@@ -263,7 +263,8 @@ def task_results(model, tasks, batch_size, device):
     results = {}
     for task in tasks:
         features, labels, _, skipped = encode_task(model, task, batch_size, device)
-        results[task.name] = classify(model, features, labels, task.prompts, device)[0]
+        probs = class_logits(model, features, task.prompts, device).softmax(-1).numpy()
+        results[task.name] = classification_metrics(probs, labels, list(task.prompts))
         results[task.name].update(files=len(task.files), skipped=skipped, ignored=task.ignored)
     return results
 
@@ -309,7 +310,7 @@ def planes_results(model, planes_dir, results, batch_size, device, split, num_wo
     extra = {"planes_rows": rows, "planes_features": features}
     for name, key in PLANES_TASKS.items():
         labels, prompts = np.array([r[key] for r in rows], dtype=np.int64), PROMPTS[name]
-        logits = 100.0 * features @ class_embeddings(model, prompts, device).T  # (N, C), "Other" rows too
+        logits = class_logits(model, features, prompts, device)  # (N, C), "Other" rows too
         mask = labels >= 0
         results[name] = classification_metrics(logits[mask].softmax(-1).numpy(), labels[mask], list(prompts))
         extra[name + "_logits"] = logits

@@ -82,8 +82,8 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, image):
         image_features = self.encoder(image)  # (B, D)
-        plane_probs = (100.0 * image_features @ self.plane_embeddings.T).softmax(-1)  # (B, 9)
-        brain_probs = (100.0 * image_features @ self.brain_embeddings.T).softmax(-1)  # (B, 3)
+        plane_probs = (protocol.SCALE * image_features @ self.plane_embeddings.T).softmax(-1)  # (B, 9)
+        brain_probs = (protocol.SCALE * image_features @ self.brain_embeddings.T).softmax(-1)  # (B, 3)
         return plane_probs, brain_probs, image_features
 
 

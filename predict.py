@@ -80,7 +80,7 @@ class Classifier:
         seen = [self.model_input(view.image) for view in views]
         images = torch.stack([self.normalise(image) for image in seen]).to(self.device)
         features = F.normalize(self.net.encode_image(images).float(), dim=-1).cpu()  # (B, D)
-        probs = (100.0 * features @ self.embeddings.T).softmax(-1)  # (B, C)
+        probs = (protocol.SCALE * features @ self.embeddings.T).softmax(-1)  # (B, C)
         rows = [self.row(view, p) for view, p in zip(views, probs)]
         if self.protocol:
             self.add_subplanes(rows, features)
@@ -105,7 +105,7 @@ class Classifier:
         }
 
     def add_subplanes(self, rows, features):
-        brain = (100.0 * features @ self.brain.T).softmax(-1)  # (B, 3)
+        brain = (protocol.SCALE * features @ self.brain.T).softmax(-1)  # (B, 3)
         for row, p in zip(rows, brain):
             is_brain = row["label"] == "brain"
             row["subplane"] = protocol.BRAIN_SUBPLANES[int(p.argmax())] if is_brain else None

@@ -53,6 +53,7 @@ GA_CURVES = {
     "q975": (2.50074069629423, 0.220067854715719, -4.93623111462443e-3, 3.89066000946519e-5),
 }
 HC_MIN, HC_MAX, TOP_N, BOOTSTRAP = 100.0, 342.0, 15, 10_000
+SCALE = 100.0  # zero-shot logits are SCALE * img @ txt.T (cosines), FetalCLIP's fixed scale
 
 # ------------------------------------------------------------------ the data sets' files
 

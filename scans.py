@@ -192,9 +192,13 @@ def one_line(error):
     return f"{type(error).__name__}: {' '.join(lines)[:300]}" if lines else type(error).__name__
 
 
+def given_size(given):
+    """(mm, source, why not) of a file that carries no calibration: the size the user gave, if any."""
+    return (given, "given", "") if given else (None, "", "the file carries no calibration (give pixel_size)")
+
+
 def uncalibrated(path, frame, image, given, seconds=None, pixels=""):
-    source, note = ("given", "") if given else ("", "the file carries no calibration (give pixel_size)")
-    return View(path, frame, -1, image, given, source, note, seconds, pixels)
+    return View(path, frame, -1, image, *given_size(given), seconds, pixels)
 
 
 def image_views(path, given, indices):
@@ -232,14 +236,14 @@ def dicom_views(path, given, indices):
         raise Unreadable(f"no pixel data ({kind})")
     check_decoder(dataset)
     frames, rows, columns = int(dataset.get("NumberOfFrames") or 1), dataset.Rows, dataset.Columns
-    views, note = calibrated_views(dataset, rows, columns, given)
+    views = calibrated_views(dataset, rows, columns, given)
     to_rgb, pixels = colour(dataset)
     frame_time = seconds_per_frame(dataset)
-    wanted = sorted(i for i in indices if i < frames) if indices is not None else None
-    for frame, array in zip(wanted or range(frames), iter_pixels(path, indices=wanted)):
+    wanted = None if indices is None else sorted(i for i in indices if i < frames)
+    for frame, array in zip(range(frames) if wanted is None else wanted, iter_pixels(path, indices=wanted)):
         image = Image.fromarray(to_rgb(array))
         seconds = None if frame_time is None else frame * frame_time
-        for region, box, size, source in views:
+        for region, box, size, source, note in views:
             crop = image if box is None else image.crop(box)
             yield View(path, frame, region, crop, size, source, note, seconds, pixels)
 
@@ -299,11 +303,10 @@ def seconds_per_frame(dataset):
 
 
 def calibrated_views(dataset, rows, columns, given):
-    """-> ([(region, crop box or None, pixel size mm or None, source)], note): the views of each frame."""
+    """-> [(region, crop box or None, pixel size mm or None, its source, why not)]: the views of each frame."""
     regions = list(dataset.get("SequenceOfUltrasoundRegions") or [])
     if not regions:
-        size, source, note = pixel_spacing(dataset, given)
-        return [(-1, None, size, source)], note
+        return [(-1, None, *pixel_spacing(dataset, given))]
     tissue = [
         (i, r) for i, r in enumerate(regions) if r.get("RegionSpatialFormat") == 1 and r.get("RegionDataType") == 1
     ]
@@ -317,11 +320,10 @@ def calibrated_views(dataset, rows, columns, given):
         if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
             where = f"region {index} spans x {x0}-{x1}, y {y0}-{y1} outside the {columns}x{rows} pixel array"
             note = f"calibration not trusted: {where} (resized after calibration?): whole frame, no pixel size"
-            return [(-1, None, None, "")], note
+            return [(-1, None, None, "", note)]
         size, why = region_pixel_size(region)
         views.append((index, (x0, y0, x1 + 1, y1 + 1), size, f"ultrasound region {index}" if size else "", why))
-    notes = sorted({v[4] for v in views if v[4]})
-    return [v[:4] for v in views], "; ".join(notes)
+    return views
 
 
 def describe_region(region):
@@ -343,9 +345,7 @@ def pixel_spacing(dataset, given):
     if spacing is not None and len(spacing) == 2:
         size, why = square_pixel(float(spacing[1]), float(spacing[0]))
         return size, "PixelSpacing" if size else "", why
-    if given:
-        return given, "given", ""
-    return None, "", "the file carries no calibration (give pixel_size)"
+    return given_size(given)
 
 
 def square_pixel(width, height):
