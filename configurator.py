@@ -23,7 +23,11 @@ SETTING_TYPES = (bool, int, float, str)
 
 def settings(namespace):
     """The settings in a script's namespace: its lower-case bool / int / float / str globals, in order."""
-    return {k: v for k, v in namespace.items() if k.islower() and not k.startswith("_") and type(v) in SETTING_TYPES}
+    return {
+        k: v
+        for k, v in namespace.items()
+        if k.islower() and not k.startswith("_") and type(v) in SETTING_TYPES
+    }
 
 
 def parse(key, text, default):
@@ -36,7 +40,9 @@ def parse(key, text, default):
             return text.lower() in ("true", "1")
         return kind(text)
     except ValueError:
-        raise SystemExit(f"--{key}={text}: expected {kind.__name__} (default {default!r})") from None
+        raise SystemExit(
+            f"--{key}={text}: expected {kind.__name__} (default {default!r})"
+        ) from None
 
 
 def configure(config, arguments, presets=None, positional="", rest=""):
@@ -61,11 +67,17 @@ def configure(config, arguments, presets=None, positional="", rest=""):
     bare = [a for a in arguments if not a.startswith("--")]
     if len(bare) > (1 if positional else 0):
         expected = f"one {positional}" if positional else "--key=value"
-        raise SystemExit(f"unexpected arguments {bare}; expected {expected} (valid keys: {', '.join(config)})")
+        raise SystemExit(
+            f"unexpected arguments {bare}; expected {expected} (valid keys: {', '.join(config)})"
+        )
     for argument in arguments:
         if presets and argument.startswith("--preset="):
             continue
-        key, has_value, text = argument[2:].partition("=") if argument.startswith("--") else (positional, "=", argument)
+        key, has_value, text = (
+            argument[2:].partition("=")
+            if argument.startswith("--")
+            else (positional, "=", argument)
+        )
         if key not in config:
             raise SystemExit(
                 f"unknown config key {key!r}{closest(key, config)}; valid keys: {', '.join(sorted(config))}"
@@ -82,7 +94,11 @@ def refuse(config, rules):
     finite breaks a rule of its own first (nan passes no comparison, inf passes some)."""
     not_finite = [k for k, v in config.items() if type(v) is float and not math.isfinite(v)]
     problems = [f"--{k}={config[k]!r}: expected a finite number" for k in not_finite]
-    problems += [f"--{k}={config[k]!r}: expected {why}" for k, holds, why in rules if not (holds or k in not_finite)]
+    problems += [
+        f"--{k}={config[k]!r}: expected {why}"
+        for k, holds, why in rules
+        if not (holds or k in not_finite)
+    ]
     if problems:
         raise SystemExit("\n".join(problems))
 
@@ -112,7 +128,13 @@ def pick_device(device=""):
     """'' = cuda, else mps, else cpu: the meaning of every script's --device=''. A named device must be one of
     DEVICES and present on this machine, checked before anything runs (one line, not a traceback on first use)."""
     if not device:
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return (
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if torch.backends.mps.is_available()
+            else "cpu"
+        )
     kind, colon, index = device.partition(":")
     if kind not in ("cpu", "cuda", "mps") or colon and (kind != "cuda" or not index.isdigit()):
         raise SystemExit(f"--device={device}: expected '' (automatic) or {one_of(device, DEVICES)}")
@@ -122,8 +144,12 @@ def pick_device(device=""):
         "mps": torch.backends.mps.is_available(),
     }
     if not present[kind]:
-        found = f"{torch.cuda.device_count()} CUDA devices" + (", MPS" if torch.backends.mps.is_available() else "")
-        raise SystemExit(f"--device={device}: not on this machine (torch finds {found}); use --device=cpu or ''")
+        found = f"{torch.cuda.device_count()} CUDA devices" + (
+            ", MPS" if torch.backends.mps.is_available() else ""
+        )
+        raise SystemExit(
+            f"--device={device}: not on this machine (torch finds {found}); use --device=cpu or ''"
+        )
     return device
 
 
@@ -149,7 +175,9 @@ def atomic_path(path):
             descriptor = os.open(tmp, os.O_RDONLY)
             os.fsync(descriptor)
             os.close(descriptor)
-        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot replace a folder in one rename
+        if os.path.isdir(tmp) and os.path.isdir(
+            path
+        ):  # a folder cannot replace a folder in one rename
             os.replace(path, tmp + ".old")
         os.replace(tmp, path)
     finally:

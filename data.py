@@ -36,19 +36,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # loader workers fork 
 
 # ------------------------------------------------------------------ tokenizer: open_clip's SimpleTokenizer ids
 
-CONTEXT_LENGTH = 117  # FetalCLIP's text context, shared by teacher and student (MobileCLIP2 ships 77, resized)
+CONTEXT_LENGTH = 117  # FetalCLIP's text context; model.py has its own copy (tests/test_layout.py)
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 SOT, EOT = 49406, 49407
 # CLIP's pre-tokenizer regex; CLIP compiles it with IGNORECASE
 CLIP_PATTERN = r"""(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # BPE pieces of the special tokens' text under CLIP's merges (see clip_tokenizer)
-SPECIAL_PIECES = {f"<{word}_of_text>": ["<", word, "_", "of", "_", "text", "></w>"] for word in ("start", "end")}
+SPECIAL_PIECES = {
+    f"<{word}_of_text>": ["<", word, "_", "of", "_", "text", "></w>"] for word in ("start", "end")
+}
 
 
 def bytes_to_unicode():
     """CLIP's byte -> printable character table (printable bytes map to themselves)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs = bs[:] + [256 + n for n in range(256 - len(bs))]
     bs = bs + [b for b in range(256) if b not in bs]
     return dict(zip(bs, map(chr, cs)))
@@ -61,7 +67,9 @@ def clip_tokenizer():
     merges = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(SPECIAL_PIECES)
+    tokens = (
+        chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(SPECIAL_PIECES)
+    )
     vocab = {t: i for i, t in enumerate(tokens)}  # 49,408 entries
     # CLIP's regex isolates a literal "<end_of_text>" and its BPE cache maps it to the special id.
     # Merges ranked after all of CLIP's join its pieces into one symbol with that id; they touch no
@@ -73,7 +81,9 @@ def clip_tokenizer():
             joined += piece
             vocab[joined] = vocab[special]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, end_of_word_suffix="</w>"))
-    split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(CLIP_PATTERN), behavior="removed", invert=True)
+    split = tokenizers.pre_tokenizers.Split(
+        tokenizers.Regex(CLIP_PATTERN), behavior="removed", invert=True
+    )
     to_bytes = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([split, to_bytes])
     return tok
@@ -140,11 +150,18 @@ def count_samples(urls):
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
-                    if member.offset_data + member.size > size:  # tarfile reads headers only: check the data fits
+                    if (
+                        member.offset_data + member.size > size
+                    ):  # tarfile reads headers only: check the data fits
                         raise tarfile.ReadError(f"unexpected end of data in {member.name}")
-                    keys.add(wds.tariterators.base_plus_ext(member.name)[0] if member.isreg() else None)
+                    keys.add(
+                        wds.tariterators.base_plus_ext(member.name)[0] if member.isreg() else None
+                    )
         except (tarfile.TarError, EOFError, OSError) as error:
-            print(f"data: shard {url} is broken after {len(keys - {None})} samples ({error})", file=sys.stderr)
+            print(
+                f"data: shard {url} is broken after {len(keys - {None})} samples ({error})",
+                file=sys.stderr,
+            )
         total += len(keys - {None})
     return total
 
@@ -170,11 +187,15 @@ def scale_to_8bit(pixels, bits=0):
         if 0 <= low and high <= 255:
             return np.rint(values).astype(np.uint8), f"{kind} [0, 255]"
         stretched = (values - low) * (255 / (high - low)) if high > low else values * 0
-        return np.rint(stretched).astype(np.uint8), f"{kind} range [{low:g}, {high:g}] stretched to 0-255"
+        return np.rint(stretched).astype(
+            np.uint8
+        ), f"{kind} range [{low:g}, {high:g}] stretched to 0-255"
     bits = bits or (16 if high < 2**16 else 8 * pixels.dtype.itemsize)
     if high >= 2**bits:
         raise ValueError(f"pixel values up to {high:g} do not fit in {bits} bits")
-    return np.rint(values * (255 / (2**bits - 1))).astype(np.uint8), f"{bits}-bit / {(2**bits - 1) / 255:g}"
+    return np.rint(values * (255 / (2**bits - 1))).astype(
+        np.uint8
+    ), f"{bits}-bit / {(2**bits - 1) / 255:g}"
 
 
 def to_8bit(image):
@@ -185,7 +206,9 @@ def to_8bit(image):
         return image, ""
     if image.mode in ("1", "LA", "La"):
         return image.convert("L"), ""
-    if image.mode == "F" or image.mode.startswith("I"):  # I;16 (PNG, TIFF), I;16B, I (32-bit), F (float TIFF)
+    if image.mode == "F" or image.mode.startswith(
+        "I"
+    ):  # I;16 (PNG, TIFF), I;16B, I (32-bit), F (float TIFF)
         pixels, note = scale_to_8bit(np.asarray(image))
         return Image.fromarray(pixels, "L"), note
     return image.convert("RGB"), ""  # P, PA, RGBA, CMYK, YCbCr, LAB, HSV ...
@@ -206,7 +229,9 @@ def pad_to_square(image):
 def normalise(image, mean, std):
     """PIL 'L' or 'RGB' -> (3, H, W): to_tensor then normalize as one lookup of each 8-bit value in a table
     (bit-identical to them); grayscale is repeated over the channels."""
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).long()  # (H * W * channels,)
+    pixels = torch.frombuffer(
+        bytearray(image.tobytes()), dtype=torch.uint8
+    ).long()  # (H * W * channels,)
     table = normalisation_table(tuple(mean), tuple(std))  # (3, 256)
     if image.mode == "L":
         return table.index_select(1, pixels).view(3, image.height, image.width)
@@ -224,25 +249,45 @@ def eval_transform(image_size, mean, std):
     """PIL -> (3, S, S): pad to square, resize S bicubic, centre crop S, normalise."""
     resize = T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC)
     return T.Compose(
-        [pad_to_square, resize, T.CenterCrop(image_size), functools.partial(normalise, mean=mean, std=std)]
+        [
+            pad_to_square,
+            resize,
+            T.CenterCrop(image_size),
+            functools.partial(normalise, mean=mean, std=std),
+        ]
     )
 
 
-AUGMENT = dict(degrees=7.0, translate=0.05, jitter=0.15, version="2")  # caches record it; bump version if views change
+AUGMENT = dict(
+    degrees=7.0, translate=0.05, jitter=0.15, version="2"
+)  # caches record it; bump version if views change
 
 
 def augment_params(seed, epoch, key):
     """One draw of RandomAffine + ColorJitter (AUGMENT), a pure function of (seed, epoch, sample key): replayable."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    u = (2 * torch.rand(6, generator=generator) - 1).tolist()  # U(-1, 1); translation: fractions of the side
-    params = dict(angle=AUGMENT["degrees"] * u[0], translate=(AUGMENT["translate"] * u[1], AUGMENT["translate"] * u[2]))
-    params["factors"] = tuple(1 + AUGMENT["jitter"] * x for x in u[3:])  # brightness, contrast, saturation
-    params["order"] = torch.randperm(3, generator=generator).tolist()  # the order the three adjustments run in
+    u = (
+        2 * torch.rand(6, generator=generator) - 1
+    ).tolist()  # U(-1, 1); translation: fractions of the side
+    params = dict(
+        angle=AUGMENT["degrees"] * u[0],
+        translate=(AUGMENT["translate"] * u[1], AUGMENT["translate"] * u[2]),
+    )
+    params["factors"] = tuple(
+        1 + AUGMENT["jitter"] * x for x in u[3:]
+    )  # brightness, contrast, saturation
+    params["order"] = torch.randperm(
+        3, generator=generator
+    ).tolist()  # the order the three adjustments run in
     return params
 
 
-ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)  # in the order of params["factors"]
+ADJUST = (
+    TF.adjust_brightness,
+    TF.adjust_contrast,
+    TF.adjust_saturation,
+)  # in the order of params["factors"]
 
 
 def coupled_views(square, params, views):
@@ -254,13 +299,23 @@ def coupled_views(square, params, views):
     shrunk, out = {}, []
     for size, mean, std in views:
         factor = math.ceil(square.width / (1.2 * size))
-        key = factor if factor >= 3 else -size  # a box filter under 3 smooths less than bicubic: resize exactly
+        key = (
+            factor if factor >= 3 else -size
+        )  # a box filter under 3 smooths less than bicubic: resize exactly
         if key not in shrunk:
-            shrunk[key] = square.reduce(factor) if factor >= 3 else square.resize((size, size), Image.BICUBIC)
-        translate = [t * size for t in params["translate"]]  # rotation about the view's centre after the shift
-        matrix = TF._get_inverse_affine_matrix([size / 2, size / 2], params["angle"], translate, 1.0, [0.0, 0.0])
+            shrunk[key] = (
+                square.reduce(factor) if factor >= 3 else square.resize((size, size), Image.BICUBIC)
+            )
+        translate = [
+            t * size for t in params["translate"]
+        ]  # rotation about the view's centre after the shift
+        matrix = TF._get_inverse_affine_matrix(
+            [size / 2, size / 2], params["angle"], translate, 1.0, [0.0, 0.0]
+        )
         scale = shrunk[key].width / size  # source pixels per view pixel
-        view = shrunk[key].transform((size, size), Image.AFFINE, [scale * m for m in matrix], Image.BILINEAR)
+        view = shrunk[key].transform(
+            (size, size), Image.AFFINE, [scale * m for m in matrix], Image.BILINEAR
+        )
         for i in params["order"]:  # ColorJitter in the drawn order, torchvision's own functions
             view = ADJUST[i](view, params["factors"][i])
         out.append(normalise(view, mean, std))
@@ -269,8 +324,20 @@ def coupled_views(square, params, views):
 
 # ------------------------------------------------------------------ training loader
 
-IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp", "tif", "tiff", "bmp")  # the image fields a sample may hold
-SKIP_REASONS = ("image", "caption", "uncached")  # unreadable or missing, no caption, no teacher-cache entry
+IMAGE_EXTENSIONS = (
+    "jpg",
+    "png",
+    "jpeg",
+    "webp",
+    "tif",
+    "tiff",
+    "bmp",
+)  # the image fields a sample may hold
+SKIP_REASONS = (
+    "image",
+    "caption",
+    "uncached",
+)  # unreadable or missing, no caption, no teacher-cache entry
 
 
 def decode_sample(sample):
@@ -298,10 +365,16 @@ class CoupledShards(torch.utils.data.IterableDataset):
     every readers-th shard (sample, with fewer shards than readers), through a shuffle buffer, batched."""
 
     def __init__(self, urls, views, cache, settings):
-        vars(self).update(settings)  # train_loader's arguments: batch_size, seed, epoch, rank, world_size, ...
+        vars(self).update(
+            settings
+        )  # train_loader's arguments: batch_size, seed, epoch, rank, world_size, ...
         self.urls, self.views, self.cache = urls, views, cache  # cache: (folder, manifest) or None
-        self.skipped = torch.zeros(max(self.num_workers, 1), len(SKIP_REASONS), dtype=torch.long).share_memory_()
-        self.broken = torch.zeros(len(urls), dtype=torch.bool).share_memory_()  # per shard, whoever read it
+        self.skipped = torch.zeros(
+            max(self.num_workers, 1), len(SKIP_REASONS), dtype=torch.long
+        ).share_memory_()
+        self.broken = torch.zeros(
+            len(urls), dtype=torch.bool
+        ).share_memory_()  # per shard, whoever read it
 
     def _stream(self, reader, readers, rng):
         """Raw samples of one reader, pass after pass (a single pass when the epoch is one pass)."""
@@ -320,24 +393,32 @@ class CoupledShards(torch.utils.data.IterableDataset):
             empty_passes = 0 if found else empty_passes + 1
             if self.samples_per_epoch <= 0:
                 return
-            if empty_passes == (20 if self.resampled else 1):  # a fixed epoch length would loop forever
+            if empty_passes == (
+                20 if self.resampled else 1
+            ):  # a fixed epoch length would loop forever
                 raise RuntimeError(f"data: reader {reader} of {readers} found no sample in {urls}")
 
     def _read(self, urls):
         """Raw samples of the shards, in order; a broken shard's samples before the break are kept. With a cache,
         each joins its entry (same keys, same order, minus unreadable samples), checked against the sample's digest."""
         for url in urls:
-            samples = wds.tarfile_samples([{"url": url}], handler=functools.partial(self._broken, url))
+            samples = wds.tarfile_samples(
+                [{"url": url}], handler=functools.partial(self._broken, url)
+            )
             if self.cache is None:
                 yield from samples
                 continue
-            cached = wds.tarfile_samples([{"url": os.path.join(self.cache[0], cache_shard_name(url))}])
+            cached = wds.tarfile_samples(
+                [{"url": os.path.join(self.cache[0], cache_shard_name(url))}]
+            )
             entry = next(cached, None)
             for sample in samples:
                 if entry is not None and entry["__key__"] == sample["__key__"]:
                     if entry["source.txt"].decode() != sample_digest(sample):
                         stale = f"teacher cache {self.cache[0]}: the entry for {sample['__key__']} in {url}"
-                        raise StaleCache(f"{stale} was computed from another sample; run `python cache.py ...` again")
+                        raise StaleCache(
+                            f"{stale} was computed from another sample; run `python -m tools.cache ...` again"
+                        )
                     sample, entry = {**entry, **sample}, next(cached, None)
                 yield sample
 
@@ -359,7 +440,9 @@ class CoupledShards(torch.utils.data.IterableDataset):
             per_rank = self.samples_per_epoch // (self.world_size * self.batch_size)
             quota = per_rank // workers + (worker < per_rank % workers)
         batch, yielded, bad_streak = [], 0, 0
-        shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)  # webdataset's buffer
+        shuffle = wds.shuffle(
+            self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng
+        )  # webdataset's buffer
         for sample in shuffle(self._stream(reader, readers, rng)):
             if yielded == quota:
                 return
@@ -367,7 +450,9 @@ class CoupledShards(torch.utils.data.IterableDataset):
             if isinstance(decoded, tuple) and self.cache is not None and "image.npy" not in sample:
                 decoded = SKIP_REASONS.index("uncached")
             bad_streak = 0 if isinstance(decoded, tuple) else bad_streak + 1
-            if bad_streak > 10_000:  # with a fixed epoch length, all-unreadable data would loop forever
+            if (
+                bad_streak > 10_000
+            ):  # with a fixed epoch length, all-unreadable data would loop forever
                 raise RuntimeError(f"data: 10,000 unusable samples in a row in {self.urls}")
             if not isinstance(decoded, tuple):
                 counts[decoded] += 1
@@ -385,7 +470,10 @@ class CoupledShards(torch.utils.data.IterableDataset):
         if self.cache is not None:
             augmentation = cached_augmentation(self.epoch, self.cache[1]["augs"])
             load = lambda name: torch.from_numpy(np.load(io.BytesIO(sample[name])))  # fp16
-            teacher = (load("image.npy")[augmentation], load("text.npy"))  # (augs, D)[augmentation], (D,)
+            teacher = (
+                load("image.npy")[augmentation],
+                load("text.npy"),
+            )  # (augs, D)[augmentation], (D,)
         params = augment_params(self.augment_seed, augmentation, key)
         return coupled_views(pad_to_square(image), params, self.views), caption, key, teacher
 
@@ -420,8 +508,12 @@ class TrainLoader(torch.utils.data.DataLoader):
         batches = super().__iter__()
         try:
             yield from batches
-        except StaleCache as error:  # from a worker, the message holds its traceback: keep the last line
-            raise StaleCache(str(error).strip().splitlines()[-1].split("StaleCache: ")[-1]) from None
+        except (
+            StaleCache
+        ) as error:  # from a worker, the message holds its traceback: keep the last line
+            raise StaleCache(
+                str(error).strip().splitlines()[-1].split("StaleCache: ")[-1]
+            ) from None
         finally:  # also when the caller stops early (GeneratorExit): the report counts what was read
             del batches  # stops the workers, so their counts are final
             self.skipped = dict(zip(SKIP_REASONS, d.skipped.sum(0).tolist()))
@@ -484,6 +576,8 @@ def sample_digest(sample):
 def read_cache_manifest(folder):
     path = os.path.join(folder, CACHE_MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: not a teacher cache (write one with `python cache.py`)")
+        raise FileNotFoundError(
+            f"{path} not found: not a teacher cache (write one with `python -m tools.cache`)"
+        )
     with open(path) as f:
         return json.load(f)

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 import configurator
 import data
-import scans
 from model import load_model
 from protocol import (
     GA_DAYS,
@@ -49,19 +48,26 @@ from protocol import (
 # ------------------------------------------------------------------ settings: --key=value
 ckpt = ""  # the checkpoint to evaluate: the one positional argument
 model = ""  # model.py name; '' = the name the checkpoint stores (or the one its keys show)
-planes_dir = ""  # Planes DB folder; '' = the demo's (data/demo/planes, python synthetic.py) unless --task is given
+planes_dir = ""  # Planes DB folder; '' = the demo's (data/demo/planes) unless --task is given
 hc18_dir = ""  # HC18 folder; '' = the demo's (data/demo/hc18) unless --task is given
 task = ""  # your labelled scans: task folders (one sub-folder per class + prompts.json), comma-separated
 prompts = ""  # the tasks' prompts JSON {class: [prompt, ...]}; '' = each task folder's prompts.json
-eval_split = "all"  # 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
+eval_split = (
+    "all"  # 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
+)
 out_dir = ""  # where the JSON goes; '' = beside the checkpoint
 device = ""  # '' = cuda, else mps, else cpu
 batch_size = 64
 num_workers = 0  # image-loading processes
-cache_text = True  # GA prompts encoded once per distinct pixel spacing; False = per image, as the release
+cache_text = (
+    True  # GA prompts encoded once per distinct pixel spacing; False = per image, as the release
+)
 DEFAULTS = configurator.settings(globals())
 
-DEMO_FOLDERS = {"planes_dir": "data/demo/planes", "hc18_dir": "data/demo/hc18"}  # synthetic.layout("data/demo")
+DEMO_FOLDERS = {
+    "planes_dir": "data/demo/planes",
+    "hc18_dir": "data/demo/hc18",
+}  # synthetic.layout("data/demo")
 
 
 # ------------------------------------------------------------------ encoding
@@ -108,7 +114,8 @@ def encode_prompts(model, prompts, device="cpu"):
 def class_embeddings(model, prompts_by_class, device="cpu"):
     """Encode each prompt, L2-normalise, average per class, re-normalise -> (C, D)."""
     return F.normalize(
-        torch.stack([encode_prompts(model, p, device).mean(0) for p in prompts_by_class.values()]), dim=-1
+        torch.stack([encode_prompts(model, p, device).mean(0) for p in prompts_by_class.values()]),
+        dim=-1,
     )
 
 
@@ -145,14 +152,20 @@ def ga_scores(model, image_features, spacings, cache_text=True, device="cpu", te
     encodes them once per distinct string (kept in `text_cache` across calls when given); cache_text=False
     re-encodes them per image (release)."""
     cache, encoded, scores = {} if text_cache is None else text_cache, 0, []
-    for feature, spacing in zip(tqdm(image_features, desc="GA prompts", unit="image", leave=False), spacings):
+    for feature, spacing in zip(
+        tqdm(image_features, desc="GA prompts", unit="image", leave=False), spacings
+    ):
         if not cache_text or spacing not in cache:
             cache[spacing] = ga_text_features(model, spacing, device).flatten(0, 1)  # (875, D)
             encoded += cache[spacing].shape[0]
         text = cache[spacing] if cache_text else cache.pop(spacing)
         # 100 * img @ txt.T per image, averaged over the 5 templates: (1, 875) -> (175,)
-        scores.append((SCALE * feature[None] @ text.T).view(len(PROMPTS["ga_templates"]), -1).mean(0))
-    return torch.stack(scores).numpy() if scores else np.zeros((0, len(GA_DAYS)), np.float32), encoded
+        scores.append(
+            (SCALE * feature[None] @ text.T).view(len(PROMPTS["ga_templates"]), -1).mean(0)
+        )
+    return torch.stack(scores).numpy() if scores else np.zeros(
+        (0, len(GA_DAYS)), np.float32
+    ), encoded
 
 
 def check_sets(planes_dir="", hc18_dir="", task_folders="", prompts="", split="all"):
@@ -169,7 +182,10 @@ def check_sets(planes_dir="", hc18_dir="", task_folders="", prompts="", split="a
 # A zero-shot classification task is its prompts per class (every class a candidate, class index = key order) and
 # its labelled items. The protocol's two are read from Planes DB (PLANES_TASKS); a user's task is a folder.
 
-PLANES_TASKS = {"five_planes": "five", "brain_subplanes": "sub"}  # name (its PROMPTS key) -> planes_rows' class key
+PLANES_TASKS = {
+    "five_planes": "five",
+    "brain_subplanes": "sub",
+}  # name (its PROMPTS key) -> planes_rows' class key
 
 
 @dataclasses.dataclass
@@ -193,9 +209,15 @@ def read_prompts(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(prompts, dict) or len(prompts) < 2:
-        raise ValueError(f"{path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more")
+        raise ValueError(
+            f"{path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more"
+        )
     for name, texts in prompts.items():
-        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t.strip() for t in texts)):
+        if not (
+            isinstance(texts, list)
+            and texts
+            and all(isinstance(t, str) and t.strip() for t in texts)
+        ):
             raise ValueError(f"{path}: class {name!r} needs a non-empty list of prompt strings")
     return prompts
 
@@ -205,6 +227,10 @@ def read_task(folder, prompts=""):
     candidate: predicting it is a miss, as the protocol's absent planes."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"task {folder}: not a folder")
+    from tools import (
+        scans,
+    )  # task folders are an optional feature: the reading of scans lives in tools/
+
     classes = read_prompts(prompts or Path(folder) / "prompts.json")
     return Task(Path(folder).name, classes, *scans.labelled(folder, list(classes)))
 
@@ -228,6 +254,8 @@ def encode_task(model, task, batch_size=64, device="cpu", frames=0):
     """-> (N, D) L2-normalised features of every view, (N,) labels, [(path, frame, region)] per view, and the files
     skipped (task.skipped and those that failed now; views read before a failure are kept). frames > 0 keeps that many
     evenly spaced frames of each file (a clip's, the CHD probe's 16)."""
+    from tools import scans
+
     transform = data.eval_transform(model.image_size, model.image_mean, model.image_std)
     features, labels, where, batch, skipped = [], [], [], [], list(task.skipped)
 
@@ -238,9 +266,13 @@ def encode_task(model, task, batch_size=64, device="cpu", frames=0):
         where.extend((view.file, view.frame, view.region) for view, _ in batch)
         batch.clear()
 
-    for (path, kind), label in zip(tqdm(task.files, desc=task.name, unit="file", leave=False), task.labels):
+    for (path, kind), label in zip(
+        tqdm(task.files, desc=task.name, unit="file", leave=False), task.labels
+    ):
         try:
-            indices = scans.evenly_spaced(scans.count_frames(path, kind), frames) if frames > 0 else None
+            indices = (
+                scans.evenly_spaced(scans.count_frames(path, kind), frames) if frames > 0 else None
+            )
             for view in scans.read(path, kind, indices=indices):
                 batch.append((view, label))
                 if len(batch) == batch_size:
@@ -288,11 +320,19 @@ def zero_shot(
     model.eval()
     results, extra = {"split": split}, {}
     if planes_dir:
-        extra = planes_results(model, planes_dir, results, batch_size, device, split, num_workers, details)
+        extra = planes_results(
+            model, planes_dir, results, batch_size, device, split, num_workers, details
+        )
     if hc18_dir:
-        extra.update(hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text, num_workers))
+        extra.update(
+            hc18_results(
+                model, hc18_dir, results, batch_size, device, split, cache_text, num_workers
+            )
+        )
     if planes_dir and hc18_dir:
-        results["f1_all"] = (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8
+        results["f1_all"] = (
+            5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]
+        ) / 8
         results["avg"] = (results["f1_all"] + results["hc18"]["validity"] / 100) / 2
     if tasks:
         results["tasks"] = task_results(model, tasks, batch_size, device)
@@ -312,7 +352,9 @@ def planes_results(model, planes_dir, results, batch_size, device, split, num_wo
         labels, prompts = np.array([r[key] for r in rows], dtype=np.int64), PROMPTS[name]
         logits = class_logits(model, features, prompts, device)  # (N, C), "Other" rows too
         mask = labels >= 0
-        results[name] = classification_metrics(logits[mask].softmax(-1).numpy(), labels[mask], list(prompts))
+        results[name] = classification_metrics(
+            logits[mask].softmax(-1).numpy(), labels[mask], list(prompts)
+        )
         extra[name + "_logits"] = logits
     return extra
 
@@ -320,12 +362,20 @@ def planes_results(model, planes_dir, results, batch_size, device, split, num_wo
 def hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text, num_workers):
     """HC18's GA validity into `results` -> what the analyses need."""
     hc_rows = hc18_rows(hc18_dir, split)
-    hc_features, sides = encode_images(model, [r["path"] for r in hc_rows], batch_size, device, num_workers)
-    spacings = [ga_spacing(side, r["pixel_size"], model.image_size) for side, r in zip(sides, hc_rows)]
+    hc_features, sides = encode_images(
+        model, [r["path"] for r in hc_rows], batch_size, device, num_workers
+    )
+    spacings = [
+        ga_spacing(side, r["pixel_size"], model.image_size) for side, r in zip(sides, hc_rows)
+    ]
     scores, encoded = ga_scores(model, hc_features, spacings, cache_text, device)
     hc = ga_validity(scores, [r["hc"] for r in hc_rows])
-    results["hc18"] = {k: hc[k] for k in ("validity", "valid", "n", "ci_low", "ci_high", "spearman")}
-    results["hc18"].update(n_images=len(hc_rows), excluded=len(hc_rows) - hc["n"], text_encodings=encoded)
+    results["hc18"] = {
+        k: hc[k] for k in ("validity", "valid", "n", "ci_low", "ci_high", "spearman")
+    }
+    results["hc18"].update(
+        n_images=len(hc_rows), excluded=len(hc_rows) - hc["n"], text_encodings=encoded
+    )
     true_hc = np.array([r["hc"] for r in hc_rows])
     return dict(hc18=hc, hc18_true=true_hc, hc18_scores=scores, hc18_features=hc_features)
 
@@ -337,7 +387,9 @@ def selection_score(results):
     if "avg" in results:
         return results["avg"], "Avg"
     if "five_planes" in results:
-        return (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8, "F1-all"
+        return (
+            5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]
+        ) / 8, "F1-all"
     if "hc18" in results:
         return results["hc18"]["validity"] / 100, "HC18 validity"
     if results.get("tasks"):
@@ -349,7 +401,10 @@ def summary(results):
     """One line: the protocol's figures and each task's macro F1, as far as they were evaluated."""
     parts = []
     if "five_planes" in results:
-        parts += [f"F1-5 {results['five_planes']['f1']:.3f}", f"F1-3 {results['brain_subplanes']['f1']:.3f}"]
+        parts += [
+            f"F1-5 {results['five_planes']['f1']:.3f}",
+            f"F1-3 {results['brain_subplanes']['f1']:.3f}",
+        ]
     if "hc18" in results:
         parts.append(f"HC18 {results['hc18']['validity']:5.1f}%")
     if "avg" in results:
@@ -360,7 +415,10 @@ def summary(results):
 
 def task_table(title, r):
     lines = [f"{title} (n={r['n']})", f"  {'class':<20} {'F1':>7} {'recall':>7} {'n':>6}"]
-    lines += [f"  {name:<20} {c['f1']:7.4f} {c['recall']:7.4f} {c['n']:6d}" for name, c in r["per_class"].items()]
+    lines += [
+        f"  {name:<20} {c['f1']:7.4f} {c['recall']:7.4f} {c['n']:6d}"
+        for name, c in r["per_class"].items()
+    ]
     return lines + [
         f"  {'macro':<20} {r['f1']:7.4f} {r['accuracy']:7.4f}  F1 95% CI [{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]",
         f"  accuracy {r['accuracy']:.4f} | top-2 {r['top2']:.4f} | top-3 {r['top3']:.4f} (per class, "
@@ -380,11 +438,17 @@ def format_table(results):
             f"Spearman {h['spearman']:.4f}"
         )
     if "avg" in results:
-        lines.append(f"F1-all {results['f1_all']:.4f} | Avg {results['avg']:.4f} | split {results['split']}")
+        lines.append(
+            f"F1-all {results['f1_all']:.4f} | Avg {results['avg']:.4f} | split {results['split']}"
+        )
     for name, task in results.get("tasks", {}).items():
         lines += task_table(f"Task {name}", task)
         lines += [f"  skipped {path}: {why}" for path, why in task["skipped"]]
-        lines += [f"  ignored {len(task['ignored'])} files that are not scans"] if task["ignored"] else []
+        lines += (
+            [f"  ignored {len(task['ignored'])} files that are not scans"]
+            if task["ignored"]
+            else []
+        )
     return "\n".join(lines)
 
 
@@ -412,11 +476,19 @@ def run(config):
     out_dir.mkdir(parents=True, exist_ok=True)
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
-    demo = {} if config["task"] else DEMO_FOLDERS  # the protocol runs on the demo's data unless tasks are named
+    demo = (
+        {} if config["task"] else DEMO_FOLDERS
+    )  # the protocol runs on the demo's data unless tasks are named
     planes_dir, hc18_dir = (config[k] or demo.get(k, "") for k in ("planes_dir", "hc18_dir"))
-    tasks = check_sets(planes_dir, hc18_dir, config["task"], config["prompts"], config["eval_split"])
-    batching = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"])
-    kwargs = dict(batching, split=config["eval_split"], cache_text=config["cache_text"], tasks=tasks)
+    tasks = check_sets(
+        planes_dir, hc18_dir, config["task"], config["prompts"], config["eval_split"]
+    )
+    batching = dict(
+        batch_size=config["batch_size"], device=device, num_workers=config["num_workers"]
+    )
+    kwargs = dict(
+        batching, split=config["eval_split"], cache_text=config["cache_text"], tasks=tasks
+    )
     results = zero_shot(net, planes_dir, hc18_dir, **kwargs)
     print(format_table(results))
     out_json = out_dir / f"{ckpt.stem}_zeroshot.json"

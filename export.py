@@ -2,15 +2,14 @@
 
     python export.py                                # out/best.pt -> export/: image encoder + zero-shot head
     python export.py mobile_fetal_clip_weights.pt --text=True --out_dir=export_s0
-    python export.py --quantize=int8 --planes_dir=data/demo/planes --hc18_dir=data/demo/hc18  # + int8, its figures
-    python bench.py --benchmarks=latency            # their latency next to the paper's Table 2
+    python -m tools.quantize                        # the same files + int8 copies of the image encoder
+    python -m tools.bench --benchmarks=latency            # their latency next to the paper's Table 2
 
 Export: fuse FastViT's branches (timm's reparameterisation, checked against the model as trained), then write
     image_encoder.{mlpackage,onnx}  image (B, 3, S, S), normalised -> image_features (B, D), L2-normalised
     zero_shot.{mlpackage,onnx}      image -> plane_probs (B, 9), brain_probs (B, 3), image_features (B, D):
                                     softmax(100 * img @ cls.T), evaluate.py's class embeddings baked in
     text_encoder.{mlpackage,onnx}   (--text=True) tokens (B, L) from data.tokenize -> text_features (B, D)
-    image_encoder_int8.{...}        (--quantize=int8) int8 copies held against the fp32 encoder: quantize.py
 Core ML: ML program, fp16 compute, iOS 17+, batch 1, float32 in and out (int32 tokens); Linux cannot run it,
 so its spec is checked (macOS also runs it). ONNX: opset 17, dynamic batch, onnx.checker, onnxruntime vs
 PyTorch. A file replaces the old one only once written and checked. Sidecar <file>.json: file, format, model,
@@ -42,21 +41,20 @@ model = ""  # model.py name; '' = the name the checkpoint stores (or the one its
 out_dir = "export"  # exported files and their JSON sidecars
 coreml = True  # write .mlpackage files
 onnx = True  # write .onnx files
-zero_shot_head = True  # also export the encoder with the plane / brain sub-plane classifiers baked in
+zero_shot_head = (
+    True  # also export the encoder with the plane / brain sub-plane classifiers baked in
+)
 text = False  # also export the text encoder (on-device prompts)
 allow_teacher = False  # export a teacher (fetalclip, demo_teacher) too; refused by default
 tolerance = 1e-3  # max abs difference allowed on L2-normalised features (reparameterisation, ONNX)
-quantize = ""  # 'int8': also image_encoder_int8.{onnx,mlpackage}, each held against its fp32 source (quantize.py)
-calibration = ""  # int8: image files or folders (recursive), comma-separated; '' = the demo's Planes DB images
-calibration_images = 256  # int8: at most this many calibrate, evenly spaced (-1 = all); every 4th is held out
-min_cosine = 0.99  # int8: the least cosine of int8 and fp32 image features allowed on the held-out images
-planes_dir = ""  # int8: with hc18_dir, the zero-shot protocol's figures of both encoders; '' = none
-hc18_dir = ""
 DEFAULTS = configurator.settings(globals())
 
 TEACHERS = ("fetalclip", "demo_teacher")
 ONNX_OPSET = 17
-FORMATS = {"coreml": "Core ML ML program, fp16 compute, iOS 17+", "onnx": f"ONNX opset {ONNX_OPSET}"}
+FORMATS = {
+    "coreml": "Core ML ML program, fp16 compute, iOS 17+",
+    "onnx": f"ONNX opset {ONNX_OPSET}",
+}
 EXTENSIONS = {"coreml": "mlpackage", "onnx": "onnx"}
 
 # ------------------------------------------------------------------ what gets exported
@@ -82,8 +80,12 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, image):
         image_features = self.encoder(image)  # (B, D)
-        plane_probs = (protocol.SCALE * image_features @ self.plane_embeddings.T).softmax(-1)  # (B, 9)
-        brain_probs = (protocol.SCALE * image_features @ self.brain_embeddings.T).softmax(-1)  # (B, 3)
+        plane_probs = (protocol.SCALE * image_features @ self.plane_embeddings.T).softmax(
+            -1
+        )  # (B, 9)
+        brain_probs = (protocol.SCALE * image_features @ self.brain_embeddings.T).softmax(
+            -1
+        )  # (B, 3)
         return plane_probs, brain_probs, image_features
 
 
@@ -100,7 +102,17 @@ def export_jobs(net, fused, zero_shot=True, text=False):
     """[(stem, module to export, the same computed by the model as trained, example input, input name,
     output names, class names per output)]. Class embeddings come from evaluate.py's own functions."""
     images = example_images(net)
-    jobs = [("image_encoder", ImageEncoder(fused), ImageEncoder(net), images, "image", ["image_features"], {})]
+    jobs = [
+        (
+            "image_encoder",
+            ImageEncoder(fused),
+            ImageEncoder(net),
+            images,
+            "image",
+            ["image_features"],
+            {},
+        )
+    ]
     if zero_shot:
         with torch.no_grad():
             planes = evaluate.class_embeddings(net, protocol.PROMPTS["five_planes"])  # (9, D)
@@ -118,9 +130,21 @@ def export_jobs(net, fused, zero_shot=True, text=False):
             )
         )
     if text:
-        prompts = [p for class_prompts in protocol.PROMPTS["five_planes"].values() for p in class_prompts][:4]
+        prompts = [
+            p for class_prompts in protocol.PROMPTS["five_planes"].values() for p in class_prompts
+        ][:4]
         tokens = data.tokenize(prompts, context_length=net.context_length)  # (4, L)
-        jobs.append(("text_encoder", TextEncoder(fused), TextEncoder(net), tokens, "tokens", ["text_features"], {}))
+        jobs.append(
+            (
+                "text_encoder",
+                TextEncoder(fused),
+                TextEncoder(net),
+                tokens,
+                "tokens",
+                ["text_features"],
+                {},
+            )
+        )
     return jobs
 
 
@@ -148,7 +172,9 @@ def max_abs_diff(outputs, references):
 
 
 def example_images(net, batch=2, seed=0):
-    return torch.randn(batch, 3, net.image_size, net.image_size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        batch, 3, net.image_size, net.image_size, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def reparameterisation_error(net, fused, batch=2, seed=0):
@@ -174,7 +200,9 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
     with configurator.atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy-exporter notice and advanced-indexing note are expected
+        warnings.simplefilter(
+            "ignore"
+        )  # the legacy-exporter notice and advanced-indexing note are expected
         torch.onnx.export(
             module.eval(),
             (inputs,),
@@ -222,7 +250,9 @@ def export_coreml(module, inputs, path, input_name, output_names):
     example = inputs[:1]
     dtype = np.int32 if example.dtype == torch.long else np.float32
     program = torch.export.export(module.eval(), (example,)).run_decompositions({})
-    with warnings.catch_warnings():  # coremltools' own use of its deprecated registry API, once per op
+    with (
+        warnings.catch_warnings()
+    ):  # coremltools' own use of its deprecated registry API, once per op
         warnings.simplefilter("ignore", DeprecationWarning)
         converted = ct.convert(
             program,
@@ -260,7 +290,9 @@ def run_coreml(path, input_name, inputs):
     """Core ML predictions, on Apple platforms only (coremltools has no runtime for Linux): [arrays]."""
     import coremltools as ct
 
-    prediction = ct.models.MLModel(str(path)).predict({input_name: inputs[:1].numpy().astype(np.float32)})
+    prediction = ct.models.MLModel(str(path)).predict(
+        {input_name: inputs[:1].numpy().astype(np.float32)}
+    )
     return [np.asarray(v) for v in prediction.values()]
 
 
@@ -268,7 +300,9 @@ def run_coreml(path, input_name, inputs):
 
 
 def versions():
-    coreml = ("coremltools",) if "coremltools" in sys.modules else ()  # imported only when a Core ML file is written
+    coreml = (
+        ("coremltools",) if "coremltools" in sys.modules else ()
+    )  # imported only when a Core ML file is written
     return configurator.package_versions(("torch", "timm", "onnxruntime", *coreml))
 
 
@@ -301,9 +335,13 @@ def sidecar(net, source, path, fmt, inputs, input_name, shapes, classes, reparam
         dict(name=n, shape=s, dtype="float32") | ({"classes": classes[n]} if n in classes else {})
         for n, s in shapes.items()
     ]
-    about = dict(file=Path(path).name, format=FORMATS[fmt], model=net.name, source_checkpoint=str(source))
+    about = dict(
+        file=Path(path).name, format=FORMATS[fmt], model=net.name, source_checkpoint=str(source)
+    )
     about.update(
-        input=input_info(net, input_name, shape), outputs=outputs, reparameterisation_max_abs_diff=reparam_error
+        input=input_info(net, input_name, shape),
+        outputs=outputs,
+        reparameterisation_max_abs_diff=reparam_error,
     )
     return dict(about, **figures, versions=versions())
 
@@ -316,71 +354,105 @@ def write_file(fmt, path, module, inputs, input_name, output_names, reference, t
         shapes = {}
 
         def verify(written):
-            outputs = onnx_session(written, torch.get_num_threads()).run(None, {input_name: inputs.numpy()})
-            parity.update(max_abs_diff=check(max_abs_diff(outputs, reference), f"{path} vs PyTorch", tol))
+            outputs = onnx_session(written, torch.get_num_threads()).run(
+                None, {input_name: inputs.numpy()}
+            )
+            parity.update(
+                max_abs_diff=check(max_abs_diff(outputs, reference), f"{path} vs PyTorch", tol)
+            )
             shapes.update({n: ["batch"] + list(o.shape[1:]) for n, o in zip(output_names, outputs)})
 
         export_onnx(module, inputs, path, input_name, output_names, verify=verify)
         return shapes, dict(parity, tolerance=tol)
     shapes = export_coreml(module, inputs, path, input_name, output_names)
     if sys.platform == "darwin":
-        return shapes, dict(parity, max_abs_diff=max_abs_diff(run_coreml(path, input_name, inputs), reference))
+        return shapes, dict(
+            parity, max_abs_diff=max_abs_diff(run_coreml(path, input_name, inputs), reference)
+        )
     note = "not run: Core ML executes on Apple platforms only; its spec was checked"
     return shapes, dict(parity, max_abs_diff=None, note=note)
 
 
-def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text=False, tol=1e-3, int8=None):
-    """Reparameterise, check, write each file with its sidecar, then the int8 ones (int8: quantize.settings(...))
-    -> [paths]."""
+def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text=False, tol=1e-3):
+    """Reparameterise, check, write each file with its sidecar -> ([paths], the reparameterised model, its largest
+    difference from the model as trained); tools/quantize.py builds its int8 files on the last two."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     fused = reparameterize(net)
-    reparam_error = check(reparameterisation_error(net, fused), "reparameterised vs as trained", tol)
+    reparam_error = check(
+        reparameterisation_error(net, fused), "reparameterised vs as trained", tol
+    )
     print(
         f"reparameterised {net.name}: {sum(p.numel() for p in net.visual.parameters()):,} -> "
         f"{sum(p.numel() for p in fused.visual.parameters()):,} image parameters, "
         f"max abs diff {reparam_error:.2e} on normalised features"
     )
     written = []
-    for stem, module, trained, inputs, input_name, output_names, classes in export_jobs(net, fused, zero_shot, text):
+    for stem, module, trained, inputs, input_name, output_names, classes in export_jobs(
+        net, fused, zero_shot, text
+    ):
         with torch.inference_mode():
             reference = trained(inputs)
         reference = [reference] if torch.is_tensor(reference) else list(reference)
         for fmt in formats:
             path = Path(folder) / f"{stem}.{EXTENSIONS[fmt]}"
-            shapes, parity = write_file(fmt, path, module, inputs, input_name, output_names, reference, tol)
-            about = sidecar(net, source, path, fmt, inputs, input_name, shapes, classes, reparam_error, parity=parity)
+            shapes, parity = write_file(
+                fmt, path, module, inputs, input_name, output_names, reference, tol
+            )
+            about = sidecar(
+                net,
+                source,
+                path,
+                fmt,
+                inputs,
+                input_name,
+                shapes,
+                classes,
+                reparam_error,
+                parity=parity,
+            )
             configurator.write_atomic(f"{path}.json", json.dumps(about, indent=1))
             written.append(path)
             error = parity["max_abs_diff"]
             print(
                 f"wrote {path} (+ .json) | "
-                + ("spec checked, not run (Linux)" if error is None else f"max abs diff vs PyTorch {error:.2e}")
+                + (
+                    "spec checked, not run (Linux)"
+                    if error is None
+                    else f"max abs diff vs PyTorch {error:.2e}"
+                )
             )
-    if not int8:
-        return written
-    import quantize  # the int8 files (quantize.py builds on this file's writers)
-
-    return written + quantize.export_int8(net, fused, source, folder, formats, reparam_error, int8)
+    return written, fused, reparam_error
 
 
 # ------------------------------------------------------------------ command line
 
 
-def main(arguments):
-    import quantize  # the int8 files (quantize.py builds on this file's writers)
-
-    config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
+def formats_of(config):
+    """The formats --coreml and --onnx ask for; a ValueError when neither."""
     formats = [f for f in ("coreml", "onnx") if config[f]]
+    if not formats:
+        raise ValueError("nothing to write: --coreml=False and --onnx=False")
+    return formats
+
+
+def student_of(config, command="export.py"):
+    """The checkpoint --ckpt names, as a student (load_student); a missing file says how to make one."""
+    try:
+        return load_student(config["ckpt"], config["model"], config["allow_teacher"])
+    except FileNotFoundError as error:
+        raise SystemExit(
+            f"{command}: {error} (train a student with `python train.py`, or pass CKPT)"
+        ) from None
+
+
+def main(arguments):
+    config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
     with configurator.user_errors("export.py"):
-        if not formats:
-            raise ValueError("nothing to write: --coreml=False and --onnx=False")
-        int8 = quantize.settings(config)
-        try:
-            net = load_student(config["ckpt"], config["model"], config["allow_teacher"])
-        except FileNotFoundError as error:
-            raise SystemExit(f"export.py: {error} (train a student with `python train.py`, or pass CKPT)") from None
+        formats = formats_of(config)
+        net = student_of(config)
         options = [config[k] for k in ("zero_shot_head", "text", "tolerance")]
-        return export(net, config["ckpt"], config["out_dir"], formats, *options, int8=int8)
+        written, _, _ = export(net, config["ckpt"], config["out_dir"], formats, *options)
+        return written
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def _logits(image_features, text_features, logit_scale):
 
 
 def _clip(logits_per_image, logits_per_text, labels):  # Eq. 1, symmetric cross-entropy
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 def _kd(logits, teacher_features, tau_kd, smoothing):
@@ -96,4 +98,6 @@ def distill_loss(image_features, text_features, logit_scale, teacher_image_featu
         student = F.normalize(projected_image_features, dim=-1)  # (B, D_T)
         feat = feat_weight * F.mse_loss(student, teacher_image_features.detach())
     kd = weight * (diag + off) if mode == "coupled" else diag + weight * off  # 0 for "none"
-    return dict(loss=clip + kd + feat, clip=clip, kd_diag=diag, kd_off=off, kd_feat=feat, weight=weight)
+    return dict(
+        loss=clip + kd + feat, clip=clip, kd_diag=diag, kd_off=off, kd_feat=feat, weight=weight
+    )

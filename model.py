@@ -8,9 +8,11 @@
 Image towers come from `timm.create_model` (never with pretrained weights: every weight is loaded from a local
 file). The only thing timm lacks is the CLIP text tower, written here once for both models with open_clip's
 parameter names, so open_clip checkpoints load by name.
+Imports no other file of this project (torch and timm only): copy it into yours.
 """
 
 import copy
+import difflib
 import functools
 import math
 import os
@@ -24,8 +26,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import fastvit, vision_transformer
 
-import configurator
-from data import CONTEXT_LENGTH
+CONTEXT_LENGTH = 117  # FetalCLIP's text context, teacher and student alike (MobileCLIP2 ships 77: resized on load)
 
 # about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads; causal: text attention
 # mask or none. A file is identified by the name it stores, or by its keys and shapes fitting exactly one entry
@@ -125,7 +126,10 @@ class ResidualAttentionBlock(nn.Module):
             OrderedDict(
                 [
                     ("c_fc", nn.Linear(width, 4 * width)),
-                    ("gelu", nn.GELU()),  # exact GELU, not QuickGELU: both FetalCLIP and MobileCLIP2
+                    (
+                        "gelu",
+                        nn.GELU(),
+                    ),  # exact GELU, not QuickGELU: both FetalCLIP and MobileCLIP2
                     ("c_proj", nn.Linear(4 * width, width)),
                 ]
             )
@@ -148,11 +152,17 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.ModuleDict(
-            {"resblocks": nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))}
+            {
+                "resblocks": nn.ModuleList(
+                    ResidualAttentionBlock(width, heads) for _ in range(layers)
+                )
+            }
         )
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
-        mask = torch.full((context_length, context_length), float("-inf")).triu(1) if causal else None
+        mask = (
+            torch.full((context_length, context_length), float("-inf")).triu(1) if causal else None
+        )
         self.register_buffer("attn_mask", mask, persistent=False)
         self.init_weights(width, layers)
 
@@ -160,7 +170,11 @@ class TextTransformer(nn.Module):
         # open_clip's initialisation, so the demo teacher trains from scratch as CLIP does
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std, attn_std, fc_std = width**-0.5 * (2 * layers) ** -0.5, width**-0.5, (2 * width) ** -0.5
+        proj_std, attn_std, fc_std = (
+            width**-0.5 * (2 * layers) ** -0.5,
+            width**-0.5,
+            (2 * width) ** -0.5,
+        )
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -169,9 +183,13 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def forward(self, tokens):  # (B, L) -> (B, D)
-        if self.attn_mask is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if self.attn_mask is not None and not (
+            torch.jit.is_tracing() or torch.compiler.is_compiling()
+        ):
             # causal: nothing after the last end token reaches it, so the padding goes (exported graphs keep L)
-            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # (B, L') with L' <= L: same output, faster
+            tokens = tokens[
+                :, : int(tokens.argmax(dim=-1).max()) + 1
+            ]  # (B, L') with L' <= L: same output, faster
         length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, W)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
@@ -190,7 +208,11 @@ class CLIP(nn.Module):
         cfg = MODEL_CONFIGS[name]
         self.name, self.embed_dim = name, cfg["embed_dim"]
         self.context_length = cfg.get("context_length", CONTEXT_LENGTH)
-        self.image_size, self.image_mean, self.image_std = cfg["image_size"], cfg["mean"], cfg["std"]
+        self.image_size, self.image_mean, self.image_std = (
+            cfg["image_size"],
+            cfg["mean"],
+            cfg["std"],
+        )
         self.visual = timm.create_model(
             cfg["image"], pretrained=False, num_classes=cfg["embed_dim"], **cfg["image_kwargs"]
         )
@@ -223,9 +245,17 @@ class CLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
+def one_of_the_models(name):
+    """'one of fetalclip, ... (did you mean X?)': what a model name is expected to be, for one-line errors."""
+    close = difflib.get_close_matches(str(name).lower(), list(MODEL_CONFIGS), n=1)
+    return f"one of {', '.join(MODEL_CONFIGS)}" + (
+        f" (did you mean {close[0]!r}?)" if close else ""
+    )
+
+
 def create_model(name):
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; expected {configurator.one_of(name, MODEL_CONFIGS)}")
+        raise ValueError(f"unknown model {name!r}; expected {one_of_the_models(name)}")
     return CLIP(name)
 
 
@@ -286,7 +316,13 @@ APPLE_TO_OPEN_CLIP_TEXT = [
     (r"\.pre_norm_ffn\.1\.", ".mlp.c_fc."),
     (r"\.pre_norm_ffn\.4\.", ".mlp.c_proj."),
 ]
-TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+TEXT_KEYS = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.",
+    "ln_final.",
+    "text_projection",
+)
 
 
 def rename(state_dict, rules):
@@ -313,7 +349,9 @@ def read_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, truncated files, or not a torch file at all
         reason = str(error).strip().splitlines()[0][:200]
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({reason})") from None
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({reason})"
+        ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(checkpoint).__name__}")
     return checkpoint
@@ -324,7 +362,9 @@ def unwrap_state_dict(checkpoint):
     ("state_dict", beside optimizer and scheduler states), open_clip's, or a bare one; DDP `module.` removed."""
     state_dict = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError("the file holds no state dict of tensors (bare, or under 'model' or 'state_dict')")
+        raise ValueError(
+            "the file holds no state dict of tensors (bare, or under 'model' or 'state_dict')"
+        )
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
@@ -332,7 +372,11 @@ def unwrap_state_dict(checkpoint):
 
 def trunk_to_timm(trunk, visual):
     """A FastViT trunk in Apple's MCi names (MobileCLIP2, the release) -> timm's, by timm's own converter."""
-    return fastvit.checkpoint_filter_fn(trunk, visual) if isinstance(visual, fastvit.FastVit) else trunk
+    return (
+        fastvit.checkpoint_filter_fn(trunk, visual)
+        if isinstance(visual, fastvit.FastVit)
+        else trunk
+    )
 
 
 def to_our_keys(state_dict, model):
@@ -346,14 +390,20 @@ def to_our_keys(state_dict, model):
         trunk = trunk_to_timm(with_prefix(state_dict, "", "image_encoder.model."), model.visual)
         rest = {k: v for k, v in state_dict.items() if k == "logit_scale"}
         return {**with_prefix(trunk, "visual."), **with_prefix(text, "text."), **rest}
-    out = {k: v for k, v in state_dict.items() if not k.startswith(("visual.", "text.") + TEXT_KEYS)}
+    out = {
+        k: v for k, v in state_dict.items() if not k.startswith(("visual.", "text.") + TEXT_KEYS)
+    }
     out.update({"text." + k: v for k, v in state_dict.items() if k.startswith(TEXT_KEYS)})  # CLIP
     out.update(with_prefix(state_dict, "text.", "text."))  # CustomTextCLIP and ours
     visual = with_prefix(state_dict, "", "visual.")
     if "class_embedding" in visual:  # open_clip's own ViT -> timm, by timm's converter
-        visual = vision_transformer.checkpoint_filter_fn(with_prefix(visual, "visual."), model.visual)
+        visual = vision_transformer.checkpoint_filter_fn(
+            with_prefix(visual, "visual."), model.visual
+        )
         visual.pop("head.bias", None)  # timm adds zeros; open_clip has no bias
-    elif any(k.startswith("trunk.") for k in visual):  # open_clip TimmModel: timm's or the release's Apple names
+    elif any(
+        k.startswith("trunk.") for k in visual
+    ):  # open_clip TimmModel: timm's or the release's Apple names
         visual = trunk_to_timm(with_prefix(visual, "", "trunk."), model.visual)
     out.update(with_prefix(visual, "visual."))
     return out
@@ -364,7 +414,9 @@ def resize_text_positions(state_dict, context_length):
     key = "text.positional_embedding"
     positions = state_dict.get(key)
     if positions is not None and positions.shape[0] != context_length:
-        resized = F.interpolate(positions.T[None].float(), size=context_length, mode="linear", align_corners=False)
+        resized = F.interpolate(
+            positions.T[None].float(), size=context_length, mode="linear", align_corners=False
+        )
         state_dict[key] = resized[0].T.to(positions.dtype).contiguous()
     return state_dict
 
@@ -386,7 +438,8 @@ def fits(state_dict, name):
         return False
     resized = {"text.positional_embedding"}
     return ours.keys() == shapes.keys() and all(
-        ours[k].shape == shapes[k] or k in resized and ours[k].shape[1:] == shapes[k][1:] for k in ours
+        ours[k].shape == shapes[k] or k in resized and ours[k].shape[1:] == shapes[k][1:]
+        for k in ours
     )
 
 
@@ -396,13 +449,19 @@ def held_model_name(path, checkpoint):
     stored = checkpoint.get("model_name", "")
     if stored:
         if not isinstance(stored, str) or stored not in MODEL_CONFIGS:
-            raise ValueError(f"{path} stores model_name {stored!r}, not {configurator.one_of(stored, MODEL_CONFIGS)}")
+            raise ValueError(
+                f"{path} stores model_name {stored!r}, not {one_of_the_models(stored)}"
+            )
         return stored
     state_dict = state_dict_of(path, checkpoint)
     matches = [name for name in MODEL_CONFIGS if fits(state_dict, name)]
     if len(matches) == 1:
         return matches[0]
-    fit = f"fits {' and '.join(matches)} alike" if matches else "fits no model's keys and shapes exactly"
+    fit = (
+        f"fits {' and '.join(matches)} alike"
+        if matches
+        else "fits no model's keys and shapes exactly"
+    )
     names = ", ".join(MODEL_CONFIGS)
     raise ValueError(
         f"{path} stores no model name and {fit}: name it (--model=NAME, a teacher --teacher=NAME): {names}"
@@ -416,10 +475,16 @@ def load_checkpoint(model, path, checkpoint=None):
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     raw = state_dict_of(path, checkpoint)
     held = checkpoint.get("model_name", "")
-    if not held and not fits(raw, model.name):  # what its keys and shapes prove, when they are not this model's
+    if not held and not fits(
+        raw, model.name
+    ):  # what its keys and shapes prove, when they are not this model's
         held = next((name for name in MODEL_CONFIGS if fits(raw, name)), "")
     if held and held != model.name:
-        about = f"{MODEL_CONFIGS[held]['about']} ({held!r})" if held in MODEL_CONFIGS else f"model {held!r}"
+        about = (
+            f"{MODEL_CONFIGS[held]['about']} ({held!r})"
+            if held in MODEL_CONFIGS
+            else f"model {held!r}"
+        )
         raise ValueError(f"{path} holds {about}, not the {model.name!r} model expected here")
     state_dict = resize_text_positions(to_our_keys(raw, model), model.context_length)
     expected = model.state_dict()
@@ -438,7 +503,9 @@ def load_checkpoint(model, path, checkpoint=None):
             )
     bad = next((k for k, v in raw.items() if v.is_floating_point() and not v.isfinite().all()), "")
     if bad:  # weights and BatchNorm statistics alike; named as the file names it
-        raise ValueError(f"{path}: {bad} holds NaN or inf values (a diverged run, or a damaged file)")
+        raise ValueError(
+            f"{path}: {bad} holds NaN or inf values (a diverged run, or a damaged file)"
+        )
     model.load_state_dict(state_dict)
     return model
 
@@ -465,12 +532,21 @@ def to_apple_mci(trunk, visual):
         for timm_part, apple_part, module in parts:
             if isinstance(module, nn.Identity):
                 continue
-            old, new = f"stages.{s}.{timm_part}.", f"network.{index}." + (apple_part + "." if apple_part else "")
-            renamed = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in renamed.items()}
+            old, new = (
+                f"stages.{s}.{timm_part}.",
+                f"network.{index}." + (apple_part + "." if apple_part else ""),
+            )
+            renamed = {
+                new + k[len(old) :] if k.startswith(old) else k: v for k, v in renamed.items()
+            }
             index += 1
-    back = fastvit.checkpoint_filter_fn(dict(renamed), visual)  # timm's converter must give the trunk back
+    back = fastvit.checkpoint_filter_fn(
+        dict(renamed), visual
+    )  # timm's converter must give the trunk back
     if set(back) != set(trunk) or any(back[k] is not trunk[k] for k in trunk):
-        raise ValueError("Apple MCi names do not convert back to timm's: this timm version renames differently")
+        raise ValueError(
+            "Apple MCi names do not convert back to timm's: this timm version renames differently"
+        )
     return renamed
 
 
@@ -482,7 +558,9 @@ def save_open_clip(model, path, official=False):
     text = with_prefix(state_dict, "", "text.")
     visual = with_prefix(state_dict, "", "visual.")
     if official and not isinstance(model.visual, fastvit.FastVit):
-        raise ValueError(f"official=True writes the release's FastViT-MCi student; {model.name!r} is not one")
+        raise ValueError(
+            f"official=True writes the release's FastViT-MCi student; {model.name!r} is not one"
+        )
     if model.is_vit:
         visual = rename(visual, TIMM_TO_OPEN_CLIP_VIT)
         visual["class_embedding"] = visual.pop("cls_token").reshape(-1)
@@ -493,5 +571,8 @@ def save_open_clip(model, path, official=False):
         trunk = to_apple_mci(visual, model.visual) if official else visual
         out = {**with_prefix(trunk, "visual.trunk."), **with_prefix(text, "text.")}
     out["logit_scale"] = state_dict["logit_scale"]
-    with configurator.atomic_path(path) as tmp:
-        torch.save(out, tmp)
+    temporary = (
+        f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: a crash never leaves half a file
+    )
+    torch.save(out, temporary)
+    os.replace(temporary, path)

@@ -37,7 +37,6 @@ import configurator
 import data
 import evaluate
 import protocol
-import scans
 from model import load_model
 
 DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
@@ -51,7 +50,9 @@ DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
     "device": "",  # '' = cuda, else mps, else cpu
     "batch_size": 32,  # frames per forward pass
 }
-HEAD_MIN_MM = protocol.HC_MIN / math.pi  # across the smallest head the protocol measures (HC 100 mm)
+HEAD_MIN_MM = (
+    protocol.HC_MIN / math.pi
+)  # across the smallest head the protocol measures (HC 100 mm)
 PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
 
 # ------------------------------------------------------------------ classes and prompts
@@ -67,11 +68,15 @@ class Classifier:
         self.classes = list(self.prompts)
         self.embeddings = evaluate.class_embeddings(net, self.prompts, device)  # (C, D)
         self.brain = (
-            evaluate.class_embeddings(net, protocol.PROMPTS["brain_subplanes"], device) if self.protocol else None
+            evaluate.class_embeddings(net, protocol.PROMPTS["brain_subplanes"], device)
+            if self.protocol
+            else None
         )
         self.ga_text = {}  # spacing string -> (875, D)
         transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
-        self.model_input = torchvision.transforms.Compose(transform.transforms[:-1])  # pad, resize, crop: PIL
+        self.model_input = torchvision.transforms.Compose(
+            transform.transforms[:-1]
+        )  # pad, resize, crop: PIL
         self.normalise = transform.transforms[-1]
 
     @torch.no_grad()
@@ -96,7 +101,9 @@ class Classifier:
             "region": None if view.region < 0 else view.region,
             "seconds": view.seconds,
             "label": self.classes[int(top.indices[0])],
-            "top": [[self.classes[int(i)], round(float(p), 4)] for i, p in zip(top.indices, top.values)],
+            "top": [
+                [self.classes[int(i)], round(float(p), 4)] for i, p in zip(top.indices, top.values)
+            ],
             "probs": {name: round(float(p), 6) for name, p in zip(self.classes, probs)},
             "pixel_size_mm": view.pixel_size_mm,
             "spacing_source": view.spacing_source or None,
@@ -118,13 +125,19 @@ class Classifier:
             row.update(ga_days=None, ga=None, ga_spacing_mm=None, ga_note=ga_note(row, view))
             if not row["ga_note"]:
                 chosen.append(i)
-                spacings.append(evaluate.ga_spacing(max(view.image.size), view.pixel_size_mm, self.net.image_size))
+                spacings.append(
+                    evaluate.ga_spacing(
+                        max(view.image.size), view.pixel_size_mm, self.net.image_size
+                    )
+                )
         if chosen:
             scores, _ = evaluate.ga_scores(
                 self.net, features[chosen], spacings, device=self.device, text_cache=self.ga_text
             )
             for i, days, spacing in zip(chosen, protocol.ga_prediction(scores).tolist(), spacings):
-                rows[i].update(ga_days=days, ga=f"{days // 7}w{days % 7}d", ga_spacing_mm=float(spacing))
+                rows[i].update(
+                    ga_days=days, ga=f"{days // 7}w{days % 7}d", ga_spacing_mm=float(spacing)
+                )
 
 
 def ga_note(row, view):
@@ -145,6 +158,8 @@ def ga_note(row, view):
 def views_of(found, pixel_size, skipped, progress):
     """Every view of every file in turn; a file that cannot be read is added to `skipped` with its reason (and the
     number of frames read before the failure, whose rows stay)."""
+    from tools import scans
+
     for path, kind in found:
         frames = set()
         try:
@@ -169,6 +184,8 @@ def batches(views, size):
 
 def save_model_input(view, seen, folder, taken):
     """The image the model saw (after crop, pad and resize, before normalising) as PNG -> its path."""
+    from tools import scans
+
     path = os.path.join(folder, scans.frame_name(view.file, view.frame, view.region, taken))
     with configurator.atomic_path(path) as tmp:
         seen.save(tmp, format="PNG")
@@ -182,7 +199,9 @@ def predict(net, found, config, device):
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
     with tqdm(total=len(found), desc="scans", unit="file") as progress:
-        for batch in batches(views_of(found, config["pixel_size"], skipped, progress), config["batch_size"]):
+        for batch in batches(
+            views_of(found, config["pixel_size"], skipped, progress), config["batch_size"]
+        ):
             batch_rows, seen = classifier(batch)
             for row, view, image in zip(batch_rows, batch, seen):
                 folder = config["save_frames"]
@@ -242,7 +261,12 @@ def timeline(clip, members, classes):
         if max(series) >= 0.1:
             ax.plot(frames, series, label=name, linewidth=1.2)
     view = "" if clip["region"] is None else f", region {clip['region']}"
-    ax.set(xlabel="frame", ylabel="probability", ylim=(0, 1), title=f"{Path(clip['file']).name}{view}: {clip['label']}")
+    ax.set(
+        xlabel="frame",
+        ylabel="probability",
+        ylim=(0, 1),
+        title=f"{Path(clip['file']).name}{view}: {clip['label']}",
+    )
     ax.legend(fontsize=7, frameon=False, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -267,19 +291,31 @@ def csv_line(row):
 
 def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
     """predictions.json, predictions.csv and timelines/, each replaced in one step."""
+    from tools import scans
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken, figures, views = set(), {}, views_of_files(rows)
     for clip in clips:
-        name = scans.frame_name(clip["file"], None, -1 if clip["region"] is None else clip["region"], taken)
+        name = scans.frame_name(
+            clip["file"], None, -1 if clip["region"] is None else clip["region"], taken
+        )
         clip["timeline"] = str(out_dir / "timelines" / name)
         figures[name] = timeline(clip, views[clip["file"], clip["region"]], classes)
     with configurator.atomic_path(out_dir / "timelines") as tmp:
         os.makedirs(tmp)
         for name, png in figures.items():
             Path(tmp, name).write_bytes(png)
-    document = {"rows": rows, "clips": clips, "skipped": skipped, "ignored": ignored, "produced_by": produced_by}
-    configurator.write_atomic(out_dir / "predictions.json", json.dumps(evaluate.plain(document), indent=1))
+    document = {
+        "rows": rows,
+        "clips": clips,
+        "skipped": skipped,
+        "ignored": ignored,
+        "produced_by": produced_by,
+    }
+    configurator.write_atomic(
+        out_dir / "predictions.json", json.dumps(evaluate.plain(document), indent=1)
+    )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS + [f"p_{c}" for c in classes])
     writer.writeheader()
@@ -290,7 +326,9 @@ def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
 
 def provenance(config, net, classifier):
     return {
-        "command": " ".join(["python predict.py", *sys.argv[1:]]) if sys.argv[0].endswith("predict.py") else "",
+        "command": " ".join(["python predict.py", *sys.argv[1:]])
+        if sys.argv[0].endswith("predict.py")
+        else "",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": os.path.abspath(config["ckpt"]),
         "sha256": configurator.file_sha256(config["ckpt"]),
@@ -317,7 +355,9 @@ def print_table(rows, clips, skipped, ignored):
     for clip in clips:
         view = "" if clip["region"] is None else f" [region {clip['region']}]"
         best = ", ".join(
-            f"{c} f{b['frame']} {b['prob']:.2f}" for c, b in clip["best_frames"].items() if b["prob"] >= 0.5
+            f"{c} f{b['frame']} {b['prob']:.2f}"
+            for c, b in clip["best_frames"].items()
+            if b["prob"] >= 0.5
         )
         print(
             f"{clip['file']}{view}: {clip['frames']} frames, {clip['label']} | best frames: {best or 'none above 0.5'}"
@@ -333,7 +373,9 @@ def print_table(rows, clips, skipped, ignored):
 
 def check(config):
     if not config["ckpt"] or not config["paths"]:
-        raise ValueError("usage: python predict.py CKPT PATH [PATH ...] [--pixel_size=MM] [--prompts=FILE] ...")
+        raise ValueError(
+            "usage: python predict.py CKPT PATH [PATH ...] [--pixel_size=MM] [--prompts=FILE] ..."
+        )
     if config["pixel_size"] != -1:
         protocol.check_pixel_size(config["pixel_size"], "--pixel_size")
     if config["batch_size"] < 1:
@@ -343,22 +385,40 @@ def check(config):
 
 
 def run(config):
+    from tools import scans  # tools/scans.py reads a clinic's files
+
     check(config)
     device = configurator.pick_device(config["device"])
-    net = load_model(config["ckpt"], config["model"]).to(device).eval()  # refuses non-finite weights
+    net = (
+        load_model(config["ckpt"], config["model"]).to(device).eval()
+    )  # refuses non-finite weights
     found, ignored, skipped = scans.find(config["paths"])
-    print(f"{config['ckpt']}: {net.name} on {device}; {len(found)} scans, {len(ignored)} other files ignored")
+    print(
+        f"{config['ckpt']}: {net.name} on {device}; {len(found)} scans, {len(ignored)} other files ignored"
+    )
     rows, unreadable, classifier = predict(net, found, config, device)
-    skipped = [{"file": path, "reason": why, "frames_read": 0} for path, why in skipped] + unreadable
+    skipped = [
+        {"file": path, "reason": why, "frames_read": 0} for path, why in skipped
+    ] + unreadable
     clips = clips_of(rows, classifier.classes)
     ignored = [{"file": path, "reason": why} for path, why in ignored]
     out = write_outputs(
-        config["out_dir"], rows, clips, skipped, ignored, provenance(config, net, classifier), classifier.classes
+        config["out_dir"],
+        rows,
+        clips,
+        skipped,
+        ignored,
+        provenance(config, net, classifier),
+        classifier.classes,
     )
     print_table(rows, clips, skipped, ignored)
-    print(f"wrote {out}, predictions.csv and {len(clips)} timelines: {len(rows)} rows, {len(skipped)} files skipped")
+    print(
+        f"wrote {out}, predictions.csv and {len(clips)} timelines: {len(rows)} rows, {len(skipped)} files skipped"
+    )
     if not rows:
-        raise ValueError(f"no frame was predicted ({len(skipped)} files skipped, {len(ignored)} ignored; see {out})")
+        raise ValueError(
+            f"no frame was predicted ({len(skipped)} files skipped, {len(ignored)} ignored; see {out})"
+        )
     return rows, clips, skipped, ignored
 
 
@@ -366,7 +426,10 @@ def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt", rest="paths")
     try:
         return run(config)
-    except (FileNotFoundError, ValueError) as error:  # the user's files and values: one line, no traceback
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as error:  # the user's files and values: one line, no traceback
         raise SystemExit(f"predict.py: {error}") from None
 
 

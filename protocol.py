@@ -58,24 +58,39 @@ SCALE = 100.0  # zero-shot logits are SCALE * img @ txt.T (cosines), FetalCLIP's
 # ------------------------------------------------------------------ the data sets' files
 
 PLANES_CSV = "FETAL_PLANES_DB_data.csv"
-PLANES_COLUMNS = ("Image_name", "Patient_num", "Plane", "Brain_plane", "Operator", "US_Machine", "Train ")
+PLANES_COLUMNS = (
+    "Image_name",
+    "Patient_num",
+    "Plane",
+    "Brain_plane",
+    "Operator",
+    "US_Machine",
+    "Train ",
+)
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
 HC18_COLUMNS = ("filename", "pixel size(mm)", "head circumference (mm)")
-PIXEL_SIZE_RANGE_MM = (0.01, 5.0)  # a plausible B-mode pixel size in mm: HC18's CSV and --pixel_size
+PIXEL_SIZE_RANGE_MM = (
+    0.01,
+    5.0,
+)  # a plausible B-mode pixel size in mm: HC18's CSV and --pixel_size
 
 
 def check_pixel_size(value, what):
     """A pixel size in mm that is positive, finite and plausible, or ValueError naming `what`."""
     low, high = PIXEL_SIZE_RANGE_MM
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{what}={value!r}: expected a pixel size in mm between {low:g} and {high:g}")
+        raise ValueError(
+            f"{what}={value!r}: expected a pixel size in mm between {low:g} and {high:g}"
+        )
     return value
 
 
 def _number(path, line, column, text, kind, positive=False, within=None):
     """A CSV cell as an int or float; positive=True also refuses 0, negatives, nan and inf (sizes, spacings);
     within=(low, high) refuses what lies outside (and nan)."""
-    expected = "an integer" if kind is int else "a positive finite number" if positive else "a number"
+    expected = (
+        "an integer" if kind is int else "a positive finite number" if positive else "a number"
+    )
     try:
         value = kind(text)
     except ValueError:
@@ -120,7 +135,9 @@ def _unique(path, rows, key):
     first = {}
     for row in rows:
         if first.setdefault(row[key], row["row"]) != row["row"]:
-            raise ValueError(f"{path}, rows {first[row[key]]} and {row['row']} list the same image {row[key]!r}")
+            raise ValueError(
+                f"{path}, rows {first[row[key]]} and {row['row']} list the same image {row[key]!r}"
+            )
     return rows
 
 
@@ -131,7 +148,12 @@ def read_planes_db(root):
     path = os.path.join(root, PLANES_CSV)
     rows = []
     for line, row in enumerate(read_csv(path, ";", PLANES_COLUMNS), start=2):
-        record = dict(image_name=row["Image_name"], plane=row["Plane"], brain_plane=row["Brain_plane"], csv=path)
+        record = dict(
+            image_name=row["Image_name"],
+            plane=row["Plane"],
+            brain_plane=row["Brain_plane"],
+            csv=path,
+        )
         record.update(operator=row["Operator"], us_machine=row["US_Machine"], row=line)
         record["path"] = _existing(os.path.join(root, "Images", row["Image_name"] + ".png"))
         record["patient"] = _number(path, line, "Patient_num", row["Patient_num"], int)
@@ -150,7 +172,9 @@ def read_hc18(root):
         record = dict(filename=row["filename"], csv=path, row=line)
         record["path"] = _existing(os.path.join(root, "training_set", row["filename"]))
         size, hc = row["pixel size(mm)"], row["head circumference (mm)"]
-        record["pixel_size"] = _number(path, line, "pixel size(mm)", size, float, within=PIXEL_SIZE_RANGE_MM)
+        record["pixel_size"] = _number(
+            path, line, "pixel size(mm)", size, float, within=PIXEL_SIZE_RANGE_MM
+        )
         record["hc"] = _number(path, line, "head circumference (mm)", hc, float, positive=True)
         rows.append(record)
     return _unique(path, rows, "filename")
@@ -173,7 +197,7 @@ def require(folder, csv_name, what):
     if not (Path(folder) / csv_name).is_file():
         raise FileNotFoundError(
             f"{what}: {Path(folder) / csv_name} not found. Generate the synthetic benchmark with "
-            f"`python synthetic.py` (writes data/demo/planes and data/demo/hc18), or point "
+            f"`python -m tools.synthetic` (writes data/demo/planes and data/demo/hc18), or point "
             f"--planes_dir / --hc18_dir at the real {what} folder."
         )
 
@@ -186,15 +210,21 @@ def planes_rows(planes_dir, split="all", include_other=False):
     for row in read:
         plane, brain, where = row["plane"], row["brain_plane"], f"{row['csv']}, row {row['row']}"
         if plane != "Other" and plane not in PLANE_TO_CLASS:
-            raise ValueError(f"{where}: unknown Plane {plane!r}, expected one of {list(PLANE_TO_CLASS)} or Other")
+            raise ValueError(
+                f"{where}: unknown Plane {plane!r}, expected one of {list(PLANE_TO_CLASS)} or Other"
+            )
         if brain not in BRAIN_DROPPED and brain.lower() not in BRAIN_SUBPLANES:
-            raise ValueError(f"{where}: unknown Brain_plane {brain!r}, expected {BRAIN_SUBPLANES} or {BRAIN_DROPPED}")
+            raise ValueError(
+                f"{where}: unknown Brain_plane {brain!r}, expected {BRAIN_SUBPLANES} or {BRAIN_DROPPED}"
+            )
         five = FIVE_PLANES.index(PLANE_TO_CLASS[plane]) if plane in PLANE_TO_CLASS else -1
         sub = BRAIN_SUBPLANES.index(brain.lower()) if brain not in BRAIN_DROPPED else -1
         if select_split(row["patient"], split) and (five >= 0 or sub >= 0 or include_other):
             rows.append(dict(row, five=five, sub=sub))
     if not any(r["five"] >= 0 or r["sub"] >= 0 for r in rows):
-        raise ValueError(f"Planes DB {planes_dir}, split {split!r}: no image to evaluate ({len(read)} rows read)")
+        raise ValueError(
+            f"Planes DB {planes_dir}, split {split!r}: no image to evaluate ({len(read)} rows read)"
+        )
     return rows
 
 
@@ -202,18 +232,26 @@ def require_tasks(rows, planes_dir, split):
     """Both tasks have images (five planes, brain sub-planes), else F1-all and Avg are undefined (nan)."""
     for label, task in (("five", "five-plane"), ("sub", "brain sub-plane")):
         if not any(r[label] >= 0 for r in rows):
-            raise ValueError(f"Planes DB {planes_dir}, split {split!r}: no {task} image (its F1 and Avg would be nan)")
+            raise ValueError(
+                f"Planes DB {planes_dir}, split {split!r}: no {task} image (its F1 and Avg would be nan)"
+            )
 
 
 def hc18_rows(hc18_dir, split="all"):
     """HC18 rows of the split; none, or none within the protocol's HC_MIN-HC_MAX mm (a column in cm), is an error."""
     require(hc18_dir, HC18_CSV, "HC18")
     # HC18 names images <subject>_HC.png, <subject>_2HC.png, ...: the prefix is the subject
-    rows = [row for row in read_hc18(hc18_dir) if select_split(row["filename"].split("_")[0], split)]
+    rows = [
+        row for row in read_hc18(hc18_dir) if select_split(row["filename"].split("_")[0], split)
+    ]
     heads, where = [row["hc"] for row in rows], f"HC18 {Path(hc18_dir) / HC18_CSV}, split {split!r}"
     if not any(HC_MIN <= hc <= HC_MAX for hc in heads):  # also when the split is empty
-        unit = " (all under 50: the column must be in mm, not cm)" if heads and max(heads) < 50 else ""
-        raise ValueError(f"{where}: {len(rows)} heads, none within the protocol's {HC_MIN:.0f}-{HC_MAX:.0f} mm{unit}")
+        unit = (
+            " (all under 50: the column must be in mm, not cm)" if heads and max(heads) < 50 else ""
+        )
+        raise ValueError(
+            f"{where}: {len(rows)} heads, none within the protocol's {HC_MIN:.0f}-{HC_MAX:.0f} mm{unit}"
+        )
     return rows
 
 
@@ -229,7 +267,11 @@ def per_class_scores(predictions, labels):
         tp = np.sum((predictions == c) & (labels == c))
         fp = np.sum((predictions == c) & (labels != c))
         fn = np.sum((predictions != c) & (labels == c))
-        scores[c.item()] = (2 * tp / (2 * tp + fp + fn), tp / (tp + fn), int(tp + fn))  # F1 = 0 if tp = 0
+        scores[c.item()] = (
+            2 * tp / (2 * tp + fp + fn),
+            tp / (tp + fn),
+            int(tp + fn),
+        )  # F1 = 0 if tp = 0
     return scores
 
 
@@ -241,14 +283,21 @@ def macro_f1(predictions, labels):
 def bootstrap_f1(predictions, labels, draws=BOOTSTRAP, chunk=500):
     """95% CI of the macro F1 (classes present in each resample), as HC18's: numpy default_rng(42), `draws` resamples
     of the items, percentiles 2.5 / 97.5."""
-    predictions, labels, rng, values = np.asarray(predictions), np.asarray(labels), np.random.default_rng(42), []
+    predictions, labels, rng, values = (
+        np.asarray(predictions),
+        np.asarray(labels),
+        np.random.default_rng(42),
+        [],
+    )
     for start in range(0, draws, chunk):
         picks = rng.integers(0, len(labels), size=(min(chunk, draws - start), len(labels)))
         drawn_predictions, drawn_labels = predictions[picks], labels[picks]  # (chunk, N)
         f1 = []
         for c in np.unique(labels):
             tp = ((drawn_predictions == c) & (drawn_labels == c)).sum(1)
-            wrong = ((drawn_predictions == c) != (drawn_labels == c)).sum(1)  # false positives + false negatives
+            wrong = ((drawn_predictions == c) != (drawn_labels == c)).sum(
+                1
+            )  # false positives + false negatives
             present = (drawn_labels == c).any(1)
             f1.append(np.where(present, 2 * tp / np.maximum(2 * tp + wrong, 1), np.nan))
         values.append(np.nanmean(np.stack(f1), axis=0))
@@ -260,18 +309,28 @@ def classification_metrics(probs, labels, class_names):
     """probs (N, C) softmax over all C prompt classes, labels (N,) class indices -> the release's metrics, and the
     bootstrap 95% CI of the macro F1 (f1_ci_low, f1_ci_high)."""
     if not len(labels):
-        return {"f1": math.nan, "accuracy": math.nan, "top2": math.nan, "top3": math.nan, "n": 0, "per_class": {}}
+        return {
+            "f1": math.nan,
+            "accuracy": math.nan,
+            "top2": math.nan,
+            "top3": math.nan,
+            "n": 0,
+            "per_class": {},
+        }
     ranked = np.argsort(-probs, axis=1, kind="stable")  # ties: lower class index first
     per_class = per_class_scores(ranked[:, 0], labels)
     out = {"f1": float(np.mean([s[0] for s in per_class.values()]))}
     out["f1_ci_low"], out["f1_ci_high"] = bootstrap_f1(ranked[:, 0], labels)
     for k, name in ((1, "accuracy"), (2, "top2"), (3, "top3")):
         hit = (ranked[:, :k] == labels[:, None]).any(1)  # (N,) the true class among the k best
-        out[name] = float(np.mean([hit[labels == c].mean() for c in per_class]))  # per class, then averaged
+        out[name] = float(
+            np.mean([hit[labels == c].mean() for c in per_class])
+        )  # per class, then averaged
         out[f"pooled_{name}"] = float(hit.mean())
     out["n"] = int(len(labels))
     out["per_class"] = {
-        class_names[c]: {"f1": float(f1), "recall": float(r), "n": n} for c, (f1, r, n) in per_class.items()
+        class_names[c]: {"f1": float(f1), "recall": float(r), "n": n}
+        for c, (f1, r, n) in per_class.items()
     }
     return out
 
@@ -302,7 +361,11 @@ def ga_validity(scores, true_hc):
         )
     pred_days = ga_prediction(scores)
     kept = (true_hc >= HC_MIN) & (true_hc <= HC_MAX)  # inclusive bounds
-    is_valid = kept & (ga_quantile(pred_days, "q025") <= true_hc) & (true_hc <= ga_quantile(pred_days, "q975"))
+    is_valid = (
+        kept
+        & (ga_quantile(pred_days, "q025") <= true_hc)
+        & (true_hc <= ga_quantile(pred_days, "q975"))
+    )
     hits, n = is_valid[kept], int(kept.sum())
     ci_low = ci_high = math.nan
     if n:
@@ -330,7 +393,9 @@ def ga_validity(scores, true_hc):
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments)
     if not (config["planes_dir"] or config["hc18_dir"]):
-        raise SystemExit("usage: python protocol.py --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18 [--eval_split=all]")
+        raise SystemExit(
+            "usage: python protocol.py --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18 [--eval_split=all]"
+        )
     split = config["eval_split"]
     with configurator.user_errors("protocol.py"):
         if config["planes_dir"]:
@@ -344,7 +409,9 @@ def main(arguments):
             rows = hc18_rows(config["hc18_dir"], split)
             decode_all([row["path"] for row in rows])
             kept = sum(HC_MIN <= r["hc"] <= HC_MAX for r in rows)
-            print(f"HC18, split {split}: {len(rows)} images, {kept} with heads of {HC_MIN:.0f}-{HC_MAX:.0f} mm")
+            print(
+                f"HC18, split {split}: {len(rows)} images, {kept} with heads of {HC_MIN:.0f}-{HC_MAX:.0f} mm"
+            )
     print("every row read and every image decoded")
 
 

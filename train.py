@@ -24,11 +24,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import cache
 import configurator
 import data
 import evaluate
-import synthetic
 from loss import KD_MODES, distill_loss
 from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model, read_checkpoint
 
@@ -52,7 +50,7 @@ student_init = ""  # open_clip / Apple MobileCLIP2 file to start from; '' = rand
 teacher = "demo_teacher"  # model.py name
 teacher_ckpt = ""  # teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher
 demo_teacher_epochs = 7  # epochs of CLIP training for that demo teacher
-teacher_cache = ""  # folder written by `python cache.py`: replay its teacher embeddings, never run the teacher
+teacher_cache = ""  # folder written by `python -m tools.cache`: replay its teacher embeddings, never run the teacher
 # distillation (paper Sec. 3.1-3.4): mode none | coupled (lambda0, Eq. 5) | selective (beta0, Eq. 7); r as in the paper
 mode = "selective"
 lambda0 = 1.0  # coupled: KD weight at t = 0 (Eq. 5)
@@ -82,13 +80,34 @@ dtype = ""  # '' = bf16 (or fp16 + grad scaler) on cuda, fp32 elsewhere; or floa
 num_workers = 2  # data loader processes per rank
 shuffle_buffer = 1000  # samples; 1 keeps the shards' order
 seed = 0
-augment_seed = -1  # seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
-PRESETS = {"paper": dict(student="mobilefetalclip", teacher="fetalclip", epochs=20, batch_size=512, grad_accum=2)}
-PRESETS["paper"].update(tau_kd=5.0, learning_rate=1e-5, warmup_steps=500, dtype="float16", log_interval=50)
-PRESETS["paper"].update(num_workers=8, data_dir="")  # the real data: --train_data, --planes_dir, --hc18_dir
-RESUMABLE = ("log_interval", "eval_every", "num_workers", "device", "max_steps", "wandb_log", "wandb_project", "resume")
+augment_seed = (
+    -1
+)  # seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
+PRESETS = {
+    "paper": dict(
+        student="mobilefetalclip", teacher="fetalclip", epochs=20, batch_size=512, grad_accum=2
+    )
+}
+PRESETS["paper"].update(
+    tau_kd=5.0, learning_rate=1e-5, warmup_steps=500, dtype="float16", log_interval=50
+)
+PRESETS["paper"].update(
+    num_workers=8, data_dir=""
+)  # the real data: --train_data, --planes_dir, --hc18_dir
+RESUMABLE = (
+    "log_interval",
+    "eval_every",
+    "num_workers",
+    "device",
+    "max_steps",
+    "wandb_log",
+    "wandb_project",
+    "resume",
+)
 
-config = configurator.configure(configurator.settings(globals()), sys.argv[1:], PRESETS)  # in every checkpoint
+config = configurator.configure(
+    configurator.settings(globals()), sys.argv[1:], PRESETS
+)  # in every checkpoint
 globals().update(config)
 one_step = batch_size * grad_accum  # pairs per optimiser step
 rules = [  # (setting, holds, expected): checked before anything runs, after every float is checked to be finite
@@ -100,11 +119,19 @@ rules = [  # (setting, holds, expected): checked before anything runs, after eve
     ("batch_size", batch_size > 0, "a positive number of pairs"),
     ("grad_accum", grad_accum > 0, "at least 1"),
     ("epochs", epochs > 0, "at least 1"),
-    ("samples_per_epoch", samples_per_epoch == -1 or samples_per_epoch >= one_step, f"-1 or at least {one_step}"),
+    (
+        "samples_per_epoch",
+        samples_per_epoch == -1 or samples_per_epoch >= one_step,
+        f"-1 or at least {one_step}",
+    ),
     ("num_workers", num_workers >= 0, "0 or more"),
     ("log_interval", log_interval > 0, "at least 1"),
     ("eval_every", eval_every >= 0, "0 (never) or more"),
-    ("eval_every", not eval_every or data_dir or planes_dir or hc18_dir or eval_tasks, "0: nothing to evaluate"),
+    (
+        "eval_every",
+        not eval_every or data_dir or planes_dir or hc18_dir or eval_tasks,
+        "0: nothing to evaluate",
+    ),
     ("max_bad_steps", max_bad_steps > 0, "at least 1"),
     ("max_steps", max_steps == -1 or max_steps > 0, "-1 (all epochs) or at least 1"),
     ("shuffle_buffer", shuffle_buffer > 0, "at least 1"),
@@ -129,7 +156,9 @@ ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 device = configurator.pick_device(device)
 if ddp:
     # rank 0 evaluates alone at the end of an epoch while the others wait at a barrier: allow it an hour
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
+    dist.init_process_group(
+        backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1)
+    )
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -139,9 +168,15 @@ else:
 master = rank == 0
 device_type = device.split(":")[0]
 if not dtype:
-    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    dtype = (
+        ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+        if device_type == "cuda"
+        else "float32"
+    )
 amp_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+autocast = (
+    nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+)
 augment_seed = seed if augment_seed < 0 else augment_seed
 if batch_size % world_size:
     raise SystemExit(f"--batch_size={batch_size} must be divisible by the {world_size} processes")
@@ -149,13 +184,19 @@ torch.manual_seed(seed + rank)
 os.makedirs(out_dir, exist_ok=True)
 
 # ------------------------------------------------------------------ data
-if data_dir and not os.path.isdir(data_dir):
-    if master:
-        print(f"{data_dir} is missing: generating the synthetic benchmark (python synthetic.py --out_dir={data_dir})")
-        synthetic.generate(data_dir, seed=seed)
-    if ddp:
-        dist.barrier()
-demo_folders = synthetic.layout(data_dir) if data_dir else {}
+demo_folders = {}
+if data_dir:  # the demo's synthetic benchmark, written by tools/synthetic.py
+    from tools import synthetic
+
+    if not os.path.isdir(data_dir):
+        if master:
+            print(
+                f"{data_dir} is missing: writing the demo benchmark (python -m tools.synthetic --out_dir={data_dir})"
+            )
+            synthetic.generate(data_dir, seed=seed)
+        if ddp:
+            dist.barrier()
+    demo_folders = synthetic.layout(data_dir)
 train_data = train_data or demo_folders.get("train_data", "")
 planes_dir = planes_dir or demo_folders.get("planes_dir", "")
 hc18_dir = hc18_dir or demo_folders.get("hc18_dir", "")
@@ -171,15 +212,33 @@ with configurator.user_errors(
 def train_demo_teacher(path):
     """The demo's teacher: this same script with the CLIP loss only, run once and reused. An interrupted run is
     resumed; one made with other settings (epochs included) is refused, naming them."""
-    flags = dict(mode="none", student=teacher, out_dir=os.path.dirname(path), data_dir=data_dir, train_data=train_data)
-    flags.update(planes_dir=planes_dir, hc18_dir=hc18_dir, eval_tasks=eval_tasks, eval_every=eval_every, seed=seed)
+    flags = dict(
+        mode="none",
+        student=teacher,
+        out_dir=os.path.dirname(path),
+        data_dir=data_dir,
+        train_data=train_data,
+    )
+    flags.update(
+        planes_dir=planes_dir,
+        hc18_dir=hc18_dir,
+        eval_tasks=eval_tasks,
+        eval_every=eval_every,
+        seed=seed,
+    )
     flags.update(epochs=demo_teacher_epochs, device=device, resume=os.path.exists(path))
     command = [sys.executable, os.path.abspath(__file__), *(f"--{k}={v}" for k, v in flags.items())]
     command.append(f"--num_workers={num_workers}")
-    print(f"{'resuming' if flags['resume'] else 'training'} the demo teacher first ({' '.join(command[1:])})")
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    print(
+        f"{'resuming' if flags['resume'] else 'training'} the demo teacher first ({' '.join(command[1:])})"
+    )
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     if subprocess.run(command, env=environment).returncode != 0:
-        raise SystemExit(f"the demo teacher's run in {os.path.dirname(path)} failed: its error is above")
+        raise SystemExit(
+            f"the demo teacher's run in {os.path.dirname(path)} failed: its error is above"
+        )
 
 
 # ------------------------------------------------------------------ models
@@ -189,7 +248,9 @@ class Distillee(nn.Module):
     def __init__(self, student_net, teacher_dim):
         super().__init__()
         self.student = student_net
-        self.feature_proj = nn.Linear(student_net.embed_dim, teacher_dim) if feature_kd > 0 else None
+        self.feature_proj = (
+            nn.Linear(student_net.embed_dim, teacher_dim) if feature_kd > 0 else None
+        )
 
     def forward(self, images, tokens):
         image_features, text_features, logit_scale = self.student(images, tokens)
@@ -208,8 +269,14 @@ distillee = Distillee(raw_student, MODEL_CONFIGS[teacher]["embed_dim"]).to(devic
 CONTEXT, TEACHER_SIZE = raw_student.context_length, MODEL_CONFIGS[teacher]["image_size"]
 
 teacher_net, cached_teacher = None, None
-if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never built: its outputs are on disk
-    asked = dict(teacher=teacher, teacher_ckpt=teacher_ckpt, seed=augment_seed, context_length=CONTEXT)
+if teacher_cache and (
+    mode != "none" or feature_kd > 0
+):  # the teacher is never built: its outputs are on disk
+    asked = dict(
+        teacher=teacher, teacher_ckpt=teacher_ckpt, seed=augment_seed, context_length=CONTEXT
+    )
+    from tools import cache
+
     with configurator.user_errors(f"--teacher_cache={teacher_cache}"):
         teacher_view = TEACHER_SIZE, MODEL_CONFIGS[teacher]["mean"], MODEL_CONFIGS[teacher]["std"]
         cached_teacher = cache.check_cache(teacher_cache, train_data, view=teacher_view, **asked)
@@ -217,16 +284,29 @@ if teacher_cache and (mode != "none" or feature_kd > 0):  # the teacher is never
     made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
     augs = cached_teacher["augs"]
     print(f"teacher: cached {made}, {augs} augmentations replayed as epoch % {augs}")
-    if not teacher_ckpt:  # nothing was checked against a checkpoint: say loudly whose outputs these are
-        print(f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher {made} unchecked")
+    if (
+        not teacher_ckpt
+    ):  # nothing was checked against a checkpoint: say loudly whose outputs these are
+        print(
+            f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher {made} unchecked"
+        )
 elif mode != "none" or feature_kd > 0:
     if not teacher_ckpt:
         if teacher != "demo_teacher":
-            raise SystemExit(f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)")
-        teacher_ckpt = os.path.join(out_dir, "demo_teacher", "ckpt.pt")  # its last epoch: not chosen on the benchmark
+            raise SystemExit(
+                f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)"
+            )
+        teacher_ckpt = os.path.join(
+            out_dir, "demo_teacher", "ckpt.pt"
+        )  # its last epoch: not chosen on the benchmark
         if master:
-            with configurator.user_errors("the demo teacher"):  # its ckpt.pt counts the epochs its run finished
-                done = os.path.exists(teacher_ckpt) and read_checkpoint(teacher_ckpt)["epoch"] == demo_teacher_epochs
+            with configurator.user_errors(
+                "the demo teacher"
+            ):  # its ckpt.pt counts the epochs its run finished
+                done = (
+                    os.path.exists(teacher_ckpt)
+                    and read_checkpoint(teacher_ckpt)["epoch"] == demo_teacher_epochs
+                )
             if not done:
                 train_demo_teacher(teacher_ckpt)
         if ddp:
@@ -238,19 +318,27 @@ elif mode != "none" or feature_kd > 0:
             f"teacher {teacher} reads {teacher_net.context_length} tokens, student {student} "
             f"{raw_student.context_length}: both must see the same captions"
         )
-model = DistributedDataParallel(distillee, device_ids=[device] if device_type == "cuda" else None) if ddp else distillee
+model = (
+    DistributedDataParallel(distillee, device_ids=[device] if device_type == "cuda" else None)
+    if ddp
+    else distillee
+)
 
 
 def is_decayed(name, parameter):
     """AdamW decay only on weight matrices (paper Sec. 3.6): not on norms, biases, gains or the temperature."""
-    return parameter.ndim >= 2 and not any(s in name for s in ("bn", "ln", "bias", "norm", "logit_scale"))
+    return parameter.ndim >= 2 and not any(
+        s in name for s in ("bn", "ln", "bias", "norm", "logit_scale")
+    )
 
 
 named = [(n, p) for n, p in distillee.named_parameters() if p.requires_grad]
 decayed = {"params": [p for n, p in named if is_decayed(n, p)], "weight_decay": weight_decay}
 not_decayed = {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0}
 fused = device_type in ("cuda", "cpu")  # 4x faster on CPU too
-optimizer = torch.optim.AdamW([decayed, not_decayed], lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=fused)
+optimizer = torch.optim.AdamW(
+    [decayed, not_decayed], lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=fused
+)
 scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
 
 # ------------------------------------------------------------------ schedule and state
@@ -262,7 +350,9 @@ micro_per_epoch = samples_per_epoch // batch_size // grad_accum * grad_accum
 total_micro = micro_per_epoch * epochs  # S in Eq. 5 / 7
 total_opt = total_micro // grad_accum
 if micro_per_epoch == 0:
-    raise SystemExit(f"{train_data}: {samples_per_epoch} samples make no {grad_accum} batches of {batch_size}")
+    raise SystemExit(
+        f"{train_data}: {samples_per_epoch} samples make no {grad_accum} batches of {batch_size}"
+    )
 w0 = beta0 if mode == "selective" else lambda0
 
 
@@ -275,22 +365,32 @@ def lr_at(opt_step):
 
 
 step, opt_step, start_epoch, best_score, bad_steps = 0, 0, 0, -math.inf, 0
-applied_steps = 0  # optimiser steps that changed the weights (a window with a non-finite loss does not)
+applied_steps = (
+    0  # optimiser steps that changed the weights (a window with a non-finite loss does not)
+)
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
 window_finite = True  # every micro-batch of the current accumulation window had a finite loss
-ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ("ckpt.pt", "best.pt", "log.jsonl"))
+ckpt_path, best_path, log_path = (
+    os.path.join(out_dir, f) for f in ("ckpt.pt", "best.pt", "log.jsonl")
+)
 last_good_checkpoint = lambda: ckpt_path if os.path.exists(ckpt_path) else "none yet"
 resumed_changes = {}
 if resume:
     with configurator.user_errors("--resume=True"):
         checkpoint = read_checkpoint(ckpt_path)
-        missing = [k for k in ("config", "optimizer", "step", "rng") if k not in checkpoint]  # e.g. an open_clip file
+        missing = [
+            k for k in ("config", "optimizer", "step", "rng") if k not in checkpoint
+        ]  # e.g. an open_clip file
         if missing:
             where = f"{ckpt_path} is not a train.py checkpoint (no {', '.join(missing)})"
-            raise ValueError(f"{where}: to start from its weights, use --student_init={ckpt_path} without --resume")
+            raise ValueError(
+                f"{where}: to start from its weights, use --student_init={ckpt_path} without --resume"
+            )
     changed = {k: [v, config[k]] for k, v in checkpoint["config"].items() if config.get(k, v) != v}
     resumed_changes = {k: pair for k, pair in changed.items() if k != "resume"}
-    refused = [f"{k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items() if k not in RESUMABLE]
+    refused = [
+        f"{k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items() if k not in RESUMABLE
+    ]
     if refused:
         raise SystemExit(
             f"--resume=True: {ckpt_path} was trained with other settings: {', '.join(refused)} "
@@ -302,13 +402,19 @@ if resume:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     step, opt_step, start_epoch = checkpoint["step"], checkpoint["opt_step"], checkpoint["epoch"]
-    best_of = lambda saved: saved.get("best_score", saved.get("best_avg"))  # best_avg: files from before tasks
+    best_of = lambda saved: saved.get(
+        "best_score", saved.get("best_avg")
+    )  # best_avg: files from before tasks
     best_score, applied_steps = best_of(checkpoint), checkpoint["applied_steps"]
-    if os.path.exists(best_path):  # written after ckpt.pt when that epoch's evaluation found a new best
+    if os.path.exists(
+        best_path
+    ):  # written after ckpt.pt when that epoch's evaluation found a new best
         best_score = max(best_score, best_of(torch.load(best_path, weights_only=True, mmap=True)))
     torch.set_rng_state(checkpoint["rng"])
     changes = "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
-    print(f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}{changes}")
+    print(
+        f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}{changes}"
+    )
 
 
 def log(record):
@@ -323,14 +429,26 @@ def log(record):
 def save_checkpoint(path, epoch, metrics):
     """Plain types only, the unwrapped student, written atomically (configurator.atomic_path).
     A student with a non-finite weight or buffer (BatchNorm statistics too) is never written."""
-    if not all(t.isfinite().all() for t in raw_student.state_dict().values() if t.is_floating_point()):
+    if not all(
+        t.isfinite().all() for t in raw_student.state_dict().values() if t.is_floating_point()
+    ):
         raise SystemExit(
             f"stopping at step {step}: the student has non-finite weights; not saving {path}, "
             f"the last good checkpoint is {last_good_checkpoint()}"
         )
-    checkpoint = dict(model=raw_student.state_dict(), model_name=student, config=config, metrics=metrics, epoch=epoch)
-    checkpoint.update(step=step, opt_step=opt_step, applied_steps=applied_steps, best_score=best_score)
-    checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state())
+    checkpoint = dict(
+        model=raw_student.state_dict(),
+        model_name=student,
+        config=config,
+        metrics=metrics,
+        epoch=epoch,
+    )
+    checkpoint.update(
+        step=step, opt_step=opt_step, applied_steps=applied_steps, best_score=best_score
+    )
+    checkpoint.update(
+        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state()
+    )
     if distillee.feature_proj is not None:
         checkpoint["feature_proj"] = distillee.feature_proj.state_dict()
     with configurator.atomic_path(path) as tmp:
@@ -341,8 +459,12 @@ def evaluate_epoch(epoch, late=False):
     """Zero-shot evaluation after `epoch`, best.pt when its selection score wins (the protocol's Avg, or without the
     protocol's data the mean F1 of the user's tasks: evaluate.selection_score), then the log record."""
     global best_score
-    metrics = evaluate.zero_shot(raw_student, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks)
-    print(f"epoch {epoch} | {evaluate.summary(metrics)} | best.pt by {metrics['selection']['rule']}")
+    metrics = evaluate.zero_shot(
+        raw_student, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks
+    )
+    print(
+        f"epoch {epoch} | {evaluate.summary(metrics)} | best.pt by {metrics['selection']['rule']}"
+    )
     if metrics["selection"]["value"] > best_score:
         best_score = metrics["selection"]["value"]
         save_checkpoint(best_path, epoch + 1, metrics)
@@ -376,29 +498,50 @@ if master:
 # an epoch's evaluation killed after its ckpt.pt (written first) runs now, never silently skipped
 ended_epoch = step == start_epoch * micro_per_epoch and start_epoch > 0  # ckpt.pt is an epoch's end
 if master and resume and ended_epoch and eval_every > 0 and start_epoch % eval_every == 0:
-    with configurator.user_errors(f"--resume=True: {log_path}"), open(log_path) as f:  # one line per record
+    with (
+        configurator.user_errors(f"--resume=True: {log_path}"),
+        open(log_path) as f,
+    ):  # one line per record
         logged = {record["epoch"] for record in map(json.loads, f) if "eval" in record}
     if start_epoch - 1 not in logged:
-        print(f"epoch {start_epoch - 1} was saved but its evaluation never finished: evaluating it now")
+        print(
+            f"epoch {start_epoch - 1} was saved but its evaluation never finished: evaluating it now"
+        )
         evaluate_epoch(start_epoch - 1, late=True)
 if ddp:
     dist.barrier()
 
 # ------------------------------------------------------------------ training loop
 stopped = False
-view = lambda net: (net.image_size, net.image_mean, net.image_std)  # what the data pipeline needs to make its input
+view = lambda net: (
+    net.image_size,
+    net.image_mean,
+    net.image_std,
+)  # what the data pipeline needs to make its input
 views = (view(raw_student), view(teacher_net) if teacher_net else None)
-reading = dict(num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, augment_seed=augment_seed)
-reading.update(samples_per_epoch=samples_per_epoch, shuffle_buffer=shuffle_buffer, context_length=CONTEXT)
+reading = dict(
+    num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, augment_seed=augment_seed
+)
+reading.update(
+    samples_per_epoch=samples_per_epoch, shuffle_buffer=shuffle_buffer, context_length=CONTEXT
+)
 reading.update(teacher_cache=teacher_cache if cached_teacher else "")
 losses = dict(mode=mode, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd, smoothing=smoothing)
 losses.update(feat_weight=feature_kd)
 for epoch in range(start_epoch, epochs):
     loader = data.train_loader(train_data, *views, batch_size // world_size, epoch=epoch, **reading)
     done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
-    bar = tqdm(total=micro_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch}", disable=not master, leave=False)
+    bar = tqdm(
+        total=micro_per_epoch,
+        initial=done_in_epoch,
+        desc=f"epoch {epoch}",
+        disable=not master,
+        leave=False,
+    )
     timer = time.time()
-    batches = iter(loader)  # closed below: the loader's skip report is complete also when the epoch stops early
+    batches = iter(
+        loader
+    )  # closed below: the loader's skip report is complete also when the epoch stops early
     for index, (student_images, teacher_input, tokens) in enumerate(batches):
         if index >= micro_per_epoch:
             break
@@ -407,17 +550,29 @@ for epoch in range(start_epoch, epochs):
         student_images, tokens = student_images.to(device), tokens.to(device)
         teacher_out = (None, None, None)
         if cached_teacher is not None:  # (image, text) features the teacher gave this exact view
-            teacher_out = (teacher_input[0].to(device).float(), teacher_input[1].to(device).float(), cached_scale)
+            teacher_out = (
+                teacher_input[0].to(device).float(),
+                teacher_input[1].to(device).float(),
+                cached_scale,
+            )
         elif teacher_net is not None:  # the frozen teacher runs first, without gradients
             with torch.no_grad(), autocast:
                 teacher_out = teacher_net(teacher_input.to(device), tokens)
         last_micro = (step + 1) % grad_accum == 0
-        with model.no_sync() if ddp and not last_micro else nullcontext():  # DDP syncs the window's last backward
+        with (
+            model.no_sync() if ddp and not last_micro else nullcontext()
+        ):  # DDP syncs the window's last backward
             with autocast:
-                image_features, text_features, logit_scale, projected = model(student_images, tokens)
+                image_features, text_features, logit_scale, projected = model(
+                    student_images, tokens
+                )
                 student_out = (image_features, text_features, logit_scale)
                 parts = distill_loss(
-                    *student_out, *teacher_out, step=step, projected_image_features=projected, **losses
+                    *student_out,
+                    *teacher_out,
+                    step=step,
+                    projected_image_features=projected,
+                    **losses,
                 )
             if all_finite(parts["loss"]):
                 scaler.scale(parts["loss"] / grad_accum).backward()
@@ -426,7 +581,9 @@ for epoch in range(start_epoch, epochs):
                 bad_steps += 1
                 window_finite = False
                 log({"step": step, "nonfinite_loss": parts["loss"].item()})
-                tqdm.write(f"step {step}: non-finite loss {parts['loss'].item()}, optimiser step skipped")
+                tqdm.write(
+                    f"step {step}: non-finite loss {parts['loss'].item()}, optimiser step skipped"
+                )
                 if bad_steps >= max_bad_steps:
                     raise SystemExit(
                         f"stopping at step {step}: {bad_steps} non-finite losses in a row; "
@@ -441,7 +598,9 @@ for epoch in range(start_epoch, epochs):
                     group["lr"] = lr_at(opt_step)
                 scaler.unscale_(optimizer)
                 # grad_clip 0 = off: max_norm inf measures the norm only (logged); max_norm 0 would zero the gradients
-                grad_norm = torch.nn.utils.clip_grad_norm_(distillee.parameters(), grad_clip or math.inf)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    distillee.parameters(), grad_clip or math.inf
+                )
                 scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
                 scaler.update()
                 applied_steps += 1
@@ -452,8 +611,15 @@ for epoch in range(start_epoch, epochs):
             opt_step += 1
         if step % log_interval == 0 and master:
             elapsed, timer = time.time() - timer, time.time()
-            record = {"step": step, "epoch": epoch, "weight": parts["weight"], "lr": optimizer.param_groups[0]["lr"]}
-            record.update({k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off", "kd_feat")})
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "weight": parts["weight"],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            record.update(
+                {k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off", "kd_feat")}
+            )
             record.update(logit_scale=logit_scale.item(), grad_norm=float(grad_norm))
             record["samples_per_s"] = log_interval * batch_size / elapsed
             tqdm.write(
@@ -472,7 +638,9 @@ for epoch in range(start_epoch, epochs):
         log({"epoch": epoch, "skipped": loader.skipped})
     if applied_steps == 0:  # the same on every rank: the skip decisions are all-reduced
         nothing = f"no optimiser step was applied in {step} micro-batches (every window had a non-finite loss)"
-        raise SystemExit(f"stopping: {nothing}; nothing saved, the last good checkpoint is {last_good_checkpoint()}")
+        raise SystemExit(
+            f"stopping: {nothing}; nothing saved, the last good checkpoint is {last_good_checkpoint()}"
+        )
     if master:  # ckpt.pt first, so an evaluation that fails or is killed loses no training
         save_checkpoint(ckpt_path, epoch + (0 if stopped else 1), {})
     if stopped:
@@ -490,8 +658,13 @@ if master and not stopped and eval_every > 0 and os.path.exists(best_path):
         rows[f"{teacher} (teacher)"] = evaluate.zero_shot(
             teacher_net, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks
         )
-    rows[f"{student} (best)"] = torch.load(best_path, map_location="cpu", weights_only=True)["metrics"]
-    print("\n" + "\n".join(f"{name:<28} {evaluate.summary(metrics)}" for name, metrics in rows.items()))
+    rows[f"{student} (best)"] = torch.load(best_path, map_location="cpu", weights_only=True)[
+        "metrics"
+    ]
+    print(
+        "\n"
+        + "\n".join(f"{name:<28} {evaluate.summary(metrics)}" for name, metrics in rows.items())
+    )
     print(f"best checkpoint: {best_path}")
 if ddp:
     dist.destroy_process_group()

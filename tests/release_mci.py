@@ -52,12 +52,18 @@ class SEBlock(nn.Module):
 
 
 class MobileOneBlock(nn.Module):
-    def __init__(self, cin, cout, k, stride=1, groups=1, use_se=False, use_act=True, use_scale=True, n_conv=1):
+    def __init__(
+        self, cin, cout, k, stride=1, groups=1, use_se=False, use_act=True, use_scale=True, n_conv=1
+    ):
         super().__init__()
         self.se = SEBlock(cout) if use_se else nn.Identity()
         self.activation = nn.GELU() if use_act else nn.Identity()
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
-        self.rbr_conv = nn.ModuleList(_conv_bn(cin, cout, k, stride, groups) for _ in range(n_conv)) if n_conv else None
+        self.rbr_conv = (
+            nn.ModuleList(_conv_bn(cin, cout, k, stride, groups) for _ in range(n_conv))
+            if n_conv
+            else None
+        )
         self.rbr_scale = _conv_bn(cin, cout, 1, stride, groups) if k > 1 and use_scale else None
 
     def forward(self, x):
@@ -69,7 +75,9 @@ class ReparamLargeKernelConv(nn.Module):
     def __init__(self, cin, cout, k, stride, groups, small_kernel=3, use_se=False):
         super().__init__()
         self.activation = nn.GELU()
-        self.se = SqueezeExcite(cout, rd_ratio=0.25) if use_se else nn.Identity()  # timm's SE, as in replknet.py
+        self.se = (
+            SqueezeExcite(cout, rd_ratio=0.25) if use_se else nn.Identity()
+        )  # timm's SE, as in replknet.py
         self.lkb_origin = _conv_bn(cin, cout, k, stride, groups)
         self.small_conv = _conv_bn(cin, cout, small_kernel, stride, groups)
 
@@ -90,7 +98,9 @@ class PatchEmbed(nn.Module):
 class RepMixer(nn.Module):
     def __init__(self, dim, k=3):
         super().__init__()
-        self.norm = MobileOneBlock(dim, dim, k, groups=dim, use_act=False, use_scale=False, n_conv=0)
+        self.norm = MobileOneBlock(
+            dim, dim, k, groups=dim, use_act=False, use_scale=False, n_conv=0
+        )
         self.mixer = MobileOneBlock(dim, dim, k, groups=dim, use_act=False)
         self.layer_scale = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
 
@@ -128,7 +138,9 @@ class MHSA(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        qkv = self.qkv(x.flatten(2).transpose(1, 2)).reshape(b, h * w, 3, c // self.head_dim, self.head_dim)
+        qkv = self.qkv(x.flatten(2).transpose(1, 2)).reshape(
+            b, h * w, 3, c // self.head_dim, self.head_dim
+        )
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
         return self.proj(out).transpose(1, 2).reshape(b, c, h, w)
@@ -181,7 +193,11 @@ class FastViT(nn.Module):
         for i, (n, dim) in enumerate(zip(layers, dims)):
             if i == 3:
                 network.append(RepCPE(dim))
-            network.append(nn.Sequential(*((AttentionBlock if i == 3 else RepMixerBlock)(dim) for _ in range(n))))
+            network.append(
+                nn.Sequential(
+                    *((AttentionBlock if i == 3 else RepMixerBlock)(dim) for _ in range(n))
+                )
+            )
             if i < 3:
                 network.append(PatchEmbed(dim, dims[i + 1], use_se=i >= 1))
         self.network = nn.ModuleList(network)
@@ -204,7 +220,9 @@ def apple_fastvit_mci0():
     """Temporarily point timm's ``fastvit_mci0`` entrypoint at Apple's class (as the release's import does);
     timm's own entrypoint is restored on exit."""
     old = _registry._model_entrypoints["fastvit_mci0"]
-    _registry._model_entrypoints["fastvit_mci0"] = lambda pretrained=False, **kwargs: FastViT(**kwargs)
+    _registry._model_entrypoints["fastvit_mci0"] = lambda pretrained=False, **kwargs: FastViT(
+        **kwargs
+    )
     try:
         yield
     finally:
@@ -217,7 +235,10 @@ def release_model(context_length: int = 117, seed: int = 0) -> open_clip.CustomT
 
     BatchNorm running stats and affine params, layer scales and the trunk head bias are randomised so that a
     conversion which drops or misroutes any of them changes the outputs. Returned in eval mode."""
-    cfg = {**RELEASE_CONFIG, "text_cfg": {**RELEASE_CONFIG["text_cfg"], "context_length": context_length}}
+    cfg = {
+        **RELEASE_CONFIG,
+        "text_cfg": {**RELEASE_CONFIG["text_cfg"], "context_length": context_length},
+    }
     with torch.random.fork_rng(devices=[]), apple_fastvit_mci0():
         torch.manual_seed(seed)
         model = open_clip.CustomTextCLIP(**cfg)
@@ -235,7 +256,9 @@ def release_model(context_length: int = 117, seed: int = 0) -> open_clip.CustomT
     return model.eval()
 
 
-def release_checkpoint(model: nn.Module, kind: str = "trainer", epoch: int = 0, global_step: int = 1) -> dict:
+def release_checkpoint(
+    model: nn.Module, kind: str = "trainer", epoch: int = 0, global_step: int = 1
+) -> dict:
     """What the release writes for ``model``. ``kind``:
 
     * ``"trainer"``: ``_save_checkpoint``'s envelope ``{"epoch": epoch + 1, "state_dict", "optimizer", "scheduler",

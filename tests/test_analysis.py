@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-import analysis
 import evaluate
 from test_evaluate import TinyCLIP, write_benchmark
+from tools import analysis
 
 
 def test_geometry_on_hand_computed_examples():
@@ -38,15 +38,21 @@ def test_student_t_ci_and_linear_probe_on_separable_features():
     labels = np.repeat([0, 1, 2], 40)
     features = np.eye(8)[labels] * 3 + rng.normal(scale=0.3, size=(120, 8))
     groups, is_train = np.arange(120) // 2, np.arange(120) % 4 != 0
-    r = analysis.linear_probe(features, labels, groups, is_train, folds=2, seeds=2, epochs=10, lr=5e-2)
+    r = analysis.linear_probe(
+        features, labels, groups, is_train, folds=2, seeds=2, epochs=10, lr=5e-2
+    )
     assert r["runs"] == 4 and r["f1"] > 0.97 and r["ci_low"] <= r["f1"] <= r["ci_high"]
 
 
 def test_logit_agreement():
     student = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     r = analysis.logit_agreement(student, torch.tensor([[10.0, 20.0, 30.0], [3.0, 2.0, 1.0]]))
-    assert r["entropy_student"] == pytest.approx((stats.entropy(torch.softmax(student[0], 0)) + math.log(3)) / 2)
-    assert r["spearman"] == pytest.approx(1.0)  # the constant row has no ranking (NaN) and is skipped
+    assert r["entropy_student"] == pytest.approx(
+        (stats.entropy(torch.softmax(student[0], 0)) + math.log(3)) / 2
+    )
+    assert r["spearman"] == pytest.approx(
+        1.0
+    )  # the constant row has no ranking (NaN) and is skipped
 
 
 def test_analysis_writes_results_and_plots(tmp_path):
@@ -66,7 +72,11 @@ def test_analysis_writes_results_and_plots(tmp_path):
     )
     out = analysis.analyse(details, tmp_path / "plots", details, log, probe_epochs=2, probe_seeds=1)
     assert out["probe_6view"]["runs"] == 5 and out["logits_5planes"]["spearman"] == pytest.approx(1)
-    assert [p.split("/")[-1] for p in out["plots"]] == ["tsne_brain.png", "hc18_ga.png", "training_dynamics.png"]
+    assert [p.split("/")[-1] for p in out["plots"]] == [
+        "tsne_brain.png",
+        "hc18_ga.png",
+        "training_dynamics.png",
+    ]
     assert all((tmp_path / "plots" / p.split("/")[-1]).stat().st_size > 0 for p in out["plots"])
     json.dumps(evaluate.plain(out))
 
@@ -83,7 +93,9 @@ def write_clips(folder, labels, seed=0):
         target = folder / f"class{label}" / f"clip{i:02d}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
         files.append(write_dicom(target, frames))
-    rows = [f"class{label}/clip{i:02d}.dcm,patient{i // 2}" for i, label in enumerate(labels)]  # 2 clips a patient
+    rows = [
+        f"class{label}/clip{i:02d}.dcm,patient{i // 2}" for i, label in enumerate(labels)
+    ]  # 2 clips a patient
     (folder / "patients.csv").write_text("file,patient\n" + "\n".join(rows) + "\n")
     return files
 
@@ -96,8 +108,15 @@ def test_the_clip_probe_separates_separable_clips_and_not_shuffled_ones(tmp_path
     quick = ["--probe_epochs=15", "--probe_seeds=2"]
     out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'separable'}", *quick])
     probe = out["probe"]
-    assert probe["metric"] == "auroc" and probe["value"] == 1.0 and probe["runs"] == 10 and probe["items"] == 24
-    assert probe["folds_by"] == "patient (patients.csv)" and probe["mode"].startswith("clips, 16 frames")
+    assert (
+        probe["metric"] == "auroc"
+        and probe["value"] == 1.0
+        and probe["runs"] == 10
+        and probe["items"] == 24
+    )
+    assert probe["folds_by"] == "patient (patients.csv)" and probe["mode"].startswith(
+        "clips, 16 frames"
+    )
     shuffled = list(np.random.default_rng(1).permutation(separable))
     write_clips(tmp_path / "shuffled", shuffled)
     out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'shuffled'}", *quick])
@@ -122,5 +141,7 @@ def test_probe_folds_never_split_a_patient(monkeypatch):
     for fit, val in seen:
         test = np.setdiff1d(np.arange(45), np.concatenate([fit, val]))
         parts = [set(groups[fit]), set(groups[val]), set(groups[test])]
-        assert all(not a & b for i, a in enumerate(parts) for b in parts[i + 1 :])  # no patient in two parts
+        assert all(
+            not a & b for i, a in enumerate(parts) for b in parts[i + 1 :]
+        )  # no patient in two parts
         assert len(parts[0]) + len(parts[1]) + len(parts[2]) == 15

@@ -13,33 +13,41 @@ import torch
 
 import evaluate
 import protocol
-import synthetic
 from model import create_model
+from tools import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MISTAKES = {  # a command line with a user's mistake -> what its one line says
+MISTAKES = {  # a command line (after `python`) with a user's mistake -> what its one line says
     "train.py --grad_clip=-1": "--grad_clip=-1.0: expected 0 (off) or a positive gradient norm",
     "evaluate.py out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps",
-    "analysis.py out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps",
+    "-m tools.analysis out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu,",
     "export.py nowhere.pt": "export.py: checkpoint not found: nowhere.pt",
-    "cache.py --teacher_ckpt=t.pt --train_data=x --out_dir=y --device=cuda:x": "--device=cuda:x: expected ''",
-    "sweep.py --rows=selectve": "--rows: unknown row 'selectve'; expected one of no_kd, static, ",
-    "bench.py --benchmarks=stepp": "--benchmarks: expected names from ['step', ",
-    "synthetic.py --width=0": "--width=0: expected at least 16 pixels",
+    "-m tools.cache --teacher_ckpt=t.pt --train_data=x --out_dir=y --device=cuda:x": "--device=cuda:x: expected ''",
+    "-m tools.sweep --rows=selectve": "--rows: unknown row 'selectve'; expected one of no_kd, static, ",
+    "-m tools.bench --benchmarks=stepp": "--benchmarks: expected names from ['step', ",
+    "-m tools.synthetic --width=0": "--width=0: expected at least 16 pixels",
     "predict.py nowhere.pt scans/ --pixel_size=1e9": "predict.py: --pixel_size=1000000000.0: expected a pixel size",
-    "scans.py scans/ --pixel_size=0": "scans.py: --pixel_size=0.0: expected a pixel size in mm between 0.01 and 5",
-    "prepare.py pairs.csv --out_dir=shards --shard_size=0": "prepare.py: --shard_size=0: expected a positive number",
+    "-m tools.scans scans/ --pixel_size=0": "scans.py: --pixel_size=0.0: expected a pixel size in mm",
+    "-m tools.prepare pairs.csv --out_dir=shards --shard_size=0": "--shard_size=0: expected a positive number",
 }
+
+
+def command(line):
+    """'train.py --x=1' -> the script's path and its arguments; '-m tools.sweep ...' stays a module run."""
+    words = line.split()
+    return words if words[0] == "-m" else [os.path.join(ROOT, words[0]), *words[1:]]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """Every command of MISTAKES, run at once in an empty folder -> {command line: (exit status, stdout, stderr)}."""
     folder = tmp_path_factory.mktemp("commands")
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    environment = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT
+    )  # `-m tools.NAME` as from the root
     running = {
         line: subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, line.split()[0]), *line.split()[1:]],
+            [sys.executable, *command(line)],
             cwd=folder,
             env=environment,
             stdout=subprocess.PIPE,
@@ -48,7 +56,10 @@ def finished(tmp_path_factory):
         )
         for line in MISTAKES
     }
-    results = {line: (process.wait(timeout=300), *process.communicate()) for line, process in running.items()}
+    results = {
+        line: (process.wait(timeout=300), *process.communicate())
+        for line, process in running.items()
+    }
     assert not os.listdir(folder), "a refused command wrote something"
     return results
 
@@ -64,7 +75,9 @@ def test_a_mistake_is_one_line_without_a_traceback(finished, line):
 def benchmark(tmp_path_factory):
     """A tiny benchmark and a demo student's checkpoint, the NaN-weighted one beside it."""
     root = tmp_path_factory.mktemp("benchmark")
-    synthetic.generate(str(root / "data"), n_train=4, n_planes=42, n_hc18=6, width=64, height=48, shard_size=4)
+    synthetic.generate(
+        str(root / "data"), n_train=4, n_planes=42, n_hc18=6, width=64, height=48, shard_size=4
+    )
     student = create_model("demo_student").state_dict()
     torch.save({"model": student, "model_name": "demo_student"}, root / "student.pt")
     student["visual.bn1.running_var"][0] = float("nan")
@@ -73,9 +86,19 @@ def benchmark(tmp_path_factory):
 
 
 def evaluate_refusal(benchmark, checkpoint="student.pt"):
-    arguments = [str(benchmark / checkpoint), f"--planes_dir={benchmark / 'data' / 'planes'}", "--device=cpu"]
+    arguments = [
+        str(benchmark / checkpoint),
+        f"--planes_dir={benchmark / 'data' / 'planes'}",
+        "--device=cpu",
+    ]
     with pytest.raises(SystemExit) as refused:
-        evaluate.main([*arguments, f"--hc18_dir={benchmark / 'data' / 'hc18'}", f"--out_dir={benchmark / 'out'}"])
+        evaluate.main(
+            [
+                *arguments,
+                f"--hc18_dir={benchmark / 'data' / 'hc18'}",
+                f"--out_dir={benchmark / 'out'}",
+            ]
+        )
     assert "\n" not in str(refused.value)
     return str(refused.value)
 
@@ -91,24 +114,42 @@ def test_evaluate_refuses_a_checkpoint_with_a_nan_statistic_naming_it(benchmark)
 @pytest.mark.parametrize(
     "csv_name, edit, message",
     [  # before: counted twice (n = 24 for 12 images); Avg nan, exit status 0; KeyError: 'pooled_accuracy'
-        (protocol.PLANES_CSV, lambda lines: lines + lines[5:6], "rows 6 and 44 list the same image 'Patient"),
-        (protocol.HC18_CSV, lambda lines: lines + lines[1:2], "rows 2 and 8 list the same image '000_HC.png'"),
+        (
+            protocol.PLANES_CSV,
+            lambda lines: lines + lines[5:6],
+            "rows 6 and 44 list the same image 'Patient",
+        ),
+        (
+            protocol.HC18_CSV,
+            lambda lines: lines + lines[1:2],
+            "rows 2 and 8 list the same image '000_HC.png'",
+        ),
         (
             protocol.HC18_CSV,
             lambda lines: lines[:2] + ["001_HC.png,12,180"] + lines[3:],
             "'12' is not a number in [0.01",
         ),
-        (protocol.PLANES_CSV, lambda lines: lines[:1], "split 'all': no image to evaluate (0 rows read)"),
+        (
+            protocol.PLANES_CSV,
+            lambda lines: lines[:1],
+            "split 'all': no image to evaluate (0 rows read)",
+        ),
         (
             protocol.HC18_CSV,
             lambda lines: (
-                lines[:1] + [f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10}" for line in lines[1:]]
+                lines[:1]
+                + [
+                    f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10}"
+                    for line in lines[1:]
+                ]
             ),
             "6 heads, none within the protocol's 100-342 mm (all under 50: the column must be in mm, not cm)",
         ),
     ],
 )
-def test_evaluate_refuses_duplicate_empty_or_out_of_range_evaluation_sets(benchmark, csv_name, edit, message):
+def test_evaluate_refuses_duplicate_empty_or_out_of_range_evaluation_sets(
+    benchmark, csv_name, edit, message
+):
     folder = benchmark / "data" / ("planes" if csv_name == protocol.PLANES_CSV else "hc18")
     original = (folder / csv_name).read_text()
     (folder / csv_name).write_text("\n".join(edit(original.splitlines())) + "\n")

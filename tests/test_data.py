@@ -36,11 +36,18 @@ def reference_tokenizer():
 def protocol_prompts():
     with open(os.path.join(ROOT, "zero_shot_prompts.json")) as f:
         prompts = json.load(f)
-    texts = [p for group in ("five_planes", "brain_subplanes") for ps in prompts[group].values() for p in ps]
+    texts = [
+        p
+        for group in ("five_planes", "brain_subplanes")
+        for ps in prompts[group].values()
+        for p in ps
+    ]
     for template in prompts["ga_templates"]:
         for spacing in (0.28, 1.0, 2.875, 12.5 * 0.0691358041432):
             texts += [
-                template.format(weeks=w, day=d, pixel_spacing=f"{spacing:.2f}") for w in range(14, 39) for d in range(7)
+                template.format(weeks=w, day=d, pixel_spacing=f"{spacing:.2f}")
+                for w in range(14, 39)
+                for d in range(7)
             ]
     return texts
 
@@ -118,12 +125,25 @@ def varied_captions(n, seed=0):
         "½",
         "٣",
     ]
-    texts = ["", "   ", "\n\t", "a" * 400, " ".join(["fetal"] * 200), "<start_of_text>", "<end_of_text>"]
+    texts = [
+        "",
+        "   ",
+        "\n\t",
+        "a" * 400,
+        " ".join(["fetal"] * 200),
+        "<start_of_text>",
+        "<end_of_text>",
+    ]
     while len(texts) < n:
-        parts = [rng.choice(pieces) if rng.random() < 0.4 else rng.choice(words) for _ in range(rng.randint(1, 60))]
+        parts = [
+            rng.choice(pieces) if rng.random() < 0.4 else rng.choice(words)
+            for _ in range(rng.randint(1, 60))
+        ]
         if rng.random() < 0.3:
             parts = [p.upper() if rng.random() < 0.3 else p for p in parts]
-        texts.append(rng.choice(["", " ", "  ", "\n"]).join(parts) if rng.random() < 0.2 else " ".join(parts))
+        texts.append(
+            rng.choice(["", " ", "  ", "\n"]).join(parts) if rng.random() < 0.2 else " ".join(parts)
+        )
     return texts
 
 
@@ -140,7 +160,10 @@ def test_tokenizer_matches_open_clip_on_varied_captions(reference_tokenizer):
     assert (ours[:, -1] == data.EOT).sum() > 20  # over-long texts were cut with the end token last
     for length in (8, 77):
         torch.testing.assert_close(
-            data.tokenize(texts[:200], length), reference_tokenizer(texts[:200], length), rtol=0, atol=0
+            data.tokenize(texts[:200], length),
+            reference_tokenizer(texts[:200], length),
+            rtol=0,
+            atol=0,
         )
 
 
@@ -148,7 +171,9 @@ def test_tokenizer_shape_and_special_ids():
     tokens = data.tokenize("Fetal brain")
     assert tokens.shape == (1, 117) and tokens.dtype == torch.long
     assert tokens[0, 0] == 49406 and tokens[0, 3] == 49407 and tokens[0, 4:].eq(0).all()
-    ids = set(data.clip_tokenizer().get_vocab().values())  # joined special-token pieces reuse the special ids
+    ids = set(
+        data.clip_tokenizer().get_vocab().values()
+    )  # joined special-token pieces reuse the special ids
     assert len(ids) == 49408 and max(ids) == 49407
 
 
@@ -178,32 +203,43 @@ def smooth_image(seed, size=(120, 90)):
     draw = ImageDraw.Draw(image)
     for _ in range(3):
         x, y = rng.randrange(size[0] - 30), rng.randrange(size[1] - 30)
-        draw.ellipse([x, y, x + rng.randrange(10, 30), y + rng.randrange(10, 30)], fill=(255, rng.randrange(256), 60))
+        draw.ellipse(
+            [x, y, x + rng.randrange(10, 30), y + rng.randrange(10, 30)],
+            fill=(255, rng.randrange(256), 60),
+        )
     return image.filter(ImageFilter.GaussianBlur(2))
 
 
 def good_sample(i, fmt="PNG"):
     extension = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}[fmt]
-    return f"{i:06d}", {extension: encoded(smooth_image(i), fmt), "txt": f"Fetal ultrasound number {i}.".encode()}
+    return f"{i:06d}", {
+        extension: encoded(smooth_image(i), fmt),
+        "txt": f"Fetal ultrasound number {i}.".encode(),
+    }
 
 
 def make_shards(folder, n_shards, per_shard):
     os.makedirs(folder, exist_ok=True)
     for s in range(n_shards):
         write_shard(
-            os.path.join(folder, f"train-{s:06d}.tar"), [good_sample(s * per_shard + i) for i in range(per_shard)]
+            os.path.join(folder, f"train-{s:06d}.tar"),
+            [good_sample(s * per_shard + i) for i in range(per_shard)],
         )
     return os.path.join(folder, f"train-{{000000..{n_shards - 1:06d}}}.tar")
 
 
 def epoch_keys(urls, **kw):
     kw = dict(dict(batch_size=1, return_keys=True, shuffle_buffer=4), **kw)
-    return [k for batch in data.train_loader(urls, (32, *IMAGENET), (24, *CLIP), **kw) for k in batch[3]]
+    return [
+        k for batch in data.train_loader(urls, (32, *IMAGENET), (24, *CLIP), **kw) for k in batch[3]
+    ]
 
 
 def test_expand_urls_and_count(tmp_path):
     pattern = make_shards(tmp_path, 3, 2)
-    assert data.expand_urls(pattern) == [os.path.join(tmp_path, f"train-{s:06d}.tar") for s in range(3)]
+    assert data.expand_urls(pattern) == [
+        os.path.join(tmp_path, f"train-{s:06d}.tar") for s in range(3)
+    ]
     assert data.expand_urls(str(tmp_path)) == data.expand_urls(pattern)
     assert data.count_samples(pattern) == 6
     with pytest.raises(FileNotFoundError, match="train-000003.tar"):
@@ -226,23 +262,36 @@ def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, cap
         assert sorted(k for batch in loader for k in batch[3]) == ["000000", "000001", "000004"]
         assert loader.skipped == {"image": 1, "caption": 1, "uncached": 0, "shard": 1}
         assert loader.broken_shards == [str(tmp_path / "b.tar")]
-        assert "skipped 1 unreadable images, 1 captionless and 0 uncached samples" in capsys.readouterr().err
+        assert (
+            "skipped 1 unreadable images, 1 captionless and 0 uncached samples"
+            in capsys.readouterr().err
+        )
 
 
 def test_a_truncated_shard_is_counted_once_and_named(tmp_path, capsys):
     urls = make_shards(tmp_path, 2, 6)
     broken = tmp_path / "train-000001.tar"
-    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2 + 700])  # cut inside a member
+    broken.write_bytes(
+        broken.read_bytes()[: broken.stat().st_size // 2 + 700]
+    )  # cut inside a member
     readable = data.count_samples(urls)  # the default samples_per_epoch: counting reads every shard
-    assert 6 < readable < 12 and f"shard {broken} is broken after {readable - 6} samples" in capsys.readouterr().err
-    loader = data.train_loader(urls, (32, *IMAGENET), None, 2, samples_per_epoch=30, shuffle_buffer=1)
+    assert (
+        6 < readable < 12
+        and f"shard {broken} is broken after {readable - 6} samples" in capsys.readouterr().err
+    )
+    loader = data.train_loader(
+        urls, (32, *IMAGENET), None, 2, samples_per_epoch=30, shuffle_buffer=1
+    )
     assert len(list(loader)) == 15  # 30 samples: the readers pass over the shards three times
     assert loader.skipped["shard"] == 1 and loader.broken_shards == [str(broken)]
     assert capsys.readouterr().err.count("skipping the rest of broken shard") == 1
 
 
 def test_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
-    for n_shards, per_shard in ((4, 3), (1, 12)):  # split by shard, then by sample (fewer shards than readers)
+    for n_shards, per_shard in (
+        (4, 3),
+        (1, 12),
+    ):  # split by shard, then by sample (fewer shards than readers)
         urls = make_shards(tmp_path / f"{n_shards}", n_shards, per_shard)
         ranks = [epoch_keys(urls, rank=r, world_size=2, seed=3) for r in range(2)]
         assert not set(ranks[0]) & set(ranks[1])
@@ -256,11 +305,17 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
 
 def test_fixed_epoch_length_and_resampling(tmp_path):
     urls = make_shards(tmp_path, 3, 4)
-    for rank in range(2):  # 30 samples over 2 ranks: 15 batches each, wrapping around the 6 per rank
+    for rank in range(
+        2
+    ):  # 30 samples over 2 ranks: 15 batches each, wrapping around the 6 per rank
         assert len(epoch_keys(urls, rank=rank, world_size=2, samples_per_epoch=30)) == 15
     loader = data.train_loader(urls, STUDENT, None, 4, samples_per_epoch=20, resampled=True)
     batches = list(loader)
-    assert len(loader) == len(batches) == 5 and batches[0][1] is None and batches[0][0].shape == (4, 3, 256, 256)
+    assert (
+        len(loader) == len(batches) == 5
+        and batches[0][1] is None
+        and batches[0][0].shape == (4, 3, 256, 256)
+    )
     with pytest.raises(ValueError, match="samples_per_epoch"):
         data.train_loader(urls, STUDENT, None, 4, resampled=True)
 
@@ -270,7 +325,11 @@ def test_loader_replays_views_from_seed_epoch_key(tmp_path):
     raw = {f"{i:06d}": smooth_image(i) for i in range(6)}
     loader = data.train_loader(urls, STUDENT, TEACHER, 2, seed=7, epoch=1, return_keys=True)
     student, teacher, tokens, keys = next(iter(loader))
-    assert student.shape == (2, 3, 256, 256) and teacher.shape == (2, 3, 224, 224) and tokens.shape == (2, 117)
+    assert (
+        student.shape == (2, 3, 256, 256)
+        and teacher.shape == (2, 3, 224, 224)
+        and tokens.shape == (2, 117)
+    )
     for i, key in enumerate(keys):  # the same (seed, epoch, key) replays the identical views
         params = data.augment_params(7, 1, key)
         replay = data.coupled_views(
@@ -279,8 +338,12 @@ def test_loader_replays_views_from_seed_epoch_key(tmp_path):
             [STUDENT, TEACHER],
         )
         assert torch.equal(replay[0], student[i]) and torch.equal(replay[1], teacher[i])
-        torch.testing.assert_close(tokens[i], data.tokenize(f"Fetal ultrasound number {int(key)}.")[0])
-    assert [k for batch in loader for k in batch[3]] == [k for batch in loader for k in batch[3]]  # same order
+        torch.testing.assert_close(
+            tokens[i], data.tokenize(f"Fetal ultrasound number {int(key)}.")[0]
+        )
+    assert [k for batch in loader for k in batch[3]] == [
+        k for batch in loader for k in batch[3]
+    ]  # same order
     loader.set_epoch(2)  # another epoch: the same key gets another draw
     again = {k: s for batch in loader for k, s in zip(batch[3], batch[0])}
     assert not torch.equal(again[keys[0]], student[0])
@@ -295,7 +358,9 @@ def test_pad_to_square_centres_on_black():
     assert square.shape == (6, 6)  # grayscale stays grayscale
     assert (square[2:4] == 200).all() and (square[:2] == 0).all() and (square[4:] == 0).all()
     square = np.asarray(data.pad_to_square(Image.new("RGBA", (3, 5), (9, 9, 9, 255))))
-    assert square.shape == (5, 5, 3) and square[:, [0, 4]].sum() == 0 and (square[:, 1:4] == 9).all()
+    assert (
+        square.shape == (5, 5, 3) and square[:, [0, 4]].sum() == 0 and (square[:, 1:4] == 9).all()
+    )
 
 
 def test_eval_transform_matches_manual_pipeline():
@@ -317,7 +382,9 @@ def test_grayscale_path_equals_rgb():
         data.coupled_views(data.pad_to_square(gray.convert("RGB")), params, [STUDENT, TEACHER]),
     ):
         assert torch.equal(a, b)
-    assert torch.equal(data.eval_transform(64, *CLIP)(gray), data.eval_transform(64, *CLIP)(gray.convert("RGB")))
+    assert torch.equal(
+        data.eval_transform(64, *CLIP)(gray), data.eval_transform(64, *CLIP)(gray.convert("RGB"))
+    )
 
 
 def unnormalise(view, mean, std):
@@ -329,23 +396,31 @@ def test_coupled_views_share_geometry():
     params = data.augment_params(0, 0, "000005")
     params.update(angle=6.0, translate=(0.04, -0.03))  # a clearly visible transformation
     student, teacher = data.coupled_views(square, params, [STUDENT, TEACHER])
-    student = F.interpolate(unnormalise(student, *IMAGENET)[None], size=224, mode="bilinear", antialias=True)[0]
+    student = F.interpolate(
+        unnormalise(student, *IMAGENET)[None], size=224, mode="bilinear", antialias=True
+    )[0]
     teacher = unnormalise(teacher, *CLIP)
     error = (student - teacher).abs().mean()  # ~0.002: interpolation only
     assert error < 0.004
-    for other in (dict(params, angle=5.0), dict(params, translate=(0.04 + 2 / 224, -0.03))):  # 1 degree, 2 pixels off
+    for other in (
+        dict(params, angle=5.0),
+        dict(params, translate=(0.04 + 2 / 224, -0.03)),
+    ):  # 1 degree, 2 pixels off
         moved = unnormalise(data.coupled_views(square, other, [TEACHER])[0], *CLIP)
         assert (moved - teacher).abs().mean() > 2 * error
 
 
 def hc18_scans(folder, n, rgb=False):
     """n 800x540 scans as the synthetic benchmark writes HC18 (the demo's model of a B-mode scan)."""
-    import synthetic
+    from tools import synthetic
 
     synthetic.write_hc18(str(folder), 0, n)
     images = [Image.open(path).convert("L") for path in sorted((folder / "training_set").iterdir())]
     return [
-        Image.merge("RGB", (i, i.point(lambda v: v * 0.9), i.point(lambda v: 255 - v))) if rgb else i for i in images
+        Image.merge("RGB", (i, i.point(lambda v: v * 0.9), i.point(lambda v: 255 - v)))
+        if rgb
+        else i
+        for i in images
     ]
 
 
@@ -358,19 +433,27 @@ def test_views_look_like_the_torchvision_pipeline(tmp_path):
     """Each view against the plain bicubic-resize + affine + jitter pipeline for the same draw: >= 35 dB PSNR on
     the benchmark's 800x540 scans, grayscale and colour (the views' anti-aliasing filter is a box instead of
     bicubic; the geometry and the colour steps are torchvision's)."""
-    from bench import torchvision_views
+    from tools.bench import torchvision_views
 
     worst = {}
     for rgb in (False, True):
         for i, scan in enumerate(hc18_scans(tmp_path / f"rgb{rgb}", 4, rgb)):
             square, params = data.pad_to_square(scan), data.augment_params(0, i, f"{i:06d}")
             ours = data.coupled_views(square, params, [STUDENT, TEACHER])
-            for view, a, b in zip((STUDENT, TEACHER), ours, torchvision_views(square, params, [STUDENT, TEACHER])):
-                worst[rgb, view[0]] = min(worst.get((rgb, view[0]), math.inf), psnr(a, b, *view[1:]))
+            for view, a, b in zip(
+                (STUDENT, TEACHER), ours, torchvision_views(square, params, [STUDENT, TEACHER])
+            ):
+                worst[rgb, view[0]] = min(
+                    worst.get((rgb, view[0]), math.inf), psnr(a, b, *view[1:])
+                )
     assert min(worst.values()) >= 35, worst
-    small = data.pad_to_square(smooth_image(0, size=(300, 200)))  # under 3x the view: the exact bicubic path
+    small = data.pad_to_square(
+        smooth_image(0, size=(300, 200))
+    )  # under 3x the view: the exact bicubic path
     params = data.augment_params(0, 0, "small")
-    for ours, theirs in zip(data.coupled_views(small, params, [STUDENT]), torchvision_views(small, params, [STUDENT])):
+    for ours, theirs in zip(
+        data.coupled_views(small, params, [STUDENT]), torchvision_views(small, params, [STUDENT])
+    ):
         assert psnr(ours, theirs, *STUDENT[1:]) > 60
 
 
@@ -382,13 +465,25 @@ def test_a_landmark_lands_at_the_same_place_in_both_views():
         square = data.pad_to_square(image)
         params = dict(data.augment_params(0, seed, "dot"), factors=(1.0, 1.0, 1.0))  # geometry only
         centres = []
-        for view, (size, mean, std) in zip(data.coupled_views(square, params, [STUDENT, TEACHER]), (STUDENT, TEACHER)):
+        for view, (size, mean, std) in zip(
+            data.coupled_views(square, params, [STUDENT, TEACHER]), (STUDENT, TEACHER)
+        ):
             weight = unnormalise(view, mean, std)[0].clamp(min=0)  # (size, size)
-            rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-            centres.append(torch.stack([(weight * cols).sum(), (weight * rows).sum()]) / weight.sum() / size)
+            rows, cols = torch.meshgrid(
+                torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij"
+            )
+            centres.append(
+                torch.stack([(weight * cols).sum(), (weight * rows).sum()]) / weight.sum() / size
+            )
         assert (centres[0] - centres[1]).abs().max() * 224 < 1.0  # in pixels of the smaller view
-        angle, (tx, ty) = math.radians(params["angle"]), params["translate"]  # and where the draw puts it
-        u, v = (x + 0.5) / 800 - 0.5, (y + 130 + 0.5) / 800 - 0.5  # relative to the padded square's centre
+        angle, (tx, ty) = (
+            math.radians(params["angle"]),
+            params["translate"],
+        )  # and where the draw puts it
+        u, v = (
+            (x + 0.5) / 800 - 0.5,
+            (y + 130 + 0.5) / 800 - 0.5,
+        )  # relative to the padded square's centre
         expected = [
             0.5 + tx + u * math.cos(angle) - v * math.sin(angle),
             0.5 + ty + u * math.sin(angle) + v * math.cos(angle),
@@ -400,14 +495,21 @@ def test_views_are_pure_and_independent_of_each_other():
     square = data.pad_to_square(smooth_image(7, (800, 540)))
     params = data.augment_params(3, 1, "k")
     both = data.coupled_views(square, params, [STUDENT, TEACHER])
-    assert all(torch.equal(a, b) for a, b in zip(both, data.coupled_views(square, params, [STUDENT, TEACHER])))
-    assert torch.equal(data.coupled_views(square, params, [TEACHER])[0], both[1])  # the cache's one-view replay
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(both, data.coupled_views(square, params, [STUDENT, TEACHER]))
+    )
+    assert torch.equal(
+        data.coupled_views(square, params, [TEACHER])[0], both[1]
+    )  # the cache's one-view replay
 
 
 def test_augment_params_pure_and_in_range():
     a, b = data.augment_params(1, 3, "k"), data.augment_params(1, 3, "k")
     assert a == b
-    assert all(a != data.augment_params(*other) for other in ((1, 4, "k"), (2, 3, "k"), (1, 3, "j")))
+    assert all(
+        a != data.augment_params(*other) for other in ((1, 4, "k"), (2, 3, "k"), (1, 3, "j"))
+    )
     draws = [data.augment_params(0, 0, str(i)) for i in range(300)]
     assert max(abs(d["angle"]) for d in draws) <= 7 and max(abs(d["angle"]) for d in draws) > 6.5
     assert max(abs(t) for d in draws for t in d["translate"]) <= 0.05
@@ -418,7 +520,10 @@ def test_augment_params_pure_and_in_range():
 def test_a_16_bit_or_float_training_image_decodes_as_its_8_bit_scan():
     scan = np.asarray(smooth_image(5).convert("L"))  # (H, W) uint8
     eight = data.decode_sample({"png": encoded(Image.fromarray(scan), "PNG"), "txt": b"a scan"})[0]
-    for image in (Image.fromarray(scan.astype(np.uint16) * 257), Image.fromarray(scan.astype(np.float32) / 255)):
+    for image in (
+        Image.fromarray(scan.astype(np.uint16) * 257),
+        Image.fromarray(scan.astype(np.float32) / 255),
+    ):
         decoded, caption = data.decode_sample(
             {"png": encoded(image, "PNG" if image.mode != "F" else "TIFF"), "txt": b"a scan"}
         )

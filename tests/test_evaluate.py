@@ -82,13 +82,17 @@ def write_benchmark(root):
     for i in range(2 * len(kinds)):
         plane, brain = kinds[i % len(kinds)]
         name = f"Patient{i:05d}_Plane1_1_of_1"
-        Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(planes / "Images" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(
+            planes / "Images" / f"{name}.png"
+        )
         lines.append(f"{name};{i % 7};{plane};{brain};Op. 1;Voluson E6;{int(i % 3 != 0)}")
     (planes / "FETAL_PLANES_DB_data.csv").write_text("\n".join(lines) + "\n")
     lines = ["filename,pixel size(mm),head circumference (mm)"]
     for i, hc in enumerate([44.3, 100.0, 150.2, 220.5, 342.0, 350.1]):
         name = f"{i:03d}_HC.png" if i % 2 else f"{i - 1:03d}_2HC.png" if i else "000_HC.png"
-        Image.fromarray(rng.integers(0, 255, (54, 80), dtype=np.uint8)).save(hc18 / "training_set" / name)
+        Image.fromarray(rng.integers(0, 255, (54, 80), dtype=np.uint8)).save(
+            hc18 / "training_set" / name
+        )
         lines.append(f"{name},{0.1 + 0.02 * (i % 2)},{hc}")
     (hc18 / "training_set_pixel_size_and_HC.csv").write_text("\n".join(lines) + "\n")
     return planes, hc18
@@ -103,9 +107,13 @@ def test_zero_shot_end_to_end_on_real_layouts(tmp_path):
     assert set(r["five_planes"]["per_class"]) <= {"abdomen", "brain", "femur", "heart", "cervix"}
     assert set(r["brain_subplanes"]["per_class"]) == set(protocol.BRAIN_SUBPLANES)
     assert r["hc18"]["n"] == 4 and r["hc18"]["n_images"] == 6  # 100 <= HC <= 342 mm
-    assert r["hc18"]["excluded"] == 2 and "2 of 6 images outside 100-342 mm excluded" in evaluate.format_table(r)
+    assert r["hc18"][
+        "excluded"
+    ] == 2 and "2 of 6 images outside 100-342 mm excluded" in evaluate.format_table(r)
     assert r["hc18"]["text_encodings"] == 875 * 2  # 2 distinct spacing strings
-    assert r["f1_all"] == pytest.approx((5 * r["five_planes"]["f1"] + 3 * r["brain_subplanes"]["f1"]) / 8)
+    assert r["f1_all"] == pytest.approx(
+        (5 * r["five_planes"]["f1"] + 3 * r["brain_subplanes"]["f1"]) / 8
+    )
     assert r["avg"] == pytest.approx((r["f1_all"] + r["hc18"]["validity"] / 100) / 2)
     json.dumps(evaluate.plain(r), allow_nan=False)
     assert "Five planes" in evaluate.format_table(r)
@@ -123,25 +131,31 @@ def test_select_and_report_splits_are_patient_disjoint(tmp_path):
 
 
 def test_missing_data_folder_is_a_clear_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python synthetic.py"):
+    with pytest.raises(FileNotFoundError, match="python -m tools.synthetic"):
         evaluate.zero_shot(TinyCLIP(), tmp_path / "nowhere", tmp_path / "nowhere")
 
 
 def test_cli_on_the_generated_benchmark(tmp_path, capsys, monkeypatch):
-    import synthetic
+    from tools import synthetic
 
     synthetic.write_planes(str(tmp_path / "planes"), 0, 21, 64, 48)  # one cycle of its 21 kinds
     synthetic.write_hc18(str(tmp_path / "hc18"), 0, 2)
     (tmp_path / "best.pt").write_bytes(b"")  # the loader is stubbed below
     monkeypatch.setattr(evaluate, "load_model", lambda path, name="": TinyCLIP())
-    args = [str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'planes'}", f"--hc18_dir={tmp_path / 'hc18'}"]
+    args = [
+        str(tmp_path / "best.pt"),
+        f"--planes_dir={tmp_path / 'planes'}",
+        f"--hc18_dir={tmp_path / 'hc18'}",
+    ]
     evaluate.main(args + ["--device=cpu", "--batch_size=8"])
     table = capsys.readouterr().out
-    assert "Five planes (n=19)" in table and "Brain sub-planes (n=6)" in table and "F1-all" in table  # 2 'Other'
+    assert (
+        "Five planes (n=19)" in table and "Brain sub-planes (n=6)" in table and "F1-all" in table
+    )  # 2 'Other'
     saved = json.loads((tmp_path / "best_zeroshot.json").read_text())
     assert {"five_planes", "brain_subplanes", "hc18", "f1_all", "avg"} <= set(saved)
     assert saved["hc18"]["n_images"] == 2 and "f1" in saved["brain_subplanes"]
-    with pytest.raises(SystemExit, match="python synthetic.py"):
+    with pytest.raises(SystemExit, match="python -m tools.synthetic"):
         evaluate.main([str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'missing'}"])
 
 
@@ -162,14 +176,32 @@ def planes_as_task(planes, folder, prompts=None):
 def test_a_task_folder_of_the_planes_gives_exactly_the_protocols_five_plane_figures(tmp_path):
     planes, _ = write_benchmark(tmp_path)
     task = evaluate.read_task(planes_as_task(planes, tmp_path / "my_planes"))
-    assert len(task.prompts) == 9 and len(set(task.labels)) == 5  # four classes without a folder stay candidates
+    assert (
+        len(task.prompts) == 9 and len(set(task.labels)) == 5
+    )  # four classes without a folder stay candidates
     r = evaluate.zero_shot(TinyCLIP(), planes, tasks=[task], batch_size=4)
     protocol, mine = r["five_planes"], r["tasks"]["my_planes"]
-    for key in ("f1", "accuracy", "top2", "top3", "pooled_accuracy", "pooled_top2", "pooled_top3", "n", "per_class"):
+    for key in (
+        "f1",
+        "accuracy",
+        "top2",
+        "top3",
+        "pooled_accuracy",
+        "pooled_top2",
+        "pooled_top3",
+        "n",
+        "per_class",
+    ):
         assert mine[key] == protocol[key], key
     assert mine["f1_ci_low"] <= mine["f1"] <= mine["f1_ci_high"] and mine["files"] == 16
-    assert "hc18" not in r and "avg" not in r and r["selection"] == {"value": r["selection"]["value"], "rule": "F1-all"}
-    assert "Task my_planes (n=16)" in evaluate.format_table(r) and "my_planes F1" in evaluate.summary(r)
+    assert (
+        "hc18" not in r
+        and "avg" not in r
+        and r["selection"] == {"value": r["selection"]["value"], "rule": "F1-all"}
+    )
+    assert "Task my_planes (n=16)" in evaluate.format_table(
+        r
+    ) and "my_planes F1" in evaluate.summary(r)
 
 
 def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monkeypatch, capsys):
@@ -183,21 +215,43 @@ def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monk
                 regions=[region(0, 0, 39, 39), region(40, 0, 79, 39)])  # fmt: skip
     Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(folder / "other" / "a.png")
     (folder / "other" / "notes.txt").write_text("a note")
-    prompts = {"four_chamber": ["a four chamber view"], "other": ["an ultrasound image"], "outflow": ["an outflow"]}
+    prompts = {
+        "four_chamber": ["a four chamber view"],
+        "other": ["an ultrasound image"],
+        "outflow": ["an outflow"],
+    }
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     (tmp_path / "best.pt").write_bytes(b"")  # the loader is stubbed below
     monkeypatch.setattr(evaluate, "load_model", lambda path, name="": TinyCLIP())
-    r = evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}", f"--prompts={tmp_path / 'prompts.json'}"])
-    assert set(r) == {"split", "tasks", "selection"}  # no demo protocol is asked for when tasks are named
-    assert r["tasks"]["echo"]["n"] == 7 and r["tasks"]["echo"]["per_class"]["four_chamber"]["n"] == 6  # 3 x 2 views
+    r = evaluate.main(
+        [str(tmp_path / "best.pt"), f"--task={folder}", f"--prompts={tmp_path / 'prompts.json'}"]
+    )
+    assert set(r) == {
+        "split",
+        "tasks",
+        "selection",
+    }  # no demo protocol is asked for when tasks are named
+    assert (
+        r["tasks"]["echo"]["n"] == 7 and r["tasks"]["echo"]["per_class"]["four_chamber"]["n"] == 6
+    )  # 3 x 2 views
     assert r["selection"] == {"value": r["tasks"]["echo"]["f1"], "rule": "mean task F1"}
     assert len(r["tasks"]["echo"]["ignored"]) == 1 and "Task echo (n=7)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "best_zeroshot.json").read_text())
     assert saved["tasks"]["echo"]["per_class"]["other"]["n"] == 1
     (folder / "stray").mkdir()
-    with pytest.raises(SystemExit, match=r"evaluate.py: .*echo: folders \['stray'\] are not classes"):
-        evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}", f"--prompts={tmp_path / 'prompts.json'}"])
-    with pytest.raises(SystemExit, match=r"evaluate.py: .*echo/prompts.json: prompts file not found"):
+    with pytest.raises(
+        SystemExit, match=r"evaluate.py: .*echo: folders \['stray'\] are not classes"
+    ):
+        evaluate.main(
+            [
+                str(tmp_path / "best.pt"),
+                f"--task={folder}",
+                f"--prompts={tmp_path / 'prompts.json'}",
+            ]
+        )
+    with pytest.raises(
+        SystemExit, match=r"evaluate.py: .*echo/prompts.json: prompts file not found"
+    ):
         evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}"])
 
 
@@ -207,12 +261,18 @@ def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monk
 def test_user_errors_are_one_line(tmp_path):
     from model import create_model
 
-    torch.save({"model": create_model("demo_teacher").state_dict(), "model_name": "demo_teacher"}, tmp_path / "t.pt")
+    torch.save(
+        {"model": create_model("demo_teacher").state_dict(), "model_name": "demo_teacher"},
+        tmp_path / "t.pt",
+    )
     (tmp_path / "empty.pt").write_bytes(b"")
     cases = [
         ([str(tmp_path / "missing.pt")], "checkpoint not found: .*missing.pt"),
         ([str(tmp_path / "empty.pt")], "empty.pt: the file is empty"),
-        ([str(tmp_path / "t.pt"), "--model=mobilefetalclip"], "t.pt holds the demo teacher .'demo_teacher'., not"),
+        (
+            [str(tmp_path / "t.pt"), "--model=mobilefetalclip"],
+            "t.pt holds the demo teacher .'demo_teacher'., not",
+        ),
         ([], "no checkpoint given"),
     ]
     for arguments, message in cases:
@@ -227,5 +287,7 @@ def test_unknown_planes_label_names_the_file_and_the_row(tmp_path):
     lines = csv.read_text().splitlines()
     lines[3] = lines[3].replace("Fetal brain", "Fetal heart")
     csv.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match="FETAL_PLANES_DB_data.csv, row 4: unknown Plane 'Fetal heart'"):
+    with pytest.raises(
+        ValueError, match="FETAL_PLANES_DB_data.csv, row 4: unknown Plane 'Fetal heart'"
+    ):
         protocol.planes_rows(planes)

@@ -52,7 +52,9 @@ def write_images(folder, seed=0):
     rng, paths = np.random.default_rng(seed), []
     for i, (width, height) in enumerate([(80, 60), (48, 48), (100, 70), (64, 90), (120, 50)]):
         level, spread = rng.uniform(0, 255, size=3), rng.uniform(0, 128)
-        pixels = np.clip(level + spread * rng.standard_normal((height, width, 3)), 0, 255).astype(np.uint8)
+        pixels = np.clip(level + spread * rng.standard_normal((height, width, 3)), 0, 255).astype(
+            np.uint8
+        )
         paths.append(folder / f"{i}.png")
         Image.fromarray(pixels).save(paths[-1])
     return paths
@@ -64,13 +66,18 @@ def fit_image_tower(net, paths, plane_targets, brain_targets, steps=60):
     transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
-        classes = {k: evaluate.class_embeddings(net, protocol.PROMPTS[k]) for k in ("five_planes", "brain_subplanes")}
+        classes = {
+            k: evaluate.class_embeddings(net, protocol.PROMPTS[k])
+            for k in ("five_planes", "brain_subplanes")
+        }
     optimizer = torch.optim.Adam(net.visual.parameters(), lr=3e-3)
     for _ in range(steps):
         features = F.normalize(net.encode_image(images), dim=-1)
         loss = F.cross_entropy(
             100 * features @ classes["five_planes"].T, torch.tensor(plane_targets)
-        ) + F.cross_entropy(100 * features @ classes["brain_subplanes"].T, torch.tensor(brain_targets))
+        ) + F.cross_entropy(
+            100 * features @ classes["brain_subplanes"].T, torch.tensor(brain_targets)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -99,12 +106,19 @@ def test_reparameterisation_parity_fastvit():
     net = randomise_batchnorm(create_model("mobilefetalclip")).eval()
     fused = reparameterize(net)
     count = lambda module: sum(p.numel() for p in module.parameters())
-    assert (count(net.visual), count(fused.visual)) == (11_406_976, 11_357_504)  # MobileCLIP2-S0's image tower
+    assert (count(net.visual), count(fused.visual)) == (
+        11_406_976,
+        11_357_504,
+    )  # MobileCLIP2-S0's image tower
     images = export.example_images(net, batch=1, seed=3)
     with torch.no_grad():
         reference = F.normalize(net.encode_image(images), dim=-1)
-        torch.testing.assert_close(F.normalize(fused.encode_image(images), dim=-1), reference, atol=1e-5, rtol=0)
-        fused.visual.head.fc.bias.add_(0.5)  # a fused model that differs: export's check must notice it
+        torch.testing.assert_close(
+            F.normalize(fused.encode_image(images), dim=-1), reference, atol=1e-5, rtol=0
+        )
+        fused.visual.head.fc.bias.add_(
+            0.5
+        )  # a fused model that differs: export's check must notice it
     error = export.reparameterisation_error(net, fused, batch=1, seed=3)
     assert error > 1e-3
     with pytest.raises(ValueError, match="exceeds --tolerance"):
@@ -117,7 +131,9 @@ def test_coreml_package_and_sidecar(tiny):
 
     net, ckpt, folder, written, _ = tiny
     assert {p.name for p in written} == {
-        f"{stem}.{ext}" for stem in ("image_encoder", "zero_shot", "text_encoder") for ext in ("mlpackage", "onnx")
+        f"{stem}.{ext}"
+        for stem in ("image_encoder", "zero_shot", "text_encoder")
+        for ext in ("mlpackage", "onnx")
     }
     expected = {
         "image_encoder": ({"image": [1, 3, 48, 48]}, {"image_features": [1, 64]}),
@@ -129,38 +145,69 @@ def test_coreml_package_and_sidecar(tiny):
     }
     for stem, (inputs, outputs) in expected.items():
         spec = ct.models.MLModel(str(folder / f"{stem}.mlpackage"), skip_model_load=True).get_spec()
-        assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 8  # 8 = iOS 17
+        assert (
+            spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 8
+        )  # 8 = iOS 17
         assert {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input} == inputs
-        assert {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output} == outputs
+        assert {
+            o.name: list(o.type.multiArrayType.shape) for o in spec.description.output
+        } == outputs
         block = spec.mlProgram.functions["main"].block_specializations["CoreML7"]
-        compute = {o.type.tensorType.dataType for op in block.operations if op.type == "linear" for o in op.outputs}
+        compute = {
+            o.type.tensorType.dataType
+            for op in block.operations
+            if op.type == "linear"
+            for o in op.outputs
+        }
         assert compute == {MIL_pb2.FLOAT16}  # fp16 compute precision
         sidecar = json.loads((folder / f"{stem}.mlpackage.json").read_text())
         assert sidecar["source_checkpoint"] == ckpt and sidecar["model"] == "tiny_vit"
-        assert sidecar["input"]["name"] == list(inputs)[0] and sidecar["input"]["shape"] == list(inputs.values())[0]
+        assert (
+            sidecar["input"]["name"] == list(inputs)[0]
+            and sidecar["input"]["shape"] == list(inputs.values())[0]
+        )
         assert [o["name"] for o in sidecar["outputs"]] == list(outputs)
-        assert sidecar["parity"]["max_abs_diff"] is None  # Core ML cannot run on Linux; said so, not faked
+        assert (
+            sidecar["parity"]["max_abs_diff"] is None
+        )  # Core ML cannot run on Linux; said so, not faked
     sidecar = json.loads((folder / "zero_shot.mlpackage.json").read_text())
-    assert sidecar["input"]["mean"] == list(net.image_mean) and sidecar["input"]["std"] == list(net.image_std)
+    assert sidecar["input"]["mean"] == list(net.image_mean) and sidecar["input"]["std"] == list(
+        net.image_std
+    )
     assert sidecar["outputs"][0]["classes"] == list(protocol.PROMPTS["five_planes"])
-    assert sidecar["outputs"][1]["classes"] == ["trans-thalamic", "trans-cerebellum", "trans-ventricular"]
+    assert sidecar["outputs"][1]["classes"] == [
+        "trans-thalamic",
+        "trans-cerebellum",
+        "trans-ventricular",
+    ]
 
 
 def test_onnx_matches_pytorch_tiny(tiny):
     net, _, folder, _, _ = tiny
     images = export.example_images(net, batch=3, seed=1)
-    tokens = data.tokenize(["fetal brain", "an ultrasound of the abdomen", "cervix"], context_length=48)
+    tokens = data.tokenize(
+        ["fetal brain", "an ultrasound of the abdomen", "cervix"], context_length=48
+    )
     with torch.no_grad():
         image_features = F.normalize(net.encode_image(images), dim=-1)
         text_features = F.normalize(net.encode_text(tokens), dim=-1)
     torch.testing.assert_close(
-        torch.from_numpy(run_onnx(folder / "image_encoder.onnx", images)[0]), image_features, atol=ONNX_ATOL, rtol=0
+        torch.from_numpy(run_onnx(folder / "image_encoder.onnx", images)[0]),
+        image_features,
+        atol=ONNX_ATOL,
+        rtol=0,
     )
     torch.testing.assert_close(
-        torch.from_numpy(run_onnx(folder / "text_encoder.onnx", tokens)[0]), text_features, atol=ONNX_ATOL, rtol=0
+        torch.from_numpy(run_onnx(folder / "text_encoder.onnx", tokens)[0]),
+        text_features,
+        atol=ONNX_ATOL,
+        rtol=0,
     )
     sidecar = json.loads((folder / "image_encoder.onnx.json").read_text())
-    assert sidecar["input"]["shape"] == ["batch", 3, 48, 48] and 0 <= sidecar["parity"]["max_abs_diff"] <= ONNX_ATOL
+    assert (
+        sidecar["input"]["shape"] == ["batch", 3, 48, 48]
+        and 0 <= sidecar["parity"]["max_abs_diff"] <= ONNX_ATOL
+    )
 
 
 def test_onnx_matches_pytorch_demo_student(tmp_path):
@@ -173,7 +220,10 @@ def test_onnx_matches_pytorch_demo_student(tmp_path):
     with torch.no_grad():
         reference = F.normalize(net.encode_image(images), dim=-1)
     torch.testing.assert_close(
-        torch.from_numpy(run_onnx(tmp_path / "image_encoder.onnx", images)[0]), reference, atol=ONNX_ATOL, rtol=0
+        torch.from_numpy(run_onnx(tmp_path / "image_encoder.onnx", images)[0]),
+        reference,
+        atol=ONNX_ATOL,
+        rtol=0,
     )
 
 
@@ -182,14 +232,20 @@ def test_zero_shot_head_matches_evaluate(tiny):
     net, _, folder, _, paths = tiny
     features, _ = evaluate.encode_images(net, paths)
     expected = {
-        key: (100.0 * features @ evaluate.class_embeddings(net, protocol.PROMPTS[key]).T).softmax(-1)
+        key: (100.0 * features @ evaluate.class_embeddings(net, protocol.PROMPTS[key]).T).softmax(
+            -1
+        )
         for key in ("five_planes", "brain_subplanes")
     }
     transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     plane_probs, brain_probs, image_features = run_onnx(folder / "zero_shot.onnx", images)
-    torch.testing.assert_close(torch.from_numpy(plane_probs), expected["five_planes"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.from_numpy(brain_probs), expected["brain_subplanes"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(plane_probs), expected["five_planes"], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(brain_probs), expected["brain_subplanes"], atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(torch.from_numpy(image_features), features, atol=ONNX_ATOL, rtol=0)
     assert expected["five_planes"].argmax(-1).tolist() == PLANE_TARGETS  # the images are told apart
     assert expected["brain_subplanes"].argmax(-1).tolist() == BRAIN_TARGETS
@@ -207,7 +263,10 @@ def test_bad_inputs_have_clear_messages(tmp_path):
         ([open_clip_file], "holds the teacher 'demo_teacher'"),
         ([str(tmp_path / "missing.pt")], "checkpoint not found: .*missing.pt"),
         ([student, "--model=resnet50"], "unknown model 'resnet50'.*mobilefetalclip"),
-        ([student, "--model=mobilefetalclip"], "holds a demo student .'demo_student'., not the 'mobilefetalclip'"),
+        (
+            [student, "--model=mobilefetalclip"],
+            "holds a demo student .'demo_student'., not the 'mobilefetalclip'",
+        ),
         (["--nope=1"], "unknown config key 'nope'; valid keys: .*zero_shot_head"),
         (["--text=maybe"], "--text=maybe: expected bool"),
         (["--tolerance=small"], "--tolerance=small: expected float"),
@@ -241,4 +300,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
             export.main([ckpt, f"--out_dir={out}", fmt, "--zero_shot_head=False"])
     assert (out / "image_encoder.onnx").read_bytes() == b"old"
     assert (out / "image_encoder.mlpackage" / "Manifest.json").read_text() == "old"
-    assert sorted(p.name for p in out.iterdir()) == ["image_encoder.mlpackage", "image_encoder.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "image_encoder.mlpackage",
+        "image_encoder.onnx",
+    ]

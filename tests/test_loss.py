@@ -48,7 +48,10 @@ def naive(batch, mode, weight, tau_kd=5.0, smoothing=0.0):
         return sum(x * y for x, y in zip(a, b))
 
     clip = diag = off = 0.0
-    for rows, cols, t_rows, t_cols in ((img, txt, t_img, t_txt), (txt, img, t_txt, t_img)):  # image->text, text->image
+    for rows, cols, t_rows, t_cols in (
+        (img, txt, t_img, t_txt),
+        (txt, img, t_txt, t_img),
+    ):  # image->text, text->image
         for i in range(n):
             z = [s * dot(rows[i], cols[j]) for j in range(n)]  # student logits, native scale
             z_t = [s_t * dot(t_rows[i], t_cols[j]) / tau_kd for j in range(n)]  # teacher, softened
@@ -78,7 +81,14 @@ SCHEDULES = [(25, 100, 2.0, -0.4, 1.3), (100, 100, 2.0, -0.4, -0.8), (0, 100, 1.
 def test_every_mode_matches_naive_loops(mode, step, total_steps, w0, r, weight, smoothing):
     batch = make_batch(seed=step)
     out = distill_loss(
-        **batch, mode=mode, step=step, total_steps=total_steps, w0=w0, r=r, tau_kd=5.0, smoothing=smoothing
+        **batch,
+        mode=mode,
+        step=step,
+        total_steps=total_steps,
+        w0=w0,
+        r=r,
+        tau_kd=5.0,
+        smoothing=smoothing,
     )
     for key, value in naive(batch, mode, weight, tau_kd=5.0, smoothing=smoothing).items():
         assert_close(out[key], torch.tensor(value, dtype=torch.float64), msg=key)
@@ -102,7 +112,9 @@ def test_diag_plus_off_is_the_coupled_cross_entropy():
     def h(teacher, student):  # Eq. 2-3 for one direction
         return -((teacher / 5.0).softmax(1) * student.log_softmax(1)).sum(1).mean()
 
-    coupled = (h(s_t * t_img @ t_txt.T, s * img @ txt.T) + h(s_t * t_txt @ t_img.T, s * txt @ img.T)) / 2
+    coupled = (
+        h(s_t * t_img @ t_txt.T, s * img @ txt.T) + h(s_t * t_txt @ t_img.T, s * txt @ img.T)
+    ) / 2
     assert_close(diag + off, coupled)
     assert diag > 0.1 and off > 0.1  # both parts carry weight: the split is not trivial
 
@@ -114,7 +126,9 @@ def test_selective_beta_one_equals_coupled_lambda_one():
     selective = distill_loss(**batch, mode="selective", **schedule)
     coupled = distill_loss(**batch, mode="coupled", **schedule)
     assert_close(selective["loss"], coupled["loss"])
-    grads = [torch.autograd.grad(out["loss"], batch["image_features"])[0] for out in (selective, coupled)]
+    grads = [
+        torch.autograd.grad(out["loss"], batch["image_features"])[0] for out in (selective, coupled)
+    ]
     assert_close(grads[0], grads[1])
 
 
@@ -142,7 +156,9 @@ def test_static_kd_at_unit_temperature_matches_open_clip_distill():
     diag, off = kd_loss(**batch, tau_kd=1.0)
     assert_close(diag + off, distill)
     assert_close(clip_loss(*student(batch)), contrastive)
-    static = distill_loss(**batch, mode="coupled", w0=1.0, r=1.0, tau_kd=1.0, step=3, total_steps=10)
+    static = distill_loss(
+        **batch, mode="coupled", w0=1.0, r=1.0, tau_kd=1.0, step=3, total_steps=10
+    )
     assert_close(static["loss"], contrastive + distill)
 
 
@@ -256,7 +272,10 @@ def student_step(rank, world):
     out["loss"].backward()
     params = [*encoder.named_parameters("encoder"), *projection.named_parameters("projection")]
     return dict(
-        loss=out["loss"].detach(), log_scale=log_scale.grad, text=text.grad, **{name: p.grad for name, p in params}
+        loss=out["loss"].detach(),
+        log_scale=log_scale.grad,
+        text=text.grad,
+        **{name: p.grad for name, p in params},
     )
 
 
@@ -271,7 +290,12 @@ def gloo_worker(rank, store, results):
 
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
     # fork, not spawn: the workers need not import torch again (seconds on a 2-core machine)
-    mp.start_processes(gloo_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(
+        gloo_worker,
+        args=(str(tmp_path / "store"), str(tmp_path)),
+        nprocs=WORLD,
+        start_method="fork",
+    )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     single = student_step(0, 1)
     assert (ranks[0]["loss"] - single["loss"]).abs() > 1e-3  # a rank alone sees only its rows

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 import model as model_lib
 import release_mci
-from model import create_model, held_model_name, load_checkpoint, load_model, reparameterize, save_open_clip
+from model import (
+    create_model,
+    held_model_name,
+    load_checkpoint,
+    load_model,
+    reparameterize,
+    save_open_clip,
+)
 
 ATOL = 1e-4  # on unit-normalised features, fp32
 
@@ -119,7 +126,9 @@ def test_open_clip_loads_what_we_save(pair, request, tmp_path):
             parameter.add_(0.01 * torch.randn_like(parameter))
     path = tmp_path / "ours.pt"
     save_open_clip(ours, str(path))
-    theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)  # open_clip's own loader
+    theirs.load_state_dict(
+        torch.load(path, weights_only=True), strict=True
+    )  # open_clip's own loader
     assert_same_outputs(ours, theirs.eval(), ours.image_size)
 
 
@@ -162,7 +171,9 @@ def test_apple_format_and_77_to_117_resize(tmp_path, student_pair):
     open_clip.load_checkpoint(reference, str(open_clip_path))  # open_clip's own 77 -> 117 resize
     for path in (open_clip_path, apple_path):
         load_checkpoint(ours, str(path))
-        torch.testing.assert_close(ours.text.positional_embedding, reference.text.positional_embedding)
+        torch.testing.assert_close(
+            ours.text.positional_embedding, reference.text.positional_embedding
+        )
         assert_same_outputs(ours, reference.eval(), ours.image_size)
 
 
@@ -184,7 +195,9 @@ def test_release_checkpoints_load_strictly_and_match_the_release(release, kind, 
     (optimizer and LambdaLR states beside the weights), with and without DDP's module. prefix."""
     path = tmp_path / f"release_{kind}.pt"
     torch.save(release_mci.release_checkpoint(release, kind), path)
-    ours = load_model(str(path))  # strict: every key accounted for; the name comes from the text tower
+    ours = load_model(
+        str(path)
+    )  # strict: every key accounted for; the name comes from the text tower
     assert ours.name == "mobilefetalclip"
     assert_same_outputs(ours, release, ours.image_size)
 
@@ -219,26 +232,38 @@ def test_a_file_of_the_wrong_kind_is_named_in_one_line(tmp_path):
     """FetalCLIP's ViT offered as the student: the file, what its keys and shapes prove it holds, what was expected."""
     torch.save(meta_open_clip("ViT-L-14"), tmp_path / "FetalCLIP_weights.pt")
     expected = (
-        r"FetalCLIP_weights.pt holds the FetalCLIP teacher \(ViT-L/14\) \('fetalclip'\), not the 'mobilefetalclip'"
+        r"FetalCLIP_weights.pt holds the FetalCLIP teacher \(ViT-L/14\) \('fetalclip'\), "
+        r"not the 'mobilefetalclip'"
     )
     with pytest.raises(ValueError, match=expected):
         load_checkpoint(create_model("mobilefetalclip"), str(tmp_path / "FetalCLIP_weights.pt"))
     good = tmp_path / "good.pt"
-    torch.save({"model": create_model("demo_student").state_dict(), "model_name": "demo_student"}, good)
+    torch.save(
+        {"model": create_model("demo_student").state_dict(), "model_name": "demo_student"}, good
+    )
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    for name, message in (("empty.pt", "the file is empty"), ("truncated.pt", "cannot be read as a weights-only")):
+    for name, message in (
+        ("empty.pt", "the file is empty"),
+        ("truncated.pt", "cannot be read as a weights-only"),
+    ):
         with pytest.raises(ValueError, match=f"{name}: {message}") as error:
             load_model(str(tmp_path / name))
         assert "\n" not in str(error.value)
 
 
-def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(release, monkeypatch, tmp_path):
+def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(
+    release, monkeypatch, tmp_path
+):
     """Registering a second 512-wide student (MobileCLIP2-S2's image tower, the same text tower) is one entry in
     MODEL_CONFIGS and every existing format is still identified; a file that fits two entries is not guessed."""
     configs = dict(model_lib.MODEL_CONFIGS)
-    configs["mobileclip2_s2"] = dict(configs["mobilefetalclip"], image="fastvit_mci2", about="a MobileCLIP2-S2")
-    configs["demo_student_b"] = dict(configs["demo_student"], image_kwargs={}, about="another demo student")
+    configs["mobileclip2_s2"] = dict(
+        configs["mobilefetalclip"], image="fastvit_mci2", about="a MobileCLIP2-S2"
+    )
+    configs["demo_student_b"] = dict(
+        configs["demo_student"], image_kwargs={}, about="another demo student"
+    )
     monkeypatch.setattr(model_lib, "MODEL_CONFIGS", configs)
     mobileclip2 = meta_open_clip("MobileCLIP2-S0", 77)
     save_open_clip(create_model("demo_student"), str(tmp_path / "demo_student.pt"))
@@ -246,18 +271,27 @@ def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(release
         "FetalCLIP, open_clip CLIP": (meta_open_clip("ViT-L-14"), "fetalclip"),
         "MobileCLIP2-S0, open_clip CustomTextCLIP, 77 positions": (mobileclip2, "mobilefetalclip"),
         "MobileCLIP2-S0, Apple's format": (to_apple_format(mobileclip2), "mobilefetalclip"),
-        "the release's Apple-named trunk": (release_mci.release_checkpoint(release, "bare"), "mobilefetalclip"),
+        "the release's Apple-named trunk": (
+            release_mci.release_checkpoint(release, "bare"),
+            "mobilefetalclip",
+        ),
         "MobileCLIP2-S2, open_clip": (meta_open_clip("MobileCLIP2-S2", 77), "mobileclip2_s2"),
-        "demo student, open_clip": (torch.load(tmp_path / "demo_student.pt", weights_only=True), "demo_student"),
+        "demo student, open_clip": (
+            torch.load(tmp_path / "demo_student.pt", weights_only=True),
+            "demo_student",
+        ),
         "ours, named": ({"model": {}, "model_name": "mobileclip2_s2"}, "mobileclip2_s2"),
     }
     for about, (checkpoint, name) in files.items():
         assert held_model_name(about, checkpoint) == name, about
     configs["mobilefetalclip_copy"] = configs["mobilefetalclip"]
-    with pytest.raises(ValueError, match="fits mobilefetalclip and mobilefetalclip_copy alike: name it"):
+    with pytest.raises(
+        ValueError, match="fits mobilefetalclip and mobilefetalclip_copy alike: name it"
+    ):
         held_model_name("student.pt", mobileclip2)
     with pytest.raises(
-        ValueError, match="x.pt stores model_name 'demo_studnet', not one of .*did you mean 'demo_student'"
+        ValueError,
+        match="x.pt stores model_name 'demo_studnet', not one of .*did you mean 'demo_student'",
     ):
         held_model_name("x.pt", {"model": {}, "model_name": "demo_studnet"})
 
@@ -304,7 +338,9 @@ def test_load_model_names_the_model_from_the_file(tmp_path):
     source = create_model("demo_student")
     torch.save({"model": source.state_dict(), "model_name": "demo_student"}, tmp_path / "ours.pt")
     assert load_model(str(tmp_path / "ours.pt")).name == "demo_student"
-    save_open_clip(source, str(tmp_path / "open_clip.pt"))  # no name inside: identified by its keys and shapes
+    save_open_clip(
+        source, str(tmp_path / "open_clip.pt")
+    )  # no name inside: identified by its keys and shapes
     loaded = load_model(str(tmp_path / "open_clip.pt"))
     assert loaded.name == "demo_student"
     for key, value in source.state_dict().items():

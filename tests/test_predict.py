@@ -16,8 +16,8 @@ import evaluate
 import model
 import predict
 import protocol
-import synthetic
 from test_scans import region, write_dicom
+from tools import synthetic
 
 
 def save(net, path):
@@ -45,7 +45,9 @@ def brain_student(tmp_path_factory):
 
 def scan(seed=0, width=160, height=120):
     rng = np.random.default_rng(seed)
-    return synthetic.render_scan(rng, "brain", "trans-thalamic", 250, 0.3, width, height)  # (H, W) uint8
+    return synthetic.render_scan(
+        rng, "brain", "trans-thalamic", 250, 0.3, width, height
+    )  # (H, W) uint8
 
 
 def run(*arguments):
@@ -62,7 +64,12 @@ def test_the_same_pixels_as_png_16_bit_png_and_dicom_give_the_same_probabilities
     write_dicom(folder / "c.dcm", pixels)
     write_dicom(folder / "d.dcm", np.repeat(pixels[..., None], 3, -1), "RGB")
     rows, _, skipped, _ = run(student, folder, f"--out_dir={tmp_path / 'out'}")
-    assert [r["file"].split("/")[-1] for r in rows] == ["a.png", "b16.png", "c.dcm", "d.dcm"] and not skipped
+    assert [r["file"].split("/")[-1] for r in rows] == [
+        "a.png",
+        "b16.png",
+        "c.dcm",
+        "d.dcm",
+    ] and not skipped
     for row in rows[1:]:
         assert row["probs"] == pytest.approx(rows[0]["probs"], abs=1e-5), row["file"]
     assert sum(rows[0]["probs"].values()) == pytest.approx(1, abs=1e-4)
@@ -70,7 +77,11 @@ def test_the_same_pixels_as_png_16_bit_png_and_dicom_give_the_same_probabilities
 
 def test_rows_per_frame_and_view_clips_and_outputs_that_replace_the_last_run(student, tmp_path):
     frames = np.stack([scan(seed) for seed in range(4)])[:, :100, :]  # (4, 100, 160)
-    regions = [region(0, 0, 79, 99), region(80, 0, 159, 99), region(0, 0, 159, 99, spatial=3, kind=3)]
+    regions = [
+        region(0, 0, 79, 99),
+        region(80, 0, 159, 99),
+        region(0, 0, 159, 99, spatial=3, kind=3),
+    ]
     cine = write_dicom(tmp_path / "cine.dcm", frames, regions=regions)
     out, saved = tmp_path / "out", tmp_path / "frames"
     (out / "timelines").mkdir(parents=True)
@@ -85,8 +96,13 @@ def test_rows_per_frame_and_view_clips_and_outputs_that_replace_the_last_run(stu
         mean = {c: np.mean([r["probs"][c] for r in members]) for c in members[0]["probs"]}
         assert clip["label"] == max(mean, key=mean.get)
     document = json.loads((out / "predictions.json").read_text())
-    assert document["produced_by"]["sha256"] == hashlib.sha256(open(student, "rb").read()).hexdigest()
-    assert document["produced_by"]["model"] == "demo_student" and document["produced_by"]["versions"]["pydicom"]
+    assert (
+        document["produced_by"]["sha256"] == hashlib.sha256(open(student, "rb").read()).hexdigest()
+    )
+    assert (
+        document["produced_by"]["model"] == "demo_student"
+        and document["produced_by"]["versions"]["pydicom"]
+    )
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 8
     assert sorted(p.name for p in (out / "timelines").iterdir()) == [
         "cine.dcm_r0.png".join(["_".join(str(tmp_path).strip("/").split("/")) + "_", ""]),
@@ -95,7 +111,9 @@ def test_rows_per_frame_and_view_clips_and_outputs_that_replace_the_last_run(stu
     assert Image.open(rows[3]["saved"]).size == (56, 56)  # the model's input, as the model saw it
 
 
-def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spacing(brain_student, tmp_path):
+def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spacing(
+    brain_student, tmp_path
+):
     frames = np.stack([scan(seed, 320, 140) for seed in range(2)])  # two views of 160 x 140 px
     regions = [region(0, 0, 159, 139, delta_cm=0.02), region(160, 0, 319, 139, delta_cm=0.025)]
     files = [
@@ -105,7 +123,9 @@ def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spaci
     ]
     Image.fromarray(scan(6, 160, 120)).save(files[1])  # 160 px x 0.2 mm given: region 0's spacing
     Image.fromarray(scan(5, 100, 80)).save(files[2])  # 100 px x 0.2 mm: 20 mm across, no head fits
-    files.append(write_dicom(tmp_path / "nocm.dcm", scan(7), regions=[region(0, 0, 159, 119, units=0)]))
+    files.append(
+        write_dicom(tmp_path / "nocm.dcm", scan(7), regions=[region(0, 0, 159, 119, units=0)])
+    )
     rows, _, _, _ = run(brain_student, *files, "--pixel_size=0.2", f"--out_dir={tmp_path / 'out'}")
     net = model.load_model(brain_student)
     with torch.no_grad():
@@ -113,8 +133,14 @@ def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spaci
     for row, mm in zip(rows[:2], (0.2, 0.25)):  # the file's calibration wins over --pixel_size
         spacing = f"{160 / 56 * mm:.2f}"  # the crop's longer side, padded and resized to 56 px
         days = protocol.ga_prediction(evaluate.ga_scores(net, feature, [spacing])[0])[0]
-        assert (row["label"], row["ga_days"], row["ga_spacing_mm"]) == ("brain", days, float(spacing))
-        assert row["ga"] == f"{days // 7}w{days % 7}d" and row["subplane"] in protocol.BRAIN_SUBPLANES
+        assert (row["label"], row["ga_days"], row["ga_spacing_mm"]) == (
+            "brain",
+            days,
+            float(spacing),
+        )
+        assert (
+            row["ga"] == f"{days // 7}w{days % 7}d" and row["subplane"] in protocol.BRAIN_SUBPLANES
+        )
     plain, small, nocm = rows[4:]
     assert (plain["ga_days"], plain["spacing_source"]) == (rows[0]["ga_days"], "given")
     assert small["ga_days"] is None and "spans 20 mm" in small["ga_note"]
@@ -123,10 +149,18 @@ def test_ga_only_for_measurable_calibrated_brain_views_at_the_model_inputs_spaci
 
 def test_your_own_classes_replace_the_planes(student, tmp_path):
     prompts = tmp_path / "classes.json"
-    prompts.write_text(json.dumps({"four chamber": ["a four chamber view"], "other": ["an ultrasound image"]}))
+    prompts.write_text(
+        json.dumps({"four chamber": ["a four chamber view"], "other": ["an ultrasound image"]})
+    )
     Image.fromarray(scan()).save(tmp_path / "a.png")
-    rows, _, _, _ = run(student, tmp_path / "a.png", f"--prompts={prompts}", f"--out_dir={tmp_path / 'out'}")
-    assert list(rows[0]["probs"]) == ["four chamber", "other"] and "subplane" not in rows[0] and "ga" not in rows[0]
+    rows, _, _, _ = run(
+        student, tmp_path / "a.png", f"--prompts={prompts}", f"--out_dir={tmp_path / 'out'}"
+    )
+    assert (
+        list(rows[0]["probs"]) == ["four chamber", "other"]
+        and "subplane" not in rows[0]
+        and "ga" not in rows[0]
+    )
     header = next(csv.reader(open(tmp_path / "out" / "predictions.csv")))
     assert header[-2:] == ["p_four chamber", "p_other"]
 
@@ -139,7 +173,10 @@ def test_bad_files_are_skipped_bad_values_refused_in_one_line(student, tmp_path)
     rows, _, skipped, _ = run(student, folder, f"--out_dir={tmp_path / 'out'}")
     assert len(rows) == 1 and [s["file"].split("/")[-1] for s in skipped] == ["broken.png"]
     for value in ("0", "nan", "inf", "1e9", "-0.5"):
-        with pytest.raises(SystemExit, match=f"predict.py: --pixel_size={float(value)!r}: expected a pixel size in mm"):
+        with pytest.raises(
+            SystemExit,
+            match=f"predict.py: --pixel_size={float(value)!r}: expected a pixel size in mm",
+        ):
             run(student, folder, f"--pixel_size={value}")
     (tmp_path / "bad.json").write_text("{'brain': ['x']}")
     with pytest.raises(SystemExit, match="predict.py: .*bad.json: not valid JSON"):
@@ -153,7 +190,9 @@ def test_bad_files_are_skipped_bad_values_refused_in_one_line(student, tmp_path)
     weights = torch.load(student, weights_only=True)
     weights["model"]["visual.bn1.running_mean"][3] = float("inf")
     torch.save(weights, tmp_path / "inf.pt")
-    with pytest.raises(SystemExit, match="predict.py: .*inf.pt: visual.bn1.running_mean holds NaN or inf values"):
+    with pytest.raises(
+        SystemExit, match="predict.py: .*inf.pt: visual.bn1.running_mean holds NaN or inf values"
+    ):
         run(tmp_path / "inf.pt", folder, f"--out_dir={tmp_path / 'never'}")
     assert not (tmp_path / "never").exists()  # refused before any prediction
     assert math.isfinite(rows[0]["probs"]["brain"])

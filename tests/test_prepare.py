@@ -13,11 +13,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-import cache
 import data
-import prepare
+from tools import cache, prepare
 
-VIEW = (16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (size, mean, std) of the one view the loader check asks for
+VIEW = (
+    16,
+    (0.5, 0.5, 0.5),
+    (0.5, 0.5, 0.5),
+)  # (size, mean, std) of the one view the loader check asks for
 
 
 def image_bytes(fmt, seed, mode="RGB"):
@@ -68,7 +71,11 @@ WRITTEN = {
     13: "bmp",
     14: "tiff",
 }  # row -> the field its image is written under
-SHARDS = ("train-000000.tar", "train-000001.tar", "train-000002.tar")  # two pairs each, with --shard_size=2
+SHARDS = (
+    "train-000000.tar",
+    "train-000001.tar",
+    "train-000002.tar",
+)  # two pairs each, with --shard_size=2
 REFUSED = {
     5: "missing image",
     6: "unreadable image",
@@ -93,9 +100,13 @@ def pairs(tmp_path_factory):
     write(root / "images/scan.TIFF", image_bytes("TIFF", 6))
     write(root / "images/clip.mp4", b"\x00\x00\x00\x18ftypmp42")
     os.makedirs(root / "images/dicom")
-    shutil.copy(pydicom.data.get_testdata_file("examples_rgb_color.dcm"), root / "images/dicom/IM0001")
+    shutil.copy(
+        pydicom.data.get_testdata_file("examples_rgb_color.dcm"), root / "images/dicom/IM0001"
+    )
     assert Image.open(root / "images/deep.png").mode == "I;16"
-    lines = ["filepath\ttitle"] + [f'{path}\t"{caption.replace(chr(34), 2 * chr(34))}"' for path, caption in ROWS]
+    lines = ["filepath\ttitle"] + [
+        f'{path}\t"{caption.replace(chr(34), 2 * chr(34))}"' for path, caption in ROWS
+    ]
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
     return root
 
@@ -108,7 +119,10 @@ def test_csv_shards_report_and_loader(pairs, tmp_path):
     expected = []
     for row, field in WRITTEN.items():
         path, caption = ROWS[row - 2]
-        expected += [(f"{row:09d}.{field}", (pairs / path).read_bytes()), (f"{row:09d}.txt", caption.strip().encode())]
+        expected += [
+            (f"{row:09d}.{field}", (pairs / path).read_bytes()),
+            (f"{row:09d}.txt", caption.strip().encode()),
+        ]
     assert members == expected
     assert sorted(os.listdir(out)) == [
         "prepare_report.json",
@@ -123,7 +137,11 @@ def test_csv_shards_report_and_loader(pairs, tmp_path):
         (row, ROWS[row - 2][0], reason) for row, reason in REFUSED.items()
     ]
     assert report["refusals"][3]["detail"] == "the same image bytes and caption as row 2"
-    assert all("python scans.py" in r["detail"] for r in report["refusals"] if r["reason"] == "DICOM or video")
+    assert all(
+        "python -m tools.scans" in r["detail"]
+        for r in report["refusals"]
+        if r["reason"] == "DICOM or video"
+    )
     assert report["shards"] == dict(zip(SHARDS, (2, 2, 2)))
     assert report["settings"]["separator"] == "\t" and report["source"] == str(pairs / "pairs.csv")
     # what training reads: every pair, nothing skipped
@@ -132,7 +150,11 @@ def test_csv_shards_report_and_loader(pairs, tmp_path):
     assert keys == [f"{row:09d}" for row in WRITTEN]
     assert not any(loader.skipped.values()) and data.count_samples(str(out)) == 6
     # and what cache.py computes the teacher's views from (a BMP and a TIFF included)
-    samples = [s for name in sorted(report["shards"]) for s in wds.tarfile_samples([{"url": str(out / name)}])]
+    samples = [
+        s
+        for name in sorted(report["shards"])
+        for s in wds.tarfile_samples([{"url": str(out / name)}])
+    ]
     assert all(views is not None for *_, views in cache.TeacherViews(samples, VIEW, augs=1, seed=0))
 
 
@@ -148,7 +170,9 @@ def test_rerun_gives_the_same_bytes_and_never_a_mix(pairs, tmp_path):
     kept = (out / "train-000000.tar").read_bytes()
     # nothing to write: one line, and the shards there stay as they were
     (tmp_path / "bad.csv").write_text("filepath,title\nnowhere.png,a\n,b\n")
-    with pytest.raises(SystemExit, match=r"^prepare.py: .*bad.csv: no pair written, 2 refused \(2 missing image\)"):
+    with pytest.raises(
+        SystemExit, match=r"^prepare.py: .*bad.csv: no pair written, 2 refused \(2 missing image\)"
+    ):
         prepare.main([str(tmp_path / "bad.csv"), f"--out_dir={out}"])
     assert (out / "train-000000.tar").read_bytes() == kept
     # a folder prepare.py did not write is never replaced
@@ -162,7 +186,9 @@ def test_rerun_gives_the_same_bytes_and_never_a_mix(pairs, tmp_path):
 def test_folder_of_images_with_captions(tmp_path):
     scans = tmp_path / "scans"
     write(scans / "a.png", image_bytes("PNG", 0))
-    write(scans / "a.txt", b"\xef\xbb\xbfFetal heart.\n")  # a BOM and a newline, as editors write them
+    write(
+        scans / "a.txt", b"\xef\xbb\xbfFetal heart.\n"
+    )  # a BOM and a newline, as editors write them
     write(scans / "deep/b.jpg", image_bytes("JPEG", 1))
     write(scans / "deep/b.txt", "Fœtal abdomen".encode())
     write(scans / "c.png", image_bytes("PNG", 2))  # no caption file
@@ -183,7 +209,9 @@ def test_folder_of_images_with_captions(tmp_path):
         ("c.png", "missing caption"),
         ("e.png", "empty caption"),
     ]
-    with pytest.raises(SystemExit, match="is inside"):  # its shards would be read as input next time
+    with pytest.raises(
+        SystemExit, match="is inside"
+    ):  # its shards would be read as input next time
         prepare.main([str(scans), f"--out_dir={scans / 'shards'}"])
 
 
@@ -192,11 +220,19 @@ def test_csv_conventions_and_one_line_errors(pairs, tmp_path):
     found."""
     plain = pairs / "images/plain.png"
     (tmp_path / "a.csv").write_text(f'image;caption;extra\n{plain};"semi; colon";x\n')
-    prepare.main([str(tmp_path / "a.csv"), f"--out_dir={tmp_path / 'a'}", "--img_key=image", "--caption_key=caption"])
+    prepare.main(
+        [
+            str(tmp_path / "a.csv"),
+            f"--out_dir={tmp_path / 'a'}",
+            "--img_key=image",
+            "--caption_key=caption",
+        ]
+    )
     assert read_shard(tmp_path / "a/train-000000.tar")[1] == ("000000002.txt", b"semi; colon")
     (tmp_path / "b.csv").write_text(f"path,caption\n{plain},x\n")
     with pytest.raises(
-        SystemExit, match=r"^prepare.py: .*b.csv: missing column 'filepath' \(found \['path', 'caption'"
+        SystemExit,
+        match=r"^prepare.py: .*b.csv: missing column 'filepath' \(found \['path', 'caption'",
     ):
         prepare.main([str(tmp_path / "b.csv"), f"--out_dir={tmp_path / 'b'}"])
     assert not os.path.exists(tmp_path / "b")

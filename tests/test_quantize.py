@@ -1,4 +1,4 @@
-"""quantize.py through `export.py --quantize=int8`: the int8 files of a small trained student against its fp32
+"""tools/quantize.py (`python -m tools.quantize`): the int8 files of a small trained student against its fp32
 model, run by onnxruntime and rebuilt by hand (symmetric per-channel int8), a broken calibration refused, the
 sidecar's figures, and bad settings."""
 
@@ -17,10 +17,9 @@ from test_export import run_onnx, save_project_checkpoint
 
 import data
 import evaluate
-import export
 import protocol
-import synthetic
 from model import create_model
+from tools import quantize, synthetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -35,7 +34,9 @@ def fit_to_planes(net, planes_dir, steps=60):
         classes = evaluate.class_embeddings(net, protocol.PROMPTS["five_planes"])  # (9, D)
     optimizer = torch.optim.Adam(net.visual.parameters(), lr=3e-3)
     for _ in range(steps):
-        loss = F.cross_entropy(100 * F.normalize(net.encode_image(images), dim=-1) @ classes.T, labels)
+        loss = F.cross_entropy(
+            100 * F.normalize(net.encode_image(images), dim=-1) @ classes.T, labels
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -49,7 +50,9 @@ def transform(net):
 def held_out_images(net, folder):
     """Every 4th sorted image, as the module docstring promises, read and transformed here."""
     paths = sorted(str(p) for p in folder.glob("*.png"))[::4]
-    return torch.stack([transform(net)(Image.open(p).convert("RGB")) for p in paths])  # (N, 3, S, S)
+    return torch.stack(
+        [transform(net)(Image.open(p).convert("RGB")) for p in paths]
+    )  # (N, 3, S, S)
 
 
 def features(net, images):
@@ -74,7 +77,9 @@ def stem_and_weights(net):
 
 def int8_by_hand(weight):
     """Symmetric int8 per output channel, dequantised: round(w / s) * s with s = max |w| / 127 over the channel."""
-    scale = (weight.abs().flatten(1).amax(1).clamp_min(1e-12) / 127).view(-1, *[1] * (weight.dim() - 1))
+    scale = (weight.abs().flatten(1).amax(1).clamp_min(1e-12) / 127).view(
+        -1, *[1] * (weight.dim() - 1)
+    )
     return (weight / scale).round().clamp(-127, 127) * scale
 
 
@@ -88,9 +93,9 @@ def student(tmp_path_factory):
     torch.manual_seed(0)
     net = fit_to_planes(create_model("tiny_vit"), folder / "planes")
     ckpt = save_project_checkpoint(net, folder / "student.pt")
-    flags = ["--quantize=int8", "--zero_shot_head=False", f"--calibration={folder / 'planes' / 'Images'}"]
+    flags = ["--zero_shot_head=False", f"--calibration={folder / 'planes' / 'Images'}"]
     flags += [f"--planes_dir={folder / 'planes'}", f"--hc18_dir={folder / 'hc18'}"]
-    written = export.main([ckpt, f"--out_dir={folder / 'export'}", *flags])
+    written = quantize.main([ckpt, f"--out_dir={folder / 'export'}", *flags])
     return net, ckpt, folder, written
 
 
@@ -100,17 +105,29 @@ def test_onnx_int8_agrees_with_pytorch(student):
     assert path in written and (folder / "export" / "image_encoder_int8.mlpackage") in written
     graph = onnx.load(str(path)).graph
     initialisers = {t.name: t for t in graph.initializer}
-    int8 = [i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.input[:1] if i in initialisers]
+    int8 = [
+        i
+        for n in graph.node
+        if n.op_type == "DequantizeLinear"
+        for i in n.input[:1]
+        if i in initialisers
+    ]
     assert all(initialisers[i].data_type == onnx.TensorProto.INT8 for i in int8)
     stem, quantised = stem_and_weights(net)
-    assert len(int8) == len(quantised) == 9  # qkv, proj, fc1, fc2 of 2 blocks and the head; not the patch stem
-    scales = [n.input[1] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
+    assert (
+        len(int8) == len(quantised) == 9
+    )  # qkv, proj, fc1, fc2 of 2 blocks and the head; not the patch stem
+    scales = [
+        n.input[1] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8
+    ]
     assert all(len(onnx.numpy_helper.to_array(initialisers[s])) > 1 for s in scales)  # per channel
     stem_conv = next(n for n in graph.node if n.op_type == "Conv" and "image" in n.input)
     assert initialisers[stem_conv.input[1]].data_type == onnx.TensorProto.FLOAT
 
     images = held_out_images(net, folder / "planes" / "Images")  # 6 of 24, never calibrated on
-    cosine, agreed = agreement(features(net, images), torch.from_numpy(run_onnx(path, images)[0]).double(), net)
+    cosine, agreed = agreement(
+        features(net, images), torch.from_numpy(run_onnx(path, images)[0]).double(), net
+    )
     sidecar = json.loads((folder / "export" / "image_encoder_int8.onnx.json").read_text())
     figures = sidecar["agreement"]
     assert figures["images"] == 6 and sidecar["quantization"]["calibration"]["images"] == 18
@@ -139,12 +156,22 @@ def test_coreml_int8_stores_the_measured_weights(student):
     package = ct.models.MLModel(str(path), skip_model_load=True)
     blocks = package.get_spec().mlProgram.functions["main"].block_specializations.values()
     stem, quantised = stem_and_weights(net)
-    assert sum(op.type == "constexpr_affine_dequantize" for b in blocks for op in b.operations) == len(quantised)
-    weights = cto.get_weights_metadata(cto.decompress_weights(package), weight_threshold=1024)  # not the biases
+    assert sum(
+        op.type == "constexpr_affine_dequantize" for b in blocks for op in b.operations
+    ) == len(quantised)
+    weights = cto.get_weights_metadata(
+        cto.decompress_weights(package), weight_threshold=1024
+    )  # not the biases
     stored = [w.val.astype(np.float32) for w in weights.values()]
-    expected = [int8_by_hand(m.weight.detach()) for m in quantised] + [stem[0].weight.detach()]  # stem: fp16 only
+    expected = [int8_by_hand(m.weight.detach()) for m in quantised] + [
+        stem[0].weight.detach()
+    ]  # stem: fp16 only
     for by_hand in expected:  # each its own stored weight, within fp16 rounding
-        close = [i for i, w in enumerate(stored) if w.shape == by_hand.shape and np.allclose(w, by_hand, 2e-3, 1e-4)]
+        close = [
+            i
+            for i, w in enumerate(stored)
+            if w.shape == by_hand.shape and np.allclose(w, by_hand, 2e-3, 1e-4)
+        ]
         assert close, f"no stored weight of shape {tuple(by_hand.shape)} matches"
         stored.pop(close[0])
 
@@ -153,8 +180,13 @@ def test_coreml_int8_stores_the_measured_weights(student):
         module.weight.data = int8_by_hand(module.weight.data)
     images = held_out_images(net, folder / "planes" / "Images")
     cosine, agreed = agreement(features(net, images), features(rebuilt, images), net)
-    figures = json.loads((folder / "export" / "image_encoder_int8.mlpackage.json").read_text())["agreement"]
-    assert figures["cosine_min"] == pytest.approx(cosine.min().item(), abs=1e-5) and figures["cosine_min"] >= 0.99
+    figures = json.loads((folder / "export" / "image_encoder_int8.mlpackage.json").read_text())[
+        "agreement"
+    ]
+    assert (
+        figures["cosine_min"] == pytest.approx(cosine.min().item(), abs=1e-5)
+        and figures["cosine_min"] >= 0.99
+    )
     assert figures["five_planes_top1_agreement"] == agreed and "Apple" in figures["reference"]
 
 
@@ -166,14 +198,22 @@ def test_zero_shot_figures_of_both(student):
     calibration = set(sorted(str(p) for p in (folder / "planes" / "Images").glob("*.png"))) - set(
         sorted(str(p) for p in (folder / "planes" / "Images").glob("*.png"))[::4]
     )
-    overlap = {"onnx": sum(r["path"] in calibration for r in rows), "mlpackage": 0}  # Core ML: no calibration
+    overlap = {
+        "onnx": sum(r["path"] in calibration for r in rows),
+        "mlpackage": 0,
+    }  # Core ML: no calibration
     for fmt in ("onnx", "mlpackage"):
         sidecar = json.loads((folder / "export" / f"image_encoder_int8.{fmt}.json").read_text())
         figures = sidecar["zero_shot"]
         assert figures["fp32"]["five_planes_f1"] == pytest.approx(reference["five_planes"]["f1"])
-        assert figures["fp32"]["brain_subplanes_f1"] == pytest.approx(reference["brain_subplanes"]["f1"])
+        assert figures["fp32"]["brain_subplanes_f1"] == pytest.approx(
+            reference["brain_subplanes"]["f1"]
+        )
         assert figures["fp32"]["hc18_validity"] == pytest.approx(reference["hc18"]["validity"])
-        assert set(figures["int8"]) == set(figures["fp32"]) and 0 <= figures["int8"]["five_planes_f1"] <= 1
+        assert (
+            set(figures["int8"]) == set(figures["fp32"])
+            and 0 <= figures["int8"]["five_planes_f1"] <= 1
+        )
         assert figures["calibration_images_among_planes"] == overlap[fmt]
     assert overlap["onnx"] > 0 and sidecar["quantization"]["calibration"] == "none: weights only"
 
@@ -191,14 +231,23 @@ def test_constant_calibration_is_caught(student, tmp_path):
     out.mkdir()
     (out / "image_encoder_int8.onnx").write_bytes(b"an older int8 file")
     (out / "image_encoder_int8.onnx.json").write_text("{}")
-    flags = [f"--calibration={tmp_path / 'calibration'}", "--coreml=False", "--zero_shot_head=False"]
+    flags = [
+        f"--calibration={tmp_path / 'calibration'}",
+        "--coreml=False",
+        "--zero_shot_head=False",
+    ]
     with pytest.raises(SystemExit) as failure:
-        export.main([ckpt, f"--out_dir={out}", "--quantize=int8", *flags])
+        quantize.main([ckpt, f"--out_dir={out}", *flags])
     message = str(failure.value)
     assert "\n" not in message
-    assert message.startswith(f"export.py: {out / 'image_encoder_int8.onnx'} not written: minimum cosine 0.")
+    assert message.startswith(
+        f"quantize: {out / 'image_encoder_int8.onnx'} not written: minimum cosine 0."
+    )
     assert "on 6 held-out images is below --min_cosine=0.99" in message
-    assert sorted(p.name for p in out.iterdir()) == ["image_encoder.onnx", "image_encoder.onnx.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "image_encoder.onnx",
+        "image_encoder.onnx.json",
+    ]
 
 
 def test_bad_settings_are_refused_before_export(student, tmp_path):
@@ -208,15 +257,14 @@ def test_bad_settings_are_refused_before_export(student, tmp_path):
     Image.new("RGB", (8, 8)).save(one / "a.png")
     base = [ckpt, f"--out_dir={tmp_path / 'export'}"]
     cases = [
-        (["--quantize=int4"], "--quantize=int4: expected int8"),
-        (["--quantize=int8", f"--calibration={tmp_path / 'nope'}"], "--calibration: .*nope is neither"),
-        (["--quantize=int8", f"--calibration={one}"], "1 scan file.s., at least 2 needed"),
-        (["--quantize=int8", f"--planes_dir={folder / 'planes'}"], "--planes_dir and --hc18_dir: give both"),
-        (["--quantize=int8", f"--planes_dir={tmp_path}", f"--hc18_dir={tmp_path}"], "Planes DB: .* not found"),
+        ([f"--calibration={tmp_path / 'nope'}"], "--calibration: .*nope is neither"),
+        ([f"--calibration={one}"], "1 scan file.s., at least 2 needed"),
+        ([f"--planes_dir={folder / 'planes'}"], "--planes_dir and --hc18_dir: give both"),
+        ([f"--planes_dir={tmp_path}", f"--hc18_dir={tmp_path}"], "Planes DB: .* not found"),
         (["--min_cosine=high"], "--min_cosine=high: expected float"),
-        (["--quantize=int8", "--calibration_images=0"], "--calibration_images=0: expected a count >= 1, or -1"),
+        (["--calibration_images=0"], "--calibration_images=0: expected a count >= 1, or -1"),
     ]
     for flags, message in cases:
         with pytest.raises(SystemExit, match=message):
-            export.main(base + flags)
+            quantize.main(base + flags)
     assert not (tmp_path / "export").exists()  # refused before anything was written

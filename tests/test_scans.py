@@ -15,7 +15,7 @@ from pydicom.pixels import apply_color_lut, convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import data
-import scans
+from tools import scans
 
 PYDICOM_FILES = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
 
@@ -45,7 +45,9 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=8, regions=
     little-endian pixels (frames, rows, columns[, 3])."""
     multi = pixels.ndim == (4 if photometric == "RGB" else 3)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1" if multi else "1.2.840.10008.5.1.4.1.1.6.1"
+    meta.MediaStorageSOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.3.1" if multi else "1.2.840.10008.5.1.4.1.1.6.1"
+    )
     meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = (
@@ -76,7 +78,9 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=8, regions=
 
 
 def test_a_real_ybr_cine_is_converted_to_rgb_once_and_its_misfit_calibration_is_not_trusted():
-    path = real("examples_ybr_color.dcm")  # SonoSite: 30 frames, YBR_FULL_422 in JPEG Baseline, regions of 640x480
+    path = real(
+        "examples_ybr_color.dcm"
+    )  # SonoSite: 30 frames, YBR_FULL_422 in JPEG Baseline, regions of 640x480
     got = views(path)
     raw = pydicom.pixels.pixel_array(path, raw=True)  # the codec's YCbCr, not converted
     assert len(got) == 30 and [v.frame for v in got] == list(range(30))
@@ -85,7 +89,9 @@ def test_a_real_ybr_cine_is_converted_to_rgb_once_and_its_misfit_calibration_is_
         assert view.image.mode == "RGB" and np.array_equal(np.asarray(view.image), expected)
         assert not np.array_equal(np.asarray(view.image), ybr)
     assert got[3].seconds == pytest.approx(3 * 0.033333)  # FrameTime 33.333 ms
-    assert got[0].region == -1 and got[0].pixel_size_mm is None  # the region box lies outside the 320x240 frames
+    assert (
+        got[0].region == -1 and got[0].pixel_size_mm is None
+    )  # the region box lies outside the 320x240 frames
     assert "not trusted" in got[0].spacing_note and "x 84-595" in got[0].spacing_note
 
 
@@ -95,10 +101,14 @@ def test_a_real_16_bit_palette_goes_through_its_lookup_tables():
     ds = pydicom.dcmread(path)
     expected = np.rint(apply_color_lut(ds.pixel_array, ds) / 257).astype(np.uint8)
     assert view.image.mode == "RGB" and np.array_equal(np.asarray(view.image), expected)
-    assert view.pixel_size_mm is None and "not trusted" in view.spacing_note  # its regions do not fit either
+    assert (
+        view.pixel_size_mm is None and "not trusted" in view.spacing_note
+    )  # its regions do not fit either
 
 
-@pytest.mark.parametrize("name", ["examples_jpeg2k.dcm", "examples_rgb_color.dcm", "ExplVR_BigEnd.dcm"])
+@pytest.mark.parametrize(
+    "name", ["examples_jpeg2k.dcm", "examples_rgb_color.dcm", "ExplVR_BigEnd.dcm"]
+)
 def test_real_jpeg2000_rgb_and_big_endian_files_decode_as_pydicom_decodes_them(name):
     (view,) = views(real(name), pixel_size=0.3)
     assert np.array_equal(np.asarray(view.image), pydicom.dcmread(real(name)).pixel_array)
@@ -108,21 +118,35 @@ def test_real_jpeg2000_rgb_and_big_endian_files_decode_as_pydicom_decodes_them(n
 def test_dual_view_regions_crop_each_view_and_leave_the_doppler_strip_out(tmp_path):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 300, 800), dtype=np.uint8)
-    regions = [region(0, 0, 399, 199), region(400, 0, 799, 199, delta_cm=0.025), region(0, 200, 799, 299, 3, 3)]
-    path = write_dicom(tmp_path / "dual", frames, regions=regions, PixelSpacing=[0.5, 0.5])  # no extension
+    regions = [
+        region(0, 0, 399, 199),
+        region(400, 0, 799, 199, delta_cm=0.025),
+        region(0, 200, 799, 299, 3, 3),
+    ]
+    path = write_dicom(
+        tmp_path / "dual", frames, regions=regions, PixelSpacing=[0.5, 0.5]
+    )  # no extension
     got = views(path, pixel_size=0.9)
     assert [(v.frame, v.region) for v in got] == [(f, r) for f in range(3) for r in (0, 1)]
     for view in got:
-        box = (slice(0, 200), slice(0, 400)) if view.region == 0 else (slice(0, 200), slice(400, 800))
+        box = (
+            (slice(0, 200), slice(0, 400)) if view.region == 0 else (slice(0, 200), slice(400, 800))
+        )
         assert np.array_equal(np.asarray(view.image), frames[view.frame][box])
-    assert [v.pixel_size_mm for v in got[:2]] == pytest.approx([0.2, 0.25])  # cm -> mm; PixelSpacing unused
+    assert [v.pixel_size_mm for v in got[:2]] == pytest.approx(
+        [0.2, 0.25]
+    )  # cm -> mm; PixelSpacing unused
     assert got[1].spacing_source == "ultrasound region 1" and got[1].seconds == 0.0
 
 
 def test_regions_without_centimetres_or_square_pixels_give_no_pixel_size(tmp_path):
     frame = np.zeros((100, 100), np.uint8)
-    (view,) = views(write_dicom(tmp_path / "a.dcm", frame, regions=[region(0, 0, 99, 99, units=0)]), 0.3)
-    assert view.pixel_size_mm is None and "not cm" in view.spacing_note  # the given size does not override it
+    (view,) = views(
+        write_dicom(tmp_path / "a.dcm", frame, regions=[region(0, 0, 99, 99, units=0)]), 0.3
+    )
+    assert (
+        view.pixel_size_mm is None and "not cm" in view.spacing_note
+    )  # the given size does not override it
     oblong = region(0, 0, 99, 99)
     oblong.PhysicalDeltaY = 0.03
     (view,) = views(write_dicom(tmp_path / "b.dcm", frame, regions=[oblong]))
@@ -138,7 +162,9 @@ def test_regions_without_centimetres_or_square_pixels_give_no_pixel_size(tmp_pat
 def test_monochrome1_in_12_bits_is_inverted_and_scaled_never_clipped(tmp_path):
     stored = np.array([[0, 1000, 4095], [2048, 4000, 17]], np.uint16)
     (view,) = views(write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1", bits_stored=12))
-    expected = 255 - np.rint(pydicom.dcmread(tmp_path / "m1.dcm").pixel_array / 4095 * 255).astype(np.uint8)
+    expected = 255 - np.rint(pydicom.dcmread(tmp_path / "m1.dcm").pixel_array / 4095 * 255).astype(
+        np.uint8
+    )
     assert view.image.mode == "L" and np.array_equal(np.asarray(view.image), expected)
     assert np.asarray(view.image)[0, 0] == 255  # 0 is white in MONOCHROME1
 
@@ -146,13 +172,17 @@ def test_monochrome1_in_12_bits_is_inverted_and_scaled_never_clipped(tmp_path):
 def test_16_bit_and_float_images_scale_to_the_8_bit_scan(tmp_path):
     scan = np.random.default_rng(1).integers(0, 256, (40, 60), dtype=np.uint8)
     Image.fromarray(scan).save(tmp_path / "scan8.png")
-    Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "scan16.png")  # how converters export 16 bits
+    Image.fromarray(scan.astype(np.uint16) * 257).save(
+        tmp_path / "scan16.png"
+    )  # how converters export 16 bits
     Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "scan16.tif")
     Image.fromarray(scan.astype(np.float32) / 255).save(tmp_path / "scan_float.tif")
     for name in ("scan8.png", "scan16.png", "scan16.tif", "scan_float.tif"):
         (view,) = views(tmp_path / name)
         assert np.array_equal(np.asarray(view.image), scan), name
-    assert Image.open(tmp_path / "scan16.png").convert("RGB").getextrema()[0][1] == 255  # PIL alone clips
+    assert (
+        Image.open(tmp_path / "scan16.png").convert("RGB").getextrema()[0][1] == 255
+    )  # PIL alone clips
 
 
 def test_a_clip_written_with_pyav_gives_every_frame_in_order(tmp_path):
@@ -163,12 +193,16 @@ def test_a_clip_written_with_pyav_gives_every_frame_in_order(tmp_path):
         stream = container.add_stream("mpeg4", rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for level in levels:
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                np.full((48, 64, 3), level, np.uint8), format="rgb24"
+            )
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     got = views(path)
     assert [v.frame for v in got] == list(range(6)) and got[0].image.size == (64, 48)
-    assert np.allclose([np.asarray(v.image).mean() for v in got], levels, atol=3)  # lossy codec: close, in order
+    assert np.allclose(
+        [np.asarray(v.image).mean() for v in got], levels, atol=3
+    )  # lossy codec: close, in order
     assert got[2].seconds == pytest.approx(2 / 25)
 
 
@@ -192,7 +226,14 @@ def test_unreadable_files_are_skipped_with_their_reason_and_other_files_listed_a
         except scans.Unreadable as why:
             reasons[path] = str(why)
     named = {os.path.basename(p): why for p, why in reasons.items()}
-    assert sorted(named) == ["._IMG0002.dcm", "IMG0001", "clip.mp4", "empty.png", "report.dcm", "truncated.dcm"]
+    assert sorted(named) == [
+        "._IMG0002.dcm",
+        "IMG0001",
+        "clip.mp4",
+        "empty.png",
+        "report.dcm",
+        "truncated.dcm",
+    ]
     assert "no pixel data (Comprehensive SR Storage)" in named["report.dcm"]
     assert (
         "JPEG-LS" in named["IMG0001"]

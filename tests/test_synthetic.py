@@ -14,8 +14,8 @@ import data
 import evaluate
 import loss
 import protocol
-import synthetic
 from model import create_model
+from tools import synthetic
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -68,10 +68,17 @@ def test_generator_writes_the_real_formats(tmp_path):
         "Other",
     }
     brain = [r["brain_plane"] for r in rows if r["plane"] == "Fetal brain"]
-    assert sorted(set(brain)) == ["Other", "Trans-cerebellum", "Trans-thalamic", "Trans-ventricular"]
+    assert sorted(set(brain)) == [
+        "Other",
+        "Trans-cerebellum",
+        "Trans-thalamic",
+        "Trans-ventricular",
+    ]
     assert {r["brain_plane"] for r in rows if r["plane"] != "Fetal brain"} == {"Not A Brain"}
     assert {r["train"] for r in rows} == {True, False}
-    assert Image.open(rows[0]["path"]).size == (64, 48) and Image.open(rows[0]["path"]).format == "PNG"
+    assert (
+        Image.open(rows[0]["path"]).size == (64, 48) and Image.open(rows[0]["path"]).format == "PNG"
+    )
     hc18 = protocol.read_hc18(tmp_path / "hc18")
     assert len(hc18) == 3 and all(Image.open(r["path"]).size == (800, 540) for r in hc18)
     assert all(80 < r["hc"] < 360 and 0.02 < r["pixel_size"] < 0.6 for r in hc18)
@@ -97,16 +104,30 @@ def skull_trace(image, centre, radii, fluid=24, run=12):
     """Measure a head as a sonographer would: along rays from a point inside it, the first stretch of amniotic
     fluid (run dark samples of the smoothed image), then the brightest point just inside it (the skull); radii
     median-filtered over neighbouring rays and low-passed. Returns the trace's perimeter and centre (pixels)."""
-    smooth = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(3)), dtype=np.float32)
+    smooth = np.asarray(
+        Image.fromarray(image).filter(ImageFilter.GaussianBlur(3)), dtype=np.float32
+    )
     angles = np.linspace(0, 2 * math.pi, 360, endpoint=False)
-    xs = (centre[0] + np.cos(angles)[:, None] * radii).round().astype(int).clip(0, image.shape[1] - 1)
-    ys = (centre[1] + np.sin(angles)[:, None] * radii).round().astype(int).clip(0, image.shape[0] - 1)
+    xs = (
+        (centre[0] + np.cos(angles)[:, None] * radii)
+        .round()
+        .astype(int)
+        .clip(0, image.shape[1] - 1)
+    )
+    ys = (
+        (centre[1] + np.sin(angles)[:, None] * radii)
+        .round()
+        .astype(int)
+        .clip(0, image.shape[0] - 1)
+    )
     ring, back = [], len(radii) // 6
     for profile in smooth[ys, xs]:
         edge = int(np.argmax(np.convolve(profile < fluid, np.ones(run), "valid") == run))
         ring.append(radii[max(edge - back, 0) + profile[max(edge - back, 0) : edge + 1].argmax()])
     ring = np.median(np.stack([np.roll(ring, k) for k in range(-10, 11)]), axis=0)
-    ring = np.fft.irfft(np.fft.rfft(ring)[:6], n=len(ring))  # an off-centre ellipse is smooth in angle
+    ring = np.fft.irfft(
+        np.fft.rfft(ring)[:6], n=len(ring)
+    )  # an off-centre ellipse is smooth in angle
     points = np.stack([np.cos(angles) * ring, np.sin(angles) * ring], 1)
     perimeter = np.linalg.norm(points - np.roll(points, 1, axis=0), axis=1).sum()
     return perimeter, (centre[0] + points[:, 0].mean(), centre[1] + points[:, 1].mean())
@@ -121,7 +142,9 @@ def test_hc18_heads_measure_what_the_csv_says(tmp_path):
     ratios = []
     for row in protocol.read_hc18(tmp_path):
         image = np.asarray(Image.open(row["path"]).convert("L"))
-        a = row["hc"] / row["pixel_size"] / (math.pi * 1.8 * (1 + 3 * (1 / 9) ** 2 / 10))  # b = 0.8 a (approx.)
+        a = (
+            row["hc"] / row["pixel_size"] / (math.pi * 1.8 * (1 + 3 * (1 / 9) ** 2 / 10))
+        )  # b = 0.8 a (approx.)
         if a > 250:  # the skull's top or sides outside the sector
             continue
         radii = np.arange(0.4 * a, 1.6 * a, 1.0)
@@ -140,7 +163,9 @@ def input_sized_mean(kind, subplane, weeks, n=12):
         rng = np.random.default_rng([7, i])
         hc = synthetic.hc_median(days)
         mm_per_px = synthetic.pick_zoom(hc / synthetic.ellipse_perimeter(1, 0.8)) * size / 160
-        scan = synthetic.render_scan(rng, kind, subplane, hc, mm_per_px, 160, 160, days, pose=(0.5, 0.5, 0.0))
+        scan = synthetic.render_scan(
+            rng, kind, subplane, hc, mm_per_px, 160, 160, days, pose=(0.5, 0.5, 0.0)
+        )
         total += np.asarray(Image.fromarray(scan).resize((size, size), Image.BOX), dtype=np.float32)
     return total / n
 
@@ -149,11 +174,23 @@ def test_each_sub_plane_shows_its_structures_at_the_input_size():
     """Pose fixed (occiput to the right), averaged over quality and speckle, at the models' input size: the
     thalami dark beside the midline, the lateral ventricles dark further forward with the bright choroid plexus
     behind, the cerebellum bright near the occiput, each only in its own sub-plane."""
-    scans = {s[6:]: input_sized_mean("brain", s, 26) for s in synthetic.SUBPLANES}  # thalamic, cerebellum, ...
+    scans = {
+        s[6:]: input_sized_mean("brain", s, 26) for s in synthetic.SUBPLANES
+    }  # thalamic, cerebellum, ...
     half_mm = synthetic.hc_median(26 * 7) / synthetic.ellipse_perimeter(1, 0.8)
-    a, centre = half_mm / synthetic.pick_zoom(half_mm), synthetic.DEMO_INPUT / 2  # semi-major axis, input px
-    at = lambda u, v: {s: scan[round(centre + v * 0.8 * a), round(centre + u * a)] for s, scan in scans.items()}
-    thalamus, ventricle, choroid, cerebellum = at(0, 0.16), at(-0.3, 0.21), at(0.33, 0.21), at(0.6, 0.15)
+    a, centre = (
+        half_mm / synthetic.pick_zoom(half_mm),
+        synthetic.DEMO_INPUT / 2,
+    )  # semi-major axis, input px
+    at = lambda u, v: {
+        s: scan[round(centre + v * 0.8 * a), round(centre + u * a)] for s, scan in scans.items()
+    }
+    thalamus, ventricle, choroid, cerebellum = (
+        at(0, 0.16),
+        at(-0.3, 0.21),
+        at(0.33, 0.21),
+        at(0.6, 0.15),
+    )
     assert thalamus["thalamic"] < 0.75 * thalamus["cerebellum"]
     assert ventricle["ventricular"] < 0.75 * min(ventricle["thalamic"], ventricle["cerebellum"])
     assert choroid["ventricular"] > 1.5 * max(choroid["thalamic"], choroid["cerebellum"])
@@ -176,10 +213,16 @@ def test_the_brain_matures_with_gestational_age():
     ring = lambda t: (t == t[size // 2, size // 2 + int(a)]).sum()  # pixels of the skull's value
     assert old[size // 2, size // 2 + int(a)] > young[size // 2, size // 2 + int(a)] + 0.3
     assert ring(old) > 1.5 * ring(young)
-    inside = slice(size // 2 - int(0.6 * 0.8 * a), size // 2 + int(0.6 * 0.8 * a))  # within the brain
-    width = lambda t: (t[inside, size // 2 - 15] < 0.05).sum()  # anechoic ventricles crossed by a vertical line
+    inside = slice(
+        size // 2 - int(0.6 * 0.8 * a), size // 2 + int(0.6 * 0.8 * a)
+    )  # within the brain
+    width = lambda t: (
+        t[inside, size // 2 - 15] < 0.05
+    ).sum()  # anechoic ventricles crossed by a vertical line
     assert width(head(16, "trans-ventricular")) > 1.3 * width(head(34, "trans-ventricular"))
-    bright = lambda t: (t >= 0.69).sum()  # cerebellar hemispheres and vermis (and the Sylvian fissure)
+    bright = lambda t: (
+        t >= 0.69
+    ).sum()  # cerebellar hemispheres and vermis (and the Sylvian fissure)
     assert bright(head(34, "trans-cerebellum")) - bright(head(34, "")) > 2 * (
         bright(head(20, "trans-cerebellum")) - bright(head(20, ""))
     )
@@ -188,13 +231,21 @@ def test_the_brain_matures_with_gestational_age():
 def test_captions_follow_the_protocols_wording():
     days, spacing = 22 * 7 + 3, 1.5
     captions = [
-        synthetic.make_caption(np.random.default_rng(i), "brain", "trans-thalamic", days, spacing) for i in range(40)
+        synthetic.make_caption(np.random.default_rng(i), "brain", "trans-thalamic", days, spacing)
+        for i in range(40)
     ]
-    verbatim = {t.format(weeks=22, day=3, pixel_spacing="1.50") for t in protocol.PROMPTS["ga_templates"]}
-    assert any(any(c.startswith(t) for t in verbatim) for c in captions)  # a GA template, spacing included
+    verbatim = {
+        t.format(weeks=22, day=3, pixel_spacing="1.50") for t in protocol.PROMPTS["ga_templates"]
+    }
+    assert any(
+        any(c.startswith(t) for t in verbatim) for c in captions
+    )  # a GA template, spacing included
     assert all("22 weeks" in c for c in captions)
     assert "heart" in synthetic.make_caption(np.random.default_rng(0), "heart", None)
-    views = [synthetic.make_caption(np.random.default_rng(i), "brain", "trans-cerebellum") for i in range(20)]
+    views = [
+        synthetic.make_caption(np.random.default_rng(i), "brain", "trans-cerebellum")
+        for i in range(20)
+    ]
     assert all("cerebellum" in c for c in views)
 
 
@@ -211,16 +262,30 @@ def five_plane_f1(model, planes_dir):
 def test_a_few_steps_of_clip_training_lift_a_model_above_chance(tmp_path):
     """A tiny benchmark and ~150 steps of CLIP training from scratch: the five-plane zero-shot F1 of the demo
     teacher's architecture rises from chance (about 0.2 with nine prompt classes) to well above it."""
-    synthetic.generate(str(tmp_path), seed=0, n_train=768, n_planes=105, n_hc18=1, width=96, height=72, shard_size=384)
+    synthetic.generate(
+        str(tmp_path),
+        seed=0,
+        n_train=768,
+        n_planes=105,
+        n_hc18=1,
+        width=96,
+        height=72,
+        shard_size=384,
+    )
     folders = synthetic.layout(str(tmp_path))
     torch.manual_seed(0)
     model = create_model("demo_teacher")
     before = five_plane_f1(model, folders["planes_dir"])
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / 10))
-    view, reading = (model.image_size, model.image_mean, model.image_std), dict(context_length=model.context_length)
+    view, reading = (
+        (model.image_size, model.image_mean, model.image_std),
+        dict(context_length=model.context_length),
+    )
     for epoch in range(6):
-        for images, _, tokens in data.train_loader(folders["train_data"], view, None, 32, epoch=epoch, **reading):
+        for images, _, tokens in data.train_loader(
+            folders["train_data"], view, None, 32, epoch=epoch, **reading
+        ):
             optimiser.zero_grad()
             loss.clip_loss(*model(images, tokens)).backward()
             optimiser.step()
@@ -237,14 +302,25 @@ def test_the_readme_grid_is_one_scan_per_class_and_age(tmp_path):
 def test_the_demo_scans_read_as_a_clinics_export(tmp_path):
     import pydicom
 
-    import scans
+    from tools import scans
 
     synthetic.write_scans(str(tmp_path), seed=0)
     found, ignored, skipped = scans.find([str(tmp_path)])
-    assert [os.path.basename(p) for p, _ in found] == ["head16.png", "loop.mp4", "sweep"] and not ignored + skipped
+    assert [os.path.basename(p) for p, _ in found] == [
+        "head16.png",
+        "loop.mp4",
+        "sweep",
+    ] and not ignored + skipped
     views = {os.path.basename(p): list(scans.read(p, kind)) for p, kind in found}
-    stored = pydicom.dcmread(tmp_path / "sweep").pixel_array  # (24, 300, 320, 3): the tissue above a Doppler strip
-    assert len(views["sweep"]) == 24 and all(v.region == 0 for v in views["sweep"])  # the strip is left out
+    stored = pydicom.dcmread(
+        tmp_path / "sweep"
+    ).pixel_array  # (24, 300, 320, 3): the tissue above a Doppler strip
+    assert len(views["sweep"]) == 24 and all(
+        v.region == 0 for v in views["sweep"]
+    )  # the strip is left out
     assert np.array_equal(np.asarray(views["sweep"][9].image), stored[9, :240])
-    assert views["sweep"][0].pixel_size_mm > 0 and views["sweep"][0].spacing_source == "ultrasound region 0"
+    assert (
+        views["sweep"][0].pixel_size_mm > 0
+        and views["sweep"][0].spacing_source == "ultrasound region 0"
+    )
     assert len(views["loop.mp4"]) == 8 and views["head16.png"][0].pixels == "16-bit / 257"

@@ -15,14 +15,15 @@ import webdataset as wds
 from PIL import Image
 
 import data
-import prepare
 import protocol
-import synthetic
 from model import create_model, load_model, save_open_clip
+from tools import prepare, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # per-rank micro-batch; the tiny benchmark has shards of exactly this many pairs
-CACHE_RTOL = 0.01  # students distilled from the fp16 cache and from the live teacher, relative to the update
+CACHE_RTOL = (
+    0.01  # students distilled from the fp16 cache and from the live teacher, relative to the update
+)
 
 
 def run_train(*args, nproc=1, check=True, env=None):
@@ -31,7 +32,13 @@ def run_train(*args, nproc=1, check=True, env=None):
     launcher = (
         [sys.executable]
         if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+        ]
     )
     process = subprocess.run(
         launcher + [os.path.join(ROOT, "train.py"), *args],
@@ -42,7 +49,9 @@ def run_train(*args, nproc=1, check=True, env=None):
         timeout=900,
     )
     if check and process.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
+        raise AssertionError(
+            f"train.py {' '.join(args)} failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}"
+        )
     return process
 
 
@@ -50,8 +59,14 @@ def train_refusal(*args):
     """train.py run in-process (runpy) until it refuses: the message it exits with. Settings, data and resume errors
     stop it before it trains, as in a subprocess, in milliseconds instead of seconds (tests/test_commands.py checks
     the process boundary: one line, no traceback). It must not reach the synthetic data's generation either."""
-    never = mock.patch.object(synthetic, "generate", side_effect=AssertionError("train.py went past its checks"))
-    with never, mock.patch.object(sys, "argv", ["train.py", *args]), pytest.raises(SystemExit) as refused:
+    never = mock.patch.object(
+        synthetic, "generate", side_effect=AssertionError("train.py went past its checks")
+    )
+    with (
+        never,
+        mock.patch.object(sys, "argv", ["train.py", *args]),
+        pytest.raises(SystemExit) as refused,
+    ):
         runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
     return str(refused.value)
 
@@ -60,21 +75,40 @@ def train_refusal(*args):
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     synthetic.generate(
-        str(root / "data"), seed=0, n_train=64, n_planes=42, n_hc18=6, width=96, height=72, shard_size=BATCH
+        str(root / "data"),
+        seed=0,
+        n_train=64,
+        n_planes=42,
+        n_hc18=6,
+        width=96,
+        height=72,
+        shard_size=BATCH,
     )
     return root
 
 
 def common(bench, out, *extra):
     folder = bench / "data"
-    return (f"--data_dir={folder}", f"--out_dir={out}", "--num_workers=0", "--log_interval=1", *extra)
+    return (
+        f"--data_dir={folder}",
+        f"--out_dir={out}",
+        "--num_workers=0",
+        "--log_interval=1",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def demo_run(bench):
     """The demo pipeline at a tiny size: demo teacher trained with CLIP first, then distillation."""
     process = run_train(
-        *common(bench, bench / "out", "--epochs=1", "--demo_teacher_epochs=1", f"--batch_size={2 * BATCH}")
+        *common(
+            bench,
+            bench / "out",
+            "--epochs=1",
+            "--demo_teacher_epochs=1",
+            f"--batch_size={2 * BATCH}",
+        )
     )
     return bench / "out", process.stdout
 
@@ -87,12 +121,16 @@ def assert_same_weights(path_a, path_b, atol=0.0):
     a, b = weights(path_a), weights(path_b)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            a[key], b[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 def test_config_errors_name_the_key_and_the_type(capsys):
     unknown = train_refusal("--lerning_rate=1e-3")
-    assert "unknown config key 'lerning_rate' (did you mean 'learning_rate'?); valid keys: " in unknown
+    assert (
+        "unknown config key 'lerning_rate' (did you mean 'learning_rate'?); valid keys: " in unknown
+    )
     assert "beta0" in unknown  # lists the valid keys
     # an int where the default is a float, '=' inside a value, then a float where an int is expected
     typed = train_refusal("--beta0=2", "--r=-0.8", "--wandb_project=a=b", "--epochs=1.5")
@@ -122,24 +160,43 @@ def test_bad_values_are_refused_before_anything_runs(tmp_path):
         # the issue's rows: a negative clip flipped every gradient; 0 means off
         (["--grad_clip=-1"], "--grad_clip=-1.0: expected 0 (off) or a positive gradient norm"),
         (["--smoothing=5"], "--smoothing=5.0: expected a number in [0, 1)"),
-        (["--beta1=1.5", "--beta2=-0.1"], "--beta1=1.5: expected a number in [0, 1)\n--beta2=-0.1: expected a number"),
+        (
+            ["--beta1=1.5", "--beta2=-0.1"],
+            "--beta1=1.5: expected a number in [0, 1)\n--beta2=-0.1: expected a number",
+        ),
         (
             ["--learning_rate=inf", "--r=nan"],
             "--r=nan: expected a finite number\n--learning_rate=inf: expected a finite",
         ),
-        (["--eps=0", "--weight_decay=-0.1"], "--weight_decay=-0.1: expected 0 or more\n--eps=0.0: expected a positive"),
+        (
+            ["--eps=0", "--weight_decay=-0.1"],
+            "--weight_decay=-0.1: expected 0 or more\n--eps=0.0: expected a positive",
+        ),
         (["--tau_kd=-inf"], "--tau_kd=-inf: expected a finite number"),
-        (["--student=Demo_student"], "--student='Demo_student': expected one of fetalclip, mobilefetalclip, "),
+        (
+            ["--student=Demo_student"],
+            "--student='Demo_student': expected one of fetalclip, mobilefetalclip, ",
+        ),
         (["--student=Demo_student"], "(did you mean 'demo_student'?)"),
         (["--teacher=demo_techer"], "--teacher='demo_techer': expected one of fetalclip, "),
         (["--teacher=demo_techer"], "(did you mean 'demo_teacher'?)"),
-        (["--device=gpu"], "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps"),
-        (["--seed=-1", "--max_steps=0"], "--max_steps=0: expected -1 (all epochs) or at least 1\n--seed=-1: expected"),
+        (
+            ["--device=gpu"],
+            "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps",
+        ),
+        (
+            ["--seed=-1", "--max_steps=0"],
+            "--max_steps=0: expected -1 (all epochs) or at least 1\n--seed=-1: expected",
+        ),
     ]
     for arguments, message in cases:
-        refused = train_refusal(f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *arguments)
+        refused = train_refusal(
+            f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *arguments
+        )
         assert message in refused, (arguments, refused)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # nothing ran, nothing was written
+    assert (
+        not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    )  # nothing ran, nothing was written
 
 
 def test_demo_pipeline_end_to_end(demo_run):
@@ -172,15 +229,33 @@ def test_demo_pipeline_end_to_end(demo_run):
 def test_an_interrupted_demo_teacher_is_finished_before_it_teaches(bench, tmp_path):
     out = tmp_path / "out"
     folders = synthetic.layout(str(bench / "data"))  # what train.py hands the demo teacher's run
-    teacher = [f"--out_dir={out / 'demo_teacher'}", f"--data_dir={bench / 'data'}", "--num_workers=0"]
-    teacher += [f"--{key}={folder}" for key, folder in folders.items() if key != "scans"]  # scans: predict.py's
-    run_train("--mode=none", "--student=demo_teacher", "--epochs=2", "--max_steps=1", *teacher)  # killed early
-    epochs_done = lambda: torch.load(out / "demo_teacher" / "ckpt.pt", weights_only=True, mmap=True)["epoch"]
+    teacher = [
+        f"--out_dir={out / 'demo_teacher'}",
+        f"--data_dir={bench / 'data'}",
+        "--num_workers=0",
+    ]
+    teacher += [
+        f"--{key}={folder}" for key, folder in folders.items() if key != "scans"
+    ]  # scans: predict.py's
+    run_train(
+        "--mode=none", "--student=demo_teacher", "--epochs=2", "--max_steps=1", *teacher
+    )  # killed early
+    epochs_done = lambda: torch.load(
+        out / "demo_teacher" / "ckpt.pt", weights_only=True, mmap=True
+    )["epoch"]
     assert epochs_done() == 0
-    process = run_train(*common(bench, out, "--epochs=1", "--demo_teacher_epochs=2", "--eval_every=0"))
+    process = run_train(
+        *common(bench, out, "--epochs=1", "--demo_teacher_epochs=2", "--eval_every=0")
+    )
     assert "resuming the demo teacher first" in process.stdout and epochs_done() == 2
-    changed = run_train(*common(bench, out, "--epochs=1", "--demo_teacher_epochs=3", "--eval_every=0"), check=False)
-    assert changed.returncode != 0 and "epochs 2 -> 3" in changed.stderr and "Traceback" not in changed.stderr
+    changed = run_train(
+        *common(bench, out, "--epochs=1", "--demo_teacher_epochs=3", "--eval_every=0"), check=False
+    )
+    assert (
+        changed.returncode != 0
+        and "epochs 2 -> 3" in changed.stderr
+        and "Traceback" not in changed.stderr
+    )
 
 
 def test_resume_continues_exactly(bench, demo_run):
@@ -203,21 +278,30 @@ def test_resume_continues_exactly(bench, demo_run):
         ("--seed=3", "seed 0 -> 3"),
         (f"--batch_size={2 * BATCH}", "batch_size 8 -> 16"),
     ):
-        refused = run_train(*common(bench, bench / "resumed", *flags, changed, "--resume=True"), check=False)
+        refused = run_train(
+            *common(bench, bench / "resumed", *flags, changed, "--resume=True"), check=False
+        )
         assert refused.returncode != 0 and "was trained with other settings" in refused.stderr
         assert listed in refused.stderr and "only log_interval, eval_every" in refused.stderr
     resumed = run_train(*common(bench, bench / "resumed", *flags, "--max_steps=4", "--resume=True"))
-    assert "resuming" in resumed.stdout and "max_steps 2 -> 4" in resumed.stdout  # allowed, and said
+    assert (
+        "resuming" in resumed.stdout and "max_steps 2 -> 4" in resumed.stdout
+    )  # allowed, and said
     assert_same_weights(bench / "straight" / "ckpt.pt", bench / "resumed" / "ckpt.pt")
     state = torch.load(bench / "resumed" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert state["opt_step"] == 4 and state["step"] == 8 and state["config"]["max_steps"] == 4
-    records = [json.loads(line) for line in (bench / "resumed" / "log.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (bench / "resumed" / "log.jsonl").read_text().splitlines()
+    ]
     assert {"resumed": 0, "changed": {"max_steps": [2, 4]}} in records
     checkpoint = bench / "resumed" / "ckpt.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a save cut short by a full disk, say
     truncated = run_train(*common(bench, bench / "resumed", *flags, "--resume=True"), check=False)
     assert truncated.returncode != 0 and "Traceback" not in truncated.stderr
-    assert f"--resume=True: {checkpoint}: cannot be read as a weights-only torch checkpoint" in truncated.stderr
+    assert (
+        f"--resume=True: {checkpoint}: cannot be read as a weights-only torch checkpoint"
+        in truncated.stderr
+    )
 
 
 def test_two_gloo_processes_equal_one_process(bench, demo_run):
@@ -287,17 +371,26 @@ def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, dem
         "--max_bad_steps=1000",
         f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
     )
-    run_train(*common(bench, bench / "guarded", *flags, "--max_steps=8"))  # the first epoch: 64 pairs / 8
+    run_train(
+        *common(bench, bench / "guarded", *flags, "--max_steps=8")
+    )  # the first epoch: 64 pairs / 8
     good = weights(bench / "guarded" / "ckpt.pt")
     (tmp_path / "sitecustomize.py").write_text(POISON)
     resumed = common(bench, bench / "guarded", *flags, "--resume=True")
     process = run_train(*resumed, check=False, env=dict(PYTHONPATH=str(tmp_path)))
     assert process.returncode != 0
-    assert f"the student has non-finite weights; not saving {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
+    assert (
+        f"the student has non-finite weights; not saving {bench / 'guarded' / 'ckpt.pt'}"
+        in process.stderr
+    )
     assert f"the last good checkpoint is {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
     saved = torch.load(bench / "guarded" / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert saved["epoch"] == 1 and saved["opt_step"] == 8  # the first epoch's end, saved by the resumed run
-    assert all(torch.equal(saved["model"][k], good[k]) for k in good)  # the NaN student was never written
+    assert (
+        saved["epoch"] == 1 and saved["opt_step"] == 8
+    )  # the first epoch's end, saved by the resumed run
+    assert all(
+        torch.equal(saved["model"][k], good[k]) for k in good
+    )  # the NaN student was never written
 
 
 def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, tmp_path):
@@ -307,12 +400,26 @@ def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, 
     student = create_model("demo_student").state_dict()
     student = {k: v.fill_(1e30) if v.is_floating_point() else v for k, v in student.items()}
     torch.save({"model": student, "model_name": "demo_student"}, tmp_path / "huge.pt")
-    flags = (f"--student_init={tmp_path / 'huge.pt'}", "--max_bad_steps=1000", "--epochs=1", f"--batch_size={BATCH}")
-    process = run_train(
-        *common(bench, bench / "untrained", *flags, f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"), check=False
+    flags = (
+        f"--student_init={tmp_path / 'huge.pt'}",
+        "--max_bad_steps=1000",
+        "--epochs=1",
+        f"--batch_size={BATCH}",
     )
-    assert process.returncode != 0 and "no optimiser step was applied in 8 micro-batches" in process.stderr
-    assert not (bench / "untrained" / "ckpt.pt").exists() and not (bench / "untrained" / "best.pt").exists()
+    process = run_train(
+        *common(
+            bench, bench / "untrained", *flags, f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}"
+        ),
+        check=False,
+    )
+    assert (
+        process.returncode != 0
+        and "no optimiser step was applied in 8 micro-batches" in process.stderr
+    )
+    assert (
+        not (bench / "untrained" / "ckpt.pt").exists()
+        and not (bench / "untrained" / "best.pt").exists()
+    )
 
 
 def test_evaluation_data_is_checked_at_start_up(bench, tmp_path):
@@ -322,10 +429,14 @@ def test_evaluation_data_is_checked_at_start_up(bench, tmp_path):
     planes, hc18 = tmp_path / "data" / "planes", tmp_path / "data" / "hc18"
     image = sorted((planes / "Images").iterdir())[0]
     planes_csv, hc18_csv = planes / protocol.PLANES_CSV, hc18 / protocol.HC18_CSV
-    planes_lines, hc18_lines = planes_csv.read_text().splitlines(), hc18_csv.read_text().splitlines()
+    planes_lines, hc18_lines = (
+        planes_csv.read_text().splitlines(),
+        hc18_csv.read_text().splitlines(),
+    )
     png = (hc18 / "training_set" / "000_HC.png").read_bytes()
     in_cm = [hc18_lines[0]] + [
-        f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10:.2f}" for line in hc18_lines[1:]
+        f"{line.rsplit(',', 1)[0]},{float(line.rsplit(',', 1)[1]) / 10:.2f}"
+        for line in hc18_lines[1:]
     ]
     no_brain = [line.replace(line.split(";")[3], "Not A Brain") for line in planes_lines[1:]]
     cases = [  # (file, its content, what train.py says)
@@ -351,13 +462,23 @@ def test_evaluation_data_is_checked_at_start_up(bench, tmp_path):
             hc18_lines[0] + "\n000_HC.png,12,180",
             f"{hc18_csv}, row 2: column 'pixel size(mm)' = '12' is not a",
         ),
-        (planes_csv, planes_lines[0], f"Planes DB {planes}, split 'all': no image to evaluate (0 rows read)"),
-        (planes_csv, "\n".join(planes_lines[:1] + no_brain), "split 'all': no brain sub-plane image (its F1 and Avg"),
+        (
+            planes_csv,
+            planes_lines[0],
+            f"Planes DB {planes}, split 'all': no image to evaluate (0 rows read)",
+        ),
+        (
+            planes_csv,
+            "\n".join(planes_lines[:1] + no_brain),
+            "split 'all': no brain sub-plane image (its F1 and Avg",
+        ),
     ]
     for path, content, message in cases:
         original = path.read_bytes()
         path.write_bytes(content.encode() if isinstance(content, str) else content)
-        refused = train_refusal(f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--mode=none")
+        refused = train_refusal(
+            f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--mode=none"
+        )
         assert message in refused and "\n" not in refused, (message, refused)
         path.write_bytes(original)
     assert not (tmp_path / "out" / "ckpt.pt").exists()
@@ -380,7 +501,9 @@ def test_an_evaluation_killed_after_its_checkpoint_runs_first_on_resume(bench, t
     flags = common(bench, out, "--mode=none", "--epochs=1", f"--batch_size={2 * BATCH}")
     killed = run_train(*flags, check=False, env=dict(PYTHONPATH=str(hook), REPOSITORY=ROOT))
     assert killed.returncode == -9 and torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1
-    evaluations = lambda: [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r]
+    evaluations = lambda: [
+        r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r
+    ]
     assert not evaluations() and not (out / "best.pt").exists()  # the evaluation never finished
     with mock.patch.object(sys, "argv", ["train.py", *flags, "--resume=True"]):
         runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
@@ -389,14 +512,18 @@ def test_an_evaluation_killed_after_its_checkpoint_runs_first_on_resume(bench, t
     (late,) = evaluations()
     assert late["epoch"] == 0 and late["late"] is True
     best = torch.load(out / "best.pt", weights_only=True)
-    assert best["epoch"] == 1 and best["metrics"]["avg"] == late["eval"]["avg"] and "(best)" in printed
+    assert (
+        best["epoch"] == 1 and best["metrics"]["avg"] == late["eval"]["avg"] and "(best)" in printed
+    )
 
 
 def test_resume_refuses_a_file_that_is_not_a_run_in_one_line(bench, tmp_path):
     """An open_clip file copied to ckpt.pt: weights without a run's state (a KeyError before)."""
     (tmp_path / "out").mkdir()
     save_open_clip(create_model("demo_student"), str(tmp_path / "out" / "ckpt.pt"))
-    refused = train_refusal(*common(bench, tmp_path / "out", "--mode=none", "--eval_every=0", "--resume=True"))
+    refused = train_refusal(
+        *common(bench, tmp_path / "out", "--mode=none", "--eval_every=0", "--resume=True")
+    )
     path = tmp_path / "out" / "ckpt.pt"
     assert refused == (
         f"--resume=True: {path} is not a train.py checkpoint (no config, optimizer, step, rng): to start from its "
@@ -418,7 +545,10 @@ def test_the_skip_report_is_complete_when_an_epoch_stops_before_the_loader_ends(
     next(batches)  # 1 of 3 batches, as train.py's loop stops
     batches.close()
     assert loader.skipped == {"image": 1, "caption": 0, "uncached": 0, "shard": 0}
-    assert "data: epoch 0 (rank 0) skipped 1 unreadable images, 0 captionless" in capsys.readouterr().err
+    assert (
+        "data: epoch 0 (rank 0) skipped 1 unreadable images, 0 captionless"
+        in capsys.readouterr().err
+    )
     loader.skipped = {}
     for _ in loader:
         break
@@ -431,15 +561,23 @@ def test_a_student_init_of_the_wrong_kind_is_one_line(bench, demo_run):
     process = run_train(*common(bench, bench / "wrong", f"--student_init={teacher}"), check=False)
     assert process.returncode != 0 and "Traceback" not in process.stderr
     assert (
-        f"--student_init: {teacher} holds the demo teacher ('demo_teacher'), not the 'demo_student'" in process.stderr
+        f"--student_init: {teacher} holds the demo teacher ('demo_teacher'), not the 'demo_student'"
+        in process.stderr
     )
 
 
 def test_missing_data_fails_before_training(bench):
-    process = run_train(*common(bench, bench / "nodata", f"--planes_dir={bench / 'nowhere'}"), check=False)
-    assert process.returncode != 0 and f"{bench / 'nowhere' / 'FETAL_PLANES_DB_data.csv'} not found" in process.stderr
+    process = run_train(
+        *common(bench, bench / "nodata", f"--planes_dir={bench / 'nowhere'}"), check=False
+    )
+    assert (
+        process.returncode != 0
+        and f"{bench / 'nowhere' / 'FETAL_PLANES_DB_data.csv'} not found" in process.stderr
+    )
     assert "epoch 0" not in process.stdout + process.stderr
-    process = run_train(*common(bench, bench / "nodata", f"--train_data={bench / 'none-{0..1}.tar'}"), check=False)
+    process = run_train(
+        *common(bench, bench / "nodata", f"--train_data={bench / 'none-{0..1}.tar'}"), check=False
+    )
     assert process.returncode != 0 and f"shard not found: {bench / 'none-0.tar'}" in process.stderr
 
 
@@ -480,13 +618,19 @@ def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dty
     assert checkpoint["config"]["dtype"] == dtype and checkpoint["opt_step"] == 2
     assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
     if dtype == "float16":
-        assert checkpoint["scaler"]["scale"] > 0  # the scaler ran and its state is saved for --resume
+        assert (
+            checkpoint["scaler"]["scale"] > 0
+        )  # the scaler ran and its state is saved for --resume
     torch.manual_seed(0)
     initial = create_model("demo_student").state_dict()
     assert any(not torch.equal(checkpoint["model"][k], initial[k]) for k in initial)  # it ran
-    if dtype == "bfloat16":  # it trained (fp16's first steps overflow at the scaler's initial 65536, and are skipped):
+    if (
+        dtype == "bfloat16"
+    ):  # it trained (fp16's first steps overflow at the scaler's initial 65536, and are skipped):
         # a LayerNorm gain has no weight decay, so only a gradient moves it
-        assert not torch.equal(checkpoint["model"]["text.ln_final.weight"], initial["text.ln_final.weight"])
+        assert not torch.equal(
+            checkpoint["model"]["text.ln_final.weight"], initial["text.ln_final.weight"]
+        )
     records = [json.loads(line) for line in calls.read_text().splitlines()]
     assert records[0]["project"] == "mobilefetalclip" and records[0]["config"]["dtype"] == dtype
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
@@ -516,20 +660,24 @@ def test_paper_configuration_with_the_real_architectures(bench, tmp_path):
     assert "mobilefetalclip <- " in process.stdout and "micro-batches of 2" in process.stdout
     checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["opt_step"] == 2 and checkpoint["step"] == 4  # 2 accumulation steps each
-    assert checkpoint["config"]["learning_rate"] == 1e-5 and checkpoint["config"]["teacher"] == "fetalclip"
+    assert (
+        checkpoint["config"]["learning_rate"] == 1e-5
+        and checkpoint["config"]["teacher"] == "fetalclip"
+    )
     student = load_model(str(out / "ckpt.pt"))  # as evaluate.py loads a checkpoint
     assert student.name == "mobilefetalclip"
 
 
 def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_run):
-    """Two epochs (both cached augmentations) from `python cache.py` and from the live teacher, same seed:
+    """Two epochs (both cached augmentations) from `python -m tools.cache` and from the live teacher, same seed:
     the teacher embeddings differ by fp16 storage only, so the students end nearly equal."""
     out, _ = demo_run
     teacher, cache = out / "demo_teacher" / "best.pt", bench / "teacher_cache"
     process = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "cache.py"),
+            "-m",
+            "tools.cache",
             f"--teacher_ckpt={teacher}",
             f"--train_data={bench / 'data' / 'shards'}",
             "--augs=2",
@@ -555,8 +703,9 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     run_train(*common(bench, bench / "live", *flags, f"--teacher_ckpt={teacher}"))
     cached = run_train(*common(bench, bench / "cached", *flags, f"--teacher_cache={cache}"))
     assert f"<- cache {cache}" in cached.stdout and "demo_teacher" not in cached.stderr
-    assert f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher demo_teacher from {teacher}" in (
-        cached.stdout
+    assert (
+        f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher demo_teacher from {teacher}"
+        in (cached.stdout)
     )
     assert not (bench / "cached" / "demo_teacher").exists()  # no teacher was trained or loaded
     # Adam's normalised steps and BatchNorm statistics amplify fp16-sized differences elementwise, so the
@@ -571,12 +720,21 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     apart = sum(((cached[k] - live[k]) ** 2).sum() for k in keys).sqrt()
     update = sum(((live[k] - initial[k]) ** 2).sum() for k in keys).sqrt()
     assert apart / update < CACHE_RTOL, f"cached vs live {apart / update:.2%} of the update"
-    refused = run_train(*common(bench, bench / "refused", *flags, f"--teacher_cache={cache}", "--seed=1"), check=False)
+    refused = run_train(
+        *common(bench, bench / "refused", *flags, f"--teacher_cache={cache}", "--seed=1"),
+        check=False,
+    )
     assert refused.returncode != 0 and "made with seed 0; this run asks for 1" in refused.stderr
     # another seed for the initialisation and the shuffle, the cache's augmentation draws
     run_train(
         *common(
-            bench, bench / "seed1", *flags, f"--teacher_cache={cache}", "--seed=1", "--augment_seed=0", "--max_steps=1"
+            bench,
+            bench / "seed1",
+            *flags,
+            f"--teacher_cache={cache}",
+            "--seed=1",
+            "--augment_seed=0",
+            "--max_steps=1",
         )
     )
 
@@ -590,10 +748,12 @@ def user_pairs_and_task(root):
         rng = np.random.default_rng([9, i])
         kind = kinds[i % 3]
         hc, _, mm_per_px = synthetic._sample(rng, kind, 200, 56, 96, 72)
-        Image.fromarray(synthetic.render_scan(rng, kind, "trans-thalamic", hc, mm_per_px, 96, 72)).save(
-            root / f"{i}.png"
-        )
-        caption = synthetic.make_caption(rng, kind, "trans-thalamic" if kind == "brain" else None).replace(",", " ")
+        Image.fromarray(
+            synthetic.render_scan(rng, kind, "trans-thalamic", hc, mm_per_px, 96, 72)
+        ).save(root / f"{i}.png")
+        caption = synthetic.make_caption(
+            rng, kind, "trans-thalamic" if kind == "brain" else None
+        ).replace(",", " ")
         lines.append(f"{i}.png,{caption}")
         if i < 12:
             (root / "task" / kind).mkdir(parents=True, exist_ok=True)
@@ -608,15 +768,37 @@ def user_pairs_and_task(root):
 def test_a_run_on_a_users_shards_and_task_trains_selects_and_resumes(demo_run, tmp_path):
     shards, task = user_pairs_and_task(tmp_path)
     out, teacher = tmp_path / "out", demo_run[0] / "demo_teacher" / "ckpt.pt"
-    user = ("--data_dir=", f"--train_data={shards}", f"--eval_tasks={task}", f"--teacher_ckpt={teacher}")
-    flags = (*user, f"--out_dir={out}", "--num_workers=0", "--epochs=2", "--batch_size=16", "--warmup_steps=1")
+    user = (
+        "--data_dir=",
+        f"--train_data={shards}",
+        f"--eval_tasks={task}",
+        f"--teacher_ckpt={teacher}",
+    )
+    flags = (
+        *user,
+        f"--out_dir={out}",
+        "--num_workers=0",
+        "--epochs=2",
+        "--batch_size=16",
+        "--warmup_steps=1",
+    )
     run_train(*flags, "--max_steps=4")  # stops one step into the second epoch
     stopped = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert (stopped["epoch"], stopped["opt_step"]) == (1, 4) and not (tmp_path / "data").exists()
     process = run_train(*flags, "--resume=True", "--max_steps=-1")
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert best["metrics"]["selection"]["rule"] == "mean task F1" and "five_planes" not in best["metrics"]
-    assert best["metrics"]["tasks"]["task"]["n"] == 12 and "best.pt by mean task F1" in process.stdout
-    evaluated = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r]
-    assert [r["epoch"] for r in evaluated] == [0, 1]  # epoch 0 evaluated before the stop, epoch 1 after the resume
+    assert (
+        best["metrics"]["selection"]["rule"] == "mean task F1"
+        and "five_planes" not in best["metrics"]
+    )
+    assert (
+        best["metrics"]["tasks"]["task"]["n"] == 12 and "best.pt by mean task F1" in process.stdout
+    )
+    evaluated = [
+        r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r
+    ]
+    assert [r["epoch"] for r in evaluated] == [
+        0,
+        1,
+    ]  # epoch 0 evaluated before the stop, epoch 1 after the resume
     assert best["best_score"] == max(r["eval"]["selection"]["value"] for r in evaluated)

@@ -1,9 +1,9 @@
 """The teacher-embedding cache: the frozen teacher's outputs computed once, replayed by every run of a sweep
 (MobileCLIP's reinforced datasets, local and simple). Not in the paper or the release.
 
-    python cache.py --teacher_ckpt=FetalCLIP_weights.pt --train_data='shards/{000000..000246}.tar' \\
+    python -m tools.cache --teacher_ckpt=FetalCLIP_weights.pt --train_data='shards/{000000..000246}.tar' \\
         --augs=20 --out_dir=teacher_cache      # resumable: run it again after an interruption
-    torchrun --standalone --nproc_per_node=8 cache.py --teacher_ckpt=...   # the same files, written by 8 GPUs
+    torchrun --standalone --nproc_per_node=8 -m tools.cache --teacher_ckpt=...   # the same files, written by 8 GPUs
     python train.py --preset=paper --teacher_cache=teacher_cache ...
 
 For every pair the cache holds the teacher's L2-normalised text embedding of the caption and its image embeddings
@@ -64,7 +64,14 @@ DEFAULTS = configurator.settings(globals())
 # entry of its finished cache shard (None until then). A resume must match IDENTITY; check_cache checks a run.
 VIEW_KEYS = ("augment", "image_size", "image_mean", "image_std")
 IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", *VIEW_KEYS, "context_length")
-MANIFEST_KEYS = ("teacher", "teacher_ckpt", *IDENTITY[1:], "embed_dim", "logit_scale", "shards")  # in file order
+MANIFEST_KEYS = (
+    "teacher",
+    "teacher_ckpt",
+    *IDENTITY[1:],
+    "embed_dim",
+    "logit_scale",
+    "shards",
+)  # in file order
 # An entry: the cached sample count, the training shard's fingerprint, and the cache shard's size and the sha256 of
 # its first HEAD_BYTES, which bind the file to its training shard at start-up without decoding it.
 ENTRY_KEYS = ("samples", "fingerprint", "bytes", "head_sha256")
@@ -91,7 +98,11 @@ def view_recipe(view):
     """What a cached view depends on besides (seed, draw, key): the augmentation (data.AUGMENT, its version included)
     and the teacher's input (size, mean, std). A cache made with another recipe holds other views."""
     size, mean, std = view
-    return dict(zip(VIEW_KEYS, (dict(data.AUGMENT), size, [float(m) for m in mean], [float(s) for s in std])))
+    return dict(
+        zip(
+            VIEW_KEYS, (dict(data.AUGMENT), size, [float(m) for m in mean], [float(s) for s in std])
+        )
+    )
 
 
 def read_manifest(folder):
@@ -104,10 +115,16 @@ def read_manifest(folder):
     manifest = manifest if isinstance(manifest, dict) else {}
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     for name, entry in (manifest.get("shards") or {}).items():
-        missing += [f"shards/{name}/{key}" for key in ENTRY_KEYS if isinstance(entry, dict) and key not in entry]
+        missing += [
+            f"shards/{name}/{key}"
+            for key in ENTRY_KEYS
+            if isinstance(entry, dict) and key not in entry
+        ]
     if missing:
         why = "made by an older cache.py, which did not record what its views depend on, or damaged"
-        raise ValueError(f"{path} has no key {missing[0]!r} ({why}): rebuild it with cache.py into a new --out_dir")
+        raise ValueError(
+            f"{path} has no key {missing[0]!r} ({why}): rebuild it with cache.py into a new --out_dir"
+        )
     return manifest
 
 
@@ -137,8 +154,12 @@ def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, view, context_leng
     if teacher_ckpt:
         asked["teacher_sha256"] = configurator.file_sha256(teacher_ckpt)
     hints = {"seed": " (train.py --augment_seed sets the augmentation seed alone)"}
-    hints["teacher_sha256"] = f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})"
-    hints["augment"] = " (the augmentation, data.AUGMENT, changed since: rebuild the cache with cache.py)"
+    hints["teacher_sha256"] = (
+        f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})"
+    )
+    hints["augment"] = (
+        " (the augmentation, data.AUGMENT, changed since: rebuild the cache with cache.py)"
+    )
     for key, value in asked.items():
         if manifest[key] != value:
             made = f"teacher cache {folder} was made with {key} {manifest[key]!r}"
@@ -147,7 +168,9 @@ def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, view, context_leng
         entry = manifest["shards"].get(data.cache_shard_name(url))
         problem = shard_problem(folder, url, entry, shard_fingerprint(url))
         if problem:
-            raise ValueError(f"teacher cache {folder} {problem}; run `python cache.py ...` again to redo it")
+            raise ValueError(
+                f"teacher cache {folder} {problem}; run `python -m tools.cache ...` again to redo it"
+            )
     return manifest
 
 
@@ -167,7 +190,9 @@ class TeacherViews(torch.utils.data.Dataset):
             return key, "", "", None
         square = data.pad_to_square(decoded[0])
         draws = [data.augment_params(self.seed, a, key) for a in range(self.augs)]
-        views = torch.stack([data.coupled_views(square, params, [self.view])[0] for params in draws])
+        views = torch.stack(
+            [data.coupled_views(square, params, [self.view])[0] for params in draws]
+        )
         return key, data.sample_digest(sample), decoded[1], views
 
 
@@ -196,10 +221,16 @@ def cache_one_shard(teacher, url, path, settings, device, autocast, bar):
     view = (teacher.image_size, teacher.image_mean, teacher.image_std)
     views = TeacherViews(samples, view, settings["augs"], settings["seed"])
     loader = torch.utils.data.DataLoader(
-        views, batch_size=settings["batch_size"], num_workers=settings["num_workers"], collate_fn=list
+        views,
+        batch_size=settings["batch_size"],
+        num_workers=settings["num_workers"],
+        collate_fn=list,
     )
     written = 0
-    with configurator.atomic_path(path) as tmp, wds.TarWriter(tmp, encoder=False, mtime=0) as sink:  # same bytes
+    with (
+        configurator.atomic_path(path) as tmp,
+        wds.TarWriter(tmp, encoder=False, mtime=0) as sink,
+    ):  # same bytes
         for batch in loader:
             bar.update(len(batch))
             batch = [b for b in batch if b[3] is not None]
@@ -292,23 +323,36 @@ def plan(net, settings, urls, names):
         else:
             manifest["shards"][name] = entry
     for name, entry in previous["shards"].items() if previous else ():
-        if entry is not None:  # the finished shards of earlier runs with other --train_data stay listed
+        if (
+            entry is not None
+        ):  # the finished shards of earlier runs with other --train_data stay listed
             manifest["shards"].setdefault(name, entry)
-    write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)  # a listed shard is a finished one
+    write_json(
+        os.path.join(out_dir, data.CACHE_MANIFEST), manifest
+    )  # a listed shard is a finished one
     return manifest, todo
 
 
 def cache_shards(net, share, settings, device, autocast, rank):
     """One rank's share of the shards: each cache shard, then its entry file. Rank 0 shows the progress bar."""
     local = all("://" not in url and not url.startswith("pipe:") for url, _, _ in share)
-    total = data.count_samples([url for url, _, _ in share]) if share and local and rank == 0 else None
+    total = (
+        data.count_samples([url for url, _, _ in share]) if share and local and rank == 0 else None
+    )
     with tqdm.tqdm(total=total, unit="sample", disable=rank > 0) as bar:
         for url, name, fingerprint in share:
-            path, entry_file = os.path.join(settings["out_dir"], name), entry_path(settings["out_dir"], name)
+            path, entry_file = (
+                os.path.join(settings["out_dir"], name),
+                entry_path(settings["out_dir"], name),
+            )
             if os.path.exists(entry_file):
-                os.remove(entry_file)  # first: an entry file always describes a finished cache shard
+                os.remove(
+                    entry_file
+                )  # first: an entry file always describes a finished cache shard
             count = cache_one_shard(net, url, path, settings, device, autocast, bar)
-            entry = dict(zip(ENTRY_KEYS, (count, fingerprint, os.path.getsize(path), head_sha256(path))))
+            entry = dict(
+                zip(ENTRY_KEYS, (count, fingerprint, os.path.getsize(path), head_sha256(path)))
+            )
             write_json(entry_file, entry)
             tqdm.tqdm.write(f"rank {rank}: cached {name} ({count} samples)")
             sys.stdout.flush()  # ranks share the terminal (or a pipe): one whole line at a time
@@ -338,7 +382,17 @@ def load_teacher(teacher_ckpt, teacher, device, dtype):
 
 
 def write_cache(
-    teacher_ckpt, train_data, out_dir, *, augs=4, teacher="", seed=0, batch_size=32, num_workers=2, device="", dtype=""
+    teacher_ckpt,
+    train_data,
+    out_dir,
+    *,
+    augs=4,
+    teacher="",
+    seed=0,
+    batch_size=32,
+    num_workers=2,
+    device="",
+    dtype="",
 ):
     """Write (or finish) a cache folder -> its manifest. Under torch.distributed (cache.py under torchrun) the shards
     to do are dealt to the ranks in turn; rank 0 writes the manifest once all are done, the same bytes as one
@@ -351,14 +405,20 @@ def write_cache(
     urls = data.expand_urls(train_data)
     names = [data.cache_shard_name(u) for u in urls]
     if len(set(names)) != len(names):
-        raise ValueError(f"{train_data}: training shards share file names; give each shard a distinct name")
+        raise ValueError(
+            f"{train_data}: training shards share file names; give each shard a distinct name"
+        )
     shared = [plan(net, settings, urls, names) if rank == 0 else None]
     if world_size > 1:
-        dist.broadcast_object_list(shared)  # one plan for every rank, made before any of them writes
+        dist.broadcast_object_list(
+            shared
+        )  # one plan for every rank, made before any of them writes
     manifest, todo = shared[0]
     manifest_path = os.path.join(out_dir, data.CACHE_MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise ValueError(f"rank {rank} does not see {manifest_path}: --out_dir must be one folder that every node sees")
+        raise ValueError(
+            f"rank {rank} does not see {manifest_path}: --out_dir must be one folder that every node sees"
+        )
     if rank == 0:
         done = f"{len(urls) - len(todo)} done, {len(todo)} to do by {world_size} processes"
         print(
@@ -381,7 +441,9 @@ def start_ranks(device):
     if int(os.environ.get("RANK", -1)) == -1:
         return device
     # the last rank may finish its last shard long after the others, who wait at a barrier
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    dist.init_process_group(
+        backend="nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6)
+    )
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
@@ -390,8 +452,13 @@ def start_ranks(device):
 
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments)
-    if not (config["teacher_ckpt"] and config["train_data"] and config["out_dir"]) or config["augs"] < 1:
-        raise SystemExit("usage: python cache.py --teacher_ckpt=FILE --train_data=SHARDS --out_dir=DIR [--augs=4 ...]")
+    if (
+        not (config["teacher_ckpt"] and config["train_data"] and config["out_dir"])
+        or config["augs"] < 1
+    ):
+        raise SystemExit(
+            "usage: python -m tools.cache --teacher_ckpt=FILE --train_data=SHARDS --out_dir=DIR [--augs=4 ...]"
+        )
     config["device"] = start_ranks(config["device"])
     with configurator.user_errors("cache.py"):
         write_cache(**config)

@@ -1,8 +1,8 @@
 """Synthetic fetal-ultrasound benchmark in the real file formats: the data of the CPU demo (python train.py).
 
-    python synthetic.py                                  # writes data/demo: shards/ planes/ hc18/ scans/
-    python synthetic.py --out_dir=data/big --seed=1 --n_train=20000
-    python synthetic.py --grid=assets/synthetic.png         # one scan per class and GA, as the models see it
+    python -m tools.synthetic                                  # writes data/demo: shards/ planes/ hc18/ scans/
+    python -m tools.synthetic --out_dir=data/big --seed=1 --n_train=20000
+    python -m tools.synthetic --grid=assets/synthetic.png         # one scan per class and GA, as the models see it
 
 Every file is a function of --seed (same seed, byte-identical files):
   shards/train-NNNNNN.tar   WebDataset pretraining pairs <key>.jpg + <key>.txt
@@ -49,14 +49,18 @@ n_hc18 = 150  # HC18 images (800x540)
 width = 160  # shard and Planes DB image width
 height = 120  # ... and height
 shard_size = 500  # pairs per shard
-input_size = MODEL_CONFIGS["demo_student"]["image_size"]  # model input size the captions' spacings refer to
+input_size = MODEL_CONFIGS["demo_student"][
+    "image_size"
+]  # model input size the captions' spacings refer to
 grid = ""  # a PNG path: draw one scan per class (rows) and GA (columns) there instead, as in the README
 DEFAULTS = configurator.settings(globals())
 
 DEMO_INPUT = DEFAULTS["input_size"]
 
 ZOOMS = (0.75, 1.5, 3.0, 6.0)  # mm per model-input pixel: depth presets a factor 2 apart
-FILL = 0.28  # structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
+FILL = (
+    0.28  # structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
+)
 SUBPLANES = ("trans-thalamic", "trans-cerebellum", "trans-ventricular")
 PLANES = {"brain": "Fetal brain", "abdomen": "Fetal abdomen", "heart": "Fetal thorax", "femur": "Fetal femur",
           "cervix": "Maternal cervix",
@@ -70,14 +74,30 @@ PLANES_PATTERN = (
 )
 TRAIN_MIX = {  # (kind, sub-plane): share of the pretraining pairs
     **{("brain", s): share for s, share in zip(SUBPLANES, (0.24, 0.2, 0.2))},
-    **{(k, None): share for k, share in (("abdomen", 0.07), ("heart", 0.07), ("femur", 0.05), ("cervix", 0.05))},
+    **{
+        (k, None): share
+        for k, share in (("abdomen", 0.07), ("heart", 0.07), ("femur", 0.05), ("cervix", 0.05))
+    },
     **{(k, None): 0.03 for k in ("spine", "kidney", "profile", "lips_nose")},
 }
 SUBJECTS = {
-    "brain": ["the fetal brain", "the developing fetal brain", "fetal brain structures", "the fetal head"],
+    "brain": [
+        "the fetal brain",
+        "the developing fetal brain",
+        "fetal brain structures",
+        "the fetal head",
+    ],
     "abdomen": ["the fetal abdomen", "the fetal abdominal area", "fetal abdominal structures"],
-    "heart": ["the fetal heart", "the four-chamber view of the fetal heart", "fetal cardiac structures"],
-    "femur": ["the fetal femur", "the developing fetal femur", "the fetal femur and its bone length"],
+    "heart": [
+        "the fetal heart",
+        "the four-chamber view of the fetal heart",
+        "fetal cardiac structures",
+    ],
+    "femur": [
+        "the fetal femur",
+        "the developing fetal femur",
+        "the fetal femur and its bone length",
+    ],
     "cervix": ["the cervix", "the maternal cervix", "the cervical region"],
     "spine": ["the fetal spine", "the vertebral alignment of the fetal spine"],
     "kidney": ["the fetal kidney", "fetal renal structures"],
@@ -159,7 +179,9 @@ def draw_head(t, u, v, a, px, weeks, subplane, q):
     """Skull, brain and the sub-plane's structures; a = semi-major axis (px), u points to the occiput."""
     b, mature = 0.8 * a, np.clip((weeks - 13) / 27, 0, 1)
     r, line = _ell(u, v, a, b), max(0.6, 0.5 * px)
-    half = (0.5 + 1.3 * mature) * px / a  # skull half-thickness (r units): 1 mm at 13 weeks, 3.6 at 40
+    half = (
+        (0.5 + 1.3 * mature) * px / a
+    )  # skull half-thickness (r units): 1 mm at 13 weeks, 3.6 at 40
     t[r < 1.3], t[r < 1 + half], t[r < 1 - half] = 0.04, 0.25 + 0.7 * mature, 0.12 + 0.1 * mature
     inner, angle = 1 - half, np.arctan2(v / b, u / a)
     sylvian = np.clip((weeks - 15) / 18, 0, 1) * 0.32  # depth of the Sylvian fissure (r units)
@@ -167,7 +189,9 @@ def draw_head(t, u, v, a, px, weeks, subplane, q):
     folds = np.clip((weeks - 20) / 20, 0, 1)  # cortical sulci: more and deeper with GA
     t[(np.cos((8 + 16 * folds) * angle) > 0.85) & (r > inner - 0.25 * folds) & (r < inner)] = 0.45
     t[(abs(v) < line) & (abs(u) < inner * a)] = 0.55  # falx
-    _fade(t, (abs(v) < 0.07 * b) & (u > -0.5 * a) & (u < -0.32 * a), 0.03, q)  # cavum septi pellucidi
+    _fade(
+        t, (abs(v) < 0.07 * b) & (u > -0.5 * a) & (u < -0.32 * a), 0.03, q
+    )  # cavum septi pellucidi
     if subplane == "trans-thalamic":
         for side in (-1, 1):
             _fade(t, _ell(u, v, 0.24 * a, 0.15 * b, 0.0, side * 0.16 * b) < 1, 0.04, q)
@@ -195,15 +219,30 @@ def draw_body(t, u, v, rng, kind, hc, px, q):
     if kind in ("abdomen", "heart"):  # round trunk with the spine at the back
         a = (0.15 if kind == "abdomen" else 0.13) * hc * px
         r, angle = _ell(u, v, a, 0.92 * a), np.arctan2(v, u)
-        t[r < 1.25], t[r < 1.06], t[r < 1] = 0.05, 0.6, 0.33 if kind == "abdomen" else 0.48  # liver; echogenic lungs
-        ribs = (r > 0.93) & (r < 1.08) & (np.sin(7 * angle) > 0.6) & (abs(angle) > 0.4) & (abs(angle) < 2.4)
+        t[r < 1.25], t[r < 1.06], t[r < 1] = (
+            0.05,
+            0.6,
+            0.33 if kind == "abdomen" else 0.48,
+        )  # liver; echogenic lungs
+        ribs = (
+            (r > 0.93)
+            & (r < 1.08)
+            & (np.sin(7 * angle) > 0.6)
+            & (abs(angle) > 0.4)
+            & (abs(angle) < 2.4)
+        )
         _fade(t, ribs, 0.9, q)  # the lower ribs show in the abdominal plane too
         if kind == "abdomen":
             _fade(t, _ell(u, v, 0.27 * a, 0.18 * a, -0.2 * a, -0.3 * a) < 1, 0.03, q)  # stomach
-            _fade(t, _ell(u, v, 0.32 * a, 0.06 * a, 0.05 * a, 0.18 * a) < 1, 0.05, q)  # umbilical vein
+            _fade(
+                t, _ell(u, v, 0.32 * a, 0.06 * a, 0.05 * a, 0.18 * a) < 1, 0.05, q
+            )  # umbilical vein
         else:  # four chambers split by the septum and the valves, the heart turned 45 degrees
             c, s = math.cos(math.pi / 4), math.sin(math.pi / 4)
-            hu, hv = (u + 0.15 * a) * c + (v + 0.05 * a) * s, (v + 0.05 * a) * c - (u + 0.15 * a) * s
+            hu, hv = (
+                (u + 0.15 * a) * c + (v + 0.05 * a) * s,
+                (v + 0.05 * a) * c - (u + 0.15 * a) * s,
+            )
             hr = _ell(hu, hv, 0.5 * a, 0.42 * a)
             _fade(t, hr < 1, 0.68, q)
             _fade(t, (hr < 0.82) & (abs(hu) > 0.06 * a) & (abs(hv) > 0.05 * a), 0.04, q)
@@ -242,7 +281,9 @@ def draw_body(t, u, v, rng, kind, hc, px, q):
         t[near & (v < surface) & (v > surface - 0.4 * s)] = 0.04
         t[near & (v >= surface)] = 0.38
         _fade(t, near & (abs(v - surface) < line), 0.8, q)  # skin
-        _fade(t, (abs(v - surface - 0.12 * s) < line) & (u < -0.12 * s) & near, 0.9, q)  # frontal bone
+        _fade(
+            t, (abs(v - surface - 0.12 * s) < line) & (u < -0.12 * s) & near, 0.9, q
+        )  # frontal bone
     elif kind == "lips_nose":  # coronal: upper lip and the nostrils
         s = 0.22 * hc * px
         t[_ell(u, v, 0.5 * s, 0.35 * s) < 1.2], t[_ell(u, v, 0.5 * s, 0.35 * s) < 1] = 0.04, 0.4
@@ -251,7 +292,9 @@ def draw_body(t, u, v, rng, kind, hc, px, q):
             _fade(t, _ell(u, v, 0.07 * s, 0.06 * s, side * 0.12 * s, -0.1 * s) < 1, 0.03, q)
 
 
-def render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days=200, pose=None, quality=None):
+def render_scan(
+    rng, kind, subplane, hc, mm_per_px, width, height, days=200, pose=None, quality=None
+):
     """One scan (height, width) uint8, drawn ~160 px wide (speckle of one such pixel), then upsampled. pose: (x, y,
     angle) of the structure as fractions of the image and radians; quality in [0, 1] (both default: drawn from rng)."""
     grain = max(1, round(width / 160))
@@ -268,22 +311,44 @@ def render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days=200, pos
     )
     c, s = math.cos(theta), math.sin(theta)
     u, v = (x - cx * w) * c + (y - cy * h) * s, (y - cy * h) * c - (x - cx * w) * s
-    px, q = 1 / (mm_per_px * grain), rng.uniform(0.0, 1.0) if quality is None else quality  # image quality
+    px, q = (
+        1 / (mm_per_px * grain),
+        rng.uniform(0.0, 1.0) if quality is None else quality,
+    )  # image quality
     if kind == "brain":
-        draw_head(t, u, v, hc / ellipse_perimeter(1.0, 0.8) * px, px, maturity(rng, days), subplane, 0.27 + 0.73 * q)
+        draw_head(
+            t,
+            u,
+            v,
+            hc / ellipse_perimeter(1.0, 0.8) * px,
+            px,
+            maturity(rng, days),
+            subplane,
+            0.27 + 0.73 * q,
+        )
     else:
         draw_body(t, u, v, rng, kind, hc, px, 0.12 + 0.88 * q)
     t = Image.fromarray(np.clip(t * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH)
     r0, r1 = 0.12 * h, rng.uniform(1.0, 1.1) * h
-    gain = rng.uniform(0.9, 1.1) * np.exp((depth - r0) * (-0.5 / (r1 - r0)))  # attenuation with depth
+    gain = rng.uniform(0.9, 1.1) * np.exp(
+        (depth - r0) * (-0.5 / (r1 - r0))
+    )  # attenuation with depth
     if rng.random() < 0.3:  # acoustic shadow of a bone outside the plane (a limb, a rib)
-        band = (abs(beam - rng.uniform(-0.6, 0.6)) < rng.uniform(0.05, 0.15)) & (depth > rng.uniform(0.3, 0.6) * h)
+        band = (abs(beam - rng.uniform(-0.6, 0.6)) < rng.uniform(0.05, 0.15)) & (
+            depth > rng.uniform(0.3, 0.6) * h
+        )
         gain = gain * np.where(band, 0.3, 1.0)
-    image = np.asarray(t, dtype=np.float32) * rng.rayleigh(math.sqrt(2 / math.pi), (h, w)) * gain / 255
+    image = (
+        np.asarray(t, dtype=np.float32) * rng.rayleigh(math.sqrt(2 / math.pi), (h, w)) * gain / 255
+    )
     image = (255 * np.clip(image, 0, 1) ** 0.8).astype(np.uint8)  # mild log compression
     half_angle = rng.uniform(0.9, 1.05) if kind == "cervix" else rng.uniform(0.75, 0.85)
     image = image * ((abs(beam) < half_angle) & (depth > r0) & (depth < r1))
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR)) if grain > 1 else image
+    return (
+        np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        if grain > 1
+        else image
+    )
 
 
 def _sample(rng, kind, days, input_size, width, height):
@@ -297,7 +362,9 @@ def _sample(rng, kind, days, input_size, width, height):
 def encode(image, fmt):
     """A scan as JPEG (the shards) or PNG bytes (the Planes DB and HC18 files are PNG)."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    Image.fromarray(image).save(
+        buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1})
+    )
     return buffer.getvalue()
 
 
@@ -311,7 +378,9 @@ def write_shards(out, seed, n, width, height, shard_size, input_size=DEMO_INPUT)
     os.makedirs(out, exist_ok=True)
     kinds, weights = list(TRAIN_MIX), np.array(list(TRAIN_MIX.values())) / sum(TRAIN_MIX.values())
     for first in range(0, n, shard_size):
-        with wds.TarWriter(os.path.join(out, f"train-{first // shard_size:06d}.tar"), encoder=False, mtime=0) as sink:
+        with wds.TarWriter(
+            os.path.join(out, f"train-{first // shard_size:06d}.tar"), encoder=False, mtime=0
+        ) as sink:
             for i in range(first, min(first + shard_size, n)):
                 rng = np.random.default_rng([seed, 0, i])
                 kind, subplane = kinds[rng.choice(len(kinds), p=weights)]
@@ -319,10 +388,16 @@ def write_shards(out, seed, n, width, height, shard_size, input_size=DEMO_INPUT)
                 hc, zoom, mm_per_px = _sample(rng, kind, days, input_size, width, height)
                 with_ga = rng.random() < (0.75 if kind == "brain" else 0.2)
                 caption = make_caption(
-                    rng, kind, subplane, days if with_ga else -1, zoom if with_ga and kind == "brain" else -1
+                    rng,
+                    kind,
+                    subplane,
+                    days if with_ga else -1,
+                    zoom if with_ga and kind == "brain" else -1,
                 )
                 image = render_scan(rng, kind, subplane, hc, mm_per_px, width, height, days)
-                sink.write({"__key__": f"{i:08d}", "jpg": encode(image, "JPEG"), "txt": caption.encode()})
+                sink.write(
+                    {"__key__": f"{i:08d}", "jpg": encode(image, "JPEG"), "txt": caption.encode()}
+                )
 
 
 def write_planes(out, seed, n, width, height, input_size=DEMO_INPUT):
@@ -339,7 +414,9 @@ def write_planes(out, seed, n, width, height, input_size=DEMO_INPUT):
         patient = i % patients + 1  # a patient's images span several planes
         name = f"Patient{patient:05d}_Plane{i // patients + 1}_1_of_1"
         write_png(image, os.path.join(out, "Images", name + ".png"))
-        brain_plane = "Not A Brain" if subplane is None else subplane.capitalize() if subplane else "Other"
+        brain_plane = (
+            "Not A Brain" if subplane is None else subplane.capitalize() if subplane else "Other"
+        )
         lines.append(
             ";".join(
                 [
@@ -381,22 +458,41 @@ def write_scans(out, seed, days=170):
 
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng([seed, 5])
-    hc, _, mm_per_px = _sample(rng, "brain", days, DEMO_INPUT, 320, 240)  # one depth for the whole sweep
-    frames = np.zeros((24, 300, 320, 3), np.uint8)  # (frames, rows, columns, RGB): the tissue over a strip
+    hc, _, mm_per_px = _sample(
+        rng, "brain", days, DEMO_INPUT, 320, 240
+    )  # one depth for the whole sweep
+    frames = np.zeros(
+        (24, 300, 320, 3), np.uint8
+    )  # (frames, rows, columns, RGB): the tissue over a strip
     for i, kind in enumerate(["brain"] * 8 + ["abdomen"] * 8 + ["femur"] * 8):
         pose = (0.5 + 0.03 * math.sin(i), 0.52, 0.15 * math.cos(i / 3))  # the probe moves a little
-        frames[i, :240] = render_scan(rng, kind, "trans-thalamic", hc, mm_per_px, 320, 240, days, pose, 0.8)[..., None]
-        frames[i, 240 + (30 + 20 * np.sin(np.arange(320) / 9 + i)).astype(int), np.arange(320)] = 200  # a trace
+        frames[i, :240] = render_scan(
+            rng, kind, "trans-thalamic", hc, mm_per_px, 320, 240, days, pose, 0.8
+        )[..., None]
+        frames[i, 240 + (30 + 20 * np.sin(np.arange(320) / 9 + i)).astype(int), np.arange(320)] = (
+            200  # a trace
+        )
     dataset = pydicom.Dataset()
-    regions = [(1, 1, 0, 0, 319, 239, mm_per_px / 10), (3, 3, 0, 240, 319, 299, 0.0)]  # (format, type, box, cm)
+    regions = [
+        (1, 1, 0, 0, 319, 239, mm_per_px / 10),
+        (3, 3, 0, 240, 319, 299, 0.0),
+    ]  # (format, type, box, cm)
     dataset.SequenceOfUltrasoundRegions = [ultrasound_region(*region) for region in regions]
-    dataset.update(dict(Modality="US", PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0))
-    dataset.update(dict(Rows=300, Columns=320, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0))
+    dataset.update(
+        dict(
+            Modality="US", PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0
+        )
+    )
+    dataset.update(
+        dict(Rows=300, Columns=320, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0)
+    )
     dataset.update(dict(NumberOfFrames=24, FrameTime=40.0, PixelData=frames.tobytes()))
     dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
     dataset.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(seed)])
     dataset.file_meta = pydicom.dataset.FileMetaDataset()
-    dataset.file_meta.update(dict(MediaStorageSOPClassUID=dataset.SOPClassUID, TransferSyntaxUID="1.2.840.10008.1.2.1"))
+    dataset.file_meta.update(
+        dict(MediaStorageSOPClassUID=dataset.SOPClassUID, TransferSyntaxUID="1.2.840.10008.1.2.1")
+    )
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     dataset.save_as(os.path.join(out, "sweep"), enforce_file_format=True)
     with av.open(os.path.join(out, "loop.mp4"), "w") as container:
@@ -404,7 +500,11 @@ def write_scans(out, seed, days=170):
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
         for _ in range(8):
             scan = render_scan(rng, "cervix", None, hc, 0.4, 160, 120, days, quality=0.8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.repeat(scan[..., None], 3, -1), "rgb24")))
+            container.mux(
+                stream.encode(
+                    av.VideoFrame.from_ndarray(np.repeat(scan[..., None], 3, -1), "rgb24")
+                )
+            )
         container.mux(stream.encode())
     head = render_scan(rng, "brain", "trans-cerebellum", hc, mm_per_px, 320, 240, days, quality=0.8)
     Image.fromarray(head.astype(np.uint16) * 257).save(os.path.join(out, "head16.png"))
@@ -414,11 +514,26 @@ def ultrasound_region(spatial_format, data_type, x0, y0, x1, y1, delta_cm):
     """One item of SequenceOfUltrasoundRegions (DICOM PS3.3 C.8.5.5): its kind, inclusive pixel box, cm per pixel."""
     import pydicom
 
-    box = dict(RegionLocationMinX0=x0, RegionLocationMinY0=y0, RegionLocationMaxX1=x1, RegionLocationMaxY1=y1)
+    box = dict(
+        RegionLocationMinX0=x0,
+        RegionLocationMinY0=y0,
+        RegionLocationMaxX1=x1,
+        RegionLocationMaxY1=y1,
+    )
     units = 3 if delta_cm else 0  # cm, or none
-    physical = dict(PhysicalUnitsXDirection=units, PhysicalUnitsYDirection=units, PhysicalDeltaX=delta_cm)
+    physical = dict(
+        PhysicalUnitsXDirection=units, PhysicalUnitsYDirection=units, PhysicalDeltaX=delta_cm
+    )
     region = pydicom.Dataset()
-    region.update(dict(RegionSpatialFormat=spatial_format, RegionDataType=data_type, RegionFlags=0, **box, **physical))
+    region.update(
+        dict(
+            RegionSpatialFormat=spatial_format,
+            RegionDataType=data_type,
+            RegionFlags=0,
+            **box,
+            **physical,
+        )
+    )
     region.PhysicalDeltaY = delta_cm
     return region
 
@@ -462,7 +577,9 @@ def generate(
 
 def draw_grid(path, seed=0, weeks=(16, 22, 28, 34), size=DEMO_INPUT, scale=2):
     """One scan per class (rows) and GA (columns) at the models' input size, enlarged `scale` times."""
-    rows = [("brain", s) for s in SUBPLANES] + [(k, None) for k in ("abdomen", "heart", "femur", "cervix", "spine")]
+    rows = [("brain", s) for s in SUBPLANES] + [
+        (k, None) for k in ("abdomen", "heart", "femur", "cervix", "spine")
+    ]
     cell, label = size * scale, 120
     sheet = Image.new("L", (label + cell * len(weeks), 14 + cell * len(rows)), 255)
     pen = ImageDraw.Draw(sheet)
@@ -473,8 +590,14 @@ def draw_grid(path, seed=0, weeks=(16, 22, 28, 34), size=DEMO_INPUT, scale=2):
         for j, week in enumerate(weeks):
             rng = np.random.default_rng([seed, 4, i, j])
             hc, _, mm_per_px = _sample(rng, kind, week * 7, size, 160, 120)
-            scan = Image.fromarray(render_scan(rng, kind, subplane, hc, mm_per_px, 160, 120, week * 7, quality=0.8))
-            scan = data.pad_to_square(scan).resize((size, size), Image.BICUBIC).resize((cell, cell), Image.NEAREST)
+            scan = Image.fromarray(
+                render_scan(rng, kind, subplane, hc, mm_per_px, 160, 120, week * 7, quality=0.8)
+            )
+            scan = (
+                data.pad_to_square(scan)
+                .resize((size, size), Image.BICUBIC)
+                .resize((cell, cell), Image.NEAREST)
+            )
             sheet.paste(scan, (label + j * cell, 14 + i * cell))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sheet.save(path, optimize=True)
@@ -483,8 +606,12 @@ def draw_grid(path, seed=0, weeks=(16, 22, 28, 34), size=DEMO_INPUT, scale=2):
 
 if __name__ == "__main__":
     settings = configurator.configure(dict(DEFAULTS), sys.argv[1:])
-    sizes = [(k, settings[k] >= 16, "at least 16 pixels") for k in ("width", "height", "input_size")]
-    counts = [(k, settings[k] >= 1, "at least 1") for k in ("n_train", "n_planes", "n_hc18", "shard_size")]
+    sizes = [
+        (k, settings[k] >= 16, "at least 16 pixels") for k in ("width", "height", "input_size")
+    ]
+    counts = [
+        (k, settings[k] >= 1, "at least 1") for k in ("n_train", "n_planes", "n_hc18", "shard_size")
+    ]
     configurator.refuse(settings, [("seed", settings["seed"] >= 0, "0 or more"), *sizes, *counts])
     grid_path = settings.pop("grid")
     if grid_path:

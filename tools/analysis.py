@@ -2,9 +2,9 @@
 teacher-student logit agreement, and the figures (t-SNE of the brain sub-planes, HC18 predicted GA against true HC,
 the KD weight and zero-shot Avg over training: Figures 2-3).
 
-    python analysis.py out/best.pt                                   # out/best_analysis/: JSON + three plots
-    python analysis.py out/best.pt --teacher_ckpt=out/demo_teacher/best.pt --teacher=demo_teacher
-    python analysis.py out/best.pt --probe=my_labels/                # the linear probe on your labelled scans
+    python -m tools.analysis out/best.pt                                   # out/best_analysis/: JSON + three plots
+    python -m tools.analysis out/best.pt --teacher_ckpt=out/demo_teacher/best.pt --teacher=demo_teacher
+    python -m tools.analysis out/best.pt --probe=my_labels/                # the linear probe on your labelled scans
 
 The features come from evaluate.zero_shot(..., details=True) on the same Planes DB and HC18 folders. --probe reads a
 folder with one sub-folder per class (scans.labelled): images and single frames give one item per view; a folder of
@@ -28,10 +28,10 @@ from scipy import stats
 
 import configurator
 import data
-import scans
 from evaluate import Task, encode_task, plain, zero_shot
 from model import load_model
 from protocol import BRAIN_SUBPLANES, GA_DAYS, PLANE_TO_CLASS, ga_quantile, macro_f1
+from tools import scans
 
 # ------------------------------------------------------------------ settings: --key=value
 ckpt = ""  # the checkpoint to analyse: the one positional argument
@@ -59,7 +59,11 @@ def student_t_ci(values, confidence=0.95):
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return float(values.mean()), math.nan, math.nan
-    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    half = (
+        stats.t.ppf((1 + confidence) / 2, len(values) - 1)
+        * values.std(ddof=1)
+        / math.sqrt(len(values))
+    )
     return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
 
 
@@ -84,7 +88,16 @@ def _fit_probe(features, labels, fit, val, n_classes, seed, epochs, lr, weight_d
 
 
 def linear_probe(
-    features, labels, groups, is_train, folds=5, seeds=5, epochs=50, lr=3e-4, weight_decay=0.01, batch_size=64
+    features,
+    labels,
+    groups,
+    is_train,
+    folds=5,
+    seeds=5,
+    epochs=50,
+    lr=3e-4,
+    weight_decay=0.01,
+    batch_size=64,
 ):
     """Macro F1 of one linear layer on frozen L2-normalised features (FetalCLIP's probe recipe).
     Per seed the training patients (`groups`) are dealt into `folds` disjoint folds; each fold
@@ -141,12 +154,20 @@ def cross_validated_probe(features, labels, groups, folds=5, seeds=5, epochs=50)
             elif not two:
                 scores.append(macro_f1(probs.argmax(1), labels[test]))
     mean, low, high = student_t_ci(scores)
-    return {"metric": "auroc" if two else "f1", "value": mean, "ci_low": low, "ci_high": high, "runs": len(scores)}
+    return {
+        "metric": "auroc" if two else "f1",
+        "value": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "runs": len(scores),
+    }
 
 
 def probe_items(net, folder, frames, batch_size, device):
     """A labelled folder -> (features (N, D), or (N, frames * D) when every file is a clip, labels, groups, how)."""
-    classes = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(
+        p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     files, labels, skipped, ignored = scans.labelled(folder, classes)
     counts = {}
     for path, kind in files:
@@ -155,13 +176,21 @@ def probe_items(net, folder, frames, batch_size, device):
         except scans.Unreadable as why:
             skipped.append((path, str(why)))
     kept = [i for i, (path, _) in enumerate(files) if path in counts]
-    task = Task(Path(folder).name, {}, [files[i] for i in kept], [labels[i] for i in kept], skipped, ignored)
+    task = Task(
+        Path(folder).name, {}, [files[i] for i in kept], [labels[i] for i in kept], skipped, ignored
+    )
     clips = all(count > 1 for count in counts.values())
-    features, labels, where, skipped = encode_task(net, task, batch_size, device, frames if clips else 0)
+    features, labels, where, skipped = encode_task(
+        net, task, batch_size, device, frames if clips else 0
+    )
     if clips:
         features, labels, where = concatenated_clips(features, labels, where, frames)
     groups, by = probe_groups(folder, [path for path, *_ in where])
-    mode = f"clips, {frames} frames each, features concatenated" if clips else "one item per view of each frame"
+    mode = (
+        f"clips, {frames} frames each, features concatenated"
+        if clips
+        else "one item per view of each frame"
+    )
     return features, labels, groups, dict(classes=classes, mode=mode, folds_by=by, skipped=skipped)
 
 
@@ -171,7 +200,11 @@ def concatenated_clips(features, labels, where, frames):
     rows_of = {}
     for i, (path, _, region) in enumerate(where):
         rows_of.setdefault((path, region), []).append(i)
-    picks = [rows[j] for rows in rows_of.values() for j in np.linspace(0, len(rows) - 1, frames).round().astype(int)]
+    picks = [
+        rows[j]
+        for rows in rows_of.values()
+        for j in np.linspace(0, len(rows) - 1, frames).round().astype(int)
+    ]
     first = [rows[0] for rows in rows_of.values()]
     return features[picks].reshape(len(rows_of), -1), labels[first], list(rows_of)
 
@@ -186,11 +219,15 @@ def probe_groups(folder, paths):
     for line, row in enumerate(data.read_csv(str(table), ",", ("file", "patient")), start=2):
         path = os.path.normpath(os.path.join(folder, row["file"]))
         if patients.get(path, row["patient"]) != row["patient"]:
-            raise ValueError(f"{table}, row {line}: {row['file']} is listed again with another patient")
+            raise ValueError(
+                f"{table}, row {line}: {row['file']} is listed again with another patient"
+            )
         patients[path] = row["patient"]
     missing = sorted({p for p in paths if os.path.normpath(p) not in patients})
     if missing:
-        raise ValueError(f"{table}: no patient for {len(missing)} files, e.g. {os.path.relpath(missing[0], folder)}")
+        raise ValueError(
+            f"{table}: no patient for {len(missing)} files, e.g. {os.path.relpath(missing[0], folder)}"
+        )
     return np.array([patients[os.path.normpath(p)] for p in paths]), "patient (patients.csv)"
 
 
@@ -200,13 +237,25 @@ def geometry(features, labels, t=2.0, block=1024):
     pairs i != j of the same / of different classes, uniformity log mean exp(-t |xi - xj|^2)."""
     from sklearn.metrics import silhouette_score
 
-    x, labels = F.normalize(torch.as_tensor(features, dtype=torch.float64), dim=-1), np.asarray(labels)
+    x, labels = (
+        F.normalize(torch.as_tensor(features, dtype=torch.float64), dim=-1),
+        np.asarray(labels),
+    )
     variances = torch.linalg.eigvalsh(torch.cov(x.T)).clamp(min=0).flip(0)  # descending
-    rank95 = int(torch.searchsorted(variances.cumsum(0) / variances.sum(), torch.tensor(0.95, dtype=x.dtype))) + 1
+    rank95 = (
+        int(
+            torch.searchsorted(
+                variances.cumsum(0) / variances.sum(), torch.tensor(0.95, dtype=x.dtype)
+            )
+        )
+        + 1
+    )
     classes = np.unique(labels)
     counts = np.array([np.sum(labels == c) for c in classes])
     class_sums = [x[torch.from_numpy(labels == c)].sum(0) for c in classes]
-    within = sum(float(s @ s) for s in class_sums)  # sum of cos over same-class pairs, diagonal incl.
+    within = sum(
+        float(s @ s) for s in class_sums
+    )  # sum of cos over same-class pairs, diagonal incl.
     total = float(x.sum(0) @ x.sum(0))
     near = 0.0  # sum over i != j of exp(-t |xi - xj|^2)
     for start in range(0, len(x), block):
@@ -216,7 +265,9 @@ def geometry(features, labels, t=2.0, block=1024):
     return {
         "participation_ratio": float(variances.sum() ** 2 / (variances**2).sum()),
         "rank95": min(rank95, len(variances)),
-        "silhouette": float(silhouette_score(x.numpy(), labels)) if 1 < len(classes) < n else math.nan,
+        "silhouette": float(silhouette_score(x.numpy(), labels))
+        if 1 < len(classes) < n
+        else math.nan,
         "intra_cosine": (within - n) / float(np.sum(counts * (counts - 1))),
         "inter_cosine": (total - within) / float(n * n - np.sum(counts**2)),
         "uniformity": math.log(near / (n * (n - 1))),
@@ -229,7 +280,10 @@ def logit_agreement(student_logits, teacher_logits):
     entropy = lambda z: float(-(z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean())
     with warnings.catch_warnings():  # a constant row has no ranking: NaN, skipped by nanmean
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        rho = [stats.spearmanr(s, t).statistic for s, t in zip(student_logits.numpy(), teacher_logits.numpy())]
+        rho = [
+            stats.spearmanr(s, t).statistic
+            for s, t in zip(student_logits.numpy(), teacher_logits.numpy())
+        ]
     return {
         "entropy_student": entropy(student_logits),
         "entropy_teacher": entropy(teacher_logits),
@@ -281,15 +335,31 @@ def plot_hc18(true_hc, hc, path):
             ("q025", "darkorange", "2.5% / 97.5%"),
             ("q975", "darkorange", None),
         ):
-            ax.plot(ga_quantile(days, curve), days, "-" if curve == "q500" else "--", color=colour, label=label)
+            ax.plot(
+                ga_quantile(days, curve),
+                days,
+                "-" if curve == "q500" else "--",
+                color=colour,
+                label=label,
+            )
         for mask, colour, name in (
             (hc["is_valid"], "royalblue", "valid"),
             (hc["kept"] & ~hc["is_valid"], "red", "invalid"),
         ):
             ax.scatter(
-                true_hc[mask], hc["pred_days"][mask], s=10, color=colour, edgecolor="k", linewidth=0.3, label=name
+                true_hc[mask],
+                hc["pred_days"][mask],
+                s=10,
+                color=colour,
+                edgecolor="k",
+                linewidth=0.3,
+                label=name,
             )
-        ax.set(xlabel="True HC (mm)", ylabel="Predicted GA (days)", title=f"HC18 validity {hc['validity']:.1f}%")
+        ax.set(
+            xlabel="True HC (mm)",
+            ylabel="Predicted GA (days)",
+            title=f"HC18 validity {hc['validity']:.1f}%",
+        )
         ax.legend(frameon=False)
 
     return _figure(path, draw)
@@ -321,15 +391,26 @@ def analyse(details, out_dir, teacher_details=None, log_path="", probe_epochs=50
     five, sub = np.array([r["five"] for r in rows]), np.array([r["sub"] for r in rows])
     out, brain = {}, sub >= 0
     out["probe_6view"] = linear_probe(
-        features, [views.index(r["plane"]) for r in rows], groups, is_train, epochs=probe_epochs, seeds=probe_seeds
+        features,
+        [views.index(r["plane"]) for r in rows],
+        groups,
+        is_train,
+        epochs=probe_epochs,
+        seeds=probe_seeds,
     )
     out["probe_brain"] = linear_probe(
-        features[brain], sub[brain], groups[brain], is_train[brain], epochs=probe_epochs, seeds=probe_seeds
+        features[brain],
+        sub[brain],
+        groups[brain],
+        is_train[brain],
+        epochs=probe_epochs,
+        seeds=probe_seeds,
     )
     out["geometry_5planes"] = geometry(features[five >= 0], five[five >= 0])
     if teacher_details is not None:
         out["logits_5planes"] = logit_agreement(
-            details["five_planes_logits"][five >= 0], teacher_details["five_planes_logits"][five >= 0]
+            details["five_planes_logits"][five >= 0],
+            teacher_details["five_planes_logits"][five >= 0],
         )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     out["plots"] = [
@@ -350,7 +431,9 @@ def probe_folder(net, config, device):
         raise ValueError(
             f"--probe={config['probe']}: a 5-fold probe needs two classes and 5 {how['folds_by']}s or more"
         )
-    result = cross_validated_probe(features, labels, groups, seeds=config["probe_seeds"], epochs=config["probe_epochs"])
+    result = cross_validated_probe(
+        features, labels, groups, seeds=config["probe_seeds"], epochs=config["probe_epochs"]
+    )
     print(f"probe on {config['probe']} ({how['mode']}; {len(labels)} items, folds by {how['folds_by']}): "
           f"{result['metric']} {result['value']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}, "
           f"{result['runs']} runs)")  # fmt: skip
@@ -360,9 +443,16 @@ def probe_folder(net, config, device):
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
     if not config["ckpt"]:
-        raise SystemExit("usage: python analysis.py CKPT [--teacher_ckpt=FILE --probe=DIR --key=value ...]")
+        raise SystemExit(
+            "usage: python -m tools.analysis CKPT [--teacher_ckpt=FILE --probe=DIR --key=value ...]"
+        )
     device, ckpt = configurator.pick_device(config["device"]), Path(config["ckpt"])
-    kwargs = dict(batch_size=config["batch_size"], device=device, num_workers=config["num_workers"], details=True)
+    kwargs = dict(
+        batch_size=config["batch_size"],
+        device=device,
+        num_workers=config["num_workers"],
+        details=True,
+    )
     out_dir = Path(config["out_dir"] or ckpt.parent / f"{ckpt.stem}_analysis")
     try:
         net = load_model(str(ckpt), config["model"]).to(device).eval()
@@ -372,10 +462,16 @@ def main(arguments):
             details = zero_shot(net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
             teacher = None
             if config["teacher_ckpt"]:
-                teacher_net = load_model(config["teacher_ckpt"], config["teacher"]).to(device).eval()
-                teacher = zero_shot(teacher_net, config["planes_dir"], config["hc18_dir"], **kwargs)["_details"]
+                teacher_net = (
+                    load_model(config["teacher_ckpt"], config["teacher"]).to(device).eval()
+                )
+                teacher = zero_shot(
+                    teacher_net, config["planes_dir"], config["hc18_dir"], **kwargs
+                )["_details"]
             log = config["train_log"] or ckpt.parent / "log.jsonl"
-            results = analyse(details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"])
+            results = analyse(
+                details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"]
+            )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"analysis.py: {error}") from None
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """The paper's Table 3 on the demo: every KD schedule over several seeds with one demo teacher, then the mean and
 standard deviation of each row and metric, and the paper's Figure 2 (KD weight per step, zero-shot Avg per epoch).
 
-    python sweep.py                                   # 8 rows x 3 seeds on data/demo, about 40 minutes on 2 cores
-    python sweep.py --rows=no_kd,selective --seeds=0,1 --out_dir=out/small_sweep
+    python -m tools.sweep                                   # 8 rows x 3 seeds on data/demo, about 40 minutes on 2 cores
+    python -m tools.sweep --rows=no_kd,selective --seeds=0,1 --out_dir=out/small_sweep
 
 Each run is `python train.py` with the row's flags (below), `--seed=S` and the same `--teacher_ckpt`; the first
 run trains the demo teacher when none is given. An interrupted sweep continues where it stopped: a finished run (its
@@ -52,35 +52,57 @@ def finished(folder):
     """True when a run's ckpt.pt holds its last epoch and log.jsonl that epoch's evaluation (train.py writes ckpt.pt
     before evaluating and the evaluation's record last); a best.pt alone may be an early epoch's."""
     try:
-        checkpoint = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(
+            os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True
+        )
         with open(os.path.join(folder, "log.jsonl")) as f:
             evaluated = {record["epoch"] for record in map(json.loads, f) if "eval" in record}
-    except Exception:  # missing or unreadable: train.py starts it, or its --resume=True says what is wrong
+    except (
+        Exception
+    ):  # missing or unreadable: train.py starts it, or its --resume=True says what is wrong
         return False
-    return checkpoint["epoch"] == checkpoint["config"]["epochs"] and checkpoint["epoch"] - 1 in evaluated
+    return (
+        checkpoint["epoch"] == checkpoint["config"]["epochs"]
+        and checkpoint["epoch"] - 1 in evaluated
+    )
 
 
 def run(row, seed, config, teacher):
     """One train.py run -> its folder: started, resumed when it has a ckpt.pt, skipped when finished."""
     folder = os.path.join(config["out_dir"], row, f"seed{seed}")
     if not finished(folder):
-        flags = [*ROWS[row].split(), f"--seed={seed}", f"--out_dir={folder}", *config["train_flags"].split()]
+        flags = [
+            *ROWS[row].split(),
+            f"--seed={seed}",
+            f"--out_dir={folder}",
+            *config["train_flags"].split(),
+        ]
         flags += [f"--teacher_ckpt={teacher}"] if teacher else []
         flags += ["--resume=True"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
         print(f"== {row}, seed {seed}: python train.py {' '.join(flags)}", flush=True)
-        train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+        train = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"
+        )
         if subprocess.run([sys.executable, train, *flags]).returncode != 0:
-            raise SystemExit(f"sweep.py: the run {row}, seed {seed} in {folder} failed: its error is above")
+            raise SystemExit(
+                f"sweep.py: the run {row}, seed {seed} in {folder} failed: its error is above"
+            )
     return folder
 
 
 def read_run(folder):
     """The best epoch's metrics, the KD weight per logged step and the Avg per evaluated epoch of a run."""
-    best = torch.load(os.path.join(folder, "best.pt"), map_location="cpu", weights_only=True)["metrics"]
+    best = torch.load(os.path.join(folder, "best.pt"), map_location="cpu", weights_only=True)[
+        "metrics"
+    ]
     records = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
     weights = [(r["step"], r["weight"]) for r in records if "weight" in r]
     epochs = [r["eval"]["avg"] for r in records if "avg" in r.get("eval", {})]
-    return {"best": {name: pick(best, path) for name, path in METRICS.items()}, "weights": weights, "avg": epochs}
+    return {
+        "best": {name: pick(best, path) for name, path in METRICS.items()},
+        "weights": weights,
+        "avg": epochs,
+    }
 
 
 def pick(metrics, path):
@@ -96,7 +118,10 @@ def summarise(runs):
     table = {}
     for row, by_seed in runs.items():
         values = {name: np.array([r["best"][name] for r in by_seed.values()]) for name in METRICS}
-        table[row] = {n: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None) for n, v in values.items()}
+        table[row] = {
+            n: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None)
+            for n, v in values.items()
+        }
     return table
 
 
@@ -108,7 +133,8 @@ def print_table(table, seeds):
     for row, metrics in table.items():
         digits = {n: 1 if n == "HC18 %" else 3 for n in metrics}
         cells = [
-            f"{m:.{digits[n]}f} +- " + ("n/a" if s is None else f"{s:.{digits[n]}f}") for n, (m, s) in metrics.items()
+            f"{m:.{digits[n]}f} +- " + ("n/a" if s is None else f"{s:.{digits[n]}f}")
+            for n, (m, s) in metrics.items()
         ]
         print(f"{row:<36}" + "".join(f"{c:>16}" for c in cells))
 
@@ -126,12 +152,18 @@ def figure2(runs, path):
         first = next(iter(by_seed.values()))
         left.plot(*zip(*first["weights"]), label=row)
         avg = np.array([r["avg"] for r in by_seed.values()])  # (seeds, epochs)
-        epochs, mean, std = np.arange(1, avg.shape[1] + 1), avg.mean(0), avg.std(0, ddof=1 if len(avg) > 1 else 0)
+        epochs, mean, std = (
+            np.arange(1, avg.shape[1] + 1),
+            avg.mean(0),
+            avg.std(0, ddof=1 if len(avg) > 1 else 0),
+        )
         right.plot(epochs, mean, "o-", markersize=3, label=row)
         right.fill_between(epochs, mean - std, mean + std, alpha=0.15)
     left.axhline(0, color="grey", linewidth=0.5)
     left.set(xlabel="step", ylabel="KD weight (lambda or beta)", title="KD weight")
-    right.set(xlabel="epoch", ylabel="zero-shot Avg", title="Zero-shot Avg (mean +- std over seeds)")
+    right.set(
+        xlabel="epoch", ylabel="zero-shot Avg", title="Zero-shot Avg (mean +- std over seeds)"
+    )
     right.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     with configurator.atomic_path(path) as tmp:
@@ -144,12 +176,16 @@ def main(arguments):
     chosen = [r for r in config["rows"].split(",") if r] or list(ROWS)
     unknown = [r for r in chosen if r not in ROWS]
     if unknown:
-        raise SystemExit(f"--rows: unknown row {unknown[0]!r}; expected {configurator.one_of(unknown[0], ROWS)}")
+        raise SystemExit(
+            f"--rows: unknown row {unknown[0]!r}; expected {configurator.one_of(unknown[0], ROWS)}"
+        )
     seed_list = [configurator.parse("seeds", s, 0) for s in config["seeds"].split(",")]
     teacher = config["teacher_ckpt"]
     runs = {row: {} for row in chosen}
     for seed in seed_list:
-        for row in sorted(chosen, key=lambda r: r != "selective"):  # a KD row first: it trains the demo teacher
+        for row in sorted(
+            chosen, key=lambda r: r != "selective"
+        ):  # a KD row first: it trains the demo teacher
             folder = run(row, seed, config, teacher)
             trained = os.path.join(folder, "demo_teacher", "ckpt.pt")
             teacher = teacher or (trained if os.path.exists(trained) else "")
@@ -159,7 +195,9 @@ def main(arguments):
     print_table(table, seed_list)
     os.makedirs(config["out_dir"], exist_ok=True)
     summary = {"config": config, "teacher_ckpt": teacher, "table": table, "runs": runs}
-    configurator.write_atomic(os.path.join(config["out_dir"], "sweep.json"), json.dumps(summary, indent=1))
+    configurator.write_atomic(
+        os.path.join(config["out_dir"], "sweep.json"), json.dumps(summary, indent=1)
+    )
     figure2(runs, os.path.join(config["out_dir"], "figure2.png"))
     print(f"wrote {config['out_dir']}/sweep.json and figure2.png")
     return table

@@ -2,8 +2,8 @@
 clips, read one frame at a time with the calibration each file carries. predict.py, evaluate.py --task and
 analysis.py --probe read through it; run it alone to check a folder before a model sees it:
 
-    python scans.py exports/                          # per file: frames, colour, views, pixel size, or why not
-    python scans.py exports/ --save_frames=frames/    # every view of every frame as an 8-bit PNG, to look at
+    python -m tools.scans exports/                          # per file: frames, colour, views, pixel size, or why not
+    python -m tools.scans exports/ --save_frames=frames/    # every view of every frame as an 8-bit PNG, to look at
 
 What is read (DICOM PS3.3 C.7.6.3 and C.8.5.5; pydicom decodes, with Pillow's JPEG Baseline and JPEG 2000 codecs):
 - Files and folders (recursively, sorted). Images by extension (PNG, JPEG, TIFF, BMP, WebP, GIF; every page of a
@@ -35,7 +35,7 @@ import configurator
 import data
 import protocol
 
-DEFAULTS = {  # python scans.py PATH [PATH ...] --key=value
+DEFAULTS = {  # python -m tools.scans PATH [PATH ...] --key=value
     "paths": [],  # the files and folders: the arguments
     "pixel_size": -1.0,  # mm per pixel for files that carry no calibration; -1 = none
     "save_frames": "",  # a folder: write every view of every frame there as PNG
@@ -45,10 +45,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".g
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".m4v", ".mkv", ".webm")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 REGION_FORMATS = {1: "2D", 2: "M-mode", 3: "spectral Doppler", 4: "waveform", 5: "graphics"}
-REGION_TYPES = {1: "tissue", 2: "colour flow", 3: "PW Doppler", 4: "CW Doppler", 5: "Doppler mean trace"}
+REGION_TYPES = {
+    1: "tissue",
+    2: "colour flow",
+    3: "PW Doppler",
+    4: "CW Doppler",
+    5: "Doppler mean trace",
+}
 CM = 3  # PhysicalUnitsX/YDirection code of centimetres (PS3.3 C.8.5.5.1.15)
 SQUARE = 0.01  # largest relative difference of a pixel's width and height still taken as square
-TASK_FILES = ("prompts.json", "patients.csv")  # what a labelled folder may hold beside its class folders
+TASK_FILES = (
+    "prompts.json",
+    "patients.csv",
+)  # what a labelled folder may hold beside its class folders
 
 
 class Unreadable(ValueError):
@@ -125,7 +134,9 @@ def labelled(folder, classes):
     """A folder of labelled scans, one sub-folder per class (its name one of `classes`) -> (files [(path, kind)],
     labels (class indices), skipped, ignored). A sub-folder that is no class is an error naming it; files beside
     the class folders other than TASK_FILES are ignored."""
-    class_folders = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_folders = sorted(
+        p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     unknown = [p.name for p in class_folders if p.name not in classes]
     if unknown or not class_folders:
         found = f"folders {unknown} are not classes" if unknown else "no class folder"
@@ -138,13 +149,19 @@ def labelled(folder, classes):
         labels += [classes.index(class_folder.name)] * len(found)
         ignored, skipped = ignored + not_scans, skipped + unreadable
     if not files:
-        raise ValueError(f"{folder}: no scan in its class folders {[p.name for p in class_folders]}")
+        raise ValueError(
+            f"{folder}: no scan in its class folders {[p.name for p in class_folders]}"
+        )
     return files, labels, skipped, ignored
 
 
 def evenly_spaced(count, k):
     """k frame indices spread evenly over `count` frames (all of them when there are fewer): a clip's 16 frames."""
-    return sorted({round(i * (count - 1) / max(k - 1, 1)) for i in range(k)}) if count > k else list(range(count))
+    return (
+        sorted({round(i * (count - 1) / max(k - 1, 1)) for i in range(k)})
+        if count > k
+        else list(range(count))
+    )
 
 
 # ------------------------------------------------------------------ reading
@@ -168,7 +185,9 @@ def count_frames(path, kind):
     Unreadable when the file cannot tell."""
     try:
         return frames_in(path, kind)
-    except Exception as error:  # readers raise many types; the caller skips the file with the reason
+    except (
+        Exception
+    ) as error:  # readers raise many types; the caller skips the file with the reason
         raise Unreadable(one_line(error)) from None
 
 
@@ -176,7 +195,9 @@ def frames_in(path, kind):
     if kind == "dicom":
         import pydicom
 
-        return int(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("NumberOfFrames") or 1)
+        return int(
+            pydicom.dcmread(path, stop_before_pixels=True, force=True).get("NumberOfFrames") or 1
+        )
     if kind == "image":
         with Image.open(path) as image:
             return getattr(image, "n_frames", 1)
@@ -194,7 +215,11 @@ def one_line(error):
 
 def given_size(given):
     """(mm, source, why not) of a file that carries no calibration: the size the user gave, if any."""
-    return (given, "given", "") if given else (None, "", "the file carries no calibration (give pixel_size)")
+    return (
+        (given, "given", "")
+        if given
+        else (None, "", "the file carries no calibration (give pixel_size)")
+    )
 
 
 def uncalibrated(path, frame, image, given, seconds=None, pixels=""):
@@ -218,7 +243,9 @@ def video_views(path, given, indices):
             raise Unreadable("no video stream")
         for frame, decoded in enumerate(container.decode(video=0)):
             if indices is None or frame in indices:
-                yield uncalibrated(path, frame, decoded.to_image(), given, decoded.time, "video frame as RGB")
+                yield uncalibrated(
+                    path, frame, decoded.to_image(), given, decoded.time, "video frame as RGB"
+                )
 
 
 # ------------------------------------------------------------------ DICOM
@@ -229,7 +256,9 @@ def dicom_views(path, given, indices):
     import pydicom
     from pydicom.pixels import iter_pixels
 
-    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")  # malformed tags: read anyway
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module="pydicom"
+    )  # malformed tags: read anyway
     dataset = pydicom.dcmread(path, defer_size="256 KB", force=True)
     if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = getattr(dataset.get("SOPClassUID"), "name", "") or "no SOP class"
@@ -240,7 +269,9 @@ def dicom_views(path, given, indices):
     to_rgb, pixels = colour(dataset)
     frame_time = seconds_per_frame(dataset)
     wanted = None if indices is None else sorted(i for i in indices if i < frames)
-    for frame, array in zip(range(frames) if wanted is None else wanted, iter_pixels(path, indices=wanted)):
+    for frame, array in zip(
+        range(frames) if wanted is None else wanted, iter_pixels(path, indices=wanted)
+    ):
         image = Image.fromarray(to_rgb(array))
         seconds = None if frame_time is None else frame * frame_time
         for region, box, size, source, note in views:
@@ -261,7 +292,9 @@ def check_decoder(dataset):
         raise Unreadable(f"{syntax.name} ({syntax}): pydicom has no decoder for it") from None
     if not decoder.is_available:
         options = "; ".join(decoder.missing_dependencies)
-        raise Unreadable(f"{syntax.name} ({syntax}): no decoder installed; pydicom decodes it with {options}")
+        raise Unreadable(
+            f"{syntax.name} ({syntax}): no decoder installed; pydicom decodes it with {options}"
+        )
 
 
 def colour(dataset):
@@ -276,7 +309,9 @@ def colour(dataset):
             dataset.RedPaletteColorLookupTableDescriptor[0],
         )
         table = apply_color_lut(np.arange(first, first + (entries or 65536)), dataset)
-        lut_bits = 16 if table.dtype == np.uint16 and table.max() > 255 else 8  # some write 8-bit values in 16
+        lut_bits = (
+            16 if table.dtype == np.uint16 and table.max() > 255 else 8
+        )  # some write 8-bit values in 16
         return lambda a: data.scale_to_8bit(apply_color_lut(a, dataset)[..., :3], lut_bits)[0], (
             f"PALETTE COLOR through its {lut_bits}-bit lookup tables"
         )
@@ -308,7 +343,9 @@ def calibrated_views(dataset, rows, columns, given):
     if not regions:
         return [(-1, None, *pixel_spacing(dataset, given))]
     tissue = [
-        (i, r) for i, r in enumerate(regions) if r.get("RegionSpatialFormat") == 1 and r.get("RegionDataType") == 1
+        (i, r)
+        for i, r in enumerate(regions)
+        if r.get("RegionSpatialFormat") == 1 and r.get("RegionDataType") == 1
     ]
     if not tissue:
         found = ", ".join(describe_region(r) for r in regions)
@@ -322,7 +359,15 @@ def calibrated_views(dataset, rows, columns, given):
             note = f"calibration not trusted: {where} (resized after calibration?): whole frame, no pixel size"
             return [(-1, None, None, "", note)]
         size, why = region_pixel_size(region)
-        views.append((index, (x0, y0, x1 + 1, y1 + 1), size, f"ultrasound region {index}" if size else "", why))
+        views.append(
+            (
+                index,
+                (x0, y0, x1 + 1, y1 + 1),
+                size,
+                f"ultrasound region {index}" if size else "",
+                why,
+            )
+        )
     return views
 
 
@@ -336,7 +381,9 @@ def region_pixel_size(region):
     units = (region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection"))
     if units != (CM, CM):
         return None, f"region units {units} are not cm (3): no pixel size"
-    return square_pixel(10 * float(region.get("PhysicalDeltaX", 0)), 10 * float(region.get("PhysicalDeltaY", 0)))
+    return square_pixel(
+        10 * float(region.get("PhysicalDeltaX", 0)), 10 * float(region.get("PhysicalDeltaY", 0))
+    )
 
 
 def pixel_spacing(dataset, given):
@@ -352,7 +399,10 @@ def square_pixel(width, height):
     """A pixel's size in mm, when it is plausible and square."""
     low, high = protocol.PIXEL_SIZE_RANGE_MM
     if not all(math.isfinite(v) and low <= v <= high for v in (width, height)):
-        return None, f"implausible pixel size {width:g} x {height:g} mm (expected {low:g}-{high:g} mm)"
+        return (
+            None,
+            f"implausible pixel size {width:g} x {height:g} mm (expected {low:g}-{high:g} mm)",
+        )
     if abs(width - height) > SQUARE * max(width, height):
         return None, f"pixels are not square ({width:.4g} x {height:.4g} mm): no single pixel size"
     return (width + height) / 2, ""
@@ -365,7 +415,9 @@ def frame_name(path, frame, region, taken):
     """A file name for one view of one frame (frame None: for the whole file), unique within `taken` (a set it is
     added to)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).as_posix().lstrip("./")) or "scan"
-    name = stem + ("" if frame is None else f"_f{frame:04d}") + (f"_r{region}" if region >= 0 else "")
+    name = (
+        stem + ("" if frame is None else f"_f{frame:04d}") + (f"_r{region}" if region >= 0 else "")
+    )
     unique, n = name, 1
     while unique in taken:
         n += 1
@@ -381,7 +433,9 @@ def describe(path, kind, views, save_frames="", taken=None):
         first = first or view
         frames.add(view.frame)
         regions.add(view.region)
-        sizes.add(f"{view.pixel_size_mm:.4f} mm ({view.spacing_source})" if view.pixel_size_mm else "none")
+        sizes.add(
+            f"{view.pixel_size_mm:.4f} mm ({view.spacing_source})" if view.pixel_size_mm else "none"
+        )
         if save_frames:
             target = os.path.join(save_frames, frame_name(path, view.frame, view.region, taken))
             with configurator.atomic_path(target) as tmp:
@@ -397,7 +451,9 @@ def describe(path, kind, views, save_frames="", taken=None):
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, rest="paths")
     if not config["paths"]:
-        raise SystemExit("usage: python scans.py PATH [PATH ...] [--pixel_size=MM] [--save_frames=DIR]")
+        raise SystemExit(
+            "usage: python -m tools.scans PATH [PATH ...] [--pixel_size=MM] [--save_frames=DIR]"
+        )
     with configurator.user_errors("scans.py"):
         if config["pixel_size"] != -1:
             protocol.check_pixel_size(config["pixel_size"], "--pixel_size")
@@ -407,7 +463,11 @@ def main(arguments):
     taken, read_files = set(), 0
     for path, kind in found:
         try:
-            print(describe(path, kind, read(path, kind, config["pixel_size"]), config["save_frames"], taken))
+            print(
+                describe(
+                    path, kind, read(path, kind, config["pixel_size"]), config["save_frames"], taken
+                )
+            )
             read_files += 1
         except Unreadable as why:
             skipped.append((path, str(why)))

@@ -1,7 +1,10 @@
-"""Int8 copies of the exported image encoder, each held against its fp32 source (python export.py --quantize=int8).
+"""export.py's files plus int8 copies of the image encoder, each held against its fp32 source.
 
-    python export.py --quantize=int8                                  # out/best.pt, calibrated on the demo's scans
-    python export.py CKPT --quantize=int8 --calibration=my_scans/ --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
+    python -m tools.quantize                                          # out/best.pt, calibrated on the demo's scans
+    python -m tools.quantize CKPT --calibration=my_scans/ --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
+
+Its own command, not a flag of export.py: it needs calibration scans (read by tools/scans.py) and the demo's paths
+(tools/synthetic.py), and export.py, a top-level file, depends on no tool. It takes every export.py setting.
 
     image_encoder_int8.onnx       onnxruntime's static quantisation of image_encoder.onnx (quant_pre_process, then
                                   quantize_static): QDQ, int8 symmetric per-channel weights, uint8 activations from
@@ -26,12 +29,13 @@ int8}}, agreement {images, held_out, reference, cosine_mean, cosine_min, five_pl
 brain_subplanes_top1_agreement, min_cosine} and zero_shot {calibration_images_among_planes, fp32, int8}: each of
 these {five_planes_f1, brain_subplanes_f1, hc18_validity, f1_all, avg}.
 A minimum cosine below --min_cosine writes no int8 file (an older one there is removed: it would sit beside another
-fp32 file) and export.py exits non-zero with one line naming the figure and the threshold.
+fp32 file) and the command exits non-zero with one line naming the figure and the threshold.
 """
 
 import json
 import os
 import shutil
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -45,11 +49,16 @@ import data
 import evaluate
 import export
 import protocol
-import scans
-import synthetic
+from tools import scans, synthetic
 
-DEMO_CALIBRATION = os.path.join(synthetic.layout(synthetic.DEFAULTS["out_dir"])["planes_dir"], "Images")
-OPS = ["Conv", "MatMul", "Gemm"]  # quantised with their inputs (the module docstring says which stay float)
+DEMO_CALIBRATION = os.path.join(
+    synthetic.layout(synthetic.DEFAULTS["out_dir"])["planes_dir"], "Images"
+)
+OPS = [
+    "Conv",
+    "MatMul",
+    "Gemm",
+]  # quantised with their inputs (the module docstring says which stay float)
 METHODS = {
     "onnx": f"onnxruntime quantize_static after quant_pre_process: QDQ, int8 symmetric per-channel weights, uint8 "
     f"MinMax activations; {'/'.join(OPS)} but the stem convolution",
@@ -62,6 +71,16 @@ REFERENCES = {
     "Core ML runs on Apple platforms only",
 }
 HELD_OUT = "every 4th of the sorted images (0, 4, 8, ...), never calibrated on"
+
+# ------------------------------------------------------------------ settings: export.py's, and these
+INT8_DEFAULTS = {
+    "calibration": "",  # image files or folders (recursive), comma-separated; '' = the demo's Planes DB images
+    "calibration_images": 256,  # at most this many calibrate, evenly spaced (-1 = all); every 4th is held out
+    "min_cosine": 0.99,  # the least cosine of int8 and fp32 image features allowed on the held-out images
+    "planes_dir": "",  # with hc18_dir, the zero-shot protocol's figures of both encoders; '' = none
+    "hc18_dir": "",
+}
+DEFAULTS = export.DEFAULTS | INT8_DEFAULTS
 
 # ------------------------------------------------------------------ images
 
@@ -79,14 +98,20 @@ def image_files(spec):
     items = [s.strip() for s in spec.split(",") if s.strip()]
     for item in items:
         if not os.path.exists(item):
-            hint = " (python synthetic.py writes the demo's)" if item == DEMO_CALIBRATION else ""
-            raise FileNotFoundError(f"--calibration: {item} is neither a scan file nor a folder{hint}")
+            hint = (
+                " (python -m tools.synthetic writes the demo's)" if item == DEMO_CALIBRATION else ""
+            )
+            raise FileNotFoundError(
+                f"--calibration: {item} is neither a scan file nor a folder{hint}"
+            )
     found, _, skipped = scans.find(items)
     if skipped:
         raise ValueError(f"--calibration: {skipped[0][0]} cannot be read ({skipped[0][1]})")
     paths = [path for path, _ in found]
     if len(paths) < 2:
-        raise ValueError(f"--calibration={spec}: {len(paths)} scan file(s), at least 2 needed (one is held out)")
+        raise ValueError(
+            f"--calibration={spec}: {len(paths)} scan file(s), at least 2 needed (one is held out)"
+        )
     return sorted(paths)
 
 
@@ -117,15 +142,25 @@ def quantize_onnx(source, path, calibration, net):
 
     with tempfile.TemporaryDirectory() as folder:
         prepared = os.path.join(folder, "prepared.onnx")
-        quant_pre_process(str(source), prepared)  # shapes inferred and graph optimised first, as quantize_static asks
+        quant_pre_process(
+            str(source), prepared
+        )  # shapes inferred and graph optimised first, as quantize_static asks
         graph = onnx.load(prepared).graph
-        stem = [n.name for n in graph.node if n.op_type == "Conv" and graph.input[0].name in n.input]
-        batch_size = graph.input[0].type.tensor_type.shape.dim[0].dim_value or 16  # 0: a dynamic batch
-        batches = ({"image": images.numpy()} for images in image_batches(calibration, net, batch_size))
+        stem = [
+            n.name for n in graph.node if n.op_type == "Conv" and graph.input[0].name in n.input
+        ]
+        batch_size = (
+            graph.input[0].type.tensor_type.shape.dim[0].dim_value or 16
+        )  # 0: a dynamic batch
+        batches = (
+            {"image": images.numpy()} for images in image_batches(calibration, net, batch_size)
+        )
         quantize_static(
             prepared,
             path,
-            types.SimpleNamespace(get_next=lambda: next(batches, None)),  # onnxruntime's CalibrationDataReader
+            types.SimpleNamespace(
+                get_next=lambda: next(batches, None)
+            ),  # onnxruntime's CalibrationDataReader
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -138,11 +173,24 @@ def quantize_onnx(source, path, calibration, net):
 def int8_weights(encoder):
     """A copy whose Conv / Linear weights but the stem's are int8 symmetric per output channel (dequantised), with
     the metadata from which ct.convert stores exactly these weights as int8."""
-    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+    from coremltools.optimize.torch.quantization import (
+        PostTrainingQuantizer,
+        PostTrainingQuantizerConfig,
+    )
 
-    weights = {"weight_dtype": "int8", "granularity": "per_channel", "quantization_scheme": "symmetric"}
-    stem = {n: None for n, m in encoder.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3}
-    config = PostTrainingQuantizerConfig.from_dict({"global_config": weights, "module_name_configs": stem})
+    weights = {
+        "weight_dtype": "int8",
+        "granularity": "per_channel",
+        "quantization_scheme": "symmetric",
+    }
+    stem = {
+        n: None
+        for n, m in encoder.named_modules()
+        if isinstance(m, nn.Conv2d) and m.in_channels == 3
+    }
+    config = PostTrainingQuantizerConfig.from_dict(
+        {"global_config": weights, "module_name_configs": stem}
+    )
     return PostTrainingQuantizer(encoder, config).compress()
 
 
@@ -174,10 +222,14 @@ class ImageTower:
 def agreement(encoders, paths, net):
     """{'fp32', 'int8': image encoder} on the held-out images -> mean / min cosine, the zero-shot head's top-1
     agreement (its argmax of img @ cls.T, as softmax(100 x) ranks)."""
-    pairs = [(encoders["fp32"](images), encoders["int8"](images)) for images in image_batches(paths, net)]
+    pairs = [
+        (encoders["fp32"](images), encoders["int8"](images)) for images in image_batches(paths, net)
+    ]
     fp32, int8 = (torch.cat(features).double() for features in zip(*pairs))  # (N, D) each
     cosine = F.cosine_similarity(fp32, int8, dim=-1)  # (N,)
-    figures = dict(images=len(paths), cosine_mean=cosine.mean().item(), cosine_min=cosine.min().item())
+    figures = dict(
+        images=len(paths), cosine_mean=cosine.mean().item(), cosine_min=cosine.min().item()
+    )
     for key in ("five_planes", "brain_subplanes"):
         classes = evaluate.class_embeddings(net, protocol.PROMPTS[key]).double()  # (C, D)
         same = (fp32 @ classes.T).argmax(-1) == (int8 @ classes.T).argmax(-1)  # (N,)
@@ -188,12 +240,24 @@ def agreement(encoders, paths, net):
 def zero_shot_figures(encoders, net, planes_dir, hc18_dir, calibration):
     """The protocol's figures of both image encoders with net's text tower, and the calibration images among them."""
     evaluated = {os.path.realpath(row["path"]) for row in protocol.planes_rows(planes_dir)}
-    out = {"calibration_images_among_planes": len(evaluated & {os.path.realpath(p) for p in calibration})}
+    out = {
+        "calibration_images_among_planes": len(
+            evaluated & {os.path.realpath(p) for p in calibration}
+        )
+    }
     for label, encoder in encoders.items():
         results = evaluate.zero_shot(ImageTower(net, encoder), planes_dir, hc18_dir)
         print(f"  zero-shot {label}: {evaluate.summary(results)}")
-        f1 = dict(five_planes_f1=results["five_planes"]["f1"], brain_subplanes_f1=results["brain_subplanes"]["f1"])
-        out[label] = dict(f1, hc18_validity=results["hc18"]["validity"], f1_all=results["f1_all"], avg=results["avg"])
+        f1 = dict(
+            five_planes_f1=results["five_planes"]["f1"],
+            brain_subplanes_f1=results["brain_subplanes"]["f1"],
+        )
+        out[label] = dict(
+            f1,
+            hc18_validity=results["hc18"]["validity"],
+            f1_all=results["f1_all"],
+            avg=results["avg"],
+        )
     return out
 
 
@@ -203,12 +267,16 @@ def zero_shot_figures(encoders, net, planes_dir, hc18_dir, calibration):
 def write_int8(fmt, fused, folder, settings):
     """image_encoder_int8.<ext>, held against its fp32 source before it replaces anything -> (path, agreement,
     zero-shot figures or None); a ValueError naming the figure below min_cosine (an older int8 file is removed)."""
-    source, path = (Path(folder) / f"image_encoder{tag}.{export.EXTENSIONS[fmt]}" for tag in ("", "_int8"))
+    source, path = (
+        Path(folder) / f"image_encoder{tag}.{export.EXTENSIONS[fmt]}" for tag in ("", "_int8")
+    )
     calibration, held_out = settings["images"]
     calibration = calibration if fmt == "onnx" else []  # Core ML's int8 weights need no images
 
     def measure(encoders):
-        figures = dict(agreement(encoders, held_out, fused), reference=REFERENCES[fmt], held_out=HELD_OUT)
+        figures = dict(
+            agreement(encoders, held_out, fused), reference=REFERENCES[fmt], held_out=HELD_OUT
+        )
         figures["min_cosine"] = settings["min_cosine"]
         if not figures["cosine_min"] >= settings["min_cosine"]:  # NaN fails too
             raise ValueError(
@@ -218,7 +286,11 @@ def write_int8(fmt, fused, folder, settings):
                 + (f"; calibrated on {len(calibration)} images)" if calibration else ")")
             )
         folders = settings["planes_dir"], settings["hc18_dir"]
-        return path, figures, zero_shot_figures(encoders, fused, *folders, calibration) if folders[0] else None
+        return (
+            path,
+            figures,
+            zero_shot_figures(encoders, fused, *folders, calibration) if folders[0] else None,
+        )
 
     try:
         if fmt == "onnx":
@@ -227,7 +299,9 @@ def write_int8(fmt, fused, folder, settings):
                 return measure({"fp32": onnx_encoder(source), "int8": onnx_encoder(tmp)})
         encoder = int8_weights(export.ImageEncoder(fused))
         written = measure({"fp32": export.ImageEncoder(fused), "int8": encoder})
-        export.export_coreml(encoder, export.example_images(fused), path, "image", ["image_features"])
+        export.export_coreml(
+            encoder, export.example_images(fused), path, "image", ["image_features"]
+        )
         return written
     except ValueError:
         for stale in (path, Path(f"{path}.json")):
@@ -253,10 +327,16 @@ def export_int8(net, fused, source, folder, formats, reparam_error, settings):
         calibration = dict(images=len(settings["images"][0]), source=settings["calibration"])
         calibration = calibration if fmt == "onnx" else "none: weights only"
         sizes = {"fp32": size_mb(fp32_path), "int8": size_mb(path)}
-        quantization = dict(method=METHODS[fmt], source=fp32_path.name, calibration=calibration, size_mb=sizes)
-        figures = dict(quantization=quantization, agreement=agreed) | ({"zero_shot": zero_shot} if zero_shot else {})
+        quantization = dict(
+            method=METHODS[fmt], source=fp32_path.name, calibration=calibration, size_mb=sizes
+        )
+        figures = dict(quantization=quantization, agreement=agreed) | (
+            {"zero_shot": zero_shot} if zero_shot else {}
+        )
         shapes = {"image_features": [1 if fmt == "coreml" else "batch", net.embed_dim]}
-        about = export.sidecar(net, source, path, fmt, export.example_images(net), "image", shapes, {}, reparam_error)
+        about = export.sidecar(
+            net, source, path, fmt, export.example_images(net), "image", shapes, {}, reparam_error
+        )
         about = dict(about, format=f"{about['format']}, int8", **figures)
         configurator.write_atomic(f"{path}.json", json.dumps(about, indent=1))
         written.append(path)
@@ -271,17 +351,41 @@ def export_int8(net, fused, source, folder, formats, reparam_error, settings):
 
 
 def settings(config):
-    """export.py's int8 settings, checked before anything is exported -> what export_int8 takes, or None."""
-    if config["quantize"] not in ("", "int8"):
-        raise ValueError(f"--quantize={config['quantize']}: expected int8 (or '' for none)")
+    """The int8 settings, checked before anything is exported -> what export_int8 takes."""
     if bool(config["planes_dir"]) != bool(config["hc18_dir"]):
-        raise ValueError("--planes_dir and --hc18_dir: give both (the zero-shot protocol's figures) or neither")
-    if not config["quantize"]:
-        return None
+        raise ValueError(
+            "--planes_dir and --hc18_dir: give both (the zero-shot protocol's figures) or neither"
+        )
     if config["calibration_images"] == 0 or config["calibration_images"] < -1:
-        raise ValueError(f"--calibration_images={config['calibration_images']}: expected a count >= 1, or -1 for all")
+        raise ValueError(
+            f"--calibration_images={config['calibration_images']}: expected a count >= 1, or -1 for all"
+        )
     if config["planes_dir"]:  # their errors now, not after the export
-        protocol.planes_rows(config["planes_dir"]), protocol.hc18_rows(config["hc18_dir"])
+        protocol.planes_rows(config["planes_dir"])
+        protocol.hc18_rows(config["hc18_dir"])
     calibration = config["calibration"] or DEMO_CALIBRATION
     images = calibration_split(image_files(calibration), config["calibration_images"])
     return dict(config, calibration=calibration, images=images)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def main(arguments):
+    """export.py's files, then the int8 ones -> [paths]."""
+    config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
+    with configurator.user_errors("quantize"):
+        formats = export.formats_of(config)
+        int8 = settings(config)
+        net = export.student_of(config, "quantize")
+        options = [config[k] for k in ("zero_shot_head", "text", "tolerance")]
+        written, fused, reparam_error = export.export(
+            net, config["ckpt"], config["out_dir"], formats, *options
+        )
+        return written + export_int8(
+            net, fused, config["ckpt"], config["out_dir"], formats, reparam_error, int8
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

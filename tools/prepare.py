@@ -1,7 +1,7 @@
 """Your image-caption pairs -> the WebDataset shards train.py and cache.py read (nanoGPT's data/<name>/prepare.py).
 
-    python prepare.py pairs.csv --out_dir=shards      # open_clip's CSV: columns filepath and title
-    python prepare.py my_scans/ --out_dir=shards      # a folder: scan.png with its caption in scan.txt, recursively
+    python -m tools.prepare pairs.csv --out_dir=shards      # open_clip's CSV: columns filepath and title
+    python -m tools.prepare my_scans/ --out_dir=shards      # a folder: scan.png + its caption in scan.txt
     python train.py --train_data=shards ...
 
 A CSV names each image by a path relative to the CSV's folder (or an absolute one) in column --img_key and its
@@ -31,7 +31,7 @@ import webdataset as wds
 
 import configurator
 import data
-import scans
+from tools import scans
 
 # ------------------------------------------------------------------ settings: --key=value
 source = ""  # a CSV of pairs, or a folder of images with same-stem .txt captions: the one positional argument
@@ -55,7 +55,7 @@ REASONS = (
     "empty caption",  # blank, or not UTF-8
     "duplicate",  # the same image bytes and caption as a pair already written
 )
-CONVERT = "write its frames as PNG with `python scans.py PATH --save_frames=DIR` and list those instead"
+CONVERT = "write its frames as PNG with `python -m tools.scans PATH --save_frames=DIR` and list those instead"
 
 
 class Refused(Exception):
@@ -81,7 +81,10 @@ def csv_separator(path, img_key, caption_key, separator):
         return separator
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = f.readline()
-    fields = {s: [name.strip() for name in next(csv.reader([header], delimiter=s), [])] for s in SEPARATORS}
+    fields = {
+        s: [name.strip() for name in next(csv.reader([header], delimiter=s), [])]
+        for s in SEPARATORS
+    }
     fitting = [s for s in SEPARATORS if img_key in fields[s] and caption_key in fields[s]]
     if len(fitting) > 1:
         raise ValueError(f"{path}: the header splits into {img_key!r} and {caption_key!r} at several separators: "
@@ -120,7 +123,9 @@ def read_caption(path):
 def folder_entries(folder):
     """Every file under folder, recursively: an image with its same-stem .txt caption, or a refusal."""
     files = sorted(
-        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/") for d, _, fs in os.walk(folder) for f in fs
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+        for d, _, fs in os.walk(folder)
+        for f in fs
     )
     captions = {os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")}
     images = [f for f in files if not f.lower().endswith(".txt")]
@@ -128,7 +133,9 @@ def folder_entries(folder):
     entries = []
     for stem, name in captions.items():
         if stem not in stems:
-            refusal = Refused("missing image", f"{name}: a caption file without an image of the same name")
+            refusal = Refused(
+                "missing image", f"{name}: a caption file without an image of the same name"
+            )
             entries.append(dict(where={"file": name}, refused=refusal))
     for number, name in enumerate(images, start=1):
         entry = dict(number=number, where={"file": name}, image=os.path.join(folder, name))
@@ -136,7 +143,9 @@ def folder_entries(folder):
         if stem in captions:
             entry["caption"] = read_caption(os.path.join(folder, captions[stem]))
         else:
-            entry["refused"] = Refused("missing caption", f"{name}: no caption file {stem}.txt beside it")
+            entry["refused"] = Refused(
+                "missing caption", f"{name}: no caption file {stem}.txt beside it"
+            )
         entries.append(entry)
     return entries
 
@@ -155,7 +164,9 @@ def read_pair(image, caption):
         raise Refused("unreadable image", f"{image}: {error.strerror}") from None
     extension = os.path.splitext(image)[1][1:].lower()
     sample = {extension: content, "txt": caption.encode()}
-    decoded = data.decode_sample(sample)  # the loader's own test: 0 = no image field it decodes, 1 = no caption
+    decoded = data.decode_sample(
+        sample
+    )  # the loader's own test: 0 = no image field it decodes, 1 = no caption
     if decoded == 0:
         raise image_refusal(image, extension, content)
     if decoded == 1:
@@ -165,15 +176,21 @@ def read_pair(image, caption):
 
 def image_refusal(image, extension, content):
     """Why the loader cannot read an image file; DICOM files and video clips say how to convert them."""
-    if f".{extension}" in scans.DICOM_SUFFIXES or content[128:132] == b"DICM":  # a 128-byte preamble, then DICM
+    if (
+        f".{extension}" in scans.DICOM_SUFFIXES or content[128:132] == b"DICM"
+    ):  # a 128-byte preamble, then DICM
         return Refused("DICOM or video", f"{image} is a DICOM file: {CONVERT}")
     if f".{extension}" in scans.VIDEO_SUFFIXES:
         return Refused("DICOM or video", f"{image} is a video clip: {CONVERT}")
     if extension not in data.IMAGE_EXTENSIONS:
         kind = f".{extension}" if extension else "a name without an extension"
         readable = ", ".join(data.IMAGE_EXTENSIONS)
-        return Refused("unsupported format", f"{image}: {kind} is not a format the loader reads ({readable})")
-    return Refused("unreadable image", f"{image}: the training loader cannot decode it (corrupt or truncated?)")
+        return Refused(
+            "unsupported format", f"{image}: {kind} is not a format the loader reads ({readable})"
+        )
+    return Refused(
+        "unreadable image", f"{image}: the training loader cannot decode it (corrupt or truncated?)"
+    )
 
 
 def described(where):
@@ -187,20 +204,31 @@ def check_out_dir(out_dir, source):
     """out_dir may be new, empty, or a folder prepare.py wrote (its report and shards, nothing else)."""
     inside = os.path.realpath(out_dir) + os.sep
     if os.path.isdir(source) and inside.startswith(os.path.realpath(source) + os.sep):
-        raise ValueError(f"--out_dir={out_dir} is inside {source}: its shards would be read as input next time")
+        raise ValueError(
+            f"--out_dir={out_dir} is inside {source}: its shards would be read as input next time"
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     foreign = [n for n in names if n != REPORT and not re.fullmatch(SHARD_PATTERN, n)]
     if names and (REPORT not in names or foreign):
-        why = f"files prepare.py did not write ({', '.join(foreign[:3])})" if foreign else f"no {REPORT}"
+        why = (
+            f"files prepare.py did not write ({', '.join(foreign[:3])})"
+            if foreign
+            else f"no {REPORT}"
+        )
         raise ValueError(f"--out_dir={out_dir} exists and holds {why}: give a new or empty folder")
 
 
 def write_shards(entries, folder, shard_size):
     """Every entry's pair into folder/train-NNNNNN.tar, shard_size a shard, in entry order -> (shards, refusals).
     One image in memory at a time; fixed tar metadata (mtime 0), so the same input gives the same bytes."""
-    shards, refusals, written, sink = {}, [], {}, None  # written: sample digest -> where it was first written
+    shards, refusals, written, sink = (
+        {},
+        [],
+        {},
+        None,
+    )  # written: sample digest -> where it was first written
     for entry in tqdm.tqdm(entries, unit="pair", desc="prepare"):
         try:
             if "refused" in entry:
@@ -208,7 +236,9 @@ def write_shards(entries, folder, shard_size):
             sample = read_pair(entry["image"], entry["caption"])
             digest = data.sample_digest(sample)
             if digest in written:
-                raise Refused("duplicate", f"the same image bytes and caption as {described(written[digest])}")
+                raise Refused(
+                    "duplicate", f"the same image bytes and caption as {described(written[digest])}"
+                )
         except Refused as refusal:
             refusals.append({**entry["where"], "reason": refusal.reason, "detail": refusal.detail})
             continue
@@ -216,7 +246,10 @@ def write_shards(entries, folder, shard_size):
             if sink is not None:
                 sink.close()
             name = SHARD.format(len(shards))
-            sink, shards[name] = wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0), 0
+            sink, shards[name] = (
+                wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0),
+                0,
+            )
         sink.write({"__key__": f"{entry['number']:09d}", **sample})
         shards[name] += 1
         written[digest] = entry["where"]
@@ -225,11 +258,15 @@ def write_shards(entries, folder, shard_size):
     return shards, refusals
 
 
-def prepare(source, out_dir, img_key="filepath", caption_key="title", separator="", shard_size=1000):
+def prepare(
+    source, out_dir, img_key="filepath", caption_key="title", separator="", shard_size=1000
+):
     """Write the shards of source (a CSV or a folder) into out_dir -> the report (also out_dir/REPORT)."""
     if shard_size < 1:
         raise ValueError(f"--shard_size={shard_size}: expected a positive number of pairs")
-    out_dir = os.path.normpath(out_dir)  # 'shards/' -> 'shards': the temporary folder goes beside it, not inside
+    out_dir = os.path.normpath(
+        out_dir
+    )  # 'shards/' -> 'shards': the temporary folder goes beside it, not inside
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such CSV file or folder")
     check_out_dir(out_dir, source)
@@ -248,15 +285,23 @@ def prepare(source, out_dir, img_key="filepath", caption_key="title", separator=
         report.update(written=sum(shards.values()), refused=len(refusals), refused_by_reason=counts)
         report.update(shards=shards, refusals=refusals)
         if not shards:  # nothing to train on: out_dir is left as it was
-            first = f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
-            raise ValueError(f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}")
-        configurator.write_atomic(os.path.join(tmp, REPORT), json.dumps(report, indent=1, ensure_ascii=False))
+            first = (
+                f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
+            )
+            raise ValueError(
+                f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}"
+            )
+        configurator.write_atomic(
+            os.path.join(tmp, REPORT), json.dumps(report, indent=1, ensure_ascii=False)
+        )
     print_summary(report, out_dir)
     return report
 
 
 def summary_counts(report):
-    counts = ", ".join(f"{count} {reason}" for reason, count in report["refused_by_reason"].items() if count)
+    counts = ", ".join(
+        f"{count} {reason}" for reason, count in report["refused_by_reason"].items() if count
+    )
     return f" ({counts})" if counts else ""
 
 
@@ -275,7 +320,9 @@ def print_summary(report, out_dir):
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="source")
     if not config["source"] or not config["out_dir"]:
-        raise SystemExit("usage: python prepare.py PAIRS.csv|FOLDER --out_dir=DIR [--shard_size=1000 ...]")
+        raise SystemExit(
+            "usage: python -m tools.prepare PAIRS.csv|FOLDER --out_dir=DIR [--shard_size=1000 ...]"
+        )
     with configurator.user_errors("prepare.py"):
         return prepare(**config)
 

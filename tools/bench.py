@@ -1,9 +1,9 @@
 """Every timing of the project, printed as figures (tests never time anything):
 
-    python bench.py                                   # every benchmark on this CPU
-    python bench.py --benchmarks=step --device=cuda --dtype=bfloat16 --configs=paper --batch_size=256
-    python bench.py --benchmarks=latency              # the paper's Table 2 on this machine, with the int8 student
-    python bench.py --benchmarks=loader,hc18
+    python -m tools.bench                                   # every benchmark on this CPU
+    python -m tools.bench --benchmarks=step --device=cuda --dtype=bfloat16 --configs=paper --batch_size=256
+    python -m tools.bench --benchmarks=latency              # the paper's Table 2 on this machine, with the int8 student
+    python -m tools.bench --benchmarks=loader,hc18
 
 - step: samples/s and peak memory of train.py's optimiser step (teacher forward without gradients, student forward
   and backward, the selective loss, clipping, fused AdamW) for the demo and the real-size pair, with the live
@@ -56,23 +56,35 @@ batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8); predict
 steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
 device = "cpu"
 dtype = "float32"  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
-threads = 0  # torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
-runs = 50  # latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
+threads = (
+    0  # torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
+)
+runs = (
+    50  # latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
+)
 warmup = 5
 onnx = True  # latency: also time the teacher, the reparameterised student and its int8 copy through onnxruntime
 calibration = ""  # latency: images the int8 student calibrates on (quantize.py; '' = the demo Planes DB images)
-calibration_images = 64  # latency: at most this many of them (every 4th is held out for the agreement)
+calibration_images = (
+    64  # latency: at most this many of them (every 4th is held out for the agreement)
+)
 student = "mobilefetalclip"  # latency: model.py names of the two image encoders
 teacher = "fetalclip"
 loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)
-hc18_dir = "data/demo/hc18"  # hc18: the folder whose GA prompts are timed (python synthetic.py writes it)
+hc18_dir = "data/demo/hc18"  # hc18: the folder whose GA prompts are timed (python -m tools.synthetic writes it)
 cine = "data/demo/scans/sweep"  # predict: the cine loop (DICOM or clip) whose frames are predicted
 out_dir = "bench"  # bench.json
 seed = 0
 DEFAULTS = configurator.settings(globals())
 
-CONFIGS = {"demo": ("demo_student", "demo_teacher", 64), "paper": ("mobilefetalclip", "fetalclip", 8)}
-PAPER_TABLE_2 = {"student": {"gmacs": 1.2, "latency_ms": 1.6}, "teacher": {"gmacs": 38.9, "latency_ms": 37.6}}
+CONFIGS = {
+    "demo": ("demo_student", "demo_teacher", 64),
+    "paper": ("mobilefetalclip", "fetalclip", 8),
+}
+PAPER_TABLE_2 = {
+    "student": {"gmacs": 1.2, "latency_ms": 1.6},
+    "teacher": {"gmacs": 38.9, "latency_ms": 37.6},
+}
 
 # ------------------------------------------------------------------ step
 
@@ -86,11 +98,15 @@ def teacher_outputs(teacher_name, cached, batch, tokens, device):
     hands it (unit vectors stored in fp16 and a scale; no teacher in memory)."""
     if cached:
         dim = MODEL_CONFIGS[teacher_name]["embed_dim"]
-        stored = [F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float() for _ in "it"]
+        stored = [
+            F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float() for _ in "it"
+        ]
         return lambda: [*stored, torch.tensor(1 / 0.07, device=device)]
     teacher = create_model(teacher_name).to(device).eval().requires_grad_(False)
     images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
-    return torch.no_grad()(lambda: teacher(images, tokens))  # first, without gradients, as in train.py
+    return torch.no_grad()(
+        lambda: teacher(images, tokens)
+    )  # first, without gradients, as in train.py
 
 
 def step_seconds(name, cached, batch, config):
@@ -117,7 +133,9 @@ def step_seconds(name, cached, batch, config):
         synchronize()
         start = time.perf_counter()
         with autocast:
-            selective = dict(mode="selective", step=step, total_steps=100, w0=2.0, r=-0.8, tau_kd=5.0)
+            selective = dict(
+                mode="selective", step=step, total_steps=100, w0=2.0, r=-0.8, tau_kd=5.0
+            )
             parts = distill_loss(*student(images, tokens), *teacher(), **selective)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -137,9 +155,15 @@ def bench_step(config):
     names = config["configs"].split(",")
     for name in names:
         if name not in CONFIGS:
-            raise SystemExit(f"--configs: unknown configuration {name!r}; expected names from {sorted(CONFIGS)}")
-    context = multiprocessing.get_context("spawn")  # a fresh process per measurement: its own peak memory
-    print(f"{'config':<8} {'teacher':<8} {'batch':>5} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9} {'(imports)':>9}")
+            raise SystemExit(
+                f"--configs: unknown configuration {name!r}; expected names from {sorted(CONFIGS)}"
+            )
+    context = multiprocessing.get_context(
+        "spawn"
+    )  # a fresh process per measurement: its own peak memory
+    print(
+        f"{'config':<8} {'teacher':<8} {'batch':>5} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9} {'(imports)':>9}"
+    )
     rows = []
     for name in names:
         batch = config["batch_size"] or CONFIGS[name][2]
@@ -162,7 +186,9 @@ def bench_step(config):
                 f"{peak:>9.2f} {imports:>9.2f}",
                 flush=True,
             )
-        print(f"{name}: the cache makes a step {rows[-2]['seconds'] / rows[-1]['seconds']:.1f}x faster")
+        print(
+            f"{name}: the cache makes a step {rows[-2]['seconds'] / rows[-1]['seconds']:.1f}x faster"
+        )
     return rows
 
 
@@ -177,7 +203,9 @@ def torchvision_views(square, params, views):
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     out = []
     for size, mean, std in views:
-        view = TF.center_crop(TF.resize(square, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+        view = TF.center_crop(
+            TF.resize(square, size, interpolation=TF.InterpolationMode.BICUBIC), size
+        )
         translate = [t * size for t in params["translate"]]
         view = TF.affine(
             view,
@@ -190,32 +218,40 @@ def torchvision_views(square, params, views):
         for i in params["order"]:
             view = adjust[i](view, params["factors"][i])
         tensor = TF.to_tensor(view)
-        out.append(TF.normalize(tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor, mean, std))
+        out.append(
+            TF.normalize(tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor, mean, std)
+        )
     return out
 
 
 def write_scans(folder, n, seed):
     """n 800x540 grayscale PNG scans (HC18's size) as WebDataset samples -> the shard's path."""
-    import synthetic
+    from tools import synthetic
 
     url = os.path.join(folder, "bench-000000.tar")
     with wds.TarWriter(url, encoder=False) as sink:
         for i in range(n):
             rng = np.random.default_rng([seed, 3, i])
             scan = synthetic.render_scan(rng, "brain", "trans-thalamic", 250, 0.2, 800, 540)
-            sink.write({"__key__": f"{i:08d}", "png": synthetic.encode(scan, "PNG"), "txt": b"a scan"})
+            sink.write(
+                {"__key__": f"{i:08d}", "png": synthetic.encode(scan, "PNG"), "txt": b"a scan"}
+            )
     return url
 
 
 def samples_per_cpu_second(url, views, make_views, passes=3):
     """Decode + coupled views of every sample, one thread: the median over passes of samples / process time."""
-    raw = list(wds.tarfile_samples([{"url": url}]))  # read once: only decoding and the views are timed
+    raw = list(
+        wds.tarfile_samples([{"url": url}])
+    )  # read once: only decoding and the views are timed
     rates = []
     for epoch in range(passes):
         start = time.process_time()
         for sample in raw:
             image, _ = data.decode_sample(sample)
-            make_views(data.pad_to_square(image), data.augment_params(0, epoch, sample["__key__"]), views)
+            make_views(
+                data.pad_to_square(image), data.augment_params(0, epoch, sample["__key__"]), views
+            )
         rates.append(len(raw) / (time.process_time() - start))
     return statistics.median(rates)
 
@@ -236,7 +272,11 @@ def loader_rows(config):
     with tempfile.TemporaryDirectory() as folder:
         url = write_scans(folder, config["loader_samples"], config["seed"])
         rows = [
-            dict(pipeline=name, views=len(views), samples_per_cpu_s=samples_per_cpu_second(url, views, make))
+            dict(
+                pipeline=name,
+                views=len(views),
+                samples_per_cpu_s=samples_per_cpu_second(url, views, make),
+            )
             for name, make in (("torchvision", torchvision_views), ("data.py", data.coupled_views))
             for views in ([student_view, teacher_view], [student_view])
         ]
@@ -285,7 +325,9 @@ def latency_ms(call, warmup, runs):
 def encoder_row(label, name, encoder, images):
     """What a latency row says of an image encoder before it is timed: parameters and FLOPs."""
     flops = count_flops(encoder, images)
-    return dict(row=label, model=name, params=sum(p.numel() for p in encoder.parameters()), flops=flops)
+    return dict(
+        row=label, model=name, params=sum(p.numel() for p in encoder.parameters()), flops=flops
+    )
 
 
 def pytorch_row(about, encoder, images, config):
@@ -302,23 +344,35 @@ def onnxruntime_rows(about, path, images, config):
     rows, feed = [], {"image": images.numpy()}
     for threads in sorted({1, os.cpu_count()}):
         session = onnx_session(path, threads)
-        ms = latency_ms(functools.partial(session.run, None, feed), config["warmup"], config["runs"])
-        rows.append(dict(about, runtime="onnxruntime", threads=threads, mb=os.path.getsize(path) / 1e6, ms=ms))
-        print(f"  {about['row']}: onnxruntime {threads} thread(s) {ms['median']:.1f} ms", flush=True)
+        ms = latency_ms(
+            functools.partial(session.run, None, feed), config["warmup"], config["runs"]
+        )
+        rows.append(
+            dict(
+                about, runtime="onnxruntime", threads=threads, mb=os.path.getsize(path) / 1e6, ms=ms
+            )
+        )
+        print(
+            f"  {about['row']}: onnxruntime {threads} thread(s) {ms['median']:.1f} ms", flush=True
+        )
     return rows
 
 
 def int8_student(fused, fp32_path, folder, config):
     """The reparameterised student through quantize.py, calibrated on --calibration images -> (its ONNX file, int8 vs
     fp32 agreement on the held-out images). Random weights: a trained student's agreement is export.py's to measure."""
-    import quantize
+    from tools import quantize
 
     spec = config["calibration"] or quantize.DEMO_CALIBRATION
-    calibration, held_out = quantize.calibration_split(quantize.image_files(spec), config["calibration_images"])
+    calibration, held_out = quantize.calibration_split(
+        quantize.image_files(spec), config["calibration_images"]
+    )
     path = Path(folder) / "student_int8.onnx"
     quantize.quantize_onnx(fp32_path, path, calibration, fused)
     encoders = {"fp32": quantize.onnx_encoder(fp32_path), "int8": quantize.onnx_encoder(path)}
-    return path, dict(quantize.agreement(encoders, held_out, fused), calibration_images=len(calibration))
+    return path, dict(
+        quantize.agreement(encoders, held_out, fused), calibration_images=len(calibration)
+    )
 
 
 def onnx_rows(encoders, inputs, about, fused, config):
@@ -329,12 +383,20 @@ def onnx_rows(encoders, inputs, about, fused, config):
         files = {}
         for label in ("teacher as trained", "student reparameterised"):
             path = Path(folder) / f"{len(files)}.onnx"
-            files[label] = export_onnx(encoders[label], inputs[label], path, "image", ["image_features"], False)
-        files["student int8"], agreement = int8_student(fused, files["student reparameterised"], folder, config)
-        about["student int8"] = dict(about["student reparameterised"], row="student int8", agreement=agreement)
+            files[label] = export_onnx(
+                encoders[label], inputs[label], path, "image", ["image_features"], False
+            )
+        files["student int8"], agreement = int8_student(
+            fused, files["student reparameterised"], folder, config
+        )
+        about["student int8"] = dict(
+            about["student reparameterised"], row="student int8", agreement=agreement
+        )
         inputs["student int8"] = inputs["student reparameterised"]
         return [
-            row for label, path in files.items() for row in onnxruntime_rows(about[label], path, inputs[label], config)
+            row
+            for label, path in files.items()
+            for row in onnxruntime_rows(about[label], path, inputs[label], config)
         ]
 
 
@@ -344,16 +406,24 @@ def bench_latency(config):
     torch.manual_seed(config["seed"])
     teacher, student = (create_model(config[name]).eval() for name in ("teacher", "student"))
     fused = reparameterize(student)
-    names = {"teacher as trained": "teacher", "student as trained": "student", "student reparameterised": "student"}
+    names = {
+        "teacher as trained": "teacher",
+        "student as trained": "student",
+        "student reparameterised": "student",
+    }
     encoders = dict(zip(names, (ImageEncoder(teacher), ImageEncoder(student), ImageEncoder(fused))))
     rows, about, inputs = [], {}, {}
     for label, encoder in encoders.items():
         name = config[names[label]]
         size = MODEL_CONFIGS[name]["image_size"]
-        inputs[label] = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(config["seed"]))
+        inputs[label] = torch.randn(
+            1, 3, size, size, generator=torch.Generator().manual_seed(config["seed"])
+        )
         about[label] = encoder_row(label, name, encoder, inputs[label])
         rows.append(pytorch_row(about[label], encoder, inputs[label], config))
-    return print_latency(rows + (onnx_rows(encoders, inputs, about, fused, config) if config["onnx"] else []))
+    return print_latency(
+        rows + (onnx_rows(encoders, inputs, about, fused, config) if config["onnx"] else [])
+    )
 
 
 def print_latency(rows):
@@ -364,7 +434,9 @@ def print_latency(rows):
     )
     for r in rows:
         same = [t for t in rows if (t["runtime"], t["threads"]) == (r["runtime"], r["threads"])]
-        r["teacher_over_row"] = same[0]["ms"]["median"] / r["ms"]["median"]  # the teacher comes first
+        r["teacher_over_row"] = (
+            same[0]["ms"]["median"] / r["ms"]["median"]
+        )  # the teacher comes first
         mb = f"{r['mb']:.1f}" if "mb" in r else ""
         print(
             f"{r['row']:<24}{r['runtime']:<12}{r['threads']:>7}{r['params']:>12,}{r['flops'] / 2e9:>7.2f}{mb:>8}"
@@ -397,7 +469,9 @@ def bench_hc18(config):
     net = create_model("demo_student").eval()
     rows = protocol.hc18_rows(config["hc18_dir"])
     features, sides = evaluate.encode_images(net, [r["path"] for r in rows])
-    spacings = [evaluate.ga_spacing(side, r["pixel_size"], net.image_size) for side, r in zip(sides, rows)]
+    spacings = [
+        evaluate.ga_spacing(side, r["pixel_size"], net.image_size) for side, r in zip(sides, rows)
+    ]
     runs = {}
     for cache_text in (True, False):
         start = time.perf_counter()
@@ -423,7 +497,7 @@ def bench_predict(config):
     prompts (875 through the real-size text tower), which a calibrated brain frame adds."""
     import evaluate
     import predict
-    import scans
+    from tools import scans
 
     torch.manual_seed(config["seed"])
     device = config["device"]
@@ -431,10 +505,13 @@ def bench_predict(config):
     found, _, skipped = scans.find([config["cine"]])
     if skipped or not found:
         raise FileNotFoundError(
-            f"--cine={config['cine']}: {skipped[0][1] if skipped else 'no scan'} (python synthetic.py)"
+            f"--cine={config['cine']}: {skipped[0][1] if skipped else 'no scan'} (python -m tools.synthetic)"
         )
     classifier = predict.Classifier(net, None, device, ga=False)
-    run = lambda: [classifier(batch)[0] for batch in predict.batches(scans.read(*found[0]), config["batch_size"] or 32)]
+    run = lambda: [
+        classifier(batch)[0]
+        for batch in predict.batches(scans.read(*found[0]), config["batch_size"] or 32)
+    ]
     run()
     start = time.perf_counter()
     frames = sum(len(rows) for rows in run())
@@ -448,7 +525,9 @@ def bench_predict(config):
         f"{config['cine']} in {seconds:.1f} s, {frames / seconds:.1f} frames/s; GA prompts {ga_seconds:.1f} s once "
         "per distinct spacing"
     )
-    return dict(frames=frames, seconds=seconds, frames_per_s=frames / seconds, ga_prompts_seconds=ga_seconds)
+    return dict(
+        frames=frames, seconds=seconds, frames_per_s=frames / seconds, ga_prompts_seconds=ga_seconds
+    )
 
 
 # ------------------------------------------------------------------ command line
@@ -457,13 +536,23 @@ def bench_predict(config):
 def machine():
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
-    return dict(cpu=cpu, cores=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__)
+    return dict(
+        cpu=cpu, cores=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__
+    )
 
 
-BENCHMARKS = dict(step=bench_step, loader=bench_loader, latency=bench_latency, hc18=bench_hc18, predict=bench_predict)
+BENCHMARKS = dict(
+    step=bench_step,
+    loader=bench_loader,
+    latency=bench_latency,
+    hc18=bench_hc18,
+    predict=bench_predict,
+)
 
 
 def main(arguments):
