@@ -373,8 +373,7 @@ def test_a_deleted_truncated_or_swapped_cache_shard_is_refused_naming_it(
         cache.check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
     third.unlink()
     with pytest.raises(
-        ValueError,
-        match=f"lacks {third}, the cache shard of .*train-000002.tar; run `python -m tools.cache",
+        ValueError, match=f"lacks {third}, the cache shard of .*train-000002.tar; run `python -m tools.cache"
     ):
         cache.check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
     redone, cache_one_shard = [], cache.cache_one_shard
