@@ -156,7 +156,7 @@ def find(paths):
 def labelled(folder, classes):
     """A folder of labelled scans, one sub-folder per class (its name one of `classes`) -> (files [(path, kind)],
     labels (class indices), skipped, ignored). A sub-folder that is no class is an error naming it; files beside
-    the class folders other than TASK_FILES are ignored."""
+    the class folders other than TASK_FILES are ignored; the same scan twice (by content) is an error naming both."""
     class_folders = sorted(
         p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -175,7 +175,28 @@ def labelled(folder, classes):
         raise ValueError(
             f"{folder}: no scan in its class folders {[p.name for p in class_folders]}"
         )
+    twice = same_content([path for path, _ in files])
+    if twice:
+        raise ValueError(
+            f"{folder}: {twice[0]} and {twice[1]} hold the same scan (the same bytes: a copy or a link); "
+            "a scan is counted once, in one class folder"
+        )
     return files, labels, skipped, ignored
+
+
+def same_content(paths):
+    """The first two files with the same bytes, or None: sizes compared first, sha256 only where sizes agree."""
+    by_size = {}
+    for path in paths:
+        by_size.setdefault(os.path.getsize(path), []).append(path)
+    first_with = {}
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        for path in same_size:
+            digest = configurator.file_sha256(path)
+            if digest in first_with:
+                return first_with[digest], path
+            first_with[digest] = path
+    return None
 
 
 def evenly_spaced(count, k):
