@@ -54,6 +54,8 @@ REASONS = (
     "missing caption",  # in a folder: an image without a same-stem .txt
     "empty caption",  # blank, or not UTF-8
     "duplicate",  # the same image bytes and caption as a pair already written
+    "too many cells",  # a CSV row with more cells than its header: an unquoted separator in the caption
+    "name not UTF-8",  # in a folder: a file name the shards' report cannot hold as text
 )
 CONVERT = "write its frames as PNG with `python -m tools.scans PATH --save_frames=DIR` and list those instead"
 
@@ -99,15 +101,26 @@ def csv_entries(path, img_key, caption_key, separator):
         raise ValueError(f"--img_key and --caption_key are both {img_key!r}")
     try:
         separator = csv_separator(path, img_key, caption_key, separator)
-        rows = data.read_csv(path, separator, (img_key, caption_key))
+        data.read_csv(
+            path, separator, (img_key, caption_key)
+        )  # the columns, as every CSV is checked
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [cells for cells in csv.reader(f, delimiter=separator) if cells]  # as DictReader
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    folder = os.path.dirname(os.path.abspath(path))
-    entries = []
-    for row, cells in enumerate(rows, start=2):  # the header is row 1
-        where = {"row": row, "file": cells[img_key]}
-        image = os.path.join(folder, cells[img_key]) if cells[img_key] else ""
-        entries.append(dict(number=row, where=where, image=image, caption=cells[caption_key]))
+    header = [name.strip() for name in rows[0]]
+    folder, entries = os.path.dirname(os.path.abspath(path)), []
+    for row, cells in enumerate(rows[1:], start=2):  # the header is row 1
+        cells = cells + [""] * (
+            len(header) - len(cells)
+        )  # short rows: empty cells, as csv.DictReader
+        named = {key: cells[header.index(key.strip())].strip() for key in (img_key, caption_key)}
+        entry = dict(number=row, where={"row": row, "file": named[img_key]})
+        if len(cells) > len(header):
+            detail = f"{len(cells)} cells for the header's {len(header)}: quote a caption holding {separator!r}"
+            entry["refused"] = Refused("too many cells", detail)
+        image = os.path.join(folder, named[img_key]) if named[img_key] else ""
+        entries.append(dict(entry, image=image, caption=named[caption_key]))
     return separator, entries
 
 
@@ -127,10 +140,13 @@ def folder_entries(folder):
         for d, _, fs in os.walk(folder)
         for f in fs
     )
+    entries = [
+        dict(where={"file": escaped(f)}, refused=not_utf8(f)) for f in files if not is_utf8(f)
+    ]
+    files = [f for f in files if is_utf8(f)]
     captions = {os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")}
     images = [f for f in files if not f.lower().endswith(".txt")]
     stems = {os.path.splitext(f)[0] for f in images}
-    entries = []
     for stem, name in captions.items():
         if stem not in stems:
             refusal = Refused(
@@ -148,6 +164,20 @@ def folder_entries(folder):
             )
         entries.append(entry)
     return entries
+
+
+def is_utf8(name):
+    """False for a name whose bytes are not UTF-8 (Python holds them as lone surrogates, os.fsdecode)."""
+    return escaped(name) == name
+
+
+def escaped(name):
+    """A file name as text: each byte that is not UTF-8 written as \\xNN (lossless where the name holds none)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def not_utf8(name):
+    return Refused("name not UTF-8", f"{escaped(name)}: the file name is not UTF-8; rename it")
 
 
 # ------------------------------------------------------------------ one pair
