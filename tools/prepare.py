@@ -140,10 +140,9 @@ def folder_entries(folder):
         for d, _, fs in os.walk(folder)
         for f in fs
     )
-    entries = [
-        dict(where={"file": escaped(f)}, refused=not_utf8(f)) for f in files if not is_utf8(f)
-    ]
-    files = [f for f in files if is_utf8(f)]
+    not_utf8_names = [f for f in files if scans.escaped(f) != f]  # refused, the rest kept
+    entries = [dict(where={"file": scans.escaped(f)}, refused=not_utf8(f)) for f in not_utf8_names]
+    files = [f for f in files if f not in not_utf8_names]
     captions = {os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")}
     images = [f for f in files if not f.lower().endswith(".txt")]
     stems = {os.path.splitext(f)[0] for f in images}
@@ -166,18 +165,10 @@ def folder_entries(folder):
     return entries
 
 
-def is_utf8(name):
-    """False for a name whose bytes are not UTF-8 (Python holds them as lone surrogates, os.fsdecode)."""
-    return escaped(name) == name
-
-
-def escaped(name):
-    """A file name as text: each byte that is not UTF-8 written as \\xNN (lossless where the name holds none)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
 def not_utf8(name):
-    return Refused("name not UTF-8", f"{escaped(name)}: the file name is not UTF-8; rename it")
+    return Refused(
+        "name not UTF-8", f"{scans.escaped(name)}: the file name is not UTF-8; rename it"
+    )
 
 
 # ------------------------------------------------------------------ one pair

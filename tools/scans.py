@@ -509,6 +509,17 @@ def square_pixel(width, height):
 # ------------------------------------------------------------------ command line
 
 
+def escaped(path):
+    """A path as text (JSON, CSV, a terminal): a name that is not UTF-8 (Python holds its bytes as lone surrogates)
+    gets each such byte as \\xNN and its own backslashes doubled, so codecs.escape_decode gives back its bytes; a
+    UTF-8 name stays as it is."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
 def frame_name(path, frame, region, taken):
     """A file name for one view of one frame (frame None: for the whole file), unique within `taken` (a set it is
     added to)."""
