@@ -521,6 +521,7 @@ def run(config):
         raise FileNotFoundError("no checkpoint given: python evaluate.py CKPT [--key=value ...]")
     device, ckpt = configurator.pick_device(config["device"]), Path(config["ckpt"])
     out_dir = Path(config["out_dir"] or ckpt.parent)
+    configurator.check_folder(out_dir, "--out_dir")  # before any work, not after every scan
     out_dir.mkdir(parents=True, exist_ok=True)
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
@@ -556,6 +557,8 @@ def main(arguments):
         return run(config)
     except (FileNotFoundError, ValueError) as error:  # the user's files: one line, no traceback
         raise SystemExit(f"evaluate.py: {error}") from None
+    except OSError as error:  # a full disk, a folder that cannot be written: one line
+        raise SystemExit(f"evaluate.py: {error.filename}: {error.strerror or error}") from None
 
 
 if __name__ == "__main__":
