@@ -20,6 +20,7 @@ The folder is written beside out_dir and swapped in at the end: the same input g
 never leaves a mix of old and new shards, and a folder that prepare.py did not write is never replaced.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -244,12 +245,29 @@ def check_out_dir(out_dir, source):
 def write_shards(entries, folder, shard_size):
     """Every entry's pair into folder/train-NNNNNN.tar, shard_size a shard, in entry order -> (shards, refusals).
     One image in memory at a time; fixed tar metadata (mtime 0), so the same input gives the same bytes."""
-    shards, refusals, written, sink = (
-        {},
-        [],
-        {},
-        None,
-    )  # written: sample digest -> where it was first written
+    shards, refusals, sink = {}, [], None
+    try:
+        for number, sample in accepted(entries, refusals):
+            if sum(shards.values()) % shard_size == 0:
+                if sink is not None:
+                    sink.close()
+                name = SHARD.format(len(shards))
+                sink = wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0)
+                shards[name] = 0
+            sink.write({"__key__": f"{number:09d}", **sample})
+            shards[name] += 1
+    except BaseException:
+        if sink is not None:
+            release(sink)
+        raise
+    if sink is not None:
+        sink.close()
+    return shards, refusals
+
+
+def accepted(entries, refusals):
+    """(key number, sample) of each entry the training loader decodes; the others go to `refusals` with the reason."""
+    written = {}  # sample digest -> where it was first written
     for entry in tqdm.tqdm(entries, unit="pair", desc="prepare"):
         try:
             if "refused" in entry:
@@ -263,20 +281,16 @@ def write_shards(entries, folder, shard_size):
         except Refused as refusal:
             refusals.append({**entry["where"], "reason": refusal.reason, "detail": refusal.detail})
             continue
-        if len(written) % shard_size == 0:
-            if sink is not None:
-                sink.close()
-            name = SHARD.format(len(shards))
-            sink, shards[name] = (
-                wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0),
-                0,
-            )
-        sink.write({"__key__": f"{entry['number']:09d}", **sample})
-        shards[name] += 1
         written[digest] = entry["where"]
-    if sink is not None:
-        sink.close()
-    return shards, refusals
+        yield entry["number"], sample
+
+
+def release(sink):
+    """A shard whose write failed (a full disk): its file let go, its own flush errors dropped (the first one is
+    reported), so nothing tries again at exit."""
+    for stream in (sink.tarstream, sink.stream):
+        with contextlib.suppress(OSError):
+            stream.close()
 
 
 def prepare(
@@ -299,24 +313,32 @@ def prepare(
         mode = "csv"
         settings.update(img_key=img_key, caption_key=caption_key, separator=separator)
     report = dict(source=os.path.abspath(source), mode=mode, settings=settings)
-    with configurator.atomic_path(out_dir) as tmp:
-        os.makedirs(tmp)
-        shards, refusals = write_shards(entries, tmp, shard_size)
-        counts = {reason: sum(r["reason"] == reason for r in refusals) for reason in REASONS}
-        report.update(written=sum(shards.values()), refused=len(refusals), refused_by_reason=counts)
-        report.update(shards=shards, refusals=refusals)
-        if not shards:  # nothing to train on: out_dir is left as it was
-            first = (
-                f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
-            )
-            raise ValueError(
-                f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}"
-            )
-        configurator.write_atomic(
-            os.path.join(tmp, REPORT), json.dumps(report, indent=1, ensure_ascii=False)
-        )
+    try:
+        with configurator.atomic_path(out_dir) as tmp:
+            os.makedirs(tmp)
+            write_folder(tmp, entries, report, source, shard_size)
+    except OSError as error:  # a full disk: one line, the folder as it was
+        raise ValueError(
+            f"{out_dir}: cannot write the shards ({error.strerror or error}); the folder is left as it was"
+        ) from None
     print_summary(report, out_dir)
     return report
+
+
+def write_folder(folder, entries, report, source, shard_size):
+    """The shards and the report into `folder`; the report gets the counts. No pair at all is an error."""
+    shards, refusals = write_shards(entries, folder, shard_size)
+    counts = {reason: sum(r["reason"] == reason for r in refusals) for reason in REASONS}
+    report.update(written=sum(shards.values()), refused=len(refusals), refused_by_reason=counts)
+    report.update(shards=shards, refusals=refusals)
+    if not shards:  # nothing to train on: out_dir is left as it was
+        first = f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
+        raise ValueError(
+            f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}"
+        )
+    configurator.write_atomic(
+        os.path.join(folder, REPORT), json.dumps(report, indent=1, ensure_ascii=False)
+    )
 
 
 def summary_counts(report):
