@@ -175,9 +175,9 @@ def file_size_limit():
 
 
 def test_a_full_disk_is_one_line_naming_the_folder(benchmark, tmp_path):
-    """Before: predict.py and prepare.py ended with a traceback, predict.py with a new JSON beside an old CSV."""
+    """Before: each ended with a traceback, predict.py with a new JSON beside an old CSV."""
     rng = np.random.default_rng(0)
-    scans, out, shards = tmp_path / "scans", tmp_path / "out", tmp_path / "shards"
+    scans, out, shards, frames = (tmp_path / name for name in ("scans", "out", "shards", "frames"))
     scans.mkdir()
     for i in range(4):  # each image and the predictions of all four are past the limit
         image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
@@ -190,6 +190,9 @@ def test_a_full_disk_is_one_line_naming_the_folder(benchmark, tmp_path):
         ),
         ("-m", "tools.prepare", str(scans), f"--out_dir={shards}"): (
             f"prepare.py: {shards}: cannot write the shards {left}"
+        ),
+        ("-m", "tools.scans", str(scans), f"--save_frames={frames}"): (
+            f"scans.py: {frames}: cannot write the frames (File too large)"
         ),
     }
     environment = dict(
@@ -207,4 +210,6 @@ def test_a_full_disk_is_one_line_naming_the_folder(benchmark, tmp_path):
         )
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stderr.strip().splitlines()[-1] == message  # progress bars come before it
-    assert os.listdir(tmp_path) == ["scans"]  # nothing half-written, no temporary folder
+    assert sorted(os.listdir(tmp_path)) == ["frames", "scans"] and not os.listdir(
+        frames
+    )  # nothing half-written

@@ -566,6 +566,8 @@ def main(arguments):
     with configurator.user_errors("scans.py"):
         if config["pixel_size"] != -1:
             protocol.check_pixel_size(config["pixel_size"], "--pixel_size")
+        if config["save_frames"]:
+            configurator.check_folder(config["save_frames"], "--save_frames")
     found, ignored, skipped = find(config["paths"])
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
@@ -580,6 +582,10 @@ def main(arguments):
             read_files += 1
         except Unreadable as why:
             skipped.append((path, str(why)))
+        except OSError as error:  # writing a frame: a full disk is one line
+            raise SystemExit(
+                f"scans.py: {config['save_frames']}: cannot write the frames ({error.strerror})"
+            ) from None
     for path, why in skipped:
         print(f"skipped {path}: {why}")
     for path, why in ignored:
