@@ -10,7 +10,7 @@ with the protocol's prompt-averaged class embeddings), the top three, the brain 
 and the GA (the HC18 prompts and top-15 rule: evaluate.ga_scores, protocol.ga_prediction; at the spacing of the
 model's input, after crop, pad and resize) where the frame is a brain plane, its pixel size is known and the view
 can hold a measurable head (at least HC_MIN / pi = 32 mm across). Per multi-frame file (and view): the label of the
-mean probabilities, each class's best frame and a timeline plot. Writes, each atomically, into out_dir:
+mean probabilities, each class's best frame and a timeline plot. Writes into out_dir, all of it replaced as one:
     predictions.json   {"rows": [...], "clips": [...], "skipped": [...], "ignored": [...], "produced_by": {...}}
     predictions.csv    one line per row
     timelines/         <file>.png per clip: class probabilities over frames

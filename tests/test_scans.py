@@ -311,7 +311,7 @@ def test_a_photometric_the_data_cannot_carry_is_refused_with_its_reason(tmp_path
     why += "Endian: the stored values cannot be read as YBR_RCT"
     assert read_all(tmp_path / "rct.dcm") == ([], why)
     (view,) = views(real("examples_jpeg2k.dcm"))  # YBR_RCT in JPEG 2000: its decoder undoes it
-    assert view.pixels == "YBR_RCT -> RGB (pydicom, once)"
+    assert view.pixels == "YBR_RCT -> RGB (the JPEG 2000 decoder, once)"
 
 
 def test_linked_folders_are_followed_once_and_loops_listed_as_ignored(tmp_path):

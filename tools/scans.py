@@ -60,10 +60,8 @@ REGION_TYPES = {
 CM = 3  # PhysicalUnitsX/YDirection code of centimetres (PS3.3 C.8.5.5.1.15)
 SQUARE = 0.01  # largest relative difference of a pixel's width and height still taken as square
 MIN_SIDE = 16  # px of the file: a view narrower or lower than this shows no anatomy (the smallest synthetic scan)
-JPEG_2000_ONLY = (
-    "YBR_RCT",
-    "YBR_ICT",
-)  # photometrics defined only for JPEG 2000 data (PS3.3 C.7.6.3.1.2)
+# photometrics defined only for JPEG 2000 data, whose decoder undoes them (PS3.3 C.7.6.3.1.2)
+JPEG_2000_ONLY = ("YBR_RCT", "YBR_ICT")
 YBR_CONVERTED = ("YBR_FULL", "YBR_FULL_422")  # the YBR that pydicom converts to RGB itself
 TASK_FILES = (
     "prompts.json",
@@ -413,16 +411,15 @@ def colour(dataset):
     def to_rgb(array):
         if signed and np.issubdtype(array.dtype, np.signedinteger):
             array = array.astype(np.int64) + 2 ** (bits - 1)  # -> 0 .. 2**bits - 1
-        if (
-            array.dtype == np.uint8 and bits < 8
-        ):  # 1 or 6 bits in a byte: scaled as 12 and 16 bits are
-            array = array.astype(np.uint16)
+        if array.dtype == np.uint8 and bits < 8:
+            array = array.astype(np.uint16)  # 1 or 6 bits in a byte: scaled as 12 and 16 bits are
         scaled = data.scale_to_8bit(array, bits if np.issubdtype(array.dtype, np.integer) else 0)[0]
         return 255 - scaled if photometric == "MONOCHROME1" else scaled
 
     how = {"MONOCHROME1": "MONOCHROME1 inverted", "RGB": "RGB"}.get(photometric, photometric)
     if photometric.startswith("YBR"):
-        how = f"{photometric} -> RGB (pydicom, once)"
+        by = "the JPEG 2000 decoder" if photometric in JPEG_2000_ONLY else "pydicom"
+        how = f"{photometric} -> RGB ({by}, once)"
     return to_rgb, how + (f", {bits}-bit scaled to 8" if bits != 8 else "")
 
 
