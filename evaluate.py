@@ -251,9 +251,8 @@ def check_tokens(prompts, context_length, source):
     get the same embedding (the first wins every argmax): both refused, naming them."""
     classes_of = {}
     for name, texts in prompts.items():
-        tokens = data.tokenize(
-            texts, context_length + 1
-        )  # one more: a row that reaches it is too long
+        # one position more than the context: a row that reaches it is too long
+        tokens = data.tokenize(texts, context_length + 1)
         for text, row in zip(texts, tokens):
             if row[context_length]:
                 count = int((data.tokenize(text, 4 * len(text) + 2) != 0).sum())

@@ -293,9 +293,8 @@ def csv_line(row):
 def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
     """predictions.json, predictions.csv and timelines/ written into a temporary folder beside out_dir, which then
     replaces all of out_dir in one step (configurator.atomic_path): never a mix of two runs. A full disk is one line."""
-    out_dir = os.path.normpath(
-        out_dir
-    )  # 'out/' -> 'out': the temporary folder goes beside it, not inside
+    # 'out/' -> 'out': the temporary folder goes beside it, not inside
+    out_dir = os.path.normpath(out_dir)
     try:
         with configurator.atomic_path(out_dir) as tmp:
             os.makedirs(tmp)
