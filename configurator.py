@@ -10,11 +10,14 @@ Also what every script shares around it: the device choice, one-line errors for 
 """
 
 import contextlib
+import ctypes
 import difflib
+import errno
 import hashlib
 import math
 import os
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -175,17 +178,45 @@ def atomic_path(path):
             descriptor = os.open(tmp, os.O_RDONLY)
             os.fsync(descriptor)
             os.close(descriptor)
-        if os.path.isdir(tmp) and os.path.isdir(
-            path
-        ):  # a folder cannot replace a folder in one rename
-            os.replace(path, tmp + ".old")
-        os.replace(tmp, path)
+        # A folder cannot replace a folder in one rename, but Linux swaps two in one step (exchange); elsewhere a
+        # kill between the two renames leaves `path` missing, the new folder complete at tmp, the old at tmp.old
+        if os.path.isdir(tmp) and os.path.isdir(path):
+            if not exchange(tmp, path):
+                os.replace(path, tmp + ".old")
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + ".old"):
             if os.path.isdir(leftover):
                 shutil.rmtree(leftover)
             elif os.path.exists(leftover):
                 os.remove(leftover)
+
+
+def exchange(a, b):
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE) -> False where the system or the
+    file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc / not Linux
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE (linux/fcntl.h, linux/fs.h)
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
+
+
+def check_folder(path, flag):
+    """A folder setting (--out_dir, --save_frames) that names a file, or lies under one: refused before any work."""
+    for part in [Path(path), *Path(path).parents]:
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"{flag}={path}: {part} is a file, not a folder")
+            return
 
 
 def file_sha256(path):

@@ -168,14 +168,22 @@ def ga_scores(model, image_features, spacings, cache_text=True, device="cpu", te
     ), encoded
 
 
-def check_sets(planes_dir="", hc18_dir="", task_folders="", prompts="", split="all"):
+def check_sets(
+    planes_dir="",
+    hc18_dir="",
+    task_folders="",
+    prompts="",
+    split="all",
+    context_length=data.CONTEXT_LENGTH,
+):
     """Every evaluation set that is given, checked before anything runs: each row, each image decoded (a truncated
-    PNG has a good header), both Planes DB tasks present -> the user's tasks (read_tasks)."""
+    PNG has a good header), both Planes DB tasks present -> the user's tasks (read_tasks; their prompts checked
+    against the model's text context)."""
     planes = planes_rows(planes_dir, split) if planes_dir else []
     if planes_dir:
         require_tasks(planes, planes_dir, split)
     decode_all([row["path"] for row in planes + (hc18_rows(hc18_dir, split) if hc18_dir else [])])
-    return read_tasks(task_folders, prompts)
+    return read_tasks(task_folders, prompts, context_length)
 
 
 # ------------------------------------------------------------------ tasks: labelled scans and prompts per class
@@ -200,14 +208,19 @@ class Task:
     ignored: list  # [(path, reason)]: files that are not scans
 
 
-def read_prompts(path):
-    """{class: [prompt, ...]} from a JSON file, checked: two classes or more, each with non-empty prompts."""
+def read_prompts(path, context_length=data.CONTEXT_LENGTH):
+    """{class: [prompt, ...]} from a JSON file, checked: two classes or more, each named once with non-empty prompts
+    that fit the text context (check_tokens)."""
     try:
-        prompts = json.loads(Path(path).read_text())
+        prompts = json.loads(Path(path).read_text(), object_pairs_hook=once_each)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: prompts file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except KeyError as twice:
+        raise ValueError(
+            f"{path}: class {twice.args[0]!r} is given twice; give its prompts once"
+        ) from None
     if not isinstance(prompts, dict) or len(prompts) < 2:
         raise ValueError(
             f"{path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more"
@@ -219,10 +232,44 @@ def read_prompts(path):
             and all(isinstance(t, str) and t.strip() for t in texts)
         ):
             raise ValueError(f"{path}: class {name!r} needs a non-empty list of prompt strings")
+    check_tokens(prompts, context_length, path)
     return prompts
 
 
-def read_task(folder, prompts=""):
+def once_each(pairs):
+    """json's object hook: a key given twice (the later one would silently win) raises KeyError naming it."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise KeyError(key)
+        seen[key] = value
+    return seen
+
+
+def check_tokens(prompts, context_length, source):
+    """A prompt longer than the text context would be cut (its end lost), and two classes whose token rows coincide
+    get the same embedding (the first wins every argmax): both refused, naming them."""
+    classes_of = {}
+    for name, texts in prompts.items():
+        # one position more than the context: a row that reaches it is too long
+        tokens = data.tokenize(texts, context_length + 1)
+        for text, row in zip(texts, tokens):
+            if row[context_length]:
+                count = int((data.tokenize(text, 4 * len(text) + 2) != 0).sum())
+                raise ValueError(
+                    f"{source}: class {name!r}: the prompt {text[:60]!r} is {count} tokens with its start and "
+                    f"end, past the text context of {context_length}; shorten it"
+                )
+        key = tuple(sorted(map(tuple, tokens[:, :context_length].tolist())))
+        if key in classes_of:
+            raise ValueError(
+                f"{source}: classes {classes_of[key]!r} and {name!r} have the same prompts once tokenized "
+                "(case, spaces); they could never be told apart"
+            )
+        classes_of[key] = name
+
+
+def read_task(folder, prompts="", context_length=data.CONTEXT_LENGTH):
     """A task folder -> Task, its prompts from `prompts` or folder/prompts.json. A class without a folder stays a
     candidate: predicting it is a miss, as the protocol's absent planes."""
     if not Path(folder).is_dir():
@@ -231,15 +278,15 @@ def read_task(folder, prompts=""):
         scans,
     )  # task folders are an optional feature: the reading of scans lives in tools/
 
-    classes = read_prompts(prompts or Path(folder) / "prompts.json")
+    classes = read_prompts(prompts or Path(folder) / "prompts.json", context_length)
     return Task(Path(folder).name, classes, *scans.labelled(folder, list(classes)))
 
 
-def read_tasks(folders, prompts=""):
+def read_tasks(folders, prompts="", context_length=data.CONTEXT_LENGTH):
     """'a/,b/' -> [Task], names made unique (a second 'scans' becomes 'scans-2')."""
     tasks, names = [], set()
     for folder in filter(None, (f.strip() for f in folders.split(","))):
-        task = read_task(folder, prompts)
+        task = read_task(folder, prompts, context_length)
         base, n = task.name, 1
         while task.name in names:
             n += 1
@@ -473,6 +520,7 @@ def run(config):
         raise FileNotFoundError("no checkpoint given: python evaluate.py CKPT [--key=value ...]")
     device, ckpt = configurator.pick_device(config["device"]), Path(config["ckpt"])
     out_dir = Path(config["out_dir"] or ckpt.parent)
+    configurator.check_folder(out_dir, "--out_dir")  # before any work, not after every scan
     out_dir.mkdir(parents=True, exist_ok=True)
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
@@ -481,7 +529,12 @@ def run(config):
     )  # the protocol runs on the demo's data unless tasks are named
     planes_dir, hc18_dir = (config[k] or demo.get(k, "") for k in ("planes_dir", "hc18_dir"))
     tasks = check_sets(
-        planes_dir, hc18_dir, config["task"], config["prompts"], config["eval_split"]
+        planes_dir,
+        hc18_dir,
+        config["task"],
+        config["prompts"],
+        config["eval_split"],
+        net.context_length,
     )
     batching = dict(
         batch_size=config["batch_size"], device=device, num_workers=config["num_workers"]
@@ -503,6 +556,8 @@ def main(arguments):
         return run(config)
     except (FileNotFoundError, ValueError) as error:  # the user's files: one line, no traceback
         raise SystemExit(f"evaluate.py: {error}") from None
+    except OSError as error:  # a full disk, a folder that cannot be written: one line
+        raise SystemExit(f"evaluate.py: {error.filename}: {error.strerror or error}") from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ with the protocol's prompt-averaged class embeddings), the top three, the brain 
 and the GA (the HC18 prompts and top-15 rule: evaluate.ga_scores, protocol.ga_prediction; at the spacing of the
 model's input, after crop, pad and resize) where the frame is a brain plane, its pixel size is known and the view
 can hold a measurable head (at least HC_MIN / pi = 32 mm across). Per multi-frame file (and view): the label of the
-mean probabilities, each class's best frame and a timeline plot. Writes, each atomically, into out_dir:
+mean probabilities, each class's best frame and a timeline plot. Writes into out_dir, all of it replaced as one:
     predictions.json   {"rows": [...], "clips": [...], "skipped": [...], "ignored": [...], "produced_by": {...}}
     predictions.csv    one line per row
     timelines/         <file>.png per clip: class probabilities over frames
@@ -54,6 +54,7 @@ HEAD_MIN_MM = (
     protocol.HC_MIN / math.pi
 )  # across the smallest head the protocol measures (HC 100 mm)
 PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
+OUTPUTS = ("predictions.json", "predictions.csv", "timelines")  # all of out_dir, replaced as one
 
 # ------------------------------------------------------------------ classes and prompts
 
@@ -290,22 +291,36 @@ def csv_line(row):
 
 
 def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
-    """predictions.json, predictions.csv and timelines/, each replaced in one step."""
+    """predictions.json, predictions.csv and timelines/ written into a temporary folder beside out_dir, which then
+    replaces all of out_dir in one step (configurator.atomic_path): never a mix of two runs. A full disk is one line."""
+    # 'out/' -> 'out': the temporary folder goes beside it, not inside
+    out_dir = os.path.normpath(out_dir)
+    try:
+        with configurator.atomic_path(out_dir) as tmp:
+            os.makedirs(tmp)
+            write_files(
+                Path(tmp), Path(out_dir), rows, clips, skipped, ignored, produced_by, classes
+            )
+    except OSError as error:
+        raise ValueError(
+            f"{out_dir}: cannot write the predictions ({error.strerror or error}); the folder is left as it was"
+        ) from None
+    return Path(out_dir) / "predictions.json"
+
+
+def write_files(folder, out_dir, rows, clips, skipped, ignored, produced_by, classes):
+    """The outputs into `folder`; the timelines' paths name out_dir, where they will be."""
     from tools import scans
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    taken, figures, views = set(), {}, views_of_files(rows)
+    taken, views = set(), views_of_files(rows)
+    (folder / "timelines").mkdir()
     for clip in clips:
         name = scans.frame_name(
             clip["file"], None, -1 if clip["region"] is None else clip["region"], taken
         )
-        clip["timeline"] = str(out_dir / "timelines" / name)
-        figures[name] = timeline(clip, views[clip["file"], clip["region"]], classes)
-    with configurator.atomic_path(out_dir / "timelines") as tmp:
-        os.makedirs(tmp)
-        for name, png in figures.items():
-            Path(tmp, name).write_bytes(png)
+        clip["timeline"] = scans.escaped(out_dir / "timelines" / name)
+        png = timeline(clip, views[clip["file"], clip["region"]], classes)
+        (folder / "timelines" / name).write_bytes(png)
     document = {
         "rows": rows,
         "clips": clips,
@@ -313,15 +328,26 @@ def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
         "ignored": ignored,
         "produced_by": produced_by,
     }
-    configurator.write_atomic(
-        out_dir / "predictions.json", json.dumps(evaluate.plain(document), indent=1)
+    (folder / "predictions.json").write_text(
+        json.dumps(evaluate.plain(document), indent=1), encoding="utf-8"
     )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS + [f"p_{c}" for c in classes])
     writer.writeheader()
     writer.writerows(csv_line(row) for row in rows)
-    configurator.write_atomic(out_dir / "predictions.csv", text.getvalue())
-    return out_dir / "predictions.json"
+    (folder / "predictions.csv").write_text(text.getvalue(), encoding="utf-8")
+
+
+def escape_names(entries):
+    """Rows, skipped and ignored files with every path as text (scans.escaped): a name that is not UTF-8 is kept,
+    escaped, in the JSON, the CSV and the terminal."""
+    from tools import scans
+
+    for entry in entries:
+        for key in ("file", "saved"):
+            if entry.get(key):
+                entry[key] = scans.escaped(entry[key])
+    return entries
 
 
 def provenance(config, net, classifier):
@@ -382,6 +408,26 @@ def check(config):
         raise ValueError(f"--batch_size={config['batch_size']}: expected at least 1")
     if config["prompts"]:
         evaluate.read_prompts(config["prompts"])
+    check_folders(config["out_dir"], config["save_frames"])
+
+
+def check_folders(out_dir, save_frames):
+    """--out_dir and --save_frames, before any work: folders, not files; out_dir holds only what predict.py writes
+    (it is replaced as a whole), and save_frames lies outside it."""
+    configurator.check_folder(out_dir, "--out_dir")
+    if save_frames:
+        configurator.check_folder(save_frames, "--save_frames")
+    foreign = sorted(set(os.listdir(out_dir)) - set(OUTPUTS)) if os.path.isdir(out_dir) else []
+    if foreign:
+        raise ValueError(
+            f"--out_dir={out_dir} holds files predict.py did not write ({', '.join(foreign[:3])}), and it is "
+            "replaced as a whole: give a new or empty folder"
+        )
+    inside = os.path.realpath(save_frames).startswith(os.path.realpath(out_dir) + os.sep)
+    if save_frames and inside:
+        raise ValueError(
+            f"--save_frames={save_frames} is inside --out_dir={out_dir}, which is replaced as a whole"
+        )
 
 
 def run(config):
@@ -392,6 +438,8 @@ def run(config):
     net = (
         load_model(config["ckpt"], config["model"]).to(device).eval()
     )  # refuses non-finite weights
+    if config["prompts"]:  # against this model's text context
+        evaluate.read_prompts(config["prompts"], net.context_length)
     found, ignored, skipped = scans.find(config["paths"])
     print(
         f"{config['ckpt']}: {net.name} on {device}; {len(found)} scans, {len(ignored)} other files ignored"
@@ -400,8 +448,9 @@ def run(config):
     skipped = [
         {"file": path, "reason": why, "frames_read": 0} for path, why in skipped
     ] + unreadable
-    clips = clips_of(rows, classifier.classes)
     ignored = [{"file": path, "reason": why} for path, why in ignored]
+    rows, skipped, ignored = escape_names(rows), escape_names(skipped), escape_names(ignored)
+    clips = clips_of(rows, classifier.classes)
     out = write_outputs(
         config["out_dir"],
         rows,
@@ -431,6 +480,10 @@ def main(arguments):
         ValueError,
     ) as error:  # the user's files and values: one line, no traceback
         raise SystemExit(f"predict.py: {error}") from None
+    except (
+        OSError
+    ) as error:  # a full disk or a folder that cannot be written (--save_frames): one line
+        raise SystemExit(f"predict.py: {error.filename}: {error.strerror or error}") from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import stats
 
 import evaluate
@@ -121,6 +122,9 @@ def test_the_clip_probe_separates_separable_clips_and_not_shuffled_ones(tmp_path
     write_clips(tmp_path / "shuffled", shuffled)
     out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'shuffled'}", *quick])
     assert abs(out["probe"]["value"] - 0.5) < 0.2  # the labels say nothing the clips show
+    assert (
+        0 <= out["probe"]["ci_low"] <= out["probe"]["ci_high"] <= 1 and out["probe"]["folds"] == 10
+    )
 
 
 def test_probe_folds_never_split_a_patient(monkeypatch):
@@ -145,3 +149,40 @@ def test_probe_folds_never_split_a_patient(monkeypatch):
             not a & b for i, a in enumerate(parts) for b in parts[i + 1 :]
         )  # no patient in two parts
         assert len(parts[0]) + len(parts[1]) + len(parts[2]) == 15
+
+
+def probe_refusal(tmp_path, monkeypatch, folder):
+    monkeypatch.setattr(analysis, "load_model", lambda path, name="": TinyCLIP())
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as refused:
+        analysis.main([str(tmp_path / "best.pt"), f"--probe={folder}", "--probe_epochs=2"])
+    assert "\n" not in str(refused.value)
+    return str(refused.value)
+
+
+def test_a_probe_folder_without_a_readable_scan_is_one_line_with_the_first_reasons(
+    tmp_path, monkeypatch
+):
+    """Before: a traceback (cannot reshape a tensor of 0 elements)."""
+    for size, name in enumerate(("class0", "class1"), start=20):
+        (tmp_path / "scans" / name).mkdir(parents=True)
+        (tmp_path / "scans" / name / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * size)
+    refused = probe_refusal(tmp_path, monkeypatch, tmp_path / "scans")
+    first = f"{tmp_path / 'scans' / 'class0' / 'a.png'}: UnidentifiedImageError"
+    assert refused.startswith(
+        f"analysis.py: --probe={tmp_path / 'scans'}: no readable scans (2 skipped; first: {first}"
+    )
+
+
+def test_a_class_too_small_for_every_fold_is_refused_stating_the_minimum(tmp_path, monkeypatch):
+    """Before: 'auroc 0.500 (95% CI -5.853-6.853, 2 runs)' from 9 files of one class and 1 of another."""
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["class0"] * 9 + ["class1"]):
+        (tmp_path / "scans" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(
+            tmp_path / "scans" / name / f"{i}.png"
+        )
+    assert probe_refusal(tmp_path, monkeypatch, tmp_path / "scans") == (
+        f"analysis.py: --probe={tmp_path / 'scans'}: class 'class1' has 1 files; a 5-fold probe needs 5 or more per "
+        "class, one in each test fold"
+    )

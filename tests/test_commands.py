@@ -5,11 +5,15 @@ started at once so the suite waits for the slowest. Adding a command is one line
 rows of issue 23 are checked through evaluate.main in-process (train.py's own check: tests/test_train.py)."""
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import protocol
@@ -17,6 +21,7 @@ from model import create_model
 from tools import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")  # a file that exists, named where a folder is expected
 MISTAKES = {  # a command line (after `python`) with a user's mistake -> what its one line says
     "train.py --grad_clip=-1": "--grad_clip=-1.0: expected 0 (off) or a positive gradient norm",
     "evaluate.py out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu, cuda, cuda:N, mps",
@@ -29,6 +34,9 @@ MISTAKES = {  # a command line (after `python`) with a user's mistake -> what it
     "predict.py nowhere.pt scans/ --pixel_size=1e9": "predict.py: --pixel_size=1000000000.0: expected a pixel size",
     "-m tools.scans scans/ --pixel_size=0": "scans.py: --pixel_size=0.0: expected a pixel size in mm",
     "-m tools.prepare pairs.csv --out_dir=shards --shard_size=0": "--shard_size=0: expected a positive number",
+    f"predict.py nowhere.pt scans/ --out_dir={README}": f"predict.py: --out_dir={README}: {README} is a file, not",
+    f"predict.py nowhere.pt scans/ --save_frames={README}/x": f"--save_frames={README}/x: {README} is a file, not",
+    f"evaluate.py nowhere.pt --task=t/ --out_dir={README}": f"evaluate.py: --out_dir={README}: {README} is a file",
 }
 
 
@@ -158,3 +166,50 @@ def test_evaluate_refuses_duplicate_empty_or_out_of_range_evaluation_sets(
     finally:
         (folder / csv_name).write_text(original)
     assert "evaluate.py: " in refused and message in refused, refused
+
+
+def file_size_limit():
+    """In the child: a write past 1 KiB fails (EFBIG) as on a full disk, instead of a SIGXFSZ kill."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 10, 1 << 10))
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(benchmark, tmp_path):
+    """Before: each ended with a traceback, predict.py with a new JSON beside an old CSV."""
+    rng = np.random.default_rng(0)
+    scans, out, shards, frames = (tmp_path / name for name in ("scans", "out", "shards", "frames"))
+    scans.mkdir()
+    for i in range(4):  # each image and the predictions of all four are past the limit
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(image).save(scans / f"{i}.png")
+        (scans / f"{i}.txt").write_text("a caption")
+    left = "(File too large); the folder is left as it was"
+    commands = {  # arguments -> the last line of stderr
+        (f"{ROOT}/predict.py", str(benchmark / "student.pt"), str(scans), f"--out_dir={out}"): (
+            f"predict.py: {out}: cannot write the predictions {left}"
+        ),
+        ("-m", "tools.prepare", str(scans), f"--out_dir={shards}"): (
+            f"prepare.py: {shards}: cannot write the shards {left}"
+        ),
+        ("-m", "tools.scans", str(scans), f"--save_frames={frames}"): (
+            f"scans.py: {frames}: cannot write the frames (File too large)"
+        ),
+    }
+    environment = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1"
+    )
+    for arguments, message in commands.items():
+        done = subprocess.run(
+            [sys.executable, *arguments],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            preexec_fn=file_size_limit,
+            timeout=300,
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == message  # progress bars come before it
+    assert sorted(os.listdir(tmp_path)) == ["frames", "scans"] and not os.listdir(
+        frames
+    )  # nothing half-written

@@ -255,6 +255,63 @@ def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monk
         evaluate.main([str(tmp_path / "best.pt"), f"--task={folder}"])
 
 
+def test_a_class_given_twice_is_refused_naming_it(tmp_path):
+    """Before: the later 'brain' silently won; a head scan flipped to abdomen 1.000."""
+    path = tmp_path / "prompts.json"
+    path.write_text('{"brain": ["a head"], "abdomen": ["a belly"], "brain": ["a stomach"]}')
+    with pytest.raises(
+        ValueError, match=f"^{path}: class 'brain' is given twice; give its prompts once$"
+    ):
+        evaluate.read_prompts(path)
+
+
+def test_a_prompt_past_the_text_context_is_refused_with_its_token_count(tmp_path):
+    """Before: cut silently; two classes cut to the same tokens sent every image to class 0 (F1 0.333)."""
+    import open_clip
+
+    long = "the fetal brain in an axial plane at the level of the thalami and the cavum septi pellucidi"
+    counted = int(
+        (open_clip.tokenize([long], context_length=200) != 0).sum()
+    )  # open_clip's own tokenizer
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"brain": [long], "abdomen": ["the fetal abdomen"]}))
+    assert evaluate.read_prompts(path, context_length=counted)["brain"] == [long]  # fits exactly
+    past = f"is {counted} tokens with its start and end, past the text context of {counted - 1}; shorten it"
+    with pytest.raises(ValueError, match=f"class 'brain': the prompt .* {past}"):
+        evaluate.read_prompts(path, context_length=counted - 1)
+
+
+def test_classes_whose_token_rows_coincide_are_refused(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(
+        json.dumps({"brain": ["A  Fetal Brain", "a head"], "head": ["a head", "a fetal brain"]})
+    )
+    with pytest.raises(
+        ValueError, match="classes 'brain' and 'head' have the same prompts once tokenized"
+    ):
+        evaluate.read_prompts(path)
+    path.write_text(json.dumps({"brain": ["a fetal brain"], "head": ["a fetal brain."]}))
+    assert list(evaluate.read_prompts(path)) == ["brain", "head"]  # one token apart: two classes
+
+
+@pytest.mark.parametrize("how", ["copy", "link"])
+def test_the_same_scan_in_two_class_folders_is_refused_naming_both_paths(tmp_path, how):
+    """Before: counted in both (n 40 for 30 scans), one hit and one certain miss each."""
+    folder = tmp_path / "task"
+    for name in ("brain", "abdomen"):
+        (folder / name).mkdir(parents=True)
+    (folder / "prompts.json").write_text(json.dumps({"brain": ["a head"], "abdomen": ["a belly"]}))
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(
+            folder / "brain" / f"{i}.png"
+        )
+    first, second = folder / "brain" / "1.png", folder / "abdomen" / "renamed.png"
+    shutil.copy(first, second) if how == "copy" else second.symlink_to(first)
+    with pytest.raises(ValueError, match=f"{second} and {first} hold the same scan"):
+        evaluate.read_task(folder)
+
+
 # ------------------------------------------------------------------ one-line errors
 
 

@@ -3,9 +3,13 @@ format, rows per frame and view, clips with their best frames, GA only where it 
 evaluate.py's own HC18 functions), the user's own classes, outputs that replace the last run's, and bad input."""
 
 import csv
+import errno
 import hashlib
 import json
 import math
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +200,102 @@ def test_bad_files_are_skipped_bad_values_refused_in_one_line(student, tmp_path)
         run(tmp_path / "inf.pt", folder, f"--out_dir={tmp_path / 'never'}")
     assert not (tmp_path / "never").exists()  # refused before any prediction
     assert math.isfinite(rows[0]["probs"]["brain"])
+
+
+def old_run(out):
+    """An earlier run's complete set in out/, to see that it is replaced as a whole or left as it was."""
+    (out / "timelines").mkdir(parents=True)
+    (out / "timelines" / "old.png").write_bytes(b"an older run's timeline")
+    (out / "predictions.json").write_text('{"rows": "old"}')
+    (out / "predictions.csv").write_text("old\n")
+
+
+def test_a_name_that_is_not_utf8_is_kept_escaped_and_the_folder_replaced_as_one(student, tmp_path):
+    """Before: a one-line encode error, leaving the new predictions.json and timelines beside the old CSV."""
+    import codecs
+
+    folder, out = tmp_path / "scans", tmp_path / "out"
+    folder.mkdir()
+    name = os.fsencode(folder) + b"/caf\xe9.png"  # Latin-1, as an old export names it
+    Image.fromarray(scan()).save(os.fsdecode(name))
+    old_run(out)
+    rows, _, _, _ = run(student, folder, f"--out_dir={out}")
+    document = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    (line,) = csv.DictReader(open(out / "predictions.csv", encoding="utf-8"))
+    assert (
+        document["rows"][0]["file"]
+        == line["file"]
+        == rows[0]["file"]
+        == os.fsencode(folder).decode() + "/caf\\xe9.png"
+    )
+    assert codecs.escape_decode(line["file"].encode())[0] == name  # the name's bytes come back
+    assert sorted(os.listdir(out)) == ["predictions.csv", "predictions.json", "timelines"]
+    assert os.listdir(out / "timelines") == []  # the older run's timeline is gone with its set
+    assert sorted(os.listdir(tmp_path)) == ["out", "scans"]  # no temporary folder left beside
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_the_last_run_whole(
+    student, tmp_path, monkeypatch
+):
+    """Before: a traceback, the new predictions.json beside the old predictions.csv."""
+    Image.fromarray(scan()).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    old_run(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_text = Path.write_text
+
+    def full_at_the_csv(path, text, *args, **kwargs):
+        if path.name == "predictions.csv":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_at_the_csv)
+    with pytest.raises(SystemExit) as refused:
+        run(student, tmp_path / "a.png", f"--out_dir={out}")
+    assert str(refused.value) == (
+        f"predict.py: {out}: cannot write the predictions (No space left on device); the folder is left as it was"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "out"]  # the temporary folder is gone
+
+
+def test_out_dir_and_save_frames_are_checked_before_any_work(tmp_path):
+    """Before: a traceback after every scan was predicted. The checkpoint is missing: these come first."""
+    Image.fromarray(scan()).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    file, out = tmp_path / "a.png", tmp_path / "out"
+    cases = [
+        ([f"--out_dir={file}"], f"--out_dir={file}: {file} is a file, not a folder"),
+        (
+            [f"--save_frames={file / 'x'}"],
+            f"--save_frames={file / 'x'}: {file} is a file, not a folder",
+        ),
+        (
+            [f"--out_dir={tmp_path}"],
+            "did not write (a.png, notes.txt), and it is replaced as a whole",
+        ),
+        (
+            [f"--out_dir={out}", f"--save_frames={out / 'f'}"],
+            f"is inside --out_dir={out}, which is replaced",
+        ),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=f"^predict.py: .*{re.escape(message)}"):
+            run(tmp_path / "missing.pt", file, *flags)
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "notes.txt"]
+
+
+def test_the_new_set_replaces_the_old_in_one_step_where_linux_can(tmp_path):
+    """configurator.exchange (renameat2 RENAME_EXCHANGE): no instant in which out_dir is missing."""
+    import configurator
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "predictions.json").write_text("new")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.json").write_text("old")
+    if not configurator.exchange(tmp_path / "new", tmp_path / "out"):
+        pytest.skip(
+            "this system or file system cannot swap two folders in one step (README: what a kill leaves)"
+        )
+    assert (tmp_path / "out" / "predictions.json").read_text() == "new"
+    assert (tmp_path / "new" / "predictions.json").read_text() == "old"

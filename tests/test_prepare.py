@@ -236,3 +236,45 @@ def test_csv_conventions_and_one_line_errors(pairs, tmp_path):
     ):
         prepare.main([str(tmp_path / "b.csv"), f"--out_dir={tmp_path / 'b'}"])
     assert not os.path.exists(tmp_path / "b")
+
+
+def test_a_row_with_unquoted_separators_is_refused_not_cut(pairs, tmp_path):
+    """Before: the caption stored as 'caption one', the rest of the row dropped, 0 refused."""
+    plain, scan = pairs / "images/plain.png", pairs / "images/scan.jpg"
+    rows = [
+        "filepath,title",
+        f"{plain},caption one,EXTRA,MORE",
+        f'{scan},"a quoted, whole caption"',
+    ]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    report = prepare.prepare(str(tmp_path / "pairs.csv"), str(tmp_path / "shards"))
+    assert report["refusals"] == [
+        {
+            "row": 2,
+            "file": str(plain),
+            "reason": "too many cells",
+            "detail": "4 cells for the header's 2: quote a caption holding ','",
+        }
+    ]
+    assert read_shard(tmp_path / "shards/train-000000.tar")[1] == (
+        "000000003.txt",
+        b"a quoted, whole caption",
+    )
+
+
+def test_a_file_name_that_is_not_utf8_refuses_that_pair_and_writes_the_rest(tmp_path):
+    """Before: one line that named neither the file nor the row, and the whole run stopped."""
+    scans = tmp_path / "scans"
+    write(scans / "a.png", image_bytes("PNG", 0))
+    write(scans / "a.txt", b"Fetal heart.")
+    latin1 = os.fsencode(scans) + b"/caf\xe9"  # 'cafe' with an accent, in Latin-1
+    write(latin1 + b".png", image_bytes("PNG", 1))
+    write(latin1 + b".txt", b"Fetal brain.")
+    report = prepare.prepare(str(scans), str(tmp_path / "shards"))
+    assert [(r["file"], r["reason"]) for r in report["refusals"]] == [
+        ("caf\\xe9.png", "name not UTF-8"),
+        ("caf\\xe9.txt", "name not UTF-8"),
+    ]
+    assert report["written"] == 1
+    saved = json.loads((tmp_path / "shards/prepare_report.json").read_text(encoding="utf-8"))
+    assert saved["refusals"][0]["detail"] == "caf\\xe9.png: the file name is not UTF-8; rename it"

@@ -160,7 +160,7 @@ def test_regions_without_centimetres_or_square_pixels_give_no_pixel_size(tmp_pat
 
 
 def test_monochrome1_in_12_bits_is_inverted_and_scaled_never_clipped(tmp_path):
-    stored = np.array([[0, 1000, 4095], [2048, 4000, 17]], np.uint16)
+    stored = np.tile(np.array([[0, 1000, 4095], [2048, 4000, 17]], np.uint16), (8, 6))  # 16 x 18 px
     (view,) = views(write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1", bits_stored=12))
     expected = 255 - np.rint(pydicom.dcmread(tmp_path / "m1.dcm").pixel_array / 4095 * 255).astype(
         np.uint8
@@ -254,3 +254,94 @@ def test_scale_to_8bit_never_clips_and_says_how():
         data.scale_to_8bit(np.array([5000], np.uint16), bits=12)
     with pytest.raises(ValueError, match="not all finite"):
         data.scale_to_8bit(np.array([np.nan], np.float32))
+
+
+def read_all(path):
+    """-> (the views read, the reason the file was skipped or '')."""
+    found, _, skipped = scans.find([str(path)])
+    got = []
+    try:
+        got += scans.read(*found[0])
+    except scans.Unreadable as why:
+        return got, str(why)
+    return got, ""
+
+
+def test_a_view_too_small_to_show_anatomy_is_skipped_naming_the_threshold_in_file_pixels(tmp_path):
+    """Before: a 1x1 PNG or a region 2 px wide got a confident class (lips_nose 0.997)."""
+    Image.new("L", (1, 1), 128).save(tmp_path / "dot.png")
+    threshold = "(a view needs 16 px or more on each side, in pixels of the file)"
+    assert read_all(tmp_path / "dot.png") == (
+        [],
+        f"the frame is 1x1 px, too small to show anatomy {threshold}",
+    )
+    frame = np.zeros((100, 160), np.uint8)
+    narrow = write_dicom(tmp_path / "narrow.dcm", frame, regions=[region(10, 0, 11, 99)])
+    assert read_all(narrow) == (
+        [],
+        f"tissue region 0 is 2x100 px, too small to show anatomy {threshold}",
+    )
+    dual = write_dicom(
+        tmp_path / "dual.dcm", frame, regions=[region(0, 0, 0, 0), region(20, 0, 99, 99)]
+    )
+    (view,), why = read_all(dual)
+    assert (view.region, view.image.size, why) == (1, (80, 100), "")
+    assert view.spacing_note.startswith("left out: tissue region 0 is 1x1 px, too small")
+
+
+def test_every_bit_depth_scales_by_bits_stored_as_pydicom_decodes_it(tmp_path):
+    """Before: BitsAllocated 1 gave a black frame (0 and 1 of 255), 6 bits in a byte stayed 0-63."""
+    (view,) = views(real("liver_1frame.dcm"))  # pydicom's own 1-bit file: 0 / 1
+    ones = pydicom.dcmread(real("liver_1frame.dcm")).pixel_array
+    assert set(np.unique(ones)) == {0, 1} and np.array_equal(np.asarray(view.image), ones * 255)
+    assert view.pixels == "MONOCHROME2, 1-bit scaled to 8"
+    stored = np.tile(np.arange(64, dtype=np.uint8).reshape(4, 16), (4, 1))  # 16 x 16 px, 0 .. 63
+    (view,) = views(write_dicom(tmp_path / "six.dcm", stored, bits_stored=6))
+    decoded = pydicom.dcmread(tmp_path / "six.dcm").pixel_array
+    assert np.array_equal(np.asarray(view.image), np.rint(decoded / 63 * 255).astype(np.uint8))
+    assert np.asarray(view.image).max() == 255 and view.pixels == "MONOCHROME2, 6-bit scaled to 8"
+
+
+def test_a_photometric_the_data_cannot_carry_is_refused_with_its_reason(tmp_path):
+    """Before: YBR_RCT on uncompressed pixels was left as stored, under a note 'YBR_RCT -> RGB (pydicom, once)'."""
+    dataset = pydicom.dcmread(real("examples_rgb_color.dcm"))
+    dataset.PhotometricInterpretation = "YBR_RCT"
+    dataset.save_as(tmp_path / "rct.dcm")
+    why = "PhotometricInterpretation YBR_RCT is defined only for JPEG 2000 data, but the file is Explicit VR Little "
+    why += "Endian: the stored values cannot be read as YBR_RCT"
+    assert read_all(tmp_path / "rct.dcm") == ([], why)
+    (view,) = views(real("examples_jpeg2k.dcm"))  # YBR_RCT in JPEG 2000: its decoder undoes it
+    assert view.pixels == "YBR_RCT -> RGB (the JPEG 2000 decoder, once)"
+
+
+def test_linked_folders_are_followed_once_and_loops_listed_as_ignored(tmp_path):
+    """Before: the scans of a linked folder appeared nowhere, neither read nor skipped nor ignored."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("L", (20, 20)).save(outside / "a.png")
+    folder = tmp_path / "exports"
+    (folder / ".cache").mkdir(parents=True)
+    (folder / "linked").symlink_to(outside)
+    (folder / "linked" / "loop").symlink_to(folder)
+    (folder / "again").symlink_to(outside)
+    found, ignored, skipped = scans.find([str(folder)])
+    assert found == [(str(folder / "again" / "a.png"), "image")] and not skipped
+    assert ignored == [
+        (str(folder / ".cache"), "a hidden folder, not read"),
+        (
+            str(folder / "linked"),
+            f"the same folder as {folder / 'again'} (a link), read there once",
+        ),
+        (str(folder / "again" / "loop"), f"the same folder as {folder} (a link), read there once"),
+    ]
+
+
+def test_a_header_promising_more_frames_than_the_data_holds_says_both(tmp_path):
+    """Before: skipped with 'cannot reshape array of size 0 ...'."""
+    frames = np.random.default_rng(2).integers(0, 256, (3, 20, 30), dtype=np.uint8)
+    dataset = pydicom.dcmread(write_dicom(tmp_path / "cine.dcm", frames))
+    dataset.NumberOfFrames = 5
+    dataset.save_as(tmp_path / "cine.dcm")
+    got, why = read_all(tmp_path / "cine.dcm")
+    assert why == "the header promises 5 frames (NumberOfFrames) and the data holds 3"
+    assert [np.asarray(v.image).tolist() for v in got] == frames.tolist()  # rows for the 3 held

@@ -50,6 +50,7 @@ device = ""  # '' = cuda, else mps, else cpu
 batch_size = 64
 num_workers = 0
 DEFAULTS = configurator.settings(globals())
+PROBE_FOLDS = 5  # patient-disjoint folds of the probe on a labelled folder (FetalCLIP's recipe)
 
 # ------------------------------------------------------------------ analyses
 
@@ -129,7 +130,7 @@ def linear_probe(
     return {"f1": mean, "ci_low": low, "ci_high": high, "runs": len(f1s)}
 
 
-def cross_validated_probe(features, labels, groups, folds=5, seeds=5, epochs=50):
+def cross_validated_probe(features, labels, groups, folds=PROBE_FOLDS, seeds=5, epochs=50):
     """The probe on data without a split: per seed, StratifiedGroupKFold deals the groups into `folds`; each fold is
     tested once, the next one validates, the rest train -> AUROC (two classes) or macro F1, mean and Student-t CI."""
     from sklearn.metrics import roc_auc_score
@@ -157,9 +158,10 @@ def cross_validated_probe(features, labels, groups, folds=5, seeds=5, epochs=50)
     return {
         "metric": "auroc" if two else "f1",
         "value": mean,
-        "ci_low": low,
-        "ci_high": high,
-        "runs": len(scores),
+        "ci_low": max(low, 0.0),  # both metrics lie in [0, 1]; so does their interval
+        "ci_high": min(high, 1.0),
+        "runs": len(scores),  # folds scored: an AUROC needs both classes in the test fold
+        "folds": folds * seeds,
     }
 
 
@@ -183,6 +185,11 @@ def probe_items(net, folder, frames, batch_size, device):
     features, labels, where, skipped = encode_task(
         net, task, batch_size, device, frames if clips else 0
     )
+    if not len(labels):
+        reasons = "; ".join(f"{path}: {why}" for path, why in skipped[:3])
+        raise ValueError(
+            f"--probe={folder}: no readable scans ({len(skipped)} skipped; first: {reasons})"
+        )
     if clips:
         features, labels, where = concatenated_clips(features, labels, where, frames)
     groups, by = probe_groups(folder, [path for path, *_ in where])
@@ -431,12 +438,19 @@ def probe_folder(net, config, device):
         raise ValueError(
             f"--probe={config['probe']}: a 5-fold probe needs two classes and 5 {how['folds_by']}s or more"
         )
+    for label in np.unique(labels):  # else most test folds lack the class: an AUROC of 1 or 2 folds
+        held = len(np.unique(groups[labels == label]))
+        if held < PROBE_FOLDS:
+            raise ValueError(
+                f"--probe={config['probe']}: class {how['classes'][label]!r} has {held} {how['folds_by']}s; a "
+                f"{PROBE_FOLDS}-fold probe needs {PROBE_FOLDS} or more per class, one in each test fold"
+            )
     result = cross_validated_probe(
         features, labels, groups, seeds=config["probe_seeds"], epochs=config["probe_epochs"]
     )
     print(f"probe on {config['probe']} ({how['mode']}; {len(labels)} items, folds by {how['folds_by']}): "
           f"{result['metric']} {result['value']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}, "
-          f"{result['runs']} runs)")  # fmt: skip
+          f"{result['runs']} of {result['folds']} folds scored)")  # fmt: skip
     return {"probe": dict(result, items=len(labels), **how)}
 
 

@@ -20,6 +20,7 @@ The folder is written beside out_dir and swapped in at the end: the same input g
 never leaves a mix of old and new shards, and a folder that prepare.py did not write is never replaced.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -54,6 +55,8 @@ REASONS = (
     "missing caption",  # in a folder: an image without a same-stem .txt
     "empty caption",  # blank, or not UTF-8
     "duplicate",  # the same image bytes and caption as a pair already written
+    "too many cells",  # a CSV row with more cells than its header: an unquoted separator in the caption
+    "name not UTF-8",  # in a folder: a file name the shards' report cannot hold as text
 )
 CONVERT = "write its frames as PNG with `python -m tools.scans PATH --save_frames=DIR` and list those instead"
 
@@ -99,15 +102,26 @@ def csv_entries(path, img_key, caption_key, separator):
         raise ValueError(f"--img_key and --caption_key are both {img_key!r}")
     try:
         separator = csv_separator(path, img_key, caption_key, separator)
-        rows = data.read_csv(path, separator, (img_key, caption_key))
+        data.read_csv(
+            path, separator, (img_key, caption_key)
+        )  # the columns, as every CSV is checked
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [cells for cells in csv.reader(f, delimiter=separator) if cells]  # as DictReader
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    folder = os.path.dirname(os.path.abspath(path))
-    entries = []
-    for row, cells in enumerate(rows, start=2):  # the header is row 1
-        where = {"row": row, "file": cells[img_key]}
-        image = os.path.join(folder, cells[img_key]) if cells[img_key] else ""
-        entries.append(dict(number=row, where=where, image=image, caption=cells[caption_key]))
+    header = [name.strip() for name in rows[0]]
+    folder, entries = os.path.dirname(os.path.abspath(path)), []
+    for row, cells in enumerate(rows[1:], start=2):  # the header is row 1
+        cells = cells + [""] * (
+            len(header) - len(cells)
+        )  # short rows: empty cells, as csv.DictReader
+        named = {key: cells[header.index(key.strip())].strip() for key in (img_key, caption_key)}
+        entry = dict(number=row, where={"row": row, "file": named[img_key]})
+        if len(cells) > len(header):
+            detail = f"{len(cells)} cells for the header's {len(header)}: quote a caption holding {separator!r}"
+            entry["refused"] = Refused("too many cells", detail)
+        image = os.path.join(folder, named[img_key]) if named[img_key] else ""
+        entries.append(dict(entry, image=image, caption=named[caption_key]))
     return separator, entries
 
 
@@ -127,10 +141,12 @@ def folder_entries(folder):
         for d, _, fs in os.walk(folder)
         for f in fs
     )
+    not_utf8_names = [f for f in files if scans.escaped(f) != f]  # refused, the rest kept
+    entries = [dict(where={"file": scans.escaped(f)}, refused=not_utf8(f)) for f in not_utf8_names]
+    files = [f for f in files if f not in not_utf8_names]
     captions = {os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")}
     images = [f for f in files if not f.lower().endswith(".txt")]
     stems = {os.path.splitext(f)[0] for f in images}
-    entries = []
     for stem, name in captions.items():
         if stem not in stems:
             refusal = Refused(
@@ -148,6 +164,12 @@ def folder_entries(folder):
             )
         entries.append(entry)
     return entries
+
+
+def not_utf8(name):
+    return Refused(
+        "name not UTF-8", f"{scans.escaped(name)}: the file name is not UTF-8; rename it"
+    )
 
 
 # ------------------------------------------------------------------ one pair
@@ -223,12 +245,29 @@ def check_out_dir(out_dir, source):
 def write_shards(entries, folder, shard_size):
     """Every entry's pair into folder/train-NNNNNN.tar, shard_size a shard, in entry order -> (shards, refusals).
     One image in memory at a time; fixed tar metadata (mtime 0), so the same input gives the same bytes."""
-    shards, refusals, written, sink = (
-        {},
-        [],
-        {},
-        None,
-    )  # written: sample digest -> where it was first written
+    shards, refusals, sink = {}, [], None
+    try:
+        for number, sample in accepted(entries, refusals):
+            if sum(shards.values()) % shard_size == 0:
+                if sink is not None:
+                    sink.close()
+                name = SHARD.format(len(shards))
+                sink = wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0)
+                shards[name] = 0
+            sink.write({"__key__": f"{number:09d}", **sample})
+            shards[name] += 1
+    except BaseException:
+        if sink is not None:
+            release(sink)
+        raise
+    if sink is not None:
+        sink.close()
+    return shards, refusals
+
+
+def accepted(entries, refusals):
+    """(key number, sample) of each entry the training loader decodes; the others go to `refusals` with the reason."""
+    written = {}  # sample digest -> where it was first written
     for entry in tqdm.tqdm(entries, unit="pair", desc="prepare"):
         try:
             if "refused" in entry:
@@ -242,20 +281,16 @@ def write_shards(entries, folder, shard_size):
         except Refused as refusal:
             refusals.append({**entry["where"], "reason": refusal.reason, "detail": refusal.detail})
             continue
-        if len(written) % shard_size == 0:
-            if sink is not None:
-                sink.close()
-            name = SHARD.format(len(shards))
-            sink, shards[name] = (
-                wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0),
-                0,
-            )
-        sink.write({"__key__": f"{entry['number']:09d}", **sample})
-        shards[name] += 1
         written[digest] = entry["where"]
-    if sink is not None:
-        sink.close()
-    return shards, refusals
+        yield entry["number"], sample
+
+
+def release(sink):
+    """A shard whose write failed (a full disk): its file let go, its own flush errors dropped (the first one is
+    reported), so nothing tries again at exit."""
+    for stream in (sink.tarstream, sink.stream):
+        with contextlib.suppress(OSError):
+            stream.close()
 
 
 def prepare(
@@ -278,24 +313,32 @@ def prepare(
         mode = "csv"
         settings.update(img_key=img_key, caption_key=caption_key, separator=separator)
     report = dict(source=os.path.abspath(source), mode=mode, settings=settings)
-    with configurator.atomic_path(out_dir) as tmp:
-        os.makedirs(tmp)
-        shards, refusals = write_shards(entries, tmp, shard_size)
-        counts = {reason: sum(r["reason"] == reason for r in refusals) for reason in REASONS}
-        report.update(written=sum(shards.values()), refused=len(refusals), refused_by_reason=counts)
-        report.update(shards=shards, refusals=refusals)
-        if not shards:  # nothing to train on: out_dir is left as it was
-            first = (
-                f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
-            )
-            raise ValueError(
-                f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}"
-            )
-        configurator.write_atomic(
-            os.path.join(tmp, REPORT), json.dumps(report, indent=1, ensure_ascii=False)
-        )
+    try:
+        with configurator.atomic_path(out_dir) as tmp:
+            os.makedirs(tmp)
+            write_folder(tmp, entries, report, source, shard_size)
+    except OSError as error:  # a full disk: one line, the folder as it was
+        raise ValueError(
+            f"{out_dir}: cannot write the shards ({error.strerror or error}); the folder is left as it was"
+        ) from None
     print_summary(report, out_dir)
     return report
+
+
+def write_folder(folder, entries, report, source, shard_size):
+    """The shards and the report into `folder`; the report gets the counts. No pair at all is an error."""
+    shards, refusals = write_shards(entries, folder, shard_size)
+    counts = {reason: sum(r["reason"] == reason for r in refusals) for reason in REASONS}
+    report.update(written=sum(shards.values()), refused=len(refusals), refused_by_reason=counts)
+    report.update(shards=shards, refusals=refusals)
+    if not shards:  # nothing to train on: out_dir is left as it was
+        first = f"; first: {described(refusals[0])}: {refusals[0]['detail']}" if refusals else ""
+        raise ValueError(
+            f"{source}: no pair written, {len(refusals)} refused{summary_counts(report)}{first}"
+        )
+    configurator.write_atomic(
+        os.path.join(folder, REPORT), json.dumps(report, indent=1, ensure_ascii=False)
+    )
 
 
 def summary_counts(report):

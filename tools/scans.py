@@ -6,13 +6,18 @@ analysis.py --probe read through it; run it alone to check a folder before a mod
     python -m tools.scans exports/ --save_frames=frames/    # every view of every frame as an 8-bit PNG, to look at
 
 What is read (DICOM PS3.3 C.7.6.3 and C.8.5.5; pydicom decodes, with Pillow's JPEG Baseline and JPEG 2000 codecs):
-- Files and folders (recursively, sorted). Images by extension (PNG, JPEG, TIFF, BMP, WebP, GIF; every page of a
+- Files and folders (recursively, sorted; linked folders followed, each real folder once, a loop or a second link
+  and hidden folders listed as ignored). Images by extension (PNG, JPEG, TIFF, BMP, WebP, GIF; every page of a
   multi-page file), video clips by extension (MP4, AVI, MOV, M4V, MKV, WebM; PyAV), DICOM by content (the 'DICM'
   marker, any extension). Other files are listed as ignored; a scan that cannot be read is skipped with its reason.
 - Colour as the file means it: pydicom returns YBR (JPEG Baseline's YBR_FULL_422, JPEG 2000's YBR_RCT / YBR_ICT) as
   RGB, converted once; PALETTE COLOR goes through its lookup tables (pydicom's apply_color_lut); MONOCHROME1 is
-  inverted; more than 8 bits scale by BitsStored, never clipped (data.scale_to_8bit); signed pixels shift by half
-  their range.
+  inverted; every bit depth other than 8 scales by BitsStored (1 -> 255, 63 of 6 bits -> 255, 4095 of 12 bits -> 255),
+  never clipped (data.scale_to_8bit); signed pixels shift by half their range. A photometric the data cannot carry
+  (JPEG 2000's YBR_RCT / YBR_ICT on other data, a YBR pydicom does not convert) is refused.
+- A view under MIN_SIDE pixels of the file on a side (a 1x1 image, a region 2 px wide) shows no anatomy: skipped
+  with its reason, never classified. A header promising more frames than the data holds: the frames held are read,
+  then the file is reported with both counts.
 - Views and calibration: the 2D tissue regions of SequenceOfUltrasoundRegions (RegionSpatialFormat 1, RegionDataType
   1) are the views (a dual view gives two per frame), each cropped to its box, with its pixel size when the region is
   in cm (PhysicalUnits 3) and square; Doppler, M-mode and other regions are left out. Regions that do not fit the
@@ -54,6 +59,10 @@ REGION_TYPES = {
 }
 CM = 3  # PhysicalUnitsX/YDirection code of centimetres (PS3.3 C.8.5.5.1.15)
 SQUARE = 0.01  # largest relative difference of a pixel's width and height still taken as square
+MIN_SIDE = 16  # px of the file: a view narrower or lower than this shows no anatomy (the smallest synthetic scan)
+# photometrics defined only for JPEG 2000 data, whose decoder undoes them (PS3.3 C.7.6.3.1.2)
+JPEG_2000_ONLY = ("YBR_RCT", "YBR_ICT")
+YBR_CONVERTED = ("YBR_FULL", "YBR_FULL_422")  # the YBR that pydicom converts to RGB itself
 TASK_FILES = (
     "prompts.json",
     "patients.csv",
@@ -104,22 +113,34 @@ class NotAScan(ValueError):
     pass
 
 
-def walk(folder):
-    """Every file under `folder`, sorted, leaving out hidden folders (.git, .Trash ...)."""
-    for root, folders, files in os.walk(folder):
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
+def walk(folder, ignored):
+    """Every file under `folder`, sorted. Linked folders are followed, each real folder once: one reached again (a
+    loop, or a second link to it) is added to `ignored` with where it was read, as are hidden folders (.git ...)."""
+    read = {os.path.realpath(folder): folder}
+    for root, folders, files in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(folders):
+            path, real = os.path.join(root, name), os.path.realpath(os.path.join(root, name))
+            if name.startswith("."):
+                ignored.append((path, "a hidden folder, not read"))
+            elif real in read:
+                ignored.append((path, f"the same folder as {read[real]} (a link), read there once"))
+            else:
+                read[real] = path
+                kept.append(name)
+        folders[:] = kept
         yield from (os.path.join(root, f) for f in sorted(files))
 
 
 def find(paths):
     """Files and folders -> (scans [(path, kind)], ignored [(path, why)], skipped [(path, why)]); folders are read
-    recursively in sorted order."""
+    recursively in sorted order, linked folders followed (walk)."""
     scans, ignored, skipped = [], [], []
     for item in paths:
         if not os.path.exists(item):
             skipped.append((item, "not found"))
             continue
-        files = walk(item) if os.path.isdir(item) else [item]
+        files = walk(item, ignored) if os.path.isdir(item) else [item]
         for path in files:
             try:
                 scans.append((path, classify(path)))
@@ -133,7 +154,7 @@ def find(paths):
 def labelled(folder, classes):
     """A folder of labelled scans, one sub-folder per class (its name one of `classes`) -> (files [(path, kind)],
     labels (class indices), skipped, ignored). A sub-folder that is no class is an error naming it; files beside
-    the class folders other than TASK_FILES are ignored."""
+    the class folders other than TASK_FILES are ignored; the same scan twice (by content) is an error naming both."""
     class_folders = sorted(
         p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -152,7 +173,28 @@ def labelled(folder, classes):
         raise ValueError(
             f"{folder}: no scan in its class folders {[p.name for p in class_folders]}"
         )
+    twice = same_content([path for path, _ in files])
+    if twice:
+        raise ValueError(
+            f"{folder}: {twice[0]} and {twice[1]} hold the same scan (the same bytes: a copy or a link); "
+            "a scan is counted once, in one class folder"
+        )
     return files, labels, skipped, ignored
+
+
+def same_content(paths):
+    """The first two files with the same bytes, or None: sizes compared first, sha256 only where sizes agree."""
+    by_size = {}
+    for path in paths:
+        by_size.setdefault(os.path.getsize(path), []).append(path)
+    first_with = {}
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        for path in same_size:
+            digest = configurator.file_sha256(path)
+            if digest in first_with:
+                return first_with[digest], path
+            first_with[digest] = path
+    return None
 
 
 def evenly_spaced(count, k):
@@ -173,11 +215,22 @@ def read(path, kind, pixel_size=-1.0, indices=None):
     reader = {"image": image_views, "dicom": dicom_views, "video": video_views}[kind]
     given = pixel_size if pixel_size > 0 else None
     try:
-        yield from reader(path, given, None if indices is None else set(indices))
+        for view in reader(path, given, None if indices is None else set(indices)):
+            check_size(*view.image.size, "the frame")
+            yield view
     except Unreadable:
         raise
     except Exception as error:  # decoders raise many types; the file is skipped with the reason
         raise Unreadable(one_line(error)) from None
+
+
+def check_size(width, height, what):
+    """A view too small to show anatomy (a 1x1 image, a region 2 px wide) is never classified."""
+    if min(width, height) < MIN_SIDE:
+        raise Unreadable(
+            f"{what} is {width}x{height} px, too small to show anatomy "
+            f"(a view needs {MIN_SIDE} px or more on each side, in pixels of the file)"
+        )
 
 
 def count_frames(path, kind):
@@ -264,7 +317,9 @@ def dicom_views(path, given, indices):
         kind = getattr(dataset.get("SOPClassUID"), "name", "") or "no SOP class"
         raise Unreadable(f"no pixel data ({kind})")
     check_decoder(dataset)
-    frames, rows, columns = int(dataset.get("NumberOfFrames") or 1), dataset.Rows, dataset.Columns
+    check_photometric(dataset)
+    promised, rows, columns = int(dataset.get("NumberOfFrames") or 1), dataset.Rows, dataset.Columns
+    frames = min(promised, frames_held(dataset, promised))
     views = calibrated_views(dataset, rows, columns, given)
     to_rgb, pixels = colour(dataset)
     frame_time = seconds_per_frame(dataset)
@@ -277,6 +332,23 @@ def dicom_views(path, given, indices):
         for region, box, size, source, note in views:
             crop = image if box is None else image.crop(box)
             yield View(path, frame, region, crop, size, source, note, seconds, pixels)
+    if frames < promised:  # the views of the frames held are kept; the file is reported
+        raise Unreadable(
+            f"the header promises {promised} frames (NumberOfFrames) and the data holds {frames}"
+        )
+
+
+def frames_held(dataset, promised):
+    """How many whole frames uncompressed pixel data holds (its length in bytes, read from the header); compressed
+    data counts as `promised` (its decoder says what is missing)."""
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    if "PixelData" not in dataset or (syntax is not None and syntax.is_compressed):
+        return promised
+    samples = int(dataset.get("SamplesPerPixel") or 1)
+    frame_bits = dataset.Rows * dataset.Columns * samples * int(dataset.BitsAllocated)
+    element = dataset.get_item("PixelData")  # deferred: a RawDataElement knows its length unread
+    length = element.length if hasattr(element, "length") else len(element.value or b"")
+    return length * 8 // frame_bits if frame_bits else promised
 
 
 def check_decoder(dataset):
@@ -294,6 +366,25 @@ def check_decoder(dataset):
         options = "; ".join(decoder.missing_dependencies)
         raise Unreadable(
             f"{syntax.name} ({syntax}): no decoder installed; pydicom decodes it with {options}"
+        )
+
+
+def check_photometric(dataset):
+    """A colour space the pixel data cannot carry: JPEG 2000's YBR_RCT / YBR_ICT on other data (the decoder that
+    would undo them never runs, so the pixels would stay as stored), or YBR that pydicom does not convert."""
+    from pydicom.uid import JPEG2000TransferSyntaxes
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    if photometric in JPEG_2000_ONLY and syntax not in JPEG2000TransferSyntaxes:
+        carried = syntax.name if syntax is not None else "without a transfer syntax"
+        raise Unreadable(
+            f"PhotometricInterpretation {photometric} is defined only for JPEG 2000 data, but the file is "
+            f"{carried}: the stored values cannot be read as {photometric}"
+        )
+    if photometric.startswith("YBR") and photometric not in JPEG_2000_ONLY + YBR_CONVERTED:
+        raise Unreadable(
+            f"PhotometricInterpretation {photometric}: pydicom does not convert it to RGB"
         )
 
 
@@ -320,13 +411,16 @@ def colour(dataset):
     def to_rgb(array):
         if signed and np.issubdtype(array.dtype, np.signedinteger):
             array = array.astype(np.int64) + 2 ** (bits - 1)  # -> 0 .. 2**bits - 1
+        if array.dtype == np.uint8 and bits < 8:
+            array = array.astype(np.uint16)  # 1 or 6 bits in a byte: scaled as 12 and 16 bits are
         scaled = data.scale_to_8bit(array, bits if np.issubdtype(array.dtype, np.integer) else 0)[0]
         return 255 - scaled if photometric == "MONOCHROME1" else scaled
 
     how = {"MONOCHROME1": "MONOCHROME1 inverted", "RGB": "RGB"}.get(photometric, photometric)
     if photometric.startswith("YBR"):
-        how = f"{photometric} -> RGB (pydicom, once)"
-    return to_rgb, how + (f", {bits}-bit scaled to 8" if bits > 8 else "")
+        by = "the JPEG 2000 decoder" if photometric in JPEG_2000_ONLY else "pydicom"
+        how = f"{photometric} -> RGB ({by}, once)"
+    return to_rgb, how + (f", {bits}-bit scaled to 8" if bits != 8 else "")
 
 
 def seconds_per_frame(dataset):
@@ -350,7 +444,7 @@ def calibrated_views(dataset, rows, columns, given):
     if not tissue:
         found = ", ".join(describe_region(r) for r in regions)
         raise Unreadable(f"no 2D tissue region to classify (regions: {found})")
-    views = []
+    views, too_small = [], []
     for index, region in tissue:
         x0, y0, x1, y1 = (int(region.get(k, -1)) for k in ("RegionLocationMinX0", "RegionLocationMinY0",
                                                            "RegionLocationMaxX1", "RegionLocationMaxY1"))  # fmt: skip
@@ -358,17 +452,18 @@ def calibrated_views(dataset, rows, columns, given):
             where = f"region {index} spans x {x0}-{x1}, y {y0}-{y1} outside the {columns}x{rows} pixel array"
             note = f"calibration not trusted: {where} (resized after calibration?): whole frame, no pixel size"
             return [(-1, None, None, "", note)]
+        try:
+            check_size(x1 - x0 + 1, y1 - y0 + 1, f"tissue region {index}")
+        except Unreadable as why:
+            too_small.append(str(why))
+            continue
         size, why = region_pixel_size(region)
-        views.append(
-            (
-                index,
-                (x0, y0, x1 + 1, y1 + 1),
-                size,
-                f"ultrasound region {index}" if size else "",
-                why,
-            )
-        )
-    return views
+        source = f"ultrasound region {index}" if size else ""
+        views.append((index, (x0, y0, x1 + 1, y1 + 1), size, source, why))
+    if not views:
+        raise Unreadable("; ".join(too_small))
+    left_out = [f"left out: {why}" for why in too_small]  # said in each kept view's note
+    return [(*view[:4], "; ".join(filter(None, [view[4], *left_out]))) for view in views]
 
 
 def describe_region(region):
@@ -409,6 +504,17 @@ def square_pixel(width, height):
 
 
 # ------------------------------------------------------------------ command line
+
+
+def escaped(path):
+    """A path as text (JSON, CSV, a terminal): a name that is not UTF-8 (Python holds its bytes as lone surrogates)
+    gets each such byte as \\xNN and its own backslashes doubled, so codecs.escape_decode gives back its bytes; a
+    UTF-8 name stays as it is."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 def frame_name(path, frame, region, taken):
@@ -457,6 +563,8 @@ def main(arguments):
     with configurator.user_errors("scans.py"):
         if config["pixel_size"] != -1:
             protocol.check_pixel_size(config["pixel_size"], "--pixel_size")
+        if config["save_frames"]:
+            configurator.check_folder(config["save_frames"], "--save_frames")
     found, ignored, skipped = find(config["paths"])
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
@@ -471,6 +579,10 @@ def main(arguments):
             read_files += 1
         except Unreadable as why:
             skipped.append((path, str(why)))
+        except OSError as error:  # writing a frame: a full disk is one line
+            raise SystemExit(
+                f"scans.py: {config['save_frames']}: cannot write the frames ({error.strerror})"
+            ) from None
     for path, why in skipped:
         print(f"skipped {path}: {why}")
     for path, why in ignored:
