@@ -108,9 +108,10 @@ def test_students_rows_and_the_paired_difference_against_numpy_and_scipy(tmp_pat
     assert figures == {name: (tmp_path / name).read_bytes() for name in figures}
 
 
-def test_missing_runs_train_one_teacher_then_every_student_from_it(tmp_path, monkeypatch):
+def test_missing_runs_train_one_teacher_then_every_student_from_it(tmp_path, monkeypatch, capsys):
     """Two tiny students, two rows, one seed: the demo teacher of teacher_seed first (train.py's own teacher flags),
-    then each student and row distilling from it; one seed has no std and no interval (strict JSON, no NaN)."""
+    then each student and row distilling from it; one seed has no std and no interval (strict JSON, no NaN);
+    --train=False tabulates what finished and names every run that did not."""
     calls = []
     monkeypatch.setattr(subprocess, "run", fake_train(tmp_path, calls, epochs=2))
     monkeypatch.chdir(tmp_path)
@@ -157,6 +158,22 @@ def test_missing_runs_train_one_teacher_then_every_student_from_it(tmp_path, mon
     assert [c[-1] for c in calls if "demo_teacher/" in c[-1]] == ["--out_dir=s/demo_teacher/seed0"]
     saved = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert saved["summary"]["demo_student"]["paired"]["Avg"][1:] == [None, None]
+    monkeypatch.setattr(
+        subprocess, "run", lambda *a, **k: pytest.fail("--train=False runs nothing")
+    )
+    partial = [*arguments, "--train=False", "--rows=no_kd,static", "--seeds=0,1,2"]
+    summary = sweep.main(partial)
+    assert summary["demo_student"]["seeds"] == {"no_kd": [1], "static": [0]}
+    assert "paired" not in summary["demo_student"]
+    missing = [line for line in capsys.readouterr().out.splitlines() if "not finished" in line]
+    # each student's no_kd seeds 0 and 2 and static seeds 1 and 2, the demo teacher of seed 2
+    assert len(missing) == 2 * (2 + 2) + 1
+    assert (
+        "not finished: demo_student_60x, static, seed 2 (s/demo_student_60x/static/seed2)"
+        in missing
+    )
+    with pytest.raises(SystemExit, match="sweep.py: no run in t has finished yet"):
+        sweep.main(["--out_dir=t", "--train=False"])
 
 
 def test_names_are_checked_in_one_line(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ teacher_ckpt = (
 teacher_seed = 0  # the seed whose demo teacher every run distils from
 teacher_epochs = 7  # epochs of each demo teacher: train.py's demo_teacher_epochs, so it is the demo's own teacher
 train_flags = ""  # further train.py flags for every run, space-separated (e.g. "--epochs=6 --data_dir=data/big")
+train = True  # False: run nothing, tabulate the finished runs and list the others (a sweep still running, cut short)
 DEFAULTS = configurator.settings(globals())
 
 ROWS = {  # paper Table 3, as train.py flags (--r is the paper's r, Eq. 5 and 7)
@@ -87,10 +88,14 @@ def read_log(folder):
         return [json.loads(line) for line in f]
 
 
-def run(folder, flags, about):
-    """One train.py run in `folder`: started, resumed when it has a ckpt.pt, skipped when finished."""
+def run(folder, flags, about, config):
+    """One train.py run in `folder`: started, resumed when it has a ckpt.pt, skipped when finished; with
+    --train=False an unfinished run is not started and gives None."""
     if finished(folder):
         return folder
+    if not config["train"]:
+        print(f"not finished: {about} ({folder})")
+        return None
     flags = [*flags, f"--out_dir={folder}"]
     flags += ["--resume=True"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
     print(f"== {about}: python train.py {' '.join(flags)}", flush=True)
@@ -107,14 +112,14 @@ def run_teacher(seed, config):
     folder = os.path.join(config["out_dir"], "demo_teacher", f"seed{seed}")
     flags = ["--mode=none", f"--student={config['teacher']}", f"--seed={seed}"]
     flags += [*config["train_flags"].split(), f"--epochs={config['teacher_epochs']}"]
-    return run(folder, flags, f"{config['teacher']}, seed {seed}")
+    return run(folder, flags, f"{config['teacher']}, seed {seed}", config)
 
 
 def run_student(student, row, seed, config, teacher_path):
     folder = os.path.join(config["out_dir"], student, row, f"seed{seed}")
     flags = [*ROWS[row].split(), f"--student={student}", f"--teacher={config['teacher']}"]
     flags += [f"--seed={seed}", *config["train_flags"].split(), f"--teacher_ckpt={teacher_path}"]
-    return run(folder, flags, f"{student}, {row}, seed {seed}")
+    return run(folder, flags, f"{student}, {row}, seed {seed}", config)
 
 
 def read_run(folder):
@@ -193,20 +198,21 @@ def cell(name, mean, spread):
 
 def print_table(summary, seeds):
     print(
-        f"\n{'student, row (mean +- std over seeds ' + ','.join(map(str, seeds)) + ')':<44}"
+        f"\n{'student, row: mean +- std over seeds ' + ','.join(map(str, seeds)):<44}"
         + "".join(f"{n:>24}" for n in METRICS)
     )
     for student, entry in summary.items():
         print(f"{student} (visual gap {entry['gap']:.1f}x)")
         for row, metrics in entry["table"].items():
             cells = [cell(n, m, s) for n, (m, s) in metrics.items()]
-            print(f"  {row:<42}" + "".join(f"{c:>24}" for c in cells))
+            label = f"{row} (seeds {','.join(map(str, entry['seeds'][row]))})"
+            print(f"  {label:<42}" + "".join(f"{c:>24}" for c in cells))
         if "paired" in entry:
             cells = [
                 cell(n, m, None if low is None else (low, high))
                 for n, (m, low, high) in entry["paired"].items()
             ]
-            label = f"{PAIRED[0]} - {PAIRED[1]} (95 % t interval)"
+            label = f"{PAIRED[0]} - {PAIRED[1]}, 95 % t interval"
             print(f"  {label:<42}" + "".join(f"{c:>24}" for c in cells))
 
 
@@ -270,11 +276,15 @@ def gap_figure(summary, teacher_avg, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     entries = sorted(summary.values(), key=lambda entry: entry["gap"])
     gaps = np.array([entry["gap"] for entry in entries])
-    for row in entries[0]["table"]:
-        mean = np.array([entry["table"][row]["Avg"][0] for entry in entries])
-        std = np.array([entry["table"][row]["Avg"][1] or 0.0 for entry in entries])
-        ax.plot(gaps, mean, "o-", markersize=4, label=row)
-        ax.fill_between(gaps, mean - std, mean + std, alpha=0.15)
+    for row in dict.fromkeys(row for entry in entries for row in entry["table"]):
+        present = [
+            entry for entry in entries if row in entry["table"]
+        ]  # all, once every run finished
+        gap = np.array([entry["gap"] for entry in present])
+        mean = np.array([entry["table"][row]["Avg"][0] for entry in present])
+        std = np.array([entry["table"][row]["Avg"][1] or 0.0 for entry in present])
+        ax.plot(gap, mean, "o-", markersize=4, label=row)
+        ax.fill_between(gap, mean - std, mean + std, alpha=0.15)
     if teacher_avg is not None:
         ax.axhline(teacher_avg, color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set_xscale("log")
@@ -303,14 +313,43 @@ def names(config, key, accepted):
 
 
 def summarise_students(runs, config):
-    """{student: {gap, table, paired (when both PAIRED rows ran)}}."""
+    """{student: {gap, seeds per row, table, paired (when both PAIRED rows share a seed)}}."""
     summary = {}
     for student, by_row in runs.items():
-        entry = {"gap": visual_gap(config["teacher"], student), "table": summarise(by_row)}
-        if all(row in by_row for row in PAIRED):
+        entry = {"gap": visual_gap(config["teacher"], student)}
+        entry["seeds"] = {row: list(by_seed) for row, by_seed in by_row.items()}
+        entry["table"] = summarise(by_row)
+        if all(row in by_row for row in PAIRED) and by_row[PAIRED[0]].keys() & by_row[PAIRED[1]]:
             entry["paired"] = paired_difference(by_row)
         summary[student] = entry
     return summary
+
+
+def run_all(student_list, chosen, seed_list, config):
+    """Every run, seed after seed: the demo teacher of teacher_seed first (unless --teacher_ckpt), then each student
+    and row, then that seed's own demo teacher -> ({student: {row: {seed: run}}}, {seed: teacher metrics}, the
+    teacher's path); runs not finished (--train=False) are left out, and so are students and rows left empty."""
+    teacher_path, teachers, demo = config["teacher_ckpt"], {}, not config["teacher_ckpt"]
+    if demo:  # the one demo teacher, first: every run distils from it
+        seed = config["teacher_seed"]
+        teacher_path = os.path.join(config["out_dir"], "demo_teacher", f"seed{seed}", "ckpt.pt")
+        if not run_teacher(seed, config):
+            return {}, {}, teacher_path
+        teachers[seed] = read_teacher(os.path.dirname(teacher_path))
+    runs = {student: {row: {} for row in chosen} for student in student_list}
+    for seed in seed_list:
+        for student in student_list:
+            for row in chosen:
+                folder = run_student(student, row, seed, config, teacher_path)
+                if folder:
+                    runs[student][row][seed] = read_run(folder)
+        own = run_teacher(seed, config) if demo and seed not in teachers else None
+        if own:  # each seed's demo teacher, for the record: does it learn as the teacher above did?
+            teachers[seed] = read_teacher(own)
+    runs = {
+        s: {r: by_seed for r, by_seed in by_row.items() if by_seed} for s, by_row in runs.items()
+    }
+    return {s: by_row for s, by_row in runs.items() if by_row}, teachers, teacher_path
 
 
 def main(arguments):
@@ -323,21 +362,9 @@ def main(arguments):
         raise SystemExit("--students: expected at least one model.py name")
     if not config["teacher_ckpt"] and config["teacher"] != "demo_teacher":
         raise SystemExit(f"--teacher={config['teacher']} needs --teacher_ckpt=PATH")
-    teacher_path, teachers = config["teacher_ckpt"], {}
-    if not teacher_path:  # the one demo teacher, first: every run distils from it
-        fixed = run_teacher(config["teacher_seed"], config)
-        teacher_path = os.path.join(fixed, "ckpt.pt")
-        teachers[config["teacher_seed"]] = read_teacher(fixed)
-    runs = {student: {row: {} for row in chosen} for student in student_list}
-    for seed in seed_list:
-        for student in student_list:
-            for row in chosen:
-                folder = run_student(student, row, seed, config, teacher_path)
-                runs[student][row][seed] = read_run(folder)
-        if (
-            not config["teacher_ckpt"] and seed not in teachers
-        ):  # each seed's teacher, for the record
-            teachers[seed] = read_teacher(run_teacher(seed, config))
+    runs, teachers, teacher_path = run_all(student_list, chosen, seed_list, config)
+    if not runs:
+        raise SystemExit(f"sweep.py: no run in {config['out_dir']} has finished yet")
     summary = summarise_students(runs, config)
     print_table(summary, seed_list)
     print_five_plane_f1(teachers, runs)
@@ -353,7 +380,7 @@ def main(arguments):
     configurator.write_atomic(
         os.path.join(config["out_dir"], "sweep.json"), json.dumps(result, indent=1)
     )
-    figure2(runs[student_list[0]], os.path.join(config["out_dir"], "figure2.png"))
+    figure2(next(iter(runs.values())), os.path.join(config["out_dir"], "figure2.png"))
     gap_figure(summary, teacher_avg, os.path.join(config["out_dir"], "gap.png"))
     print(f"wrote {config['out_dir']}/sweep.json, figure2.png and gap.png")
     return summary
