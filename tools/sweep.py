@@ -5,6 +5,7 @@ paper's Figure 2 (KD weight per step, zero-shot Avg per epoch) and Avg against t
     python -m tools.sweep                                   # 8 rows x 3 seeds on data/demo with demo_student
     python -m tools.sweep --students=demo_student,demo_student_12x,demo_student_26x,demo_student_60x \\
         --rows=no_kd,static,selective --seeds=0,1,2,3,4 --out_dir=out/gap   # the capacity-gap curve (README)
+    python -m tools.sweep ... --train=False                 # the same, tabulating only the runs that have finished
 
 Each run is `python train.py` with the row's flags (below), `--student=NAME`, `--seed=S` and the same
 `--teacher_ckpt`. Without --teacher_ckpt the sweep trains the demo teacher of every seed as `python train.py` does
