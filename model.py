@@ -111,6 +111,26 @@ MODEL_CONFIGS = {
         context_length=48,
     ),
 }
+# Students along the capacity gap (tools/sweep.py): demo_student's ResNet-10-T at narrower widths (the stem half the
+# first stage, as in demo_student and the teacher), so that the demo teacher's image tower has 11.7x, 26.7x (the
+# paper's 304M / 11.4M, Sec. 3.6) and 59.5x their visual parameters; demo_student's gap is 4.3x. The text tower and
+# embedding stay demo_student's: the gap the paper measures is the image towers', and changing one tower keeps the
+# sweep's x axis one variable.
+MODEL_CONFIGS["demo_student_12x"] = dict(
+    MODEL_CONFIGS["demo_student"],
+    about="a demo student at the 12x visual gap",
+    image_kwargs=dict(channels=(16, 32, 64, 160), stem_width=8),
+)
+MODEL_CONFIGS["demo_student_26x"] = dict(
+    MODEL_CONFIGS["demo_student"],
+    about="a demo student at the paper's 26.7x visual gap",
+    image_kwargs=dict(channels=(16, 24, 48, 96), stem_width=8),
+)
+MODEL_CONFIGS["demo_student_60x"] = dict(
+    MODEL_CONFIGS["demo_student"],
+    about="a demo student at the 60x visual gap",
+    image_kwargs=dict(channels=(8, 16, 32, 64), stem_width=4),
+)
 VOCAB_SIZE = 49408
 
 

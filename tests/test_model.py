@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loss as loss_lib
 import model as model_lib
 import release_mci
 from model import (
@@ -115,6 +116,51 @@ def test_parameter_counts(teacher_pair, student_pair):
         assert count(theirs.visual) == count(ours.visual) == image
         assert len(theirs.state_dict()) == len(ours.state_dict())
     assert count(reparameterize(student_pair[1]).visual) == 11_357_504
+
+
+GAP_STUDENTS = {  # name: (image-tower parameters, the gap it stands for); the demo teacher's tower has 4,988,152
+    "demo_student": (1_163_388, 4),
+    "demo_student_12x": (427_950, 12),
+    "demo_student_26x": (187_102, 26.7),  # the paper's 303,966,208 / 11,406,976 (above)
+    "demo_student_60x": (83_867, 60),
+}
+
+
+@pytest.mark.parametrize("name", list(GAP_STUDENTS))
+def test_gap_students_sit_on_the_gap_share_one_text_tower_and_train_a_step(name):
+    """Teacher / student image-tower parameters within 10 % of the gap each student stands for (demo_student's 4.3x
+    is today's); every other tower is demo_student's, so the gap is the one thing that changes. One AdamW step on a
+    tiny batch moves every parameter and lowers the CLIP loss on that batch."""
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    image_params, gap = GAP_STUDENTS[name]
+    teacher, student, reference = (create_model(n) for n in ("demo_teacher", name, "demo_student"))
+    assert count(teacher.visual) == 4_988_152 and count(student.visual) == image_params
+    assert count(teacher.visual) / count(student.visual) == pytest.approx(gap, rel=0.1)
+    for key, value in reference.state_dict().items():
+        if not key.startswith("visual."):
+            assert student.state_dict()[key].shape == value.shape, key
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, student.image_size, student.image_size)
+    tokens = random_tokens(4, student.context_length)
+    before = {k: v.clone() for k, v in student.named_parameters()}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(2):
+        losses.append(loss_lib.clip_loss(*student.train()(images, tokens)))
+        optimizer.zero_grad()
+        losses[-1].backward()
+        optimizer.step()
+    assert losses[1] < losses[0]
+    moved = [k for k, v in student.named_parameters() if not torch.equal(v, before[k])]
+    assert len(moved) == len(before)
+
+
+def test_every_demo_model_is_identified_by_its_keys_and_shapes_alone(tmp_path):
+    """An open_clip file of each demo model (no stored name) fits that one entry of MODEL_CONFIGS and no other."""
+    for name in ("demo_teacher", *GAP_STUDENTS):
+        save_open_clip(create_model(name), str(tmp_path / f"{name}.pt"))
+        checkpoint = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        assert held_model_name(f"{name}.pt", checkpoint) == name
 
 
 @pytest.mark.parametrize("pair", ["teacher_pair", "student_pair"])
