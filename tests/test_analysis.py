@@ -39,7 +39,14 @@ def test_student_t_ci_and_linear_probe_on_separable_features():
     features = np.eye(8)[labels] * 3 + rng.normal(scale=0.3, size=(120, 8))
     groups, is_train = np.arange(120) // 2, np.arange(120) % 4 != 0
     r = analysis.linear_probe(
-        features, labels, groups, is_train, folds=2, seeds=2, epochs=10, lr=5e-2
+        features,
+        labels,
+        groups,
+        is_train,
+        folds=2,
+        seeds=2,
+        epochs=10,
+        recipe={**analysis.PROBE_RECIPE, "lr": 5e-2},
     )
     assert r["runs"] == 4 and r["f1"] > 0.97 and r["ci_low"] <= r["f1"] <= r["ci_high"]
 
