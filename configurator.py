@@ -28,7 +28,8 @@ CHECKPOINT = (
 BEST = "best.pt"  # the best epoch by evaluate.selection_score
 LOG = "log.jsonl"  # one JSON record a line: the config, every log_interval, every evaluation
 DEMO_TEACHER = "demo_teacher"  # out_dir/DEMO_TEACHER: the demo teacher's own run, trained first
-DEMO_DIR = "data/demo"  # the demo's synthetic benchmark: tools/synthetic.py writes it, synthetic.layout names its parts
+# the demo's synthetic benchmark: tools/synthetic.py writes it, synthetic.layout names its parts
+DEMO_DIR = "data/demo"
 
 
 def settings(namespace):

@@ -604,8 +604,9 @@ def train_loader(
 # tools/cache.py writes a cache; what it holds and every check of it before a run reads it live here.
 
 CACHE_MANIFEST = "manifest.json"
-# What manifest.json holds: the teacher, the draws, what the views depend on (VIEW_KEYS) and, per training shard, the
-# entry of its finished cache shard (None until then). A resumed build must match IDENTITY; check_cache checks a run.
+# What manifest.json holds: the teacher, the draws, what the views depend on (VIEW_KEYS) and, per training
+# shard, the entry of its finished cache shard (None until then). A resumed build must match IDENTITY;
+# check_cache checks a run.
 VIEW_KEYS = ("augment", "image_size", "image_mean", "image_std")
 IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", *VIEW_KEYS, "context_length")
 MANIFEST_KEYS = (
@@ -616,8 +617,8 @@ MANIFEST_KEYS = (
     "logit_scale",
     "shards",
 )  # file order
-# An entry: the cached sample count, the training shard's fingerprint, and the cache shard's size and the sha256 of
-# its first HEAD_BYTES, which bind the file to its training shard at start-up without decoding it.
+# An entry: the cached sample count, the training shard's fingerprint, and the cache shard's size and the
+# sha256 of its first HEAD_BYTES, which bind the file to its training shard at start-up without decoding it.
 ENTRY_KEYS = ("samples", "fingerprint", "bytes", "head_sha256")
 HEAD_BYTES = 1 << 16
 

@@ -73,10 +73,10 @@ def selective(weight, logits, teacher, tau_kd, smoothing, projected):
     return diag + weight * off, dict(kd_diag=diag, kd_off=off)
 
 
-# A KD mode, one entry (add yours here, or from outside: loss.KD_MODES["name"] = dict(...)): loss(weight, logits,
-# teacher, tau_kd, smoothing, projected) -> (KD term, its parts to log); schedule(t, S, w0, r) -> weight (None: 0);
-# weight: train.py's setting for w0, w0 its default; projected: it reads the student's image features through a
-# trained Linear(D, D_T) (projected (B, D_T), else None).
+# A KD mode, one entry (add yours here, or from outside: loss.KD_MODES["name"] = dict(...)): loss(weight,
+# logits, teacher, tau_kd, smoothing, projected) -> (KD term, its parts to log); schedule(t, S, w0, r) ->
+# weight (None: 0); weight: train.py's setting for w0, w0 its default; projected: it reads the student's
+# image features through a trained Linear(D, D_T) (projected (B, D_T), else None).
 KD_MODES = {
     "none": dict(loss=None, schedule=None, weight="", w0=0.0, projected=False),  # CLIP alone, Eq. 1
     "coupled": dict(loss=coupled, schedule=kd_weight, weight="lambda0", w0=1.0, projected=False),

@@ -60,9 +60,9 @@ teacher_ckpt = (
 )
 demo_teacher_epochs = 7  # epochs of CLIP training for that demo teacher
 teacher_cache = ""  # folder written by `python -m tools.cache`: replay its teacher embeddings, never run the teacher
-# distillation (paper Sec. 3.1-3.4): mode is a loss.KD_MODES entry, none | coupled (Eq. 4-5) | selective (Eq. 6-7);
-# each mode's weight at t = 0 (w0) is the setting its entry names, with its default there: lambda0 = 1.0 (coupled,
-# Eq. 5), beta0 = 2.0 (selective, Eq. 7); a mode added to KD_MODES brings its own
+# distillation (paper Sec. 3.1-3.4): mode is a loss.KD_MODES entry, none | coupled (Eq. 4-5) | selective
+# (Eq. 6-7); each mode's weight at t = 0 (w0) is the setting its entry names, with its default there:
+# lambda0 = 1.0 (coupled, Eq. 5), beta0 = 2.0 (selective, Eq. 7); a mode added to KD_MODES brings its own
 mode = "selective"
 globals().update({kd["weight"]: kd["w0"] for kd in KD_MODES.values() if kd["weight"]})
 r = -0.8  # weight at the end = w0 * r; r < 0 turns attraction into repulsion
@@ -380,8 +380,8 @@ if micro_per_epoch == 0:
     raise SystemExit(
         f"{train_data}: {samples_per_epoch} samples make no {grad_accum} batches of {batch_size}"
     )
-# the schedule follows the run's real length: --max_steps compresses all of it (KD weight, warm-up, cosine), so a
-# smoke test runs the shape of the full run in its few steps
+# the schedule follows the run's real length: --max_steps compresses all of it (KD weight, warm-up, cosine),
+# so a smoke test runs the shape of the full run in its few steps
 full_opt = micro_per_epoch * epochs // grad_accum
 total_opt = min(full_opt, max_steps) if max_steps > 0 else full_opt
 total_micro = total_opt * grad_accum  # S in Eq. 5 / 7

@@ -127,8 +127,9 @@ def test_the_clip_probe_separates_separable_clips_and_not_shuffled_ones(tmp_path
     shuffled = list(np.random.default_rng(1).permutation(separable))
     write_clips(tmp_path / "shuffled", shuffled)
     out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'shuffled'}", *quick])
-    # the labels say nothing the clips show: AUROC 0.42-0.58 over shuffles 1-5 (0.5806 for this one, the same with
-    # PyTorch's AVX2 kernels, ATEN_CPU_CAPABILITY=avx2), so the bound 0.2 leaves at least 0.12 for other CPUs
+    # the labels say nothing the clips show: AUROC 0.42-0.58 over shuffles 1-5 (0.5806 for this one, the
+    # same with PyTorch's AVX2 kernels, ATEN_CPU_CAPABILITY=avx2), so the bound 0.2 leaves at least 0.12 for
+    # other CPUs
     assert abs(out["probe"]["value"] - 0.5) < 0.2
 
 

@@ -301,9 +301,10 @@ def test_a_few_steps_of_clip_training_lift_a_model_above_chance(tmp_path):
             optimiser.step()
             warmup.step()
     after = five_plane_f1(model, folders["planes_dir"])
-    # Float kernels differ between CPUs and 150 steps amplify the difference: measured after-F1 0.470 (before 0.108) on
-    # this project's AVX-512 EPYC, 0.481 on an AVX2-only EPYC; chance is about 0.2. The bound 0.35 sits 0.12 under
-    # the lowest measured and 0.15 over chance (the spread over seeds was not measured: issue 27 asks for it)
+    # Float kernels differ between CPUs and 150 steps amplify the difference: measured after-F1 0.470
+    # (before 0.108) on this project's AVX-512 EPYC, 0.481 on an AVX2-only EPYC; chance is about 0.2. The
+    # bound 0.35 sits 0.12 under the lowest measured and 0.15 over chance (the spread over seeds was not
+    # measured: issue 27 asks for it)
     assert before < 0.3 and after > 0.35, (before, after)
 
 

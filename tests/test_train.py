@@ -22,8 +22,8 @@ from tools import prepare, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # per-rank micro-batch; the tiny benchmark has shards of exactly this many pairs
-# students distilled from the fp16 cache and from the live teacher, relative to the update: 0.1% measured at the
-# test's lr 3e-4 (see the test), a margin of 10x for other CPUs' kernels
+# students distilled from the fp16 cache and from the live teacher, relative to the update: 0.1% measured at
+# the test's lr 3e-4 (see the test), a margin of 10x for other CPUs' kernels
 CACHE_RTOL = 0.01
 
 
