@@ -9,9 +9,10 @@ Imports no other file of this project: copy it into yours.
 bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), byte for byte from open_clip_torch 3.3.0
 (sha256 924691ac...48d6804a); the 49,408-entry vocabulary is built from it as CLIP does.
 
-Past the ~500 lines of a file users copy (about 740): still one concern, a pair as the models read it, in the order
-it flows (text -> tokens, files -> pixels -> views -> batches, and the teacher cache's entries joined to them); the
-cache's checks live here so that a run and its loader read a cache one way (tools/cache.py only writes).
+Past the ~500 lines of a file users copy (about 740): still one concern, a pair as the models read it, in the
+order it flows (text -> tokens, files -> pixels -> views -> batches, and the teacher cache's entries joined to
+them); the cache's checks live here so that a run and its loader read a cache one way (tools/cache.py only
+writes).
 """
 
 import csv

@@ -10,7 +10,8 @@ file). The only thing timm lacks is the CLIP text tower, written here once for b
 parameter names, so open_clip checkpoints load by name.
 Imports no other file of this project (torch and timm only): copy it into yours.
 About 580 lines, past the ~500 of a file users copy: one concern, the models and the files that hold them; the
-checkpoint formats (second half) are what makes the towers load the real FetalCLIP, release and MobileCLIP2 weights.
+checkpoint formats (second half) are what makes the towers load the real FetalCLIP, release and MobileCLIP2
+weights.
 """
 
 import copy

@@ -6,10 +6,10 @@
     torchrun --standalone --nproc_per_node=8 train.py --preset=paper ...
     python train.py --data_dir= --train_data=shards --eval_tasks=my_task/    # your pairs (prepare.py), your task
 Any global below can be overridden with --key=value; --resume=True continues out_dir/ckpt.pt exactly (settings
-other than RESUMABLE ones must not change). --max_steps=N is a smoke test: the schedule fits N steps, and the demo
-teacher trained first stops as early, in a folder of its own (demo_teacher_max_stepsN) no full run takes.
-About 720 lines, past a script's ~700: one concern still, one training run read top to bottom (settings, checks,
-data, models, schedule, resume, loop, summary), as nanoGPT's train.py.
+other than RESUMABLE ones must not change). --max_steps=N is a smoke test: the schedule fits N steps, and the
+demo teacher trained first stops as early, in a folder of its own (demo_teacher_max_stepsN) no full run takes.
+About 720 lines, past a script's ~700: one concern still, one training run read top to bottom (settings,
+checks, data, models, schedule, resume, loop, summary), as nanoGPT's train.py.
 """
 
 import json
