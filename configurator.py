@@ -6,7 +6,8 @@
 A value takes the type of its default (an int is accepted where the default is a float, a bare `--flag` sets a
 bool); `--preset=NAME` applies a script's preset first, so explicit flags win; every override is printed; an
 unknown key or a wrong type is an error that names the key, the expected type or the valid keys.
-Also what every script shares around it: the device choice, one-line errors for a user's files, atomic writes.
+Also what every script shares around it: the device choice, one-line errors for a user's files, atomic writes, the
+names of a training run's files.
 """
 
 import contextlib
@@ -22,6 +23,16 @@ from pathlib import Path
 import torch
 
 SETTING_TYPES = (bool, int, float, str)
+
+# a train.py run's files in its out_dir: train.py writes them, the tools (sweep.py, analysis.py) read them
+CHECKPOINT = (
+    "ckpt.pt"  # the latest epoch (or where --max_steps stopped): what --resume=True continues
+)
+BEST = "best.pt"  # the best epoch by evaluate.selection_score
+LOG = "log.jsonl"  # one JSON record a line: the config, every log_interval, every evaluation
+DEMO_TEACHER = "demo_teacher"  # out_dir/DEMO_TEACHER: the demo teacher's own run, trained first
+# the demo's synthetic benchmark: tools/synthetic.py writes it, synthetic.layout names its parts
+DEMO_DIR = "data/demo"
 
 
 def settings(namespace):

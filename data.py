@@ -8,9 +8,15 @@ Imports no other file of this project: copy it into yours.
 
 bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), byte for byte from open_clip_torch 3.3.0
 (sha256 924691ac...48d6804a); the 49,408-entry vocabulary is built from it as CLIP does.
+
+Past the ~500 lines of a file users copy (about 740): still one concern, a pair as the models read it, in the
+order it flows (text -> tokens, files -> pixels -> views -> batches, and the teacher cache's entries joined to
+them); the cache's checks live here so that a run and its loader read a cache one way (tools/cache.py only
+writes).
 """
 
 import csv
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -341,7 +347,8 @@ SKIP_REASONS = (
 
 
 def decode_sample(sample):
-    """A raw WebDataset sample -> (PIL image, caption), or the SKIP_REASONS index of why not."""
+    """A raw WebDataset sample -> (PIL image or None, caption, problem): problem is '' for a usable pair, else the
+    SKIP_REASONS entry saying why not ("image": missing or unreadable, "caption": none)."""
     image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
     try:
         caption = sample["txt"].decode("utf-8").strip()
@@ -352,29 +359,40 @@ def decode_sample(sample):
         image.load()  # decodes: raises when corrupt
         image = to_8bit(image)[0]
     except Exception:  # missing or unreadable: PIL raises several types
-        return 0
-    return (image, caption) if caption else 1
+        return None, caption, "image"
+    return image, caption, "" if caption else "caption"
 
 
 class StaleCache(ValueError):
     """A teacher-cache entry that was computed from another sample than the one the shard now holds."""
 
 
+@dataclasses.dataclass(eq=False)
 class CoupledShards(torch.utils.data.IterableDataset):
-    """Batches of coupled views from WebDataset shards (see train_loader). Each (rank, worker) pair is a reader:
-    every readers-th shard (sample, with fewer shards than readers), through a shuffle buffer, batched."""
+    """Batches of coupled views from WebDataset shards (train_loader's settings, see there). Each (rank, worker) pair
+    is a reader: every readers-th shard (sample, with fewer shards than readers), through a shuffle buffer, batched."""
 
-    def __init__(self, urls, views, cache, settings):
-        vars(self).update(
-            settings
-        )  # train_loader's arguments: batch_size, seed, epoch, rank, world_size, ...
-        self.urls, self.views, self.cache = urls, views, cache  # cache: (folder, manifest) or None
-        self.skipped = torch.zeros(
-            max(self.num_workers, 1), len(SKIP_REASONS), dtype=torch.long
-        ).share_memory_()
-        self.broken = torch.zeros(
-            len(urls), dtype=torch.bool
-        ).share_memory_()  # per shard, whoever read it
+    urls: list  # the shards, expanded
+    views: list  # [(size, mean, std)]: the student's, then the teacher's (none when the teacher is cached)
+    cache: tuple  # (folder, manifest) of a teacher cache, or None
+    batch_size: int  # per rank
+    num_workers: int
+    seed: int  # of the shuffle
+    augment_seed: int  # of the augmentation draws
+    epoch: int  # TrainLoader.set_epoch changes it
+    rank: int
+    world_size: int
+    samples_per_epoch: int
+    resampled: bool
+    shuffle_buffer: int
+    context_length: int
+    return_keys: bool
+
+    def __post_init__(self):
+        workers = max(self.num_workers, 1)
+        # shared with the workers: skipped samples per worker and reason, broken shards (whoever read them)
+        self.skipped = torch.zeros(workers, len(SKIP_REASONS), dtype=torch.long).share_memory_()
+        self.broken = torch.zeros(len(self.urls), dtype=torch.bool).share_memory_()
 
     def _stream(self, reader, readers, rng):
         """Raw samples of one reader, pass after pass (a single pass when the epoch is one pass)."""
@@ -446,18 +464,18 @@ class CoupledShards(torch.utils.data.IterableDataset):
         for sample in shuffle(self._stream(reader, readers, rng)):
             if yielded == quota:
                 return
-            decoded = decode_sample(sample)
-            if isinstance(decoded, tuple) and self.cache is not None and "image.npy" not in sample:
-                decoded = SKIP_REASONS.index("uncached")
-            bad_streak = 0 if isinstance(decoded, tuple) else bad_streak + 1
+            image, caption, problem = decode_sample(sample)
+            if not problem and self.cache is not None and "image.npy" not in sample:
+                problem = "uncached"
+            bad_streak = bad_streak + 1 if problem else 0
             if (
                 bad_streak > 10_000
             ):  # with a fixed epoch length, all-unreadable data would loop forever
                 raise RuntimeError(f"data: 10,000 unusable samples in a row in {self.urls}")
-            if not isinstance(decoded, tuple):
-                counts[decoded] += 1
+            if problem:
+                counts[SKIP_REASONS.index(problem)] += 1
                 continue
-            batch.append(self._prepare(sample, *decoded))
+            batch.append(self._prepare(sample, image, caption))
             if len(batch) == self.batch_size:
                 yield self._collate(batch)
                 batch, yielded = [], yielded + 1
@@ -469,11 +487,8 @@ class CoupledShards(torch.utils.data.IterableDataset):
         augmentation = self.epoch
         if self.cache is not None:
             augmentation = cached_augmentation(self.epoch, self.cache[1]["augs"])
-            load = lambda name: torch.from_numpy(np.load(io.BytesIO(sample[name])))  # fp16
-            teacher = (
-                load("image.npy")[augmentation],
-                load("text.npy"),
-            )  # (augs, D)[augmentation], (D,)
+            image_features = load_npy(sample["image.npy"])[augmentation]  # (augs, D)[augmentation]
+            teacher = image_features, load_npy(sample["text.npy"])  # (D,), (D,) fp16
         params = augment_params(self.augment_seed, augmentation, key)
         return coupled_views(pad_to_square(image), params, self.views), caption, key, teacher
 
@@ -484,6 +499,11 @@ class CoupledShards(torch.utils.data.IterableDataset):
             teacher = tuple(torch.stack([b[3][i] for b in batch]) for i in range(2))
         tokens = tokenize([b[1] for b in batch], self.context_length)
         return (student, teacher, tokens) + (([b[2] for b in batch],) if self.return_keys else ())
+
+
+def load_npy(field):
+    """A cache entry's .npy bytes -> tensor (fp16, as stored)."""
+    return torch.from_numpy(np.load(io.BytesIO(field)))
 
 
 class TrainLoader(torch.utils.data.DataLoader):
@@ -528,10 +548,26 @@ class TrainLoader(torch.utils.data.DataLoader):
                 )
 
 
-def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0, seed=0, epoch=0, rank=0,
-                 world_size=1, samples_per_epoch=-1, resampled=False, shuffle_buffer=1000,
-                 context_length=CONTEXT_LENGTH, return_keys=False, pin_memory=False, teacher_cache="",
-                 augment_seed=None):  # fmt: skip
+def train_loader(
+    urls,
+    student_view,
+    teacher_view,
+    batch_size,
+    *,
+    num_workers=0,
+    seed=0,
+    epoch=0,
+    rank=0,
+    world_size=1,
+    samples_per_epoch=-1,
+    resampled=False,
+    shuffle_buffer=1000,
+    context_length=CONTEXT_LENGTH,
+    return_keys=False,
+    pin_memory=False,
+    teacher_cache="",
+    augment_seed=-1,
+):
     """WebDataset shards (image IMAGE_EXTENSIONS, caption txt; brace pattern, list or folder) -> TrainLoader of
     (student_images (B,3,Ss,Ss), teacher_images (B,3,St,St) or None, tokens (B,L)[, keys]). Views: (size, mean, std);
     batch_size is per rank. Both views come from one draw, a pure function of (augment_seed (default: seed), epoch,
@@ -539,20 +575,53 @@ def train_loader(urls, student_view, teacher_view, batch_size, *, num_workers=0,
     whose union is the data set. samples_per_epoch > 0: exactly samples_per_epoch // (world_size * batch_size)
     batches per rank, readers wrapping around their share (use it under data parallelism); else one pass, each
     worker dropping its last partial batch. resampled: shards drawn with replacement. teacher_cache: a folder of
-    cache.py (checked first by cache.check_cache); the second item is then the cached teacher features (image,
-    text), (B, D) each, fp16, L2-normalised; epoch e replays cached augmentation e % augs."""
+    tools/cache.py (checked first by check_cache); the second item is then the cached teacher features (image,
+    text), (B, D) each, fp16, L2-normalised; epoch e replays cached augmentation e % augs. augment_seed -1 = seed."""
     if resampled and samples_per_epoch <= 0:
         raise ValueError("resampled=True needs samples_per_epoch > 0")
     cache = (teacher_cache, read_cache_manifest(teacher_cache)) if teacher_cache else None
     views = [student_view] + ([teacher_view] if teacher_view is not None and cache is None else [])
-    settings = dict(locals(), augment_seed=seed if augment_seed is None else augment_seed)
-    dataset = CoupledShards(expand_urls(urls), views, cache, settings)
+    dataset = CoupledShards(
+        urls=expand_urls(urls),
+        views=views,
+        cache=cache,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        augment_seed=seed if augment_seed < 0 else augment_seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        samples_per_epoch=samples_per_epoch,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        context_length=context_length,
+        return_keys=return_keys,
+    )
     return TrainLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
 
-# ------------------------------------------------------------------ teacher cache (reading side): see cache.py
+# ------------------------------------------------------------------ teacher cache: the reading side
+# tools/cache.py writes a cache; what it holds and every check of it before a run reads it live here.
 
 CACHE_MANIFEST = "manifest.json"
+# What manifest.json holds: the teacher, the draws, what the views depend on (VIEW_KEYS) and, per training
+# shard, the entry of its finished cache shard (None until then). A resumed build must match IDENTITY;
+# check_cache checks a run.
+VIEW_KEYS = ("augment", "image_size", "image_mean", "image_std")
+IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", *VIEW_KEYS, "context_length")
+MANIFEST_KEYS = (
+    "teacher",
+    "teacher_ckpt",
+    *IDENTITY[1:],
+    "embed_dim",
+    "logit_scale",
+    "shards",
+)  # file order
+# An entry: the cached sample count, the training shard's fingerprint, and the cache shard's size and the
+# sha256 of its first HEAD_BYTES, which bind the file to its training shard at start-up without decoding it.
+ENTRY_KEYS = ("samples", "fingerprint", "bytes", "head_sha256")
+HEAD_BYTES = 1 << 16
 
 
 def cached_augmentation(epoch, augs):
@@ -573,11 +642,102 @@ def sample_digest(sample):
     return digest.hexdigest()
 
 
+def head_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+
+
+def shard_fingerprint(url):
+    """A cheap identity of a shard's content: its size and every member's name and size, read from the tar
+    headers alone (milliseconds for a shard of a thousand pairs). Regenerated shards change it; replaced bytes
+    of the same sizes are caught per sample by sample_digest."""
+    digest = hashlib.sha256(str(os.path.getsize(url)).encode())
+    with tarfile.open(url) as tar:
+        for member in tar:
+            digest.update(f"{member.name}\0{member.size}\0".encode())
+    return digest.hexdigest()
+
+
+def view_recipe(view):
+    """What a cached view depends on besides (seed, draw, key): the augmentation (AUGMENT, its version included)
+    and the teacher's input (size, mean, std). A cache made with another recipe holds other views."""
+    size, mean, std = view
+    return {
+        "augment": dict(AUGMENT),
+        "image_size": size,
+        "image_mean": [float(m) for m in mean],
+        "image_std": [float(s) for s in std],
+    }
+
+
 def read_cache_manifest(folder):
+    """A cache folder's manifest.json with every key there, else one line naming what is wrong."""
     path = os.path.join(folder, CACHE_MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: not a teacher cache (write one with `python -m tools.cache`)"
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error}); rebuild the cache") from None
+    manifest = manifest if isinstance(manifest, dict) else {}
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    for name, entry in (manifest.get("shards") or {}).items():
+        if isinstance(entry, dict):
+            missing += [f"shards/{name}/{key}" for key in ENTRY_KEYS if key not in entry]
+    if missing:
+        why = "made by an older cache.py, which did not record what its views depend on, or damaged"
+        raise ValueError(
+            f"{path} has no key {missing[0]!r} ({why}): rebuild it with cache.py into a new --out_dir"
+        )
+    return manifest
+
+
+def shard_problem(folder, url, entry, fingerprint):
+    """Why the cache shard of training shard `url` (current fingerprint given) cannot be used, as words that follow
+    'teacher cache FOLDER', or ''. Cheap: its entry, the cache shard's size and its first HEAD_BYTES."""
+    path = os.path.join(folder, cache_shard_name(url))
+    if not isinstance(entry, dict):
+        return f"has no finished cache shard for {url}"
+    if entry["fingerprint"] != fingerprint:
+        return f"was made from another {url} (its members changed)"
+    if not os.path.isfile(path):
+        return f"lacks {path}, the cache shard of {url}"
+    if os.path.getsize(path) != entry["bytes"]:
+        size = os.path.getsize(path)
+        return f"holds a truncated or replaced {path} ({size} bytes; {entry['bytes']} were written)"
+    if head_sha256(path) != entry["head_sha256"]:
+        return f"holds a {path} that is not the cache shard of {url} (swapped or replaced: its first bytes differ)"
+    return ""
+
+
+def check_cache(
+    folder, urls, *, teacher, teacher_sha256, seed, view, context_length, teacher_ckpt=""
+):
+    """The manifest of a complete cache that matches the run (view: the teacher's (size, mean, std)), the training
+    shards' current content and its own cache shards, else ValueError saying what differs. teacher_sha256 '' skips
+    the checkpoint's hash (the run then takes the cache's teacher); teacher_ckpt names that file in the error.
+    Reads tar headers, sizes and HEAD_BYTES per shard."""
+    manifest = read_cache_manifest(folder)
+    asked = dict(teacher=teacher, seed=seed, context_length=context_length, **view_recipe(view))
+    if teacher_sha256:
+        asked["teacher_sha256"] = teacher_sha256
+    hints = {
+        "seed": " (train.py --augment_seed sets the augmentation seed alone)",
+        "teacher_sha256": f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})",
+        "augment": " (the augmentation, data.AUGMENT, changed since: rebuild the cache with cache.py)",
+    }
+    for key, value in asked.items():
+        if manifest[key] != value:
+            made = f"teacher cache {folder} was made with {key} {manifest[key]!r}"
+            raise ValueError(f"{made}; this run asks for {value!r}{hints.get(key, '')}")
+    for url in expand_urls(urls):
+        entry = manifest["shards"].get(cache_shard_name(url))
+        problem = shard_problem(folder, url, entry, shard_fingerprint(url))
+        if problem:
+            raise ValueError(
+                f"teacher cache {folder} {problem}; run `python -m tools.cache ...` again to redo it"
+            )
+    return manifest

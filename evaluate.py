@@ -45,29 +45,21 @@ from protocol import (
     require_tasks,
 )
 
-# ------------------------------------------------------------------ settings: --key=value
-ckpt = ""  # the checkpoint to evaluate: the one positional argument
-model = ""  # model.py name; '' = the name the checkpoint stores (or the one its keys show)
-planes_dir = ""  # Planes DB folder; '' = the demo's (data/demo/planes) unless --task is given
-hc18_dir = ""  # HC18 folder; '' = the demo's (data/demo/hc18) unless --task is given
-task = ""  # your labelled scans: task folders (one sub-folder per class + prompts.json), comma-separated
-prompts = ""  # the tasks' prompts JSON {class: [prompt, ...]}; '' = each task folder's prompts.json
-eval_split = (
-    "all"  # 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
-)
-out_dir = ""  # where the JSON goes; '' = beside the checkpoint
-device = ""  # '' = cuda, else mps, else cpu
-batch_size = 64
-num_workers = 0  # image-loading processes
-cache_text = (
-    True  # GA prompts encoded once per distinct pixel spacing; False = per image, as the release
-)
-DEFAULTS = configurator.settings(globals())
-
-DEMO_FOLDERS = {
-    "planes_dir": "data/demo/planes",
-    "hc18_dir": "data/demo/hc18",
-}  # synthetic.layout("data/demo")
+# ------------------------------------------------------------------ settings: --key=value, read by main()
+DEFAULTS = {
+    "ckpt": "",  # the checkpoint to evaluate: the one positional argument
+    "model": "",  # model.py name; '' = the name the checkpoint stores (or the one its keys show)
+    "planes_dir": "",  # Planes DB folder; '' = the demo's (data/demo/planes) unless --task is given
+    "hc18_dir": "",  # HC18 folder; '' = the demo's (data/demo/hc18) unless --task is given
+    "task": "",  # your labelled scans: task folders (one sub-folder per class + prompts.json), comma-separated
+    "prompts": "",  # the tasks' prompts JSON {class: [prompt, ...]}; '' = each task folder's prompts.json
+    "eval_split": "all",  # 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
+    "out_dir": "",  # where the JSON goes; '' = beside the checkpoint
+    "device": "",  # '' = cuda, else mps, else cpu
+    "batch_size": 64,
+    "num_workers": 0,  # image-loading processes
+    "cache_text": True,  # GA prompts encoded once per distinct pixel spacing; False = per image, as the release
+}
 
 
 # ------------------------------------------------------------------ encoding
@@ -377,9 +369,7 @@ def zero_shot(
             )
         )
     if planes_dir and hc18_dir:
-        results["f1_all"] = (
-            5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]
-        ) / 8
+        results["f1_all"] = f1_all(results)
         results["avg"] = (results["f1_all"] + results["hc18"]["validity"] / 100) / 2
     if tasks:
         results["tasks"] = task_results(model, tasks, batch_size, device)
@@ -427,6 +417,12 @@ def hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text
     return dict(hc18=hc, hc18_true=true_hc, hc18_scores=scores, hc18_features=hc_features)
 
 
+def f1_all(results):
+    """The protocol's F1-all: the macro F1 of the five planes and of the three brain sub-planes, weighted by their
+    class counts, (5 F1-5 + 3 F1-3) / 8."""
+    return (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8
+
+
 def selection_score(results):
     """(value, rule) by which train.py keeps best.pt: the protocol's Avg (paper Sec. 3.6) when both its data sets
     are evaluated, else F1-all (Planes DB alone), else HC18 validity / 100, else the mean macro F1 of the user's
@@ -434,9 +430,7 @@ def selection_score(results):
     if "avg" in results:
         return results["avg"], "Avg"
     if "five_planes" in results:
-        return (
-            5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]
-        ) / 8, "F1-all"
+        return f1_all(results), "F1-all"
     if "hc18" in results:
         return results["hc18"]["validity"] / 100, "HC18 validity"
     if results.get("tasks"):
@@ -524,9 +518,11 @@ def run(config):
     out_dir.mkdir(parents=True, exist_ok=True)
     net = load_model(str(ckpt), config["model"]).to(device).eval()
     print(f"{ckpt}: {net.name} on {device}")
-    demo = (
-        {} if config["task"] else DEMO_FOLDERS
-    )  # the protocol runs on the demo's data unless tasks are named
+    demo = {}
+    if not config["task"]:  # the protocol runs on the demo's data unless tasks are named
+        from tools import synthetic
+
+        demo = synthetic.layout(configurator.DEMO_DIR)
     planes_dir, hc18_dir = (config[k] or demo.get(k, "") for k in ("planes_dir", "hc18_dir"))
     tasks = check_sets(
         planes_dir,

@@ -35,19 +35,18 @@ import evaluate
 import protocol
 from model import held_model_name, load_model, read_checkpoint, reparameterize
 
-# ------------------------------------------------------------------ settings: --key=value
-ckpt = "out/best.pt"  # student checkpoint (the demo's best by default): the one positional argument
-model = ""  # model.py name; '' = the name the checkpoint stores (or the one its keys show)
-out_dir = "export"  # exported files and their JSON sidecars
-coreml = True  # write .mlpackage files
-onnx = True  # write .onnx files
-zero_shot_head = (
-    True  # also export the encoder with the plane / brain sub-plane classifiers baked in
-)
-text = False  # also export the text encoder (on-device prompts)
-allow_teacher = False  # export a teacher (fetalclip, demo_teacher) too; refused by default
-tolerance = 1e-3  # max abs difference allowed on L2-normalised features (reparameterisation, ONNX)
-DEFAULTS = configurator.settings(globals())
+# ------------------------------------------------------------------ settings: --key=value, read by main()
+DEFAULTS = {
+    "ckpt": "out/best.pt",  # student checkpoint (the demo's best by default): the one positional argument
+    "model": "",  # model.py name; '' = the name the checkpoint stores (or the one its keys show)
+    "out_dir": "export",  # exported files and their JSON sidecars
+    "coreml": True,  # write .mlpackage files
+    "onnx": True,  # write .onnx files
+    "zero_shot_head": True,  # also export the encoder with the plane / brain sub-plane classifiers baked in
+    "text": False,  # also export the text encoder (on-device prompts)
+    "allow_teacher": False,  # export a teacher (fetalclip, demo_teacher) too; refused by default
+    "tolerance": 1e-3,  # max abs difference allowed on L2-normalised features (reparameterisation, ONNX)
+}
 
 TEACHERS = ("fetalclip", "demo_teacher")
 ONNX_OPSET = 17
@@ -196,7 +195,7 @@ def check(error, what, tol):
 def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=True, verify=None):
     """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx and by verify(file), if given,
     before it replaces `path` -> path."""
-    import onnx as onnx_lib
+    import onnx
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
     with configurator.atomic_path(path) as tmp, warnings.catch_warnings():
@@ -213,7 +212,7 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-        onnx_lib.checker.check_model(tmp)
+        onnx.checker.check_model(tmp)
         if verify:
             verify(tmp)
     return path

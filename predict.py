@@ -278,8 +278,27 @@ def timeline(clip, members, classes):
 
 # ------------------------------------------------------------------ outputs
 
-CSV_COLUMNS = ["file", "frame", "region", "seconds", "label", "p", "second", "p2", "third", "p3", "subplane",
-               "p_subplane", "pixel_size_mm", "spacing_source", "ga", "ga_days", "note", "pixels", "saved"]  # fmt: skip
+CSV_COLUMNS = [
+    "file",
+    "frame",
+    "region",
+    "seconds",
+    "label",
+    "p",
+    "second",
+    "p2",
+    "third",
+    "p3",
+    "subplane",
+    "p_subplane",
+    "pixel_size_mm",
+    "spacing_source",
+    "ga",
+    "ga_days",
+    "note",
+    "pixels",
+    "saved",
+]
 
 
 def csv_line(row):

@@ -6,7 +6,10 @@
     torchrun --standalone --nproc_per_node=8 train.py --preset=paper ...
     python train.py --data_dir= --train_data=shards --eval_tasks=my_task/    # your pairs (prepare.py), your task
 Any global below can be overridden with --key=value; --resume=True continues out_dir/ckpt.pt exactly (settings
-other than RESUMABLE ones must not change).
+other than RESUMABLE ones must not change). --max_steps=N is a smoke test: the schedule fits N steps, and the
+demo teacher trained first stops as early, in a folder of its own (demo_teacher_max_stepsN) no full run takes.
+About 720 lines, past a script's ~700: one concern still, one training run read top to bottom (settings,
+checks, data, models, schedule, resume, loop, summary), as nanoGPT's train.py.
 """
 
 import json
@@ -32,8 +35,12 @@ from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model, read
 
 # ------------------------------------------------------------------ settings: --key=value
 # I/O
-out_dir = "out"  # ckpt.pt (latest), best.pt (best by evaluate.selection_score: Avg), log.jsonl
-data_dir = "data/demo"  # the synthetic benchmark, written by synthetic.py when missing; '' = none (your data)
+out_dir = (
+    "out"  # ckpt.pt (latest), best.pt (best by Avg), log.jsonl: configurator.CHECKPOINT, BEST, LOG
+)
+data_dir = (
+    configurator.DEMO_DIR
+)  # the synthetic benchmark, written when missing; '' = none (your data)
 train_data = ""  # WebDataset shards, brace-expanded (prepare.py writes them); '' = the demo shards in data_dir
 planes_dir = ""  # Planes DB folder; '' = data_dir/planes, none without data_dir
 hc18_dir = ""  # HC18 folder; '' = data_dir/hc18, none without data_dir
@@ -48,13 +55,16 @@ wandb_project = "mobilefetalclip"
 student = "demo_student"  # model.py name
 student_init = ""  # open_clip / Apple MobileCLIP2 file to start from; '' = random init
 teacher = "demo_teacher"  # model.py name
-teacher_ckpt = ""  # teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher
+teacher_ckpt = (
+    ""  # teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher (see below)
+)
 demo_teacher_epochs = 7  # epochs of CLIP training for that demo teacher
 teacher_cache = ""  # folder written by `python -m tools.cache`: replay its teacher embeddings, never run the teacher
-# distillation (paper Sec. 3.1-3.4): mode none | coupled (lambda0, Eq. 5) | selective (beta0, Eq. 7); r as in the paper
+# distillation (paper Sec. 3.1-3.4): mode is a loss.KD_MODES entry, none | coupled (Eq. 4-5) | selective
+# (Eq. 6-7); each mode's weight at t = 0 (w0) is the setting its entry names, with its default there:
+# lambda0 = 1.0 (coupled, Eq. 5), beta0 = 2.0 (selective, Eq. 7); a mode added to KD_MODES brings its own
 mode = "selective"
-lambda0 = 1.0  # coupled: KD weight at t = 0 (Eq. 5)
-beta0 = 2.0  # selective: off-diagonal weight at t = 0 (Eq. 7)
+globals().update({kd["weight"]: kd["w0"] for kd in KD_MODES.values() if kd["weight"]})
 r = -0.8  # weight at the end = w0 * r; r < 0 turns attraction into repulsion
 tau_kd = 1.0  # teacher temperature (Eq. 2); the paper's 5 softens FetalCLIP's logit scale 100 to 20, the demo
 # teacher learns ~14 in its short run, which 5 would flatten to ~3 (nearly uniform targets): 1 keeps it ~14
@@ -73,41 +83,43 @@ beta2 = 0.98
 eps = 1e-6
 grad_clip = 1.0  # the gradient norm is clipped to this; 0 = off (as in nanoGPT)
 max_bad_steps = 5  # consecutive non-finite losses before the run stops
-max_steps = -1  # stop after this many optimiser steps (smoke tests); -1 = run all epochs
+max_steps = -1  # stop after this many optimiser steps, the schedule fitted to them (smoke tests); -1 = all epochs
 # system
 device = ""  # '' = cuda, else mps, else cpu
 dtype = ""  # '' = bf16 (or fp16 + grad scaler) on cuda, fp32 elsewhere; or float32|bfloat16|float16
 num_workers = 2  # data loader processes per rank
 shuffle_buffer = 1000  # samples; 1 keeps the shards' order
 seed = 0
-augment_seed = (
-    -1
-)  # seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
+# seed of the augmentation draws; -1 = seed. Fix it to share one teacher cache across seeds
+augment_seed = -1
 PRESETS = {
-    "paper": dict(
-        student="mobilefetalclip", teacher="fetalclip", epochs=20, batch_size=512, grad_accum=2
-    )
+    "paper": {  # paper Sec. 3.6; the real data: --train_data, --planes_dir, --hc18_dir
+        "student": "mobilefetalclip",
+        "teacher": "fetalclip",
+        "epochs": 20,
+        "batch_size": 512,
+        "grad_accum": 2,
+        "tau_kd": 5.0,
+        "learning_rate": 1e-5,
+        "warmup_steps": 500,
+        "dtype": "float16",
+        "log_interval": 50,
+        "num_workers": 8,
+        "data_dir": "",
+    }
 }
-PRESETS["paper"].update(
-    tau_kd=5.0, learning_rate=1e-5, warmup_steps=500, dtype="float16", log_interval=50
-)
-PRESETS["paper"].update(
-    num_workers=8, data_dir=""
-)  # the real data: --train_data, --planes_dir, --hc18_dir
 RESUMABLE = (
     "log_interval",
     "eval_every",
     "num_workers",
     "device",
-    "max_steps",
     "wandb_log",
     "wandb_project",
     "resume",
 )
 
-config = configurator.configure(
-    configurator.settings(globals()), sys.argv[1:], PRESETS
-)  # in every checkpoint
+# in every checkpoint and log
+config = configurator.configure(configurator.settings(globals()), sys.argv[1:], PRESETS)
 globals().update(config)
 one_step = batch_size * grad_accum  # pairs per optimiser step
 rules = [  # (setting, holds, expected): checked before anything runs, after every float is checked to be finite
@@ -209,26 +221,46 @@ with configurator.user_errors(
         tasks = evaluate.check_sets(planes_dir, hc18_dir, eval_tasks, split=eval_split)
 
 
+def demo_teacher_path():
+    """Where the demo teacher's run lives: out_dir/demo_teacher, or under --max_steps=N (a smoke test, whose teacher
+    stops after N steps too) out_dir/demo_teacher_max_stepsN, a folder no full run reads. The student learns from
+    its ckpt.pt, the last epoch: a teacher is not chosen on the benchmark it is evaluated on."""
+    folder = configurator.DEMO_TEACHER + (f"_max_steps{max_steps}" if max_steps > 0 else "")
+    return os.path.join(out_dir, folder, configurator.CHECKPOINT)
+
+
+def demo_teacher_trained(path):
+    """Its ckpt.pt counts the epochs its run finished (and the steps, where --max_steps stopped it)."""
+    if not os.path.exists(path):
+        return False
+    with configurator.user_errors("the demo teacher"):
+        checkpoint = read_checkpoint(path)
+    stopped = max_steps > 0 and checkpoint["opt_step"] >= max_steps
+    return checkpoint["epoch"] == demo_teacher_epochs or stopped
+
+
 def train_demo_teacher(path):
     """The demo's teacher: this same script with the CLIP loss only, run once and reused. An interrupted run is
     resumed; one made with other settings (epochs included) is refused, naming them."""
-    flags = dict(
-        mode="none",
-        student=teacher,
-        out_dir=os.path.dirname(path),
-        data_dir=data_dir,
-        train_data=train_data,
-    )
-    flags.update(
-        planes_dir=planes_dir,
-        hc18_dir=hc18_dir,
-        eval_tasks=eval_tasks,
-        eval_every=eval_every,
-        seed=seed,
-    )
-    flags.update(epochs=demo_teacher_epochs, device=device, resume=os.path.exists(path))
+    flags = {
+        "mode": "none",
+        "student": teacher,
+        "out_dir": os.path.dirname(path),
+        "data_dir": data_dir,
+        "train_data": train_data,
+        "planes_dir": planes_dir,
+        "hc18_dir": hc18_dir,
+        "eval_tasks": eval_tasks,
+        "eval_every": eval_every,
+        "seed": seed,
+        "epochs": demo_teacher_epochs,
+        "device": device,
+        "resume": os.path.exists(path),
+        "num_workers": num_workers,
+    }
+    if max_steps > 0:
+        flags["max_steps"] = max_steps
     command = [sys.executable, os.path.abspath(__file__), *(f"--{k}={v}" for k, v in flags.items())]
-    command.append(f"--num_workers={num_workers}")
     print(
         f"{'resuming' if flags['resume'] else 'training'} the demo teacher first ({' '.join(command[1:])})"
     )
@@ -239,18 +271,20 @@ def train_demo_teacher(path):
         raise SystemExit(
             f"the demo teacher's run in {os.path.dirname(path)} failed: its error is above"
         )
+    print(
+        f"the demo teacher is trained: the student learns from {path} (its last epoch, not its best.pt)"
+    )
 
 
 # ------------------------------------------------------------------ models
 class Distillee(nn.Module):
-    """The student plus the feature-KD baseline's Linear(D_S, D_T): one unit for DDP and the optimiser."""
+    """The student plus, when projected, the Linear(D_S, D_T) that projected KD terms read (the feature-KD baseline,
+    or a mode whose KD_MODES entry asks for it): one unit for DDP and the optimiser."""
 
-    def __init__(self, student_net, teacher_dim):
+    def __init__(self, student_net, teacher_dim, projected):
         super().__init__()
         self.student = student_net
-        self.feature_proj = (
-            nn.Linear(student_net.embed_dim, teacher_dim) if feature_kd > 0 else None
-        )
+        self.feature_proj = nn.Linear(student_net.embed_dim, teacher_dim) if projected else None
 
     def forward(self, images, tokens):
         image_features, text_features, logit_scale = self.student(images, tokens)
@@ -265,21 +299,26 @@ if student_init:
     print(f"student initialised from {student_init}")
 # built before the teacher, so the teacher's (random, then overwritten) initialisation does not shift the
 # projection's: a cached-teacher run starts from exactly the live run's weights
-distillee = Distillee(raw_student, MODEL_CONFIGS[teacher]["embed_dim"]).to(device)
+projected = KD_MODES[mode]["projected"] or feature_kd > 0
+distillee = Distillee(raw_student, MODEL_CONFIGS[teacher]["embed_dim"], projected).to(device)
 CONTEXT, TEACHER_SIZE = raw_student.context_length, MODEL_CONFIGS[teacher]["image_size"]
 
 teacher_net, cached_teacher = None, None
 if teacher_cache and (
     mode != "none" or feature_kd > 0
 ):  # the teacher is never built: its outputs are on disk
-    asked = dict(
-        teacher=teacher, teacher_ckpt=teacher_ckpt, seed=augment_seed, context_length=CONTEXT
-    )
-    from tools import cache
-
+    teacher_view = TEACHER_SIZE, MODEL_CONFIGS[teacher]["mean"], MODEL_CONFIGS[teacher]["std"]
     with configurator.user_errors(f"--teacher_cache={teacher_cache}"):
-        teacher_view = TEACHER_SIZE, MODEL_CONFIGS[teacher]["mean"], MODEL_CONFIGS[teacher]["std"]
-        cached_teacher = cache.check_cache(teacher_cache, train_data, view=teacher_view, **asked)
+        cached_teacher = data.check_cache(
+            teacher_cache,
+            train_data,
+            teacher=teacher,
+            teacher_sha256=configurator.file_sha256(teacher_ckpt) if teacher_ckpt else "",
+            teacher_ckpt=teacher_ckpt,
+            seed=augment_seed,
+            view=teacher_view,
+            context_length=CONTEXT,
+        )
     cached_scale = torch.tensor(cached_teacher["logit_scale"], device=device)
     made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
     augs = cached_teacher["augs"]
@@ -296,19 +335,9 @@ elif mode != "none" or feature_kd > 0:
             raise SystemExit(
                 f"--teacher={teacher} needs --teacher_ckpt=PATH (e.g. FetalCLIP_weights.pt)"
             )
-        teacher_ckpt = os.path.join(
-            out_dir, "demo_teacher", "ckpt.pt"
-        )  # its last epoch: not chosen on the benchmark
-        if master:
-            with configurator.user_errors(
-                "the demo teacher"
-            ):  # its ckpt.pt counts the epochs its run finished
-                done = (
-                    os.path.exists(teacher_ckpt)
-                    and read_checkpoint(teacher_ckpt)["epoch"] == demo_teacher_epochs
-                )
-            if not done:
-                train_demo_teacher(teacher_ckpt)
+        teacher_ckpt = demo_teacher_path()
+        if master and not demo_teacher_trained(teacher_ckpt):
+            train_demo_teacher(teacher_ckpt)
         if ddp:
             dist.barrier()
     with configurator.user_errors("--teacher_ckpt"):
@@ -347,20 +376,24 @@ if samples_per_epoch < 0:
 # schedule step t counts micro-batches (S in Eq. 5 / 7); an epoch ends on an optimiser step, so an epoch's
 # checkpoint never holds half an accumulation window (at most grad_accum - 1 micro-batches are dropped)
 micro_per_epoch = samples_per_epoch // batch_size // grad_accum * grad_accum
-total_micro = micro_per_epoch * epochs  # S in Eq. 5 / 7
-total_opt = total_micro // grad_accum
 if micro_per_epoch == 0:
     raise SystemExit(
         f"{train_data}: {samples_per_epoch} samples make no {grad_accum} batches of {batch_size}"
     )
-w0 = beta0 if mode == "selective" else lambda0
+# the schedule follows the run's real length: --max_steps compresses all of it (KD weight, warm-up, cosine),
+# so a smoke test runs the shape of the full run in its few steps
+full_opt = micro_per_epoch * epochs // grad_accum
+total_opt = min(full_opt, max_steps) if max_steps > 0 else full_opt
+total_micro = total_opt * grad_accum  # S in Eq. 5 / 7
+warmup = math.ceil(warmup_steps * total_opt / full_opt)  # optimiser steps of linear warm-up
+w0 = config[KD_MODES[mode]["weight"]] if KD_MODES[mode]["weight"] else 0.0  # lambda0, beta0, ...
 
 
 def lr_at(opt_step):
     """Linear warm-up, then cosine to 0 over the remaining optimiser steps (paper Sec. 3.6)."""
-    if opt_step < warmup_steps:
-        return learning_rate * (opt_step + 1) / warmup_steps
-    progress = min((opt_step - warmup_steps) / max(total_opt - warmup_steps, 1), 1.0)
+    if opt_step < warmup:
+        return learning_rate * (opt_step + 1) / warmup
+    progress = min((opt_step - warmup) / max(total_opt - warmup, 1), 1.0)
     return learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -370,10 +403,20 @@ applied_steps = (
 )
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
 window_finite = True  # every micro-batch of the current accumulation window had a finite loss
-ckpt_path, best_path, log_path = (
-    os.path.join(out_dir, f) for f in ("ckpt.pt", "best.pt", "log.jsonl")
-)
-last_good_checkpoint = lambda: ckpt_path if os.path.exists(ckpt_path) else "none yet"
+ckpt_path = os.path.join(out_dir, configurator.CHECKPOINT)
+best_path = os.path.join(out_dir, configurator.BEST)
+log_path = os.path.join(out_dir, configurator.LOG)
+
+
+def last_good_checkpoint():
+    return ckpt_path if os.path.exists(ckpt_path) else "none yet"
+
+
+def best_of(saved):
+    """A checkpoint's best selection score (best_avg in files from before the user's tasks)."""
+    return saved.get("best_score", saved.get("best_avg"))
+
+
 resumed_changes = {}
 if resume:
     with configurator.user_errors("--resume=True"):
@@ -402,15 +445,14 @@ if resume:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     step, opt_step, start_epoch = checkpoint["step"], checkpoint["opt_step"], checkpoint["epoch"]
-    best_of = lambda saved: saved.get(
-        "best_score", saved.get("best_avg")
-    )  # best_avg: files from before tasks
     best_score, applied_steps = best_of(checkpoint), checkpoint["applied_steps"]
     if os.path.exists(
         best_path
     ):  # written after ckpt.pt when that epoch's evaluation found a new best
         best_score = max(best_score, best_of(torch.load(best_path, weights_only=True, mmap=True)))
     torch.set_rng_state(checkpoint["rng"])
+    if max_steps > 0 and opt_step >= max_steps:
+        raise SystemExit(f"--resume=True: {ckpt_path} has run its --max_steps={max_steps} already")
     changes = "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in resumed_changes.items())
     print(
         f"resuming {ckpt_path} at epoch {start_epoch}, micro-batch {step}, optimiser step {opt_step}{changes}"
@@ -494,6 +536,11 @@ if master:
         f"{student} <- {source} | mode {mode} | {samples_per_epoch} samples x "
         f"{epochs} epochs | {micro_per_epoch} micro-batches of {batch_size} per epoch | {device} {dtype}"
     )
+    if total_opt < full_opt:
+        print(
+            f"--max_steps={max_steps}: the schedule fits {total_opt} of {full_opt} optimiser steps "
+            f"(S = {total_micro} micro-batches in Eq. 5 / 7, {warmup} warm-up steps)"
+        )
 
 # an epoch's evaluation killed after its ckpt.pt (written first) runs now, never silently skipped
 ended_epoch = step == start_epoch * micro_per_epoch and start_epoch > 0  # ckpt.pt is an epoch's end
@@ -513,21 +560,34 @@ if ddp:
 
 # ------------------------------------------------------------------ training loop
 stopped = False
-view = lambda net: (
-    net.image_size,
-    net.image_mean,
-    net.image_std,
-)  # what the data pipeline needs to make its input
+
+
+def view(net):
+    """What the data pipeline needs to make a model's input: (size, mean, std)."""
+    return net.image_size, net.image_mean, net.image_std
+
+
 views = (view(raw_student), view(teacher_net) if teacher_net else None)
-reading = dict(
-    num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, augment_seed=augment_seed
-)
-reading.update(
-    samples_per_epoch=samples_per_epoch, shuffle_buffer=shuffle_buffer, context_length=CONTEXT
-)
-reading.update(teacher_cache=teacher_cache if cached_teacher else "")
-losses = dict(mode=mode, total_steps=total_micro, w0=w0, r=r, tau_kd=tau_kd, smoothing=smoothing)
-losses.update(feat_weight=feature_kd)
+reading = {
+    "num_workers": num_workers,
+    "seed": seed,
+    "rank": rank,
+    "world_size": world_size,
+    "augment_seed": augment_seed,
+    "samples_per_epoch": samples_per_epoch,
+    "shuffle_buffer": shuffle_buffer,
+    "context_length": CONTEXT,
+    "teacher_cache": teacher_cache if cached_teacher else "",
+}
+losses = {
+    "mode": mode,
+    "total_steps": total_micro,
+    "w0": w0,
+    "r": r,
+    "tau_kd": tau_kd,
+    "smoothing": smoothing,
+    "feat_weight": feature_kd,
+}
 for epoch in range(start_epoch, epochs):
     loader = data.train_loader(train_data, *views, batch_size // world_size, epoch=epoch, **reading)
     done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
@@ -611,21 +671,15 @@ for epoch in range(start_epoch, epochs):
             opt_step += 1
         if step % log_interval == 0 and master:
             elapsed, timer = time.time() - timer, time.time()
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "weight": parts["weight"],
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            record.update(
-                {k: parts[k].item() for k in ("loss", "clip", "kd_diag", "kd_off", "kd_feat")}
-            )
+            # loss, clip, then the mode's own parts (kd_diag, kd_off; kd_feat with feature KD; yours)
+            terms = {k: v.item() for k, v in parts.items() if k != "weight"}
+            record = {"step": step, "epoch": epoch, "weight": parts["weight"]}
+            record.update(lr=optimizer.param_groups[0]["lr"], **terms)
             record.update(logit_scale=logit_scale.item(), grad_norm=float(grad_norm))
             record["samples_per_s"] = log_interval * batch_size / elapsed
             tqdm.write(
-                f"step {step} | loss {record['loss']:.3f} | clip {record['clip']:.3f} | kd_diag "
-                f"{record['kd_diag']:.3f} | kd_off {record['kd_off']:.3f} | weight {record['weight']:.2f}"
-                f" | lr {record['lr']:.1e} | scale {record['logit_scale']:.1f} | "
+                f"step {step} | {' | '.join(f'{k} {v:.3f}' for k, v in terms.items())} | weight "
+                f"{record['weight']:.2f} | lr {record['lr']:.1e} | scale {record['logit_scale']:.1f} | "
                 f"{record['samples_per_s']:.0f} samples/s"
             )
             log(record)
@@ -665,6 +719,8 @@ if master and not stopped and eval_every > 0 and os.path.exists(best_path):
         "\n"
         + "\n".join(f"{name:<28} {evaluate.summary(metrics)}" for name, metrics in rows.items())
     )
+    if teacher_net is not None:
+        print(f"teacher checkpoint: {teacher_ckpt}")
     print(f"best checkpoint: {best_path}")
 if ddp:
     dist.destroy_process_group()

@@ -40,7 +40,14 @@ def test_student_t_ci_and_linear_probe_on_separable_features():
     features = np.eye(8)[labels] * 3 + rng.normal(scale=0.3, size=(120, 8))
     groups, is_train = np.arange(120) // 2, np.arange(120) % 4 != 0
     r = analysis.linear_probe(
-        features, labels, groups, is_train, folds=2, seeds=2, epochs=10, lr=5e-2
+        features,
+        labels,
+        groups,
+        is_train,
+        folds=2,
+        seeds=2,
+        epochs=10,
+        recipe={**analysis.PROBE_RECIPE, "lr": 5e-2},
     )
     assert r["runs"] == 4 and r["f1"] > 0.97 and r["ci_low"] <= r["f1"] <= r["ci_high"]
 
@@ -121,7 +128,10 @@ def test_the_clip_probe_separates_separable_clips_and_not_shuffled_ones(tmp_path
     shuffled = list(np.random.default_rng(1).permutation(separable))
     write_clips(tmp_path / "shuffled", shuffled)
     out = analysis.main([str(tmp_path / "best.pt"), f"--probe={tmp_path / 'shuffled'}", *quick])
-    assert abs(out["probe"]["value"] - 0.5) < 0.2  # the labels say nothing the clips show
+    # the labels say nothing the clips show: AUROC 0.42-0.58 over shuffles 1-5 (0.5806 for this one, the
+    # same with PyTorch's AVX2 kernels, ATEN_CPU_CAPABILITY=avx2), so the bound 0.2 leaves at least 0.12 for
+    # other CPUs
+    assert abs(out["probe"]["value"] - 0.5) < 0.2
     assert (
         0 <= out["probe"]["ci_low"] <= out["probe"]["ci_high"] <= 1 and out["probe"]["folds"] == 10
     )

@@ -16,6 +16,7 @@ import torch.multiprocessing
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch.multiprocessing.spawn import ProcessException
 
+import configurator
 import data
 from model import CLIP, MODEL_CONFIGS, create_model, load_model
 from tools import cache, synthetic
@@ -171,6 +172,12 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
     )  # others stay
 
 
+def check_cache(folder, urls, *, teacher_ckpt, **asked):
+    """data.check_cache as train.py calls it: with the checkpoint's sha256 when one is given."""
+    sha256 = configurator.file_sha256(teacher_ckpt) if teacher_ckpt else ""
+    return data.check_cache(folder, urls, teacher_sha256=sha256, teacher_ckpt=teacher_ckpt, **asked)
+
+
 def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     root, teacher, _ = setup
     asked = dict(
@@ -178,9 +185,9 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     )
     shards = str(root / "shards")
     folder = str(root / "cache")
-    assert cache.check_cache(folder, shards, **asked)["augs"] == AUGS
+    assert check_cache(folder, shards, **asked)["augs"] == AUGS
     assert (
-        cache.check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS
+        check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS
     )  # no hash asked
     other = save_teacher(tmp_path / "other.pt", seed=1)
     for change, message in [
@@ -196,7 +203,7 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
         ),
     ]:
         with pytest.raises(ValueError, match=message):
-            cache.check_cache(folder, shards, **{**asked, **change})
+            check_cache(folder, shards, **{**asked, **change})
     synthetic.write_shards(
         str(tmp_path / "more"),
         seed=1,
@@ -208,7 +215,7 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     )
     os.rename(tmp_path / "more" / "train-000000.tar", tmp_path / "more" / "train-000009.tar")
     with pytest.raises(ValueError, match="no finished cache shard for .*train-000009.tar"):
-        cache.check_cache(
+        check_cache(
             folder,
             [shards + "/train-000000.tar", str(tmp_path / "more" / "train-000009.tar")],
             **asked,
@@ -216,7 +223,7 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="holds a cache with seed 0, not 1"):
         cache.write_cache(teacher, shards, folder, augs=AUGS, seed=1, num_workers=0, device="cpu")
     with pytest.raises(FileNotFoundError, match="not a teacher cache"):
-        cache.check_cache(str(tmp_path), shards, **asked)
+        check_cache(str(tmp_path), shards, **asked)
 
 
 def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
@@ -237,7 +244,7 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     with pytest.raises(
         ValueError, match=f"was made from another {regenerated / 'train-000000.tar'}"
     ):
-        cache.check_cache(str(root / "cache"), str(regenerated), **asked)
+        check_cache(str(root / "cache"), str(regenerated), **asked)
     same_sizes = (
         tmp_path / "same_sizes"
     )  # one caption's bytes changed in place: names and sizes stay
@@ -247,7 +254,7 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     caption = next(s["txt"] for s in data.wds.tarfile_samples([{"url": str(shard)}]))
     shard.write_bytes(payload.replace(caption, caption[::-1], 1))
     assert (
-        cache.check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS
+        check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS
     )  # headers agree
     student = create_model("demo_student")
     view = (student.image_size, student.image_mean, student.image_std)
@@ -332,9 +339,7 @@ def test_a_killed_rank_loses_only_its_unfinished_shard(setup, tmp_path, monkeypa
         teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48
     )
     with pytest.raises(ValueError, match="has no finished cache shard for .*train-000000.tar"):
-        cache.check_cache(
-            str(out_dir), str(root / "shards"), **asked
-        )  # nothing listed before the end
+        check_cache(str(out_dir), str(root / "shards"), **asked)  # nothing listed before the end
     redone, cache_one_shard = [], cache.cache_one_shard
     monkeypatch.setattr(
         cache,
@@ -365,18 +370,18 @@ def test_a_deleted_truncated_or_swapped_cache_shard_is_refused_naming_it(
         ValueError,
         match=f"holds a {first} that is not the cache shard of .*train-000000.tar .swapped",
     ):
-        cache.check_cache(str(folder), shards, **asked)
+        check_cache(str(folder), shards, **asked)
     third.write_bytes(third.read_bytes()[: third.stat().st_size // 2])
     with pytest.raises(
         ValueError, match=f"holds a truncated or replaced {third} .{third.stat().st_size} bytes"
     ):
-        cache.check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
+        check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
     third.unlink()
     with pytest.raises(
         ValueError,
         match=f"lacks {third}, the cache shard of .*train-000002.tar; run `python -m tools.cache",
     ):
-        cache.check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
+        check_cache(str(folder), str(root / "shards" / "train-000002.tar"), **asked)
     redone, cache_one_shard = [], cache.cache_one_shard
     monkeypatch.setattr(
         cache,
@@ -405,7 +410,7 @@ def test_a_cache_of_other_views_is_refused(setup, monkeypatch):
         image_std=list(OPENAI_CLIP_STD),
     )
     assert (
-        tuple(manifest) == cache.MANIFEST_KEYS
+        tuple(manifest) == data.MANIFEST_KEYS
     )  # the names the start-up check requires, in the file's order
     monkeypatch.setitem(data.AUGMENT, "degrees", 0.0)
     monkeypatch.setitem(data.AUGMENT, "translate", 0.0)
@@ -419,25 +424,23 @@ def test_a_cache_of_other_views_is_refused(setup, monkeypatch):
     with pytest.raises(
         ValueError, match="made with augment .*'degrees': 7.0.*; this run asks for .*'degrees': 0.0"
     ):
-        cache.check_cache(str(root / "cache"), str(root / "shards"), **asked)
+        check_cache(str(root / "cache"), str(root / "shards"), **asked)
     monkeypatch.setattr(
         data, "AUGMENT", {**manifest["augment"], "version": "changed"}
     )  # coupled_views changed
     with pytest.raises(
         ValueError, match="made with augment .*; this run asks for .*'version': 'changed'.*rebuild"
     ):
-        cache.check_cache(str(root / "cache"), str(root / "shards"), **asked)
+        check_cache(str(root / "cache"), str(root / "shards"), **asked)
     monkeypatch.setattr(data, "AUGMENT", manifest["augment"])
-    assert cache.check_cache(str(root / "cache"), str(root / "shards"), **asked) == manifest
+    assert check_cache(str(root / "cache"), str(root / "shards"), **asked) == manifest
     for position, name in ((1, "image_mean"), (2, "image_std")):
         view = list(TEACHER_VIEW)
         view[position] = (0.5, 0.5, 0.5)
         with pytest.raises(
             ValueError, match=f"made with {name} .*; this run asks for .0.5, 0.5, 0.5."
         ):
-            cache.check_cache(
-                str(root / "cache"), str(root / "shards"), **{**asked, "view": tuple(view)}
-            )
+            check_cache(str(root / "cache"), str(root / "shards"), **{**asked, "view": tuple(view)})
 
 
 def test_a_manifest_without_a_key_is_one_line_naming_it(setup, tmp_path):
@@ -460,9 +463,9 @@ def test_a_manifest_without_a_key_is_one_line_naming_it(setup, tmp_path):
     ]:
         (folder / data.CACHE_MANIFEST).write_text(json.dumps(damaged))
         with pytest.raises(ValueError) as error:
-            cache.check_cache(str(folder), str(root / "shards"), **asked)
+            check_cache(str(folder), str(root / "shards"), **asked)
         assert f"{folder / data.CACHE_MANIFEST} has no key {key!r}" in str(error.value)
         assert "rebuild" in str(error.value) and "\n" not in str(error.value)
     (folder / data.CACHE_MANIFEST).write_text("{")
     with pytest.raises(ValueError, match=f"{folder / data.CACHE_MANIFEST}: not JSON"):
-        cache.check_cache(str(folder), str(root / "shards"), **asked)
+        check_cache(str(folder), str(root / "shards"), **asked)

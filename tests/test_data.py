@@ -520,11 +520,14 @@ def test_augment_params_pure_and_in_range():
 def test_a_16_bit_or_float_training_image_decodes_as_its_8_bit_scan():
     scan = np.asarray(smooth_image(5).convert("L"))  # (H, W) uint8
     eight = data.decode_sample({"png": encoded(Image.fromarray(scan), "PNG"), "txt": b"a scan"})[0]
+    assert data.decode_sample({"png": b"not a png", "txt": b"a scan"}) == (None, "a scan", "image")
+    assert data.decode_sample({"png": encoded(Image.fromarray(scan), "PNG")})[2] == "caption"
     for image in (
         Image.fromarray(scan.astype(np.uint16) * 257),
         Image.fromarray(scan.astype(np.float32) / 255),
     ):
-        decoded, caption = data.decode_sample(
+        decoded, caption, problem = data.decode_sample(
             {"png": encoded(image, "PNG" if image.mode != "F" else "TIFF"), "txt": b"a scan"}
         )
-        assert caption == "a scan" and np.array_equal(np.asarray(decoded), np.asarray(eight))
+        assert caption == "a scan" and not problem
+        assert np.array_equal(np.asarray(decoded), np.asarray(eight))

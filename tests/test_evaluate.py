@@ -211,8 +211,11 @@ def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monk
     for name in ("four_chamber", "other"):
         (folder / name).mkdir(parents=True)
     rng = np.random.default_rng(0)
-    write_dicom(folder / "four_chamber" / "loop", rng.integers(0, 255, (3, 40, 80), dtype=np.uint8),
-                regions=[region(0, 0, 39, 39), region(40, 0, 79, 39)])  # fmt: skip
+    write_dicom(
+        folder / "four_chamber" / "loop",
+        rng.integers(0, 255, (3, 40, 80), dtype=np.uint8),
+        regions=[region(0, 0, 39, 39), region(40, 0, 79, 39)],
+    )
     Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)).save(folder / "other" / "a.png")
     (folder / "other" / "notes.txt").write_text("a note")
     prompts = {

@@ -105,7 +105,10 @@ def test_reparameterisation_parity_fastvit():
     torch.manual_seed(0)
     net = randomise_batchnorm(create_model("mobilefetalclip")).eval()
     fused = reparameterize(net)
-    count = lambda module: sum(p.numel() for p in module.parameters())
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
     assert (count(net.visual), count(fused.visual)) == (
         11_406_976,
         11_357_504,

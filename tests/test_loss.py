@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from loss import clip_loss, distill_loss, kd_loss, kd_weight
+from loss import KD_MODES, clip_loss, distill_loss, kd_weight
 
 B, D, D_T = 5, 8, 12  # batch, student width, teacher width
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features", "teacher_logit_scale")
@@ -36,6 +36,12 @@ def make_batch(seed=0, n=B, dtype=torch.float64):
 
 def student(batch):
     return batch["image_features"], batch["text_features"], batch["logit_scale"]
+
+
+def kd_parts(batch, tau_kd, smoothing=0.0):
+    """Eq. 6's unweighted parts (diag, off) of logit KD, whose sum is Eq. 3: the coupled mode's logged terms."""
+    out = distill_loss(**batch, mode="coupled", w0=1.0, r=1.0, tau_kd=tau_kd, smoothing=smoothing)
+    return out["kd_diag"], out["kd_off"]
 
 
 def naive(batch, mode, weight, tau_kd=5.0, smoothing=0.0):
@@ -66,7 +72,7 @@ def naive(batch, mode, weight, tau_kd=5.0, smoothing=0.0):
                 else:
                     off += term
     if mode == "none":
-        return dict(loss=clip, clip=clip, kd_diag=0.0, kd_off=0.0)
+        return dict(loss=clip, clip=clip)
     kd = weight * (diag + off) if mode == "coupled" else diag + weight * off
     return dict(loss=clip + kd, clip=clip, kd_diag=diag, kd_off=off)
 
@@ -93,12 +99,12 @@ def test_every_mode_matches_naive_loops(mode, step, total_steps, w0, r, weight, 
     for key, value in naive(batch, mode, weight, tau_kd=5.0, smoothing=smoothing).items():
         assert_close(out[key], torch.tensor(value, dtype=torch.float64), msg=key)
     assert out["weight"] == pytest.approx(0.0 if mode == "none" else weight)
-    assert out["kd_feat"] == 0
+    assert out.keys() == {"weight", *naive(batch, mode, weight)}  # the mode's own terms, no kd_feat
 
 
-def test_kd_loss_matches_naive_loops_at_another_temperature():
+def test_kd_parts_match_naive_loops_at_another_temperature():
     batch = make_batch(seed=3)
-    diag, off = kd_loss(**batch, tau_kd=2.0, smoothing=0.1)
+    diag, off = kd_parts(batch, tau_kd=2.0, smoothing=0.1)
     expected = naive(batch, "coupled", 1.0, tau_kd=2.0, smoothing=0.1)
     assert_close(diag, torch.tensor(expected["kd_diag"], dtype=torch.float64))
     assert_close(off, torch.tensor(expected["kd_off"], dtype=torch.float64))
@@ -106,7 +112,7 @@ def test_kd_loss_matches_naive_loops_at_another_temperature():
 
 def test_diag_plus_off_is_the_coupled_cross_entropy():
     batch = make_batch(seed=1)
-    diag, off = kd_loss(**batch, tau_kd=5.0)
+    diag, off = kd_parts(batch, tau_kd=5.0)
     (img, txt, s), (t_img, t_txt, s_t) = student(batch), (batch[k] for k in TEACHER_KEYS)
 
     def h(teacher, student):  # Eq. 2-3 for one direction
@@ -136,7 +142,7 @@ def test_no_kd_is_the_clip_loss():
     batch = make_batch(seed=4)
     out = distill_loss(*student(batch), mode="none")
     assert_close(out["loss"], clip_loss(*student(batch)))
-    assert out["weight"] == 0.0 and out["kd_diag"] == 0 and out["kd_off"] == 0
+    assert out.keys() == {"loss", "clip", "weight"} and out["weight"] == 0.0
 
 
 def test_clip_loss_matches_open_clip():
@@ -153,7 +159,7 @@ def test_static_kd_at_unit_temperature_matches_open_clip_distill():
 
     batch = make_batch(seed=6, dtype=torch.float32)
     contrastive, distill = DistillClipLoss()(*student(batch), *(batch[k] for k in TEACHER_KEYS))
-    diag, off = kd_loss(**batch, tau_kd=1.0)
+    diag, off = kd_parts(batch, tau_kd=1.0)
     assert_close(diag + off, distill)
     assert_close(clip_loss(*student(batch)), contrastive)
     static = distill_loss(
@@ -307,3 +313,36 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
         else:
             got = sum(r[name] for r in ranks) / WORLD
         assert_close(got, expected, atol=1e-5, rtol=0, msg=name)
+
+
+def cosine_feature_kd(weight, logits, teacher, tau_kd, smoothing, projected):
+    """A KD mode written outside loss.py: weight * (1 - cosine of the projected student and teacher image rows)."""
+    distance = 1 - F.cosine_similarity(projected, teacher[0], dim=-1).mean()
+    return weight * distance, {"kd_cos": distance}
+
+
+COSINE_MODE = dict(
+    loss=cosine_feature_kd, schedule=kd_weight, weight="gamma0", w0=3.0, projected=True
+)
+
+
+def test_a_mode_added_from_outside_is_scheduled_and_reports_its_own_terms(monkeypatch):
+    monkeypatch.setitem(KD_MODES, "cosine", COSINE_MODE)
+    batch = make_batch(seed=12)
+    projected = torch.randn(
+        B, D_T, generator=torch.Generator().manual_seed(13), dtype=torch.float64
+    )
+    schedule = dict(
+        step=30, total_steps=100, w0=3.0, r=-0.5
+    )  # weight 3 (1 - 0.3 * 1.5) = 1.65, by hand
+    out = distill_loss(
+        **batch, mode="cosine", **schedule, projected_image_features=projected, feat_weight=0
+    )
+    rows = zip(projected.tolist(), batch["teacher_image_features"].tolist())
+    cosines = [sum(p * t for p, t in zip(a, b)) / math.sqrt(sum(p * p for p in a)) for a, b in rows]
+    distance = 1 - sum(cosines) / B  # the teacher rows are unit-norm
+    assert out.keys() == {"loss", "clip", "weight", "kd_cos"} and out["weight"] == pytest.approx(
+        1.65
+    )
+    assert_close(out["kd_cos"], torch.tensor(distance, dtype=torch.float64))
+    assert_close(out["loss"], clip_loss(*student(batch)) + 1.65 * distance)

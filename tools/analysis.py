@@ -42,7 +42,7 @@ teacher = "fetalclip"  # model.py name of the teacher, for the logit agreement
 teacher_ckpt = ""  # the teacher's checkpoint; '' = no logit agreement
 train_log = ""  # train.py's log.jsonl for the dynamics plot; '' = log.jsonl beside the checkpoint
 out_dir = ""  # '' = <checkpoint folder>/<checkpoint stem>_analysis
-probe_epochs = 50  # linear-probe epochs (FetalCLIP's recipe: AdamW lr 3e-4, wd 0.01, batch 64)
+probe_epochs = 50  # linear-probe epochs (the rest of FetalCLIP's recipe: PROBE_RECIPE)
 probe_seeds = 5  # x 5 patient-disjoint folds
 probe = ""  # your labelled scans (one sub-folder per class, optional patients.csv): run the linear probe on them
 probe_frames = 16  # frames per clip when every file of --probe is a clip (the paper's CHD probe)
@@ -68,14 +68,24 @@ def student_t_ci(values, confidence=0.95):
     return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
 
 
-def _fit_probe(features, labels, fit, val, n_classes, seed, epochs, lr, weight_decay, batch_size):
+# FetalCLIP's linear probe: one Linear layer trained by AdamW at this learning rate and weight decay on mini-batches
+# of this size, keeping the epoch with the best validation loss (how many epochs: --probe_epochs)
+PROBE_RECIPE = {"lr": 3e-4, "weight_decay": 0.01, "batch_size": 64}
+
+
+def _fit_probe(features, labels, fit, val, n_classes, seed, epochs, recipe):
     torch.manual_seed(seed)
     probe = torch.nn.Linear(features.shape[1], n_classes)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    snapshot = lambda: {k: v.clone() for k, v in probe.state_dict().items()}
+    optimizer = torch.optim.AdamW(
+        probe.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"]
+    )
+
+    def snapshot():
+        return {k: v.clone() for k, v in probe.state_dict().items()}
+
     best_loss, best_state = math.inf, snapshot()
     for _ in range(epochs):
-        for batch in torch.from_numpy(fit)[torch.randperm(len(fit))].split(batch_size):
+        for batch in torch.from_numpy(fit)[torch.randperm(len(fit))].split(recipe["batch_size"]):
             loss = F.cross_entropy(probe(features[batch]), labels[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -96,9 +106,7 @@ def linear_probe(
     folds=5,
     seeds=5,
     epochs=50,
-    lr=3e-4,
-    weight_decay=0.01,
-    batch_size=64,
+    recipe=PROBE_RECIPE,
 ):
     """Macro F1 of one linear layer on frozen L2-normalised features (FetalCLIP's probe recipe).
     Per seed the training patients (`groups`) are dealt into `folds` disjoint folds; each fold
@@ -120,9 +128,7 @@ def linear_probe(
                 int(labels.max()) + 1,
                 seed,
                 epochs,
-                lr,
-                weight_decay,
-                batch_size,
+                recipe,
             )
             with torch.no_grad():
                 f1s.append(macro_f1(probe(features[test]).argmax(1).numpy(), labels[test].numpy()))
@@ -146,8 +152,16 @@ def cross_validated_probe(features, labels, groups, folds=PROBE_FOLDS, seeds=5, 
         for k, test in enumerate(parts):
             val = parts[(k + 1) % folds]
             fit = np.concatenate([p for i, p in enumerate(parts) if i not in (k, (k + 1) % folds)])
-            probe = _fit_probe(features, torch.as_tensor(labels), fit, val, int(labels.max()) + 1, seed, epochs,
-                               3e-4, 0.01, 64)  # fmt: skip
+            probe = _fit_probe(
+                features,
+                torch.as_tensor(labels),
+                fit,
+                val,
+                int(labels.max()) + 1,
+                seed,
+                epochs,
+                PROBE_RECIPE,
+            )
             with torch.no_grad():
                 probs = probe(features[test]).softmax(-1).numpy()
             if two and len(np.unique(labels[test])) == 2:
@@ -448,9 +462,11 @@ def probe_folder(net, config, device):
     result = cross_validated_probe(
         features, labels, groups, seeds=config["probe_seeds"], epochs=config["probe_epochs"]
     )
-    print(f"probe on {config['probe']} ({how['mode']}; {len(labels)} items, folds by {how['folds_by']}): "
-          f"{result['metric']} {result['value']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}, "
-          f"{result['runs']} of {result['folds']} folds scored)")  # fmt: skip
+    print(
+        f"probe on {config['probe']} ({how['mode']}; {len(labels)} items, folds by {how['folds_by']}): "
+        f"{result['metric']} {result['value']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}, "
+        f"{result['runs']} of {result['folds']} folds scored)"
+    )
     return {"probe": dict(result, items=len(labels), **how)}
 
 

@@ -24,6 +24,7 @@
 Figures go to out_dir/bench.json with the machine they were measured on.
 """
 
+import ast
 import functools
 import json
 import math
@@ -46,7 +47,7 @@ import webdataset as wds
 import configurator
 import data
 import protocol
-from loss import distill_loss
+from loss import KD_MODES, distill_loss
 from model import MODEL_CONFIGS, create_model, reparameterize
 
 # ------------------------------------------------------------------ settings: --key=value
@@ -89,6 +90,22 @@ PAPER_TABLE_2 = {
 # ------------------------------------------------------------------ step
 
 
+def paper_recipe():
+    """train.py's settings under --preset=paper, read from its source (a script runs when imported): the recipe of
+    the step timed here is the one train.py trains with, written once. Its literal module-level settings only."""
+    tree = ast.parse(Path(__file__).resolve().parent.parent.joinpath("train.py").read_text())
+    settings = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                settings[node.targets[0].id] = ast.literal_eval(node.value)
+            except (
+                ValueError
+            ):  # computed (configurator.DEMO_DIR, the config ...): not part of the recipe
+                continue
+    return settings | settings["PRESETS"]["paper"]
+
+
 def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -98,15 +115,24 @@ def teacher_outputs(teacher_name, cached, batch, tokens, device):
     hands it (unit vectors stored in fp16 and a scale; no teacher in memory)."""
     if cached:
         dim = MODEL_CONFIGS[teacher_name]["embed_dim"]
-        stored = [
-            F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float() for _ in "it"
-        ]
-        return lambda: [*stored, torch.tensor(1 / 0.07, device=device)]
+        image_features, text_features = (
+            F.normalize(torch.randn(batch, dim, device=device), dim=-1).half().float()
+            for _ in ("image", "text")
+        )
+        scale = torch.tensor(1 / 0.07, device=device)
+
+        def cached_teacher():
+            return image_features, text_features, scale
+
+        return cached_teacher
     teacher = create_model(teacher_name).to(device).eval().requires_grad_(False)
     images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
-    return torch.no_grad()(
-        lambda: teacher(images, tokens)
-    )  # first, without gradients, as in train.py
+
+    @torch.no_grad()
+    def live_teacher():  # first, without gradients, as in train.py
+        return teacher(images, tokens)
+
+    return live_teacher
 
 
 def step_seconds(name, cached, batch, config):
@@ -117,9 +143,14 @@ def step_seconds(name, cached, batch, config):
         torch.set_num_threads(config["threads"])
     student_name, teacher_name, _ = CONFIGS[name]
     student = create_model(student_name).to(device)
-    fused = device.split(":")[0] in ("cuda", "cpu")  # as train.py
+    recipe = paper_recipe()
     optimizer = torch.optim.AdamW(
-        student.parameters(), 1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, fused=fused
+        student.parameters(),
+        recipe["learning_rate"],
+        betas=(recipe["beta1"], recipe["beta2"]),
+        eps=recipe["eps"],
+        weight_decay=recipe["weight_decay"],
+        fused=device.split(":")[0] in ("cuda", "cpu"),  # as train.py
     )
     autocast = nullcontext()
     if config["dtype"] != "float32":
@@ -133,12 +164,18 @@ def step_seconds(name, cached, batch, config):
         synchronize()
         start = time.perf_counter()
         with autocast:
-            selective = dict(
-                mode="selective", step=step, total_steps=100, w0=2.0, r=-0.8, tau_kd=5.0
+            parts = distill_loss(
+                *student(images, tokens),
+                *teacher(),
+                mode="selective",
+                step=step,
+                total_steps=100,
+                w0=KD_MODES["selective"]["w0"],
+                r=recipe["r"],
+                tau_kd=recipe["tau_kd"],
             )
-            parts = distill_loss(*student(images, tokens), *teacher(), **selective)
         parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), recipe["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -248,7 +285,7 @@ def samples_per_cpu_second(url, views, make_views, passes=3):
     for epoch in range(passes):
         start = time.process_time()
         for sample in raw:
-            image, _ = data.decode_sample(sample)
+            image, _, _ = data.decode_sample(sample)
             make_views(
                 data.pad_to_square(image), data.augment_params(0, epoch, sample["__key__"]), views
             )

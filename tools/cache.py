@@ -12,8 +12,9 @@ training shard (same file name, same keys) with the digest of the training sampl
 its entry (NAME.json: sample count, the training shard's fingerprint, the cache shard's size and the sha256 of its
 start); and manifest.json: teacher, checkpoint sha256, seed, augs, what the views depend on (data.AUGMENT with its
 version, the teacher's input size, mean and std), context length, logit scale and the finished shards' entries.
-check_cache refuses a cache that differs from the run, whose training shards changed, or whose cache shards are
-missing, truncated or swapped; data.py holds the reading side and refuses an entry whose sample changed.
+This file writes; data.py holds the reading side: data.check_cache refuses a cache that differs from the run, whose
+training shards changed, or whose cache shards are missing, truncated or swapped, and the loader refuses an entry
+whose sample changed.
 
 Under torchrun (one node or several: the folder must be one that every node sees) the shards still to do are dealt
 to the processes, which write their cache shards and entries; rank 0 writes the manifest once all are done, the
@@ -28,13 +29,11 @@ instead of 20, a departure from the paper's recipe. Storage: about 34 KB per pai
 """
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import re
 import sys
-import tarfile
 from datetime import timedelta
 
 import numpy as np
@@ -47,131 +46,20 @@ import configurator
 import data
 import model as model_lib
 
-# ------------------------------------------------------------------ settings: --key=value
-teacher_ckpt = ""  # the teacher's weights (required)
-teacher = ""  # model.py name; '' = the name the checkpoint stores
-train_data = ""  # WebDataset shards: brace pattern, list or folder (required)
-out_dir = ""  # the cache folder (required)
-augs = 4  # coupled augmentations cached per pair; epoch e replays augmentation e % augs
-seed = 0  # augmentation seed (train.py --augment_seed must match it)
-batch_size = 32  # pairs per teacher batch (x augs images)
-num_workers = 2  # loader processes
-device = ""  # '' = cuda, else mps, else cpu
-dtype = ""  # '' = bfloat16 on cuda, float32 elsewhere
-DEFAULTS = configurator.settings(globals())
-
-# What manifest.json holds: the teacher, the draws, what the views depend on (VIEW_KEYS) and, per training shard, the
-# entry of its finished cache shard (None until then). A resume must match IDENTITY; check_cache checks a run.
-VIEW_KEYS = ("augment", "image_size", "image_mean", "image_std")
-IDENTITY = ("teacher", "teacher_sha256", "seed", "augs", *VIEW_KEYS, "context_length")
-MANIFEST_KEYS = (
-    "teacher",
-    "teacher_ckpt",
-    *IDENTITY[1:],
-    "embed_dim",
-    "logit_scale",
-    "shards",
-)  # in file order
-# An entry: the cached sample count, the training shard's fingerprint, and the cache shard's size and the sha256 of
-# its first HEAD_BYTES, which bind the file to its training shard at start-up without decoding it.
-ENTRY_KEYS = ("samples", "fingerprint", "bytes", "head_sha256")
-HEAD_BYTES = 1 << 16
-
-
-def head_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
-
-
-def shard_fingerprint(url):
-    """A cheap identity of a shard's content: its size and every member's name and size, read from the tar
-    headers alone (milliseconds for a shard of a thousand pairs). Regenerated shards change it; replaced bytes
-    of the same sizes are caught per sample by sample_digest."""
-    digest = hashlib.sha256(str(os.path.getsize(url)).encode())
-    with tarfile.open(url) as tar:
-        for member in tar:
-            digest.update(f"{member.name}\0{member.size}\0".encode())
-    return digest.hexdigest()
-
-
-def view_recipe(view):
-    """What a cached view depends on besides (seed, draw, key): the augmentation (data.AUGMENT, its version included)
-    and the teacher's input (size, mean, std). A cache made with another recipe holds other views."""
-    size, mean, std = view
-    return dict(
-        zip(
-            VIEW_KEYS, (dict(data.AUGMENT), size, [float(m) for m in mean], [float(s) for s in std])
-        )
-    )
-
-
-def read_manifest(folder):
-    """data.read_cache_manifest with every key there, else one line naming the first missing one."""
-    path = os.path.join(folder, data.CACHE_MANIFEST)
-    try:
-        manifest = data.read_cache_manifest(folder)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON ({error}); rebuild the cache") from None
-    manifest = manifest if isinstance(manifest, dict) else {}
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    for name, entry in (manifest.get("shards") or {}).items():
-        missing += [
-            f"shards/{name}/{key}"
-            for key in ENTRY_KEYS
-            if isinstance(entry, dict) and key not in entry
-        ]
-    if missing:
-        why = "made by an older cache.py, which did not record what its views depend on, or damaged"
-        raise ValueError(
-            f"{path} has no key {missing[0]!r} ({why}): rebuild it with cache.py into a new --out_dir"
-        )
-    return manifest
-
-
-def shard_problem(folder, url, entry, fingerprint):
-    """Why the cache shard of training shard `url` (current fingerprint given) cannot be used, as words that follow
-    'teacher cache FOLDER', or ''. Cheap: its entry, the cache shard's size and its first HEAD_BYTES."""
-    path = os.path.join(folder, data.cache_shard_name(url))
-    if not isinstance(entry, dict):
-        return f"has no finished cache shard for {url}"
-    if entry["fingerprint"] != fingerprint:
-        return f"was made from another {url} (its members changed)"
-    if not os.path.isfile(path):
-        return f"lacks {path}, the cache shard of {url}"
-    if os.path.getsize(path) != entry["bytes"]:
-        return f"holds a truncated or replaced {path} ({os.path.getsize(path)} bytes; {entry['bytes']} were written)"
-    if head_sha256(path) != entry["head_sha256"]:
-        return f"holds a {path} that is not the cache shard of {url} (swapped or replaced: its first bytes differ)"
-    return ""
-
-
-def check_cache(folder, urls, *, teacher, teacher_ckpt, seed, view, context_length):
-    """The manifest of a complete cache that matches the run (view: the teacher's (size, mean, std)), the training
-    shards' current content and its own cache shards, else ValueError saying what differs. teacher_ckpt '' skips
-    the checkpoint hash (the run then takes the cache's teacher). Reads tar headers, sizes and HEAD_BYTES per shard."""
-    manifest = read_manifest(folder)
-    asked = dict(teacher=teacher, seed=seed, context_length=context_length, **view_recipe(view))
-    if teacher_ckpt:
-        asked["teacher_sha256"] = configurator.file_sha256(teacher_ckpt)
-    hints = {"seed": " (train.py --augment_seed sets the augmentation seed alone)"}
-    hints["teacher_sha256"] = (
-        f" (it was made from {manifest['teacher_ckpt']}, this run gives {teacher_ckpt})"
-    )
-    hints["augment"] = (
-        " (the augmentation, data.AUGMENT, changed since: rebuild the cache with cache.py)"
-    )
-    for key, value in asked.items():
-        if manifest[key] != value:
-            made = f"teacher cache {folder} was made with {key} {manifest[key]!r}"
-            raise ValueError(f"{made}; this run asks for {value!r}{hints.get(key, '')}")
-    for url in data.expand_urls(urls):
-        entry = manifest["shards"].get(data.cache_shard_name(url))
-        problem = shard_problem(folder, url, entry, shard_fingerprint(url))
-        if problem:
-            raise ValueError(
-                f"teacher cache {folder} {problem}; run `python -m tools.cache ...` again to redo it"
-            )
-    return manifest
+# ------------------------------------------------------------------ settings: --key=value, read by main()
+DEFAULTS = {
+    "teacher_ckpt": "",  # the teacher's weights (required)
+    "teacher": "",  # model.py name; '' = the name the checkpoint stores
+    "train_data": "",  # WebDataset shards: brace pattern, list or folder (required)
+    "out_dir": "",  # the cache folder (required)
+    "augs": 4,  # coupled augmentations cached per pair; epoch e replays augmentation e % augs
+    "seed": 0,  # augmentation seed (train.py --augment_seed must match it)
+    "batch_size": 32,  # pairs per teacher batch (x augs images)
+    "num_workers": 2,  # loader processes
+    "device": "",  # '' = cuda, else mps, else cpu
+    "dtype": "",  # '' = bfloat16 on cuda, float32 elsewhere
+}
+# The manifest's keys, its entries and every check of a cache before a run reads it: data.py, the reading side.
 
 
 class TeacherViews(torch.utils.data.Dataset):
@@ -185,15 +73,16 @@ class TeacherViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         sample = self.samples[i]
-        key, decoded = sample["__key__"], data.decode_sample(sample)
-        if not isinstance(decoded, tuple):  # unreadable: training skips it too
+        key = sample["__key__"]
+        image, caption, problem = data.decode_sample(sample)
+        if problem:  # unreadable or captionless: training skips it too
             return key, "", "", None
-        square = data.pad_to_square(decoded[0])
+        square = data.pad_to_square(image)
         draws = [data.augment_params(self.seed, a, key) for a in range(self.augs)]
         views = torch.stack(
             [data.coupled_views(square, params, [self.view])[0] for params in draws]
         )
-        return key, data.sample_digest(sample), decoded[1], views
+        return key, data.sample_digest(sample), caption, views
 
 
 def npy_bytes(array):
@@ -209,8 +98,12 @@ def embed(teacher, images, captions, device, autocast):
     with autocast:
         image_features = teacher.encode_image(images.to(device)).float()
         text_features = teacher.encode_text(tokens).float()
-    normalise = lambda x: torch.nn.functional.normalize(x, dim=-1).half().cpu().numpy()
-    return normalise(image_features), normalise(text_features)
+    return stored(image_features), stored(text_features)
+
+
+def stored(features):
+    """(N, D) -> L2-normalised fp16 numpy rows on the CPU: what the cache holds."""
+    return torch.nn.functional.normalize(features, dim=-1).half().cpu().numpy()
 
 
 def cache_one_shard(teacher, url, path, settings, device, autocast, bar):
@@ -269,7 +162,9 @@ def read_entry(out_dir, name):
             entry = json.load(f)
     except (OSError, ValueError):
         return None
-    return entry if isinstance(entry, dict) and all(key in entry for key in ENTRY_KEYS) else None
+    return (
+        entry if isinstance(entry, dict) and all(key in entry for key in data.ENTRY_KEYS) else None
+    )
 
 
 def remove_leftovers(out_dir, names):
@@ -290,7 +185,7 @@ def start_manifest(net, settings, names):
         teacher_sha256=configurator.file_sha256(settings["teacher_ckpt"]),
         seed=settings["seed"],
         augs=settings["augs"],
-        **view_recipe((net.image_size, net.image_mean, net.image_std)),
+        **data.view_recipe((net.image_size, net.image_mean, net.image_std)),
         context_length=net.context_length,
         embed_dim=net.embed_dim,
         logit_scale=net.logit_scale.exp().item(),
@@ -299,8 +194,8 @@ def start_manifest(net, settings, names):
     path = os.path.join(settings["out_dir"], data.CACHE_MANIFEST)
     if not os.path.exists(path):
         return manifest, None
-    previous = read_manifest(settings["out_dir"])
-    for key in IDENTITY:  # resuming: the same teacher and draws, or nothing
+    previous = data.read_cache_manifest(settings["out_dir"])
+    for key in data.IDENTITY:  # resuming: the same teacher and draws, or nothing
         if previous[key] != manifest[key]:
             raise ValueError(
                 f"{path} holds a cache with {key} {previous[key]!r}, not {manifest[key]!r}: use another --out_dir"
@@ -317,8 +212,11 @@ def plan(net, settings, urls, names):
     remove_leftovers(out_dir, names)
     todo = []
     for url, name in zip(urls, names):
-        fingerprint, entry = shard_fingerprint(url), read_entry(out_dir, name) if previous else None
-        if shard_problem(out_dir, url, entry, fingerprint):
+        fingerprint, entry = (
+            data.shard_fingerprint(url),
+            read_entry(out_dir, name) if previous else None,
+        )
+        if data.shard_problem(out_dir, url, entry, fingerprint):
             todo.append((url, name, fingerprint))
         else:
             manifest["shards"][name] = entry
@@ -351,7 +249,10 @@ def cache_shards(net, share, settings, device, autocast, rank):
                 )  # first: an entry file always describes a finished cache shard
             count = cache_one_shard(net, url, path, settings, device, autocast, bar)
             entry = dict(
-                zip(ENTRY_KEYS, (count, fingerprint, os.path.getsize(path), head_sha256(path)))
+                zip(
+                    data.ENTRY_KEYS,
+                    (count, fingerprint, os.path.getsize(path), data.head_sha256(path)),
+                )
             )
             write_json(entry_file, entry)
             tqdm.tqdm.write(f"rank {rank}: cached {name} ({count} samples)")
@@ -362,7 +263,7 @@ def finish_manifest(manifest, out_dir, todo):
     """Rank 0, once every rank is done: the entries of the shards just cached, into the manifest."""
     for url, name, fingerprint in todo:
         entry = read_entry(out_dir, name)
-        if shard_problem(out_dir, url, entry, fingerprint):
+        if data.shard_problem(out_dir, url, entry, fingerprint):
             unseen = f"{entry_path(out_dir, name)} is missing or wrong once every rank has finished"
             raise ValueError(f"{unseen}: --out_dir must be one folder that every node sees")
         manifest["shards"][name] = entry
@@ -431,7 +332,7 @@ def write_cache(
         finish_manifest(manifest, out_dir, todo)
     if world_size > 1:
         dist.barrier()  # the manifest is written
-    return read_manifest(out_dir)
+    return data.read_cache_manifest(out_dir)
 
 
 def start_ranks(device):

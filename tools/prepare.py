@@ -90,8 +90,10 @@ def csv_separator(path, img_key, caption_key, separator):
     }
     fitting = [s for s in SEPARATORS if img_key in fields[s] and caption_key in fields[s]]
     if len(fitting) > 1:
-        raise ValueError(f"{path}: the header splits into {img_key!r} and {caption_key!r} at several separators: "
-                         f"give --separator")  # fmt: skip
+        raise ValueError(
+            f"{path}: the header splits into {img_key!r} and {caption_key!r} at several separators: "
+            f"give --separator"
+        )
     # none fits: the separator that splits the header most, so that data.read_csv names the columns found
     return fitting[0] if fitting else max(SEPARATORS, key=lambda s: len(fields[s]))
 
@@ -186,12 +188,12 @@ def read_pair(image, caption):
         raise Refused("unreadable image", f"{image}: {error.strerror}") from None
     extension = os.path.splitext(image)[1][1:].lower()
     sample = {extension: content, "txt": caption.encode()}
-    decoded = data.decode_sample(
-        sample
-    )  # the loader's own test: 0 = no image field it decodes, 1 = no caption
-    if decoded == 0:
+    problem = data.decode_sample(sample)[
+        2
+    ]  # the loader's own test: "image" or "caption" it cannot use
+    if problem == "image":
         raise image_refusal(image, extension, content)
-    if decoded == 1:
+    if problem == "caption":
         raise Refused("empty caption", f"{image}: the caption is empty")
     return sample
 
@@ -350,8 +352,10 @@ def summary_counts(report):
 
 def print_summary(report, out_dir):
     shards = report["shards"]
-    print(f"prepare.py: {report['source']} -> {out_dir}: {report['written']} pairs in {len(shards)} shards, "
-          f"{report['refused']} refused{summary_counts(report)}")  # fmt: skip
+    print(
+        f"prepare.py: {report['source']} -> {out_dir}: {report['written']} pairs in {len(shards)} shards, "
+        f"{report['refused']} refused{summary_counts(report)}"
+    )
     for reason in REASONS:
         examples = [r for r in report["refusals"] if r["reason"] == reason]
         if examples:

@@ -446,8 +446,15 @@ def calibrated_views(dataset, rows, columns, given):
         raise Unreadable(f"no 2D tissue region to classify (regions: {found})")
     views, too_small = [], []
     for index, region in tissue:
-        x0, y0, x1, y1 = (int(region.get(k, -1)) for k in ("RegionLocationMinX0", "RegionLocationMinY0",
-                                                           "RegionLocationMaxX1", "RegionLocationMaxY1"))  # fmt: skip
+        x0, y0, x1, y1 = (
+            int(region.get(k, -1))
+            for k in (
+                "RegionLocationMinX0",
+                "RegionLocationMinY0",
+                "RegionLocationMaxX1",
+                "RegionLocationMaxY1",
+            )
+        )
         if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
             where = f"region {index} spans x {x0}-{x1}, y {y0}-{y1} outside the {columns}x{rows} pixel array"
             note = f"calibration not trusted: {where} (resized after calibration?): whole frame, no pixel size"

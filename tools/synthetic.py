@@ -40,21 +40,21 @@ import protocol
 from model import MODEL_CONFIGS
 from protocol import PROMPTS, ga_quantile
 
-# ------------------------------------------------------------------ settings: --key=value
-out_dir = "data/demo"  # output folder
-seed = 0  # every file written is a function of this seed
-n_train = 3000  # pretraining pairs
-n_planes = 300  # Planes DB images
-n_hc18 = 150  # HC18 images (800x540)
-width = 160  # shard and Planes DB image width
-height = 120  # ... and height
-shard_size = 500  # pairs per shard
-input_size = MODEL_CONFIGS["demo_student"][
-    "image_size"
-]  # model input size the captions' spacings refer to
-grid = ""  # a PNG path: draw one scan per class (rows) and GA (columns) there instead, as in the README
-DEFAULTS = configurator.settings(globals())
-
+# ------------------------------------------------------------------ settings: --key=value, read by the command
+DEFAULTS = {
+    "out_dir": configurator.DEMO_DIR,  # output folder
+    "seed": 0,  # every file written is a function of this seed
+    "n_train": 3000,  # pretraining pairs
+    "n_planes": 300,  # Planes DB images
+    "n_hc18": 150,  # HC18 images (800x540)
+    "width": 160,  # shard and Planes DB image width
+    "height": 120,  # ... and height
+    "shard_size": 500,  # pairs per shard
+    "input_size": MODEL_CONFIGS["demo_student"][
+        "image_size"
+    ],  # the input the captions' spacings refer to
+    "grid": "",  # a PNG path: draw one scan per class (rows) and GA (columns) there instead, as in the README
+}
 DEMO_INPUT = DEFAULTS["input_size"]
 
 ZOOMS = (0.75, 1.5, 3.0, 6.0)  # mm per model-input pixel: depth presets a factor 2 apart
@@ -62,23 +62,53 @@ FILL = (
     0.28  # structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
 )
 SUBPLANES = ("trans-thalamic", "trans-cerebellum", "trans-ventricular")
-PLANES = {"brain": "Fetal brain", "abdomen": "Fetal abdomen", "heart": "Fetal thorax", "femur": "Fetal femur",
-          "cervix": "Maternal cervix",
-          **dict.fromkeys(("spine", "kidney", "profile", "lips_nose"), "Other")}  # fmt: skip
+PLANES = {  # kind: its Planes DB plane
+    "brain": "Fetal brain",
+    "abdomen": "Fetal abdomen",
+    "heart": "Fetal thorax",
+    "femur": "Fetal femur",
+    "cervix": "Maternal cervix",
+    "spine": "Other",
+    "kidney": "Other",
+    "profile": "Other",
+    "lips_nose": "Other",
+}
 # Planes DB rows cycle through this: (kind, sub-plane); "" = a brain plane without a name ('Other')
 PLANES_PATTERN = (
-    [("brain", s) for s in SUBPLANES * 2]
-    + [("brain", "")]
-    + [(k, None) for k in ("abdomen", "heart", "femur", "cervix") for _ in range(3)]
-    + [("spine", None), ("kidney", None)]
+    ("brain", "trans-thalamic"),
+    ("brain", "trans-cerebellum"),
+    ("brain", "trans-ventricular"),
+    ("brain", "trans-thalamic"),
+    ("brain", "trans-cerebellum"),
+    ("brain", "trans-ventricular"),
+    ("brain", ""),
+    ("abdomen", None),
+    ("abdomen", None),
+    ("abdomen", None),
+    ("heart", None),
+    ("heart", None),
+    ("heart", None),
+    ("femur", None),
+    ("femur", None),
+    ("femur", None),
+    ("cervix", None),
+    ("cervix", None),
+    ("cervix", None),
+    ("spine", None),
+    ("kidney", None),
 )
 TRAIN_MIX = {  # (kind, sub-plane): share of the pretraining pairs
-    **{("brain", s): share for s, share in zip(SUBPLANES, (0.24, 0.2, 0.2))},
-    **{
-        (k, None): share
-        for k, share in (("abdomen", 0.07), ("heart", 0.07), ("femur", 0.05), ("cervix", 0.05))
-    },
-    **{(k, None): 0.03 for k in ("spine", "kidney", "profile", "lips_nose")},
+    ("brain", "trans-thalamic"): 0.24,
+    ("brain", "trans-cerebellum"): 0.2,
+    ("brain", "trans-ventricular"): 0.2,
+    ("abdomen", None): 0.07,
+    ("heart", None): 0.07,
+    ("femur", None): 0.05,
+    ("cervix", None): 0.05,
+    ("spine", None): 0.03,
+    ("kidney", None): 0.03,
+    ("profile", None): 0.03,
+    ("lips_nose", None): 0.03,
 }
 SUBJECTS = {
     "brain": [
@@ -105,25 +135,52 @@ SUBJECTS = {
     "lips_nose": ["the fetal lips and nose", "the lips and nose"],
 }
 VIEWS = {
-    "trans-thalamic": ["the brain thalamic (transverse) view", "the transverse view of the brain thalamus",
-                       "the brain thalamic region in a transverse plane", "the thalamus in a transverse view"],
-    "trans-cerebellum": ["the cerebellum, highlighting its typical butterfly shape", "the cerebellum",
-                         "the transverse view of the cerebellum", "the transverse section of the brain cerebellum"],
-    "trans-ventricular": ["the brain ventricles", "the brain ventricular view", "the brain ventricular region",
-                          "the brain's transverse view, emphasizing the ventricular system"],
-}  # fmt: skip
-VIEW_OPENERS = ["Transverse fetal ultrasound image focusing on {}.", "Fetal ultrasound image emphasizing {}.",
-                "Ultrasound image highlighting {}.", "Fetal ultrasound image showcasing {}.",
-                "Transverse fetal ultrasound highlighting {}."]  # fmt: skip
+    "trans-thalamic": [
+        "the brain thalamic (transverse) view",
+        "the transverse view of the brain thalamus",
+        "the brain thalamic region in a transverse plane",
+        "the thalamus in a transverse view",
+    ],
+    "trans-cerebellum": [
+        "the cerebellum, highlighting its typical butterfly shape",
+        "the cerebellum",
+        "the transverse view of the cerebellum",
+        "the transverse section of the brain cerebellum",
+    ],
+    "trans-ventricular": [
+        "the brain ventricles",
+        "the brain ventricular view",
+        "the brain ventricular region",
+        "the brain's transverse view, emphasizing the ventricular system",
+    ],
+}
+VIEW_OPENERS = [
+    "Transverse fetal ultrasound image focusing on {}.",
+    "Fetal ultrasound image emphasizing {}.",
+    "Ultrasound image highlighting {}.",
+    "Fetal ultrasound image showcasing {}.",
+    "Transverse fetal ultrasound highlighting {}.",
+]
 SENTENCES = {
     "trans-thalamic": ["The thalamic (transverse) view.", "Transverse view of the thalamus."],
     "trans-cerebellum": ["Transverse view of the cerebellum.", "The butterfly-shaped cerebellum."],
     "trans-ventricular": ["The brain ventricular view.", "Transverse view of the ventricles."],
 }
-OPENERS = ["Ultrasound image focusing on {}", "Detailed ultrasound scan of {}", "Fetal ultrasound image showing {}",
-           "Clear ultrasound of {}", "Focused ultrasound highlighting {}", "Ultrasound scan showcasing {}"]  # fmt: skip
-CLOSERS = [", highlighting anatomical structures.", ", emphasizing structural details.", ".",
-           " with detailed visualization.", ", showcasing its development."]  # fmt: skip
+OPENERS = [
+    "Ultrasound image focusing on {}",
+    "Detailed ultrasound scan of {}",
+    "Fetal ultrasound image showing {}",
+    "Clear ultrasound of {}",
+    "Focused ultrasound highlighting {}",
+    "Ultrasound scan showcasing {}",
+]
+CLOSERS = [
+    ", highlighting anatomical structures.",
+    ", emphasizing structural details.",
+    ".",
+    " with detailed visualization.",
+    ", showcasing its development.",
+]
 GA_WORDS = ["at {w} weeks and {d} days gestation", "at {w} weeks, {d} days of gestation"]
 
 
@@ -142,7 +199,10 @@ def make_caption(rng, kind, subplane, days=-1, spacing=-1.0):
     """A caption in the protocol's wording. A brain scan with GA takes a GA template verbatim (spacing
     included) or states the GA in other words (no spacing), then a short sub-plane sentence where the
     48-token context has room; without GA a sub-plane is named as the sub-plane prompts name it."""
-    pick = lambda options: options[rng.integers(len(options))]
+
+    def pick(options):
+        return options[rng.integers(len(options))]
+
     if kind == "brain" and days >= 0 and spacing > 0 and rng.random() < 0.5:
         template = pick(PROMPTS["ga_templates"])
         text = template.format(weeks=days // 7, day=days % 7, pixel_spacing=f"{spacing:.2f}")
@@ -216,38 +276,8 @@ def draw_head(t, u, v, a, px, weeks, subplane, q):
 def draw_body(t, u, v, rng, kind, hc, px, q):
     """Everything but the head. hc (mm) sizes the fetal anatomy; px = pixels per mm."""
     line = max(0.6, 0.5 * px)
-    if kind in ("abdomen", "heart"):  # round trunk with the spine at the back
-        a = (0.15 if kind == "abdomen" else 0.13) * hc * px
-        r, angle = _ell(u, v, a, 0.92 * a), np.arctan2(v, u)
-        t[r < 1.25], t[r < 1.06], t[r < 1] = (
-            0.05,
-            0.6,
-            0.33 if kind == "abdomen" else 0.48,
-        )  # liver; echogenic lungs
-        ribs = (
-            (r > 0.93)
-            & (r < 1.08)
-            & (np.sin(7 * angle) > 0.6)
-            & (abs(angle) > 0.4)
-            & (abs(angle) < 2.4)
-        )
-        _fade(t, ribs, 0.9, q)  # the lower ribs show in the abdominal plane too
-        if kind == "abdomen":
-            _fade(t, _ell(u, v, 0.27 * a, 0.18 * a, -0.2 * a, -0.3 * a) < 1, 0.03, q)  # stomach
-            _fade(
-                t, _ell(u, v, 0.32 * a, 0.06 * a, 0.05 * a, 0.18 * a) < 1, 0.05, q
-            )  # umbilical vein
-        else:  # four chambers split by the septum and the valves, the heart turned 45 degrees
-            c, s = math.cos(math.pi / 4), math.sin(math.pi / 4)
-            hu, hv = (
-                (u + 0.15 * a) * c + (v + 0.05 * a) * s,
-                (v + 0.05 * a) * c - (u + 0.15 * a) * s,
-            )
-            hr = _ell(hu, hv, 0.5 * a, 0.42 * a)
-            _fade(t, hr < 1, 0.68, q)
-            _fade(t, (hr < 0.82) & (abs(hu) > 0.06 * a) & (abs(hv) > 0.05 * a), 0.04, q)
-        for du, dv in ((0.78, 0), (0.64, 0.14), (0.64, -0.14)):  # vertebra: body and two laminae
-            t[_ell(u, v, 0.075 * a, 0.075 * a, du * a, dv * a) < 1] = 0.95
+    if kind in ("abdomen", "heart"):
+        _draw_trunk(t, u, v, kind, hc, px, q)
     elif kind == "femur":  # bright diaphysis in the thigh, shadow beneath
         half, thick = 0.1 * hc * px, max(1.0, 1.6 * px)
         t[_ell(u, v, 1.4 * half, 0.6 * half) < 1.3] = 0.05
@@ -270,8 +300,46 @@ def draw_body(t, u, v, rng, kind, hc, px, q):
         t[_ell(u, v, a, 0.6 * a) < 1.08], t[_ell(u, v, a, 0.6 * a) < 1] = 0.55, 0.25
         _fade(t, _ell(u, v, 0.55 * a, 0.25 * a) < 1, 0.7, q)
         _fade(t, _ell(u, v, 0.2 * a, 0.12 * a) < 1, 0.05, q)
+    elif kind in ("profile", "lips_nose"):
+        _draw_face(t, u, v, kind, hc, px, q, line)
 
-    elif kind == "profile":  # mid-sagittal face: forehead, nose, lips and chin against the fluid
+
+def _draw_trunk(t, u, v, kind, hc, px, q):
+    """Round trunk with the spine at the back: the abdomen (stomach, umbilical vein) or the thorax (heart)."""
+    a = (0.15 if kind == "abdomen" else 0.13) * hc * px
+    r, angle = _ell(u, v, a, 0.92 * a), np.arctan2(v, u)
+    t[r < 1.25], t[r < 1.06], t[r < 1] = (
+        0.05,
+        0.6,
+        0.33 if kind == "abdomen" else 0.48,
+    )  # liver; echogenic lungs
+    ribs = (
+        (r > 0.93)
+        & (r < 1.08)
+        & (np.sin(7 * angle) > 0.6)
+        & (abs(angle) > 0.4)
+        & (abs(angle) < 2.4)
+    )
+    _fade(t, ribs, 0.9, q)  # the lower ribs show in the abdominal plane too
+    if kind == "abdomen":
+        _fade(t, _ell(u, v, 0.27 * a, 0.18 * a, -0.2 * a, -0.3 * a) < 1, 0.03, q)  # stomach
+        _fade(t, _ell(u, v, 0.32 * a, 0.06 * a, 0.05 * a, 0.18 * a) < 1, 0.05, q)  # umbilical vein
+    else:  # four chambers split by the septum and the valves, the heart turned 45 degrees
+        c, s = math.cos(math.pi / 4), math.sin(math.pi / 4)
+        hu, hv = (
+            (u + 0.15 * a) * c + (v + 0.05 * a) * s,
+            (v + 0.05 * a) * c - (u + 0.15 * a) * s,
+        )
+        hr = _ell(hu, hv, 0.5 * a, 0.42 * a)
+        _fade(t, hr < 1, 0.68, q)
+        _fade(t, (hr < 0.82) & (abs(hu) > 0.06 * a) & (abs(hv) > 0.05 * a), 0.04, q)
+    for du, dv in ((0.78, 0), (0.64, 0.14), (0.64, -0.14)):  # vertebra: body and two laminae
+        t[_ell(u, v, 0.075 * a, 0.075 * a, du * a, dv * a) < 1] = 0.95
+
+
+def _draw_face(t, u, v, kind, hc, px, q, line):
+    """The fetal face: a mid-sagittal profile or the coronal lips and nose."""
+    if kind == "profile":  # mid-sagittal face: forehead, nose, lips and chin against the fluid
         s = 0.22 * hc * px
         bumps = sum(
             h * np.exp(-np.square((u - c * s) / (w * s)))
@@ -549,14 +617,14 @@ def layout(out_dir):
 
 
 def generate(
-    out_dir="data/demo",
-    seed=0,
-    n_train=3000,
-    n_planes=300,
-    n_hc18=150,
-    width=160,
-    height=120,
-    shard_size=500,
+    out_dir=DEFAULTS["out_dir"],
+    seed=DEFAULTS["seed"],
+    n_train=DEFAULTS["n_train"],
+    n_planes=DEFAULTS["n_planes"],
+    n_hc18=DEFAULTS["n_hc18"],
+    width=DEFAULTS["width"],
+    height=DEFAULTS["height"],
+    shard_size=DEFAULTS["shard_size"],
     input_size=DEMO_INPUT,
 ):
     """Write the benchmark: out_dir/shards, out_dir/planes, out_dir/hc18 (deterministic in seed). All or nothing: it is
@@ -604,8 +672,8 @@ def draw_grid(path, seed=0, weeks=(16, 22, 28, 34), size=DEMO_INPUT, scale=2):
     print(f"wrote {path}")
 
 
-if __name__ == "__main__":
-    settings = configurator.configure(dict(DEFAULTS), sys.argv[1:])
+def main(arguments):
+    settings = configurator.configure(dict(DEFAULTS), arguments)
     sizes = [
         (k, settings[k] >= 16, "at least 16 pixels") for k in ("width", "height", "input_size")
     ]
@@ -618,3 +686,7 @@ if __name__ == "__main__":
         draw_grid(grid_path, settings["seed"], size=settings["input_size"])
     else:
         generate(**settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
