@@ -25,9 +25,8 @@ import torch
 SETTING_TYPES = (bool, int, float, str)
 
 # a train.py run's files in its out_dir: train.py writes them, the tools (sweep.py, analysis.py) read them
-CHECKPOINT = (
-    "ckpt.pt"  # the latest epoch (or where --max_steps stopped): what --resume=True continues
-)
+# the latest epoch (or where --max_steps stopped): what --resume=True continues
+CHECKPOINT = "ckpt.pt"
 BEST = "best.pt"  # the best epoch by evaluate.selection_score
 LOG = "log.jsonl"  # one JSON record a line: the config, every log_interval, every evaluation
 DEMO_TEACHER = "demo_teacher"  # out_dir/DEMO_TEACHER: the demo teacher's own run, trained first

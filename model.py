@@ -230,7 +230,7 @@ class CLIP(nn.Module):
         super().__init__()
         cfg = MODEL_CONFIGS[name]
         self.name, self.embed_dim = name, cfg["embed_dim"]
-        self.context_length = cfg.get("context_length", CONTEXT_LENGTH)
+        self.context_length = context_length_of(name)
         self.image_size, self.image_mean, self.image_std = (
             cfg["image_size"],
             cfg["mean"],
@@ -266,6 +266,11 @@ class CLIP(nn.Module):
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
+
+
+def context_length_of(name):
+    """The text positions a model reads: its entry's context_length, else FetalCLIP's."""
+    return MODEL_CONFIGS[name].get("context_length", CONTEXT_LENGTH)
 
 
 def one_of_the_models(name):

@@ -31,7 +31,14 @@ import configurator
 import data
 import evaluate
 from loss import KD_MODES, distill_loss
-from model import MODEL_CONFIGS, create_model, load_checkpoint, load_model, read_checkpoint
+from model import (
+    MODEL_CONFIGS,
+    context_length_of,
+    create_model,
+    load_checkpoint,
+    load_model,
+    read_checkpoint,
+)
 
 # ------------------------------------------------------------------ settings: --key=value
 # I/O
@@ -218,7 +225,10 @@ with configurator.user_errors(
 ):  # a wrong path, a bad image or an empty evaluation set fails now, not after epoch 0
     data.expand_urls(train_data)
     if eval_every > 0 and master:
-        tasks = evaluate.check_sets(planes_dir, hc18_dir, eval_tasks, split=eval_split)
+        context = context_length_of(student)  # the task prompts must fit the student's text context
+        tasks = evaluate.check_sets(
+            planes_dir, hc18_dir, eval_tasks, split=eval_split, context_length=context
+        )
 
 
 def demo_teacher_path():

@@ -71,7 +71,10 @@ def finished(folder):
     before evaluating and the evaluation's record last); a best.pt alone may be an early epoch's."""
     try:
         checkpoint = torch.load(
-            os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True
+            os.path.join(folder, configurator.CHECKPOINT),
+            map_location="cpu",
+            weights_only=True,
+            mmap=True,
         )
         evaluated = {record["epoch"] for record in read_log(folder) if "eval" in record}
     except (
@@ -85,7 +88,7 @@ def finished(folder):
 
 
 def read_log(folder):
-    with open(os.path.join(folder, "log.jsonl")) as f:
+    with open(os.path.join(folder, configurator.LOG)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -98,7 +101,9 @@ def run(folder, flags, about, config):
         print(f"not finished: {about} ({folder})")
         return None
     flags = [*flags, f"--out_dir={folder}"]
-    flags += ["--resume=True"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+    flags += (
+        ["--resume=True"] if os.path.exists(os.path.join(folder, configurator.CHECKPOINT)) else []
+    )
     print(f"== {about}: python train.py {' '.join(flags)}", flush=True)
     train = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
     start = time.time()
@@ -125,9 +130,9 @@ def run_student(student, row, seed, config, teacher_path):
 
 def read_run(folder):
     """The best epoch's metrics, the KD weight per logged step and the Avg per evaluated epoch of a run."""
-    best = torch.load(os.path.join(folder, "best.pt"), map_location="cpu", weights_only=True)[
-        "metrics"
-    ]
+    best = torch.load(
+        os.path.join(folder, configurator.BEST), map_location="cpu", weights_only=True
+    )["metrics"]
     records = read_log(folder)
     weights = [(r["step"], r["weight"]) for r in records if "weight" in r]
     epochs = [r["eval"]["avg"] for r in records if "avg" in r.get("eval", {})]
@@ -333,7 +338,9 @@ def run_all(student_list, chosen, seed_list, config):
     teacher_path, teachers, demo = config["teacher_ckpt"], {}, not config["teacher_ckpt"]
     if demo:  # the one demo teacher, first: every run distils from it
         seed = config["teacher_seed"]
-        teacher_path = os.path.join(config["out_dir"], "demo_teacher", f"seed{seed}", "ckpt.pt")
+        teacher_path = os.path.join(
+            config["out_dir"], "demo_teacher", f"seed{seed}", configurator.CHECKPOINT
+        )
         if not run_teacher(seed, config):
             return {}, {}, teacher_path
         teachers[seed] = read_teacher(os.path.dirname(teacher_path))
