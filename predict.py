@@ -15,7 +15,10 @@ mean probabilities, each class's best frame and a timeline plot. Writes, each at
     predictions.csv    one line per row
     timelines/         <file>.png per clip: class probabilities over frames
 produced_by holds the command, the checkpoint's path, sha256 and model, the prompts and the package versions. Frames
-are encoded in batches; the GA prompts once per distinct spacing. Memory grows with the rows, not the pixels.
+are read and preprocessed in a thread while the image encoder runs, as deployed: reparameterised, and on the CPU
+exported once per checkpoint to fp32 ONNX and run by onnxruntime (--encoder). The class, sub-plane and GA prompt
+features (the GA's once per distinct spacing) and the ONNX file are cached per checkpoint sha256 in
+evaluate.cache_folder(), so a second run encodes no prompt. Memory grows with the rows, not the pixels.
 """
 
 import csv
@@ -330,13 +333,23 @@ def save_model_input(view, seen, folder, taken):
 
 
 def predict(net, found, config, device, sha256):
-    """-> (rows, skipped, the classifier) for the found scans: batched, streamed file by file, each batch read and
-    preprocessed in a thread while the encoder runs on the one before. `sha256`: the checkpoint's, keying its
-    caches."""
+    """-> (rows, skipped, the classifier) for the found scans. `sha256`: the checkpoint's, keying its caches."""
+    classifier = make_classifier(net, config, device, sha256)
+    rows, skipped = classify_scans(classifier, found, config)
+    return rows, skipped, classifier
+
+
+def make_classifier(net, config, device, sha256):
+    """The Classifier predict.py runs: --prompts (or the protocol's) and --encoder, its caches keyed by `sha256`."""
     prompts = evaluate.read_prompts(config["prompts"]) if config["prompts"] else None
     prompt_cache = evaluate.PromptCache(sha256, net.name, config["cache_dir"])
     encoder = image_encoder(net, device, config["encoder"], sha256, config["cache_dir"])
-    classifier = Classifier(net, prompts, device, prompt_cache=prompt_cache, encoder=encoder)
+    return Classifier(net, prompts, device, prompt_cache=prompt_cache, encoder=encoder)
+
+
+def classify_scans(classifier, found, config):
+    """-> (rows, skipped) for the found scans: batched, streamed file by file, each batch read and preprocessed in a
+    thread while the encoder runs on the one before."""
     rows, skipped, taken = [], [], set()
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
@@ -352,7 +365,7 @@ def predict(net, found, config, device, sha256):
                 row["saved"] = save_model_input(view, image, folder, taken) if folder else None
             rows += batch_rows
             progress.set_postfix(frames=len(rows))
-    return rows, skipped, classifier
+    return rows, skipped
 
 
 # ------------------------------------------------------------------ clips
