@@ -59,9 +59,8 @@ DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
     "cache_dir": "",  # prompt features and ONNX encoders per checkpoint; '' = evaluate.cache_folder()
 }
 ENCODERS = ("onnx", "torch", "eager")
-ENCODER_TOLERANCE = (
-    1e-5  # max abs difference of the unit-norm image features, ONNX or fused vs as trained
-)
+# max abs difference of the unit-norm image features allowed, the ONNX file against PyTorch (checked on export)
+ENCODER_TOLERANCE = 1e-5
 QUEUE_DEPTH = 2  # batches decoded and preprocessed ahead of the encoder
 HEAD_MIN_MM = (
     protocol.HC_MIN / math.pi
@@ -81,16 +80,11 @@ class Classifier:
         self.encoder = encoder or TorchEncoder(net, device)  # images -> (B, D) unit-norm features
         self.prompts = protocol.PROMPTS["five_planes"] if prompts is None else prompts
         self.classes = list(self.prompts)
-        self.embeddings = evaluate.class_embeddings(
-            net, self.prompts, device, prompt_cache
-        )  # (C, D)
+        self.embeddings = evaluate.class_embeddings(net, self.prompts, device, prompt_cache)
+        brain = protocol.PROMPTS["brain_subplanes"]
         self.brain = (
-            evaluate.class_embeddings(
-                net, protocol.PROMPTS["brain_subplanes"], device, prompt_cache
-            )
-            if self.protocol
-            else None
-        )
+            evaluate.class_embeddings(net, brain, device, prompt_cache) if self.protocol else None
+        )  # (C, D) and (3, D)
         self.ga_text = {}  # spacing string -> (875, D)
         transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
         self.model_input = torchvision.transforms.Compose(
@@ -318,6 +312,8 @@ def prefetched(items, depth):
 
 
 class ProducerFailed:
+    """An error of prefetched's producer thread, on its way to the consumer."""
+
     def __init__(self, error):
         self.error = error
 
