@@ -17,8 +17,10 @@ takes minutes on 2 cores, on a GPU seconds (progress bars show both stages).
 """
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -97,39 +99,109 @@ def encode_images(model, paths, batch_size=64, device="cpu", num_workers=0):
     return (torch.cat(features) if features else torch.zeros(0, model.embed_dim)), sides
 
 
+PROMPT_BATCH = (
+    64  # prompts per text forward pass (the full context: the student's text tower has no mask)
+)
+
+
 @torch.no_grad()
-def encode_prompts(model, prompts, device="cpu"):
-    tokens = data.tokenize(prompts, context_length=model.context_length).to(device)
-    return F.normalize(model.encode_text(tokens).float(), dim=-1).cpu()  # (P, D)
+def encode_prompts(model, prompts, device="cpu", desc=""):
+    """-> (P, D) L2-normalised float32 CPU features, PROMPT_BATCH prompts per forward pass; a progress bar named
+    `desc` when given."""
+    tokens = data.tokenize(list(prompts), context_length=model.context_length)
+    starts = range(0, len(tokens), PROMPT_BATCH)
+    bar = tqdm(total=len(tokens), desc=desc, unit="prompt", leave=False, disable=not desc)
+    features = []
+    for start in starts:
+        batch = tokens[start : start + PROMPT_BATCH].to(device)
+        features.append(F.normalize(model.encode_text(batch).float(), dim=-1).cpu())
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(features) if features else torch.zeros(0, model.embed_dim)
 
 
-def class_embeddings(model, prompts_by_class, device="cpu"):
-    """Encode each prompt, L2-normalise, average per class, re-normalise -> (C, D)."""
-    return F.normalize(
-        torch.stack([encode_prompts(model, p, device).mean(0) for p in prompts_by_class.values()]),
-        dim=-1,
-    )
+def cache_folder():
+    """Where text features and ONNX encoders computed from a checkpoint are kept (XDG's convention):
+    $MOBILEFETALCLIP_CACHE, else $XDG_CACHE_HOME/mobilefetalclip, else ~/.cache/mobilefetalclip."""
+    if os.environ.get("MOBILEFETALCLIP_CACHE"):
+        return Path(os.environ["MOBILEFETALCLIP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mobilefetalclip"
 
 
-def ga_text_features(model, spacing, device="cpu"):
-    """(5, 175, D): each GA template over weeks 14..38 x days 0..6, one template per batch as the
-    release does, so cached and per-image features are bit-identical."""
-    return torch.stack(
-        [
-            encode_prompts(
-                model,
-                [
-                    template.replace("{weeks}", str(weeks))
-                    .replace("{day}", str(day))
-                    .replace("{pixel_spacing}", spacing)
-                    for weeks in range(14, 39)
-                    for day in range(7)
-                ],
-                device,
-            )
-            for template in PROMPTS["ga_templates"]
-        ]
-    )
+class PromptCache:
+    """The text features of one checkpoint's model on disk, a file per list of prompts (cache_folder()/text/),
+    keyed by the checkpoint's sha256, the model's name, the prompts and the GA spacing. The key is stored in the file
+    and compared on every read, so a file written for another checkpoint or other prompts is never used."""
+
+    def __init__(self, sha256, model_name, folder=""):
+        self.sha256, self.model_name = sha256, model_name
+        self.folder = Path(folder or cache_folder()) / "text"
+
+    def key(self, prompts, spacing):
+        return {
+            "sha256": self.sha256,
+            "model": self.model_name,
+            "spacing": spacing,
+            "prompts": prompts,
+        }
+
+    def stored(self, path, key):
+        """The features stored at `path` under exactly `key`, else None (absent, unreadable or another key)."""
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # absent, truncated by a crash of another writer, or not a torch file
+            return None
+        return entry["features"] if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def features(self, model, prompts, device="cpu", spacing="", desc=""):
+        """encode_prompts(model, prompts) from the cache, or encoded now and stored (atomically) -> (P, D)."""
+        key = self.key(list(prompts), spacing)
+        name = hashlib.sha256(json.dumps(key).encode()).hexdigest()
+        path = self.folder / f"{name}.pt"
+        features = self.stored(path, key)
+        if features is None:
+            features = encode_prompts(model, prompts, device, desc)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with configurator.atomic_path(path) as tmp:
+                torch.save({"key": key, "features": features}, tmp)
+        return features
+
+
+def text_features(model, prompts, device="cpu", prompt_cache=None, spacing="", desc=""):
+    """encode_prompts, through `prompt_cache` (a PromptCache) when given."""
+    if prompt_cache is None:
+        return encode_prompts(model, prompts, device, desc)
+    return prompt_cache.features(model, prompts, device, spacing, desc)
+
+
+def class_embeddings(model, prompts_by_class, device="cpu", prompt_cache=None):
+    """Encode every prompt (in batches across classes), L2-normalise, average per class, re-normalise -> (C, D)."""
+    counts = [len(texts) for texts in prompts_by_class.values()]
+    every_prompt = [text for texts in prompts_by_class.values() for text in texts]
+    desc = "class prompts" if len(every_prompt) > PROMPT_BATCH else ""
+    features = text_features(model, every_prompt, device, prompt_cache, desc=desc)  # (P, D)
+    means = [per_class.mean(0) for per_class in features.split(counts)]
+    return F.normalize(torch.stack(means), dim=-1)  # (C, D)
+
+
+def ga_prompts(spacing):
+    """The 875 GA prompts at one spacing string: each template over weeks 14..38 x days 0..6, template-major."""
+    return [
+        template.replace("{weeks}", str(weeks))
+        .replace("{day}", str(day))
+        .replace("{pixel_spacing}", spacing)
+        for template in PROMPTS["ga_templates"]
+        for weeks in range(14, 39)
+        for day in range(7)
+    ]
+
+
+def ga_text_features(model, spacing, device="cpu", prompt_cache=None):
+    """(5, 175, D): the GA prompts' features at one spacing string (through `prompt_cache` when given)."""
+    desc = f"GA prompts at {spacing} mm"
+    features = text_features(model, ga_prompts(spacing), device, prompt_cache, spacing, desc)
+    return features.view(len(PROMPTS["ga_templates"]), len(GA_DAYS), -1)
 
 
 def ga_spacing(side, pixel_size, image_size):
@@ -138,17 +210,28 @@ def ga_spacing(side, pixel_size, image_size):
     return f"{side / image_size * pixel_size:.2f}"
 
 
-def ga_scores(model, image_features, spacings, cache_text=True, device="cpu", text_cache=None):
+def ga_scores(
+    model,
+    image_features,
+    spacings,
+    cache_text=True,
+    device="cpu",
+    text_cache=None,
+    prompt_cache=None,
+):
     """image_features (n, D), spacings n '%.2f' strings -> ((n, 175) float32 scores, prompts encoded).
     The GA text features depend on the image only through its spacing string, so cache_text=True
-    encodes them once per distinct string (kept in `text_cache` across calls when given); cache_text=False
-    re-encodes them per image (release)."""
+    encodes them once per distinct string (kept in `text_cache` across calls when given, and on disk across runs
+    in `prompt_cache`, a PromptCache, when given); cache_text=False re-encodes them per image (release)."""
     cache, encoded, scores = {} if text_cache is None else text_cache, 0, []
     for feature, spacing in zip(
         tqdm(image_features, desc="GA prompts", unit="image", leave=False), spacings
     ):
         if not cache_text or spacing not in cache:
-            cache[spacing] = ga_text_features(model, spacing, device).flatten(0, 1)  # (875, D)
+            on_disk = prompt_cache if cache_text else None
+            cache[spacing] = ga_text_features(model, spacing, device, on_disk).flatten(
+                0, 1
+            )  # (875, D)
             encoded += cache[spacing].shape[0]
         text = cache[spacing] if cache_text else cache.pop(spacing)
         # 100 * img @ txt.T per image, averaged over the 5 templates: (1, 875) -> (175,)

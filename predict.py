@@ -15,7 +15,10 @@ mean probabilities, each class's best frame and a timeline plot. Writes into out
     predictions.csv    one line per row
     timelines/         <file>.png per clip: class probabilities over frames
 produced_by holds the command, the checkpoint's path, sha256 and model, the prompts and the package versions. Frames
-are encoded in batches; the GA prompts once per distinct spacing. Memory grows with the rows, not the pixels.
+are read and preprocessed in a thread while the image encoder runs, as deployed: reparameterised, and on the CPU
+exported once per checkpoint to fp32 ONNX and run by onnxruntime (--encoder). The class, sub-plane and GA prompt
+features (the GA's once per distinct spacing) and the ONNX file are cached per checkpoint sha256 in
+evaluate.cache_folder(), so a second run encodes no prompt. Memory grows with the rows, not the pixels.
 """
 
 import csv
@@ -24,7 +27,9 @@ import io
 import json
 import math
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +42,7 @@ import configurator
 import data
 import evaluate
 import protocol
-from model import load_model
+from model import load_model, reparameterize
 
 DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
     "ckpt": "",  # the checkpoint: the first argument
@@ -49,7 +54,14 @@ DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
     "model": "",  # model.py name; '' = the name the checkpoint stores
     "device": "",  # '' = cuda, else mps, else cpu
     "batch_size": 32,  # frames per forward pass
+    "encoder": "onnx",  # onnx = the exported fp32 image encoder in onnxruntime on the CPU (torch elsewhere);
+    # torch = the reparameterised model in PyTorch; eager = the model as trained (both agree: ENCODER_TOLERANCE)
+    "cache_dir": "",  # prompt features and ONNX encoders per checkpoint; '' = evaluate.cache_folder()
 }
+ENCODERS = ("onnx", "torch", "eager")
+# max abs difference of the unit-norm image features allowed, the ONNX file against PyTorch (checked on export)
+ENCODER_TOLERANCE = 1e-5
+QUEUE_DEPTH = 2  # batches decoded and preprocessed ahead of the encoder
 HEAD_MIN_MM = (
     protocol.HC_MIN / math.pi
 )  # across the smallest head the protocol measures (HC 100 mm)
@@ -63,16 +75,17 @@ class Classifier:
     """The zero-shot heads of one model: the classes (the five planes, or the user's), the brain sub-planes and the
     GA prompts (protocol only; ga=False leaves GA out), and the GA text features per spacing, encoded once each."""
 
-    def __init__(self, net, prompts, device, ga=True):
+    def __init__(self, net, prompts, device, ga=True, prompt_cache=None, encoder=None):
         self.net, self.device, self.protocol, self.ga = net, device, prompts is None, ga
+        self.prompt_cache = prompt_cache  # evaluate.PromptCache: the text features on disk, or None
+        self.encoder = encoder or TorchEncoder(net, device)  # images -> (B, D) unit-norm features
         self.prompts = protocol.PROMPTS["five_planes"] if prompts is None else prompts
         self.classes = list(self.prompts)
-        self.embeddings = evaluate.class_embeddings(net, self.prompts, device)  # (C, D)
+        self.embeddings = evaluate.class_embeddings(net, self.prompts, device, prompt_cache)
+        brain = protocol.PROMPTS["brain_subplanes"]
         self.brain = (
-            evaluate.class_embeddings(net, protocol.PROMPTS["brain_subplanes"], device)
-            if self.protocol
-            else None
-        )
+            evaluate.class_embeddings(net, brain, device, prompt_cache) if self.protocol else None
+        )  # (C, D) and (3, D)
         self.ga_text = {}  # spacing string -> (875, D)
         transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
         self.model_input = torchvision.transforms.Compose(
@@ -80,12 +93,17 @@ class Classifier:
         )  # pad, resize, crop: PIL
         self.normalise = transform.transforms[-1]
 
-    @torch.no_grad()
-    def __call__(self, views):
-        """Views -> (rows (dicts), the images the model saw (PIL, before normalising)), one per view."""
+    def prepare(self, views):
+        """Views -> (the images the model saw (PIL, before normalising), the normalised batch (B, 3, S, S))."""
         seen = [self.model_input(view.image) for view in views]
-        images = torch.stack([self.normalise(image) for image in seen]).to(self.device)
-        features = F.normalize(self.net.encode_image(images).float(), dim=-1).cpu()  # (B, D)
+        return seen, torch.stack([self.normalise(image) for image in seen])
+
+    @torch.no_grad()
+    def __call__(self, views, prepared=None):
+        """Views (and their prepare(views), when done already) -> (rows (dicts), the images the model saw (PIL,
+        before normalising)), one per view."""
+        seen, images = prepared or self.prepare(views)
+        features = self.encoder(images)  # (B, D)
         probs = (protocol.SCALE * features @ self.embeddings.T).softmax(-1)  # (B, C)
         rows = [self.row(view, p) for view, p in zip(views, probs)]
         if self.protocol:
@@ -133,7 +151,12 @@ class Classifier:
                 )
         if chosen:
             scores, _ = evaluate.ga_scores(
-                self.net, features[chosen], spacings, device=self.device, text_cache=self.ga_text
+                self.net,
+                features[chosen],
+                spacings,
+                device=self.device,
+                text_cache=self.ga_text,
+                prompt_cache=self.prompt_cache,
             )
             for i, days, spacing in zip(chosen, protocol.ga_prediction(scores).tolist(), spacings):
                 rows[i].update(
@@ -151,6 +174,92 @@ def ga_note(row, view):
     if span < HEAD_MIN_MM:
         return f"the view spans {span:.0f} mm, less than the smallest head measured ({HEAD_MIN_MM:.0f} mm across)"
     return ""
+
+
+# ------------------------------------------------------------------ the image encoder as deployed
+
+
+class TorchEncoder:
+    """A model's image encoder in PyTorch on `device`: (B, 3, S, S) -> (B, D) unit-norm float32 CPU features."""
+
+    def __init__(self, net, device):
+        self.net, self.device = net, device
+
+    @torch.no_grad()
+    def __call__(self, images):
+        return F.normalize(self.net.encode_image(images.to(self.device)).float(), dim=-1).cpu()
+
+
+class OnnxEncoder:
+    """export.py's fp32 image encoder file in onnxruntime: (B, 3, S, S) -> (B, D) unit-norm float32 features."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, images):
+        return torch.from_numpy(self.session.run(None, {"image": images.numpy()})[0])
+
+
+def image_encoder(net, device, kind, sha256, cache_dir=""):
+    """The encoder predict.py runs (--encoder): the model as trained (eager), reparameterised by timm (torch; what
+    was deployed, same outputs), or that exported to ONNX once per checkpoint and run by onnxruntime (onnx, on the
+    CPU; torch where onnxruntime cannot run it, with the reason printed)."""
+    if kind == "eager":
+        return TorchEncoder(net, device)
+    fused = reparameterize(net)
+    if kind == "onnx" and device == "cpu":
+        try:
+            return OnnxEncoder(onnx_encoder_session(fused, sha256, cache_dir))
+        except (ImportError, RuntimeError, ValueError) as error:
+            print(f"the ONNX image encoder is not available ({error}): PyTorch runs it instead")
+    return TorchEncoder(fused, device)
+
+
+def onnx_encoder_session(fused, sha256, cache_dir=""):
+    """An onnxruntime session of the checkpoint's image encoder: from the cache when the file there carries this
+    checkpoint's sha256 and model, else exported now (checked against PyTorch within ENCODER_TOLERANCE) and stored
+    atomically."""
+    import export
+
+    folder = Path(cache_dir or evaluate.cache_folder()) / "onnx"
+    path, key = folder / f"{sha256}-{fused.name}.onnx", {"sha256": sha256, "model": fused.name}
+    if path.is_file():
+        try:
+            session = export.onnx_session(path)
+            if session.get_modelmeta().custom_metadata_map == key:
+                return session
+        except Exception:  # a damaged file (onnxruntime raises its own types): exported again below
+            pass
+    print(f"exporting the image encoder to {path} (once per checkpoint)")
+    folder.mkdir(parents=True, exist_ok=True)
+    images = export.example_images(fused)
+    with torch.no_grad():
+        reference = export.ImageEncoder(fused)(images)
+
+    def stamp_and_check(written):
+        stamp(written, key)
+        outputs = export.onnx_session(written).run(None, {"image": images.numpy()})
+        error = export.max_abs_diff(outputs, [reference])
+        export.check(error, "the ONNX image encoder against PyTorch", ENCODER_TOLERANCE)
+
+    export.export_onnx(
+        export.ImageEncoder(fused),
+        images,
+        path,
+        "image",
+        ["image_features"],
+        verify=stamp_and_check,
+    )
+    return export.onnx_session(path)
+
+
+def stamp(path, key):
+    """Write `key` into an ONNX file's metadata: which checkpoint and model it was exported from."""
+    import onnx
+
+    graph = onnx.load(path)
+    onnx.helper.set_model_props(graph, key)
+    onnx.save(graph, path)
 
 
 # ------------------------------------------------------------------ the scans, streamed
@@ -183,6 +292,33 @@ def batches(views, size):
         yield batch
 
 
+def prefetched(items, depth):
+    """`items` produced in a thread, at most `depth` ahead of the consumer, in order; an error raised while producing
+    them is raised here, in the consumer."""
+    handoff, finished = queue.Queue(maxsize=depth), object()
+
+    def produce():
+        try:
+            for item in items:
+                handoff.put(item)
+            handoff.put(finished)
+        except BaseException as error:  # handed over to be raised in the consumer's thread
+            handoff.put(ProducerFailed(error))
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := handoff.get()) is not finished:
+        if isinstance(item, ProducerFailed):
+            raise item.error
+        yield item
+
+
+class ProducerFailed:
+    """An error of prefetched's producer thread, on its way to the consumer."""
+
+    def __init__(self, error):
+        self.error = error
+
+
 def save_model_input(view, seen, folder, taken):
     """The image the model saw (after crop, pad and resize, before normalising) as PNG -> its path."""
     from tools import scans
@@ -193,23 +329,40 @@ def save_model_input(view, seen, folder, taken):
     return path
 
 
-def predict(net, found, config, device):
-    """-> (rows, skipped, the classifier) for the found scans: batched, streamed file by file."""
+def predict(net, found, config, device, sha256):
+    """-> (rows, skipped, the classifier) for the found scans. `sha256`: the checkpoint's, keying its caches."""
+    classifier = make_classifier(net, config, device, sha256)
+    rows, skipped = classify_scans(classifier, found, config)
+    return rows, skipped, classifier
+
+
+def make_classifier(net, config, device, sha256):
+    """The Classifier predict.py runs: --prompts (or the protocol's) and --encoder, its caches keyed by `sha256`."""
     prompts = evaluate.read_prompts(config["prompts"]) if config["prompts"] else None
-    classifier, rows, skipped, taken = Classifier(net, prompts, device), [], [], set()
+    prompt_cache = evaluate.PromptCache(sha256, net.name, config["cache_dir"])
+    encoder = image_encoder(net, device, config["encoder"], sha256, config["cache_dir"])
+    return Classifier(net, prompts, device, prompt_cache=prompt_cache, encoder=encoder)
+
+
+def classify_scans(classifier, found, config):
+    """-> (rows, skipped) for the found scans: batched, streamed file by file, each batch read and preprocessed in a
+    thread while the encoder runs on the one before."""
+    rows, skipped, taken = [], [], set()
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
     with tqdm(total=len(found), desc="scans", unit="file") as progress:
-        for batch in batches(
-            views_of(found, config["pixel_size"], skipped, progress), config["batch_size"]
-        ):
-            batch_rows, seen = classifier(batch)
+        views = views_of(found, config["pixel_size"], skipped, progress)
+        prepared = (
+            (batch, classifier.prepare(batch)) for batch in batches(views, config["batch_size"])
+        )
+        for batch, inputs in prefetched(prepared, QUEUE_DEPTH):
+            batch_rows, seen = classifier(batch, inputs)
             for row, view, image in zip(batch_rows, batch, seen):
                 folder = config["save_frames"]
                 row["saved"] = save_model_input(view, image, folder, taken) if folder else None
             rows += batch_rows
             progress.set_postfix(frames=len(rows))
-    return rows, skipped, classifier
+    return rows, skipped
 
 
 # ------------------------------------------------------------------ clips
@@ -369,14 +522,14 @@ def escape_names(entries):
     return entries
 
 
-def provenance(config, net, classifier):
+def provenance(config, net, classifier, sha256):
     return {
         "command": " ".join(["python predict.py", *sys.argv[1:]])
         if sys.argv[0].endswith("predict.py")
         else "",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": os.path.abspath(config["ckpt"]),
-        "sha256": configurator.file_sha256(config["ckpt"]),
+        "sha256": sha256,
         "model": net.name,
         "prompts": {
             "file": config["prompts"] or "zero_shot_prompts.json (the protocol's)",
@@ -453,6 +606,7 @@ def run(config):
     from tools import scans  # tools/scans.py reads a clinic's files
 
     check(config)
+    configurator.refuse(config, [configurator.choice("encoder", config["encoder"], ENCODERS)])
     device = configurator.pick_device(config["device"])
     net = (
         load_model(config["ckpt"], config["model"]).to(device).eval()
@@ -463,7 +617,8 @@ def run(config):
     print(
         f"{config['ckpt']}: {net.name} on {device}; {len(found)} scans, {len(ignored)} other files ignored"
     )
-    rows, unreadable, classifier = predict(net, found, config, device)
+    sha256 = configurator.file_sha256(config["ckpt"])  # the provenance's and every cache's key
+    rows, unreadable, classifier = predict(net, found, config, device, sha256)
     skipped = [
         {"file": path, "reason": why, "frames_read": 0} for path, why in skipped
     ] + unreadable
@@ -476,7 +631,7 @@ def run(config):
         clips,
         skipped,
         ignored,
-        provenance(config, net, classifier),
+        provenance(config, net, classifier, sha256),
         classifier.classes,
     )
     print_table(rows, clips, skipped, ignored)

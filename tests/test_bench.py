@@ -75,9 +75,13 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
     assert set(loader) == {("torchvision", 2), ("torchvision", 1), ("data.py", 2), ("data.py", 1)}
     assert all(rate > 0 for rate in loader.values())
     assert results["hc18"]["identical"] and results["hc18"]["per_image"]["prompts"] == 3 * 875
+    predicted = results["predict"]
+    assert predicted["frames"] == 24 and predicted["frames_per_s"] > 0  # the sweep's 24 frames
     assert (
-        results["predict"]["frames"] == 24 and results["predict"]["frames_per_s"] > 0
-    )  # the sweep's 24 frames
+        min(predicted[k] for k in ("first_run_seconds", "second_run_seconds", "imports_seconds"))
+        > 0
+    )
+    assert predicted["eager_batch32_frames_per_s"] > 0 and predicted["batch_size"] == 32
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["machine"]["cores"] >= 1 and len(saved["latency"]) == 3 + len(onnx_rows)
     config = dict(bench.DEFAULTS, steps=1, device="cpu", dtype="float32", threads=1)

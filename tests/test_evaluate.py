@@ -2,6 +2,7 @@
 tasks and one-line errors (the protocol's metrics on hand-built cases: tests/test_protocol.py)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import evaluate
+import model
 import protocol
 
 
@@ -56,6 +59,113 @@ def test_cached_and_per_image_ga_scores_are_identical():
     np.testing.assert_array_equal(fast, slow)
     assert fast.shape == (3, 175) and (fast_n, slow_n) == (2 * 875, 3 * 875)
     assert not np.array_equal(fast[0], fast[1])  # the spacing string does reach the scores
+
+
+# ------------------------------------------------------------------ prompts: batched, cached on disk
+
+
+class CountingTextTower:
+    """Wraps a model, counting encode_text's forward passes."""
+
+    def __init__(self, net):
+        self.net, self.passes = net, 0
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def encode_text(self, tokens):
+        self.passes += 1
+        return self.net.encode_text(tokens)
+
+
+def one_pass_per_class(net, prompts_by_class):
+    """The old way (a reference written apart): each class's prompts in one pass, normalised, averaged."""
+    means = []
+    for texts in prompts_by_class.values():
+        tokens = data.tokenize(texts, context_length=net.context_length)
+        means.append(F.normalize(net.encode_text(tokens), dim=-1).mean(0))
+    return F.normalize(torch.stack(means), dim=-1)
+
+
+@torch.no_grad()
+def test_class_prompts_are_encoded_in_batches_across_classes_as_one_pass_per_class(monkeypatch):
+    torch.manual_seed(0)
+    net = CountingTextTower(model.create_model("demo_student").eval())
+    prompts = protocol.PROMPTS["five_planes"]  # 9 classes
+    every = sum(len(texts) for texts in prompts.values())
+    monkeypatch.setattr(evaluate, "PROMPT_BATCH", 16)
+    batched = evaluate.class_embeddings(net, prompts)
+    assert net.passes == math.ceil(every / 16) < len(prompts)
+    torch.testing.assert_close(batched, one_pass_per_class(net.net, prompts), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_prompt_features_are_cached_per_checkpoint_model_prompts_and_spacing(tmp_path):
+    torch.manual_seed(0)
+    net = CountingTextTower(model.create_model("demo_student").eval())
+    prompts = {"a": ["fetal brain", "a fetal brain"], "b": ["fetal femur"]}
+    first = evaluate.PromptCache("a" * 64, net.name, tmp_path)
+    reference = evaluate.class_embeddings(net, prompts, prompt_cache=first)
+    assert net.passes == 1
+    again = evaluate.class_embeddings(
+        net, prompts, prompt_cache=evaluate.PromptCache("a" * 64, net.name, tmp_path)
+    )
+    assert net.passes == 1 and torch.equal(again, reference)  # read back, not encoded
+    evaluate.class_embeddings(net, {**prompts, "b": ["fetal thorax"]}, prompt_cache=first)
+    evaluate.class_embeddings(
+        net, prompts, prompt_cache=evaluate.PromptCache("a" * 64, "x", tmp_path)
+    )
+    assert net.passes == 3  # other prompts, another model: encoded again
+    evaluate.ga_text_features(net, "0.20", prompt_cache=first)
+    evaluate.ga_text_features(net, "0.21", prompt_cache=first)
+    passes = net.passes
+    torch.testing.assert_close(
+        evaluate.ga_text_features(net, "0.21", prompt_cache=first),
+        evaluate.ga_text_features(net, "0.21"),
+    )
+    assert net.passes == passes + math.ceil(
+        875 / evaluate.PROMPT_BATCH
+    )  # only the uncached call encoded
+    files = sorted((tmp_path / "text").iterdir())
+    assert len(files) == 5 and all(f.suffix == ".pt" for f in files)  # no temporary file left
+
+
+@torch.no_grad()
+def test_a_cached_file_of_another_checkpoint_is_never_used(tmp_path):
+    """The key is checked on read: a file holding another checkpoint's key under this one's name is encoded again,
+    as is a damaged file."""
+    torch.manual_seed(0)
+    net = CountingTextTower(model.create_model("demo_student").eval())
+    prompts = {"a": ["fetal brain"], "b": ["fetal femur"]}
+    mine, other = (evaluate.PromptCache(c * 64, net.name, tmp_path) for c in "ab")
+    evaluate.class_embeddings(net, prompts, prompt_cache=mine)
+    (mine_file,) = (tmp_path / "text").iterdir()
+    expected = evaluate.class_embeddings(net, prompts, prompt_cache=other)
+    (other_file,) = set((tmp_path / "text").iterdir()) - {mine_file}
+    foreign = torch.load(mine_file, weights_only=True)
+    foreign["features"] = torch.zeros_like(foreign["features"])
+    torch.save(foreign, other_file)  # the other checkpoint's key and zeros, under this one's name
+    assert net.passes == 2
+    torch.testing.assert_close(
+        evaluate.class_embeddings(net, prompts, prompt_cache=other), expected
+    )
+    other_file.write_bytes(b"truncated")
+    torch.testing.assert_close(
+        evaluate.class_embeddings(net, prompts, prompt_cache=other), expected
+    )
+    assert (
+        net.passes == 4 and torch.load(other_file, weights_only=True)["key"]["sha256"] == "b" * 64
+    )
+
+
+def test_the_cache_folder_follows_xdg_and_its_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOBILEFETALCLIP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert evaluate.cache_folder() == tmp_path / "xdg" / "mobilefetalclip"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert evaluate.cache_folder() == Path.home() / ".cache" / "mobilefetalclip"
+    monkeypatch.setenv("MOBILEFETALCLIP_CACHE", str(tmp_path / "mine"))
+    assert evaluate.cache_folder() == tmp_path / "mine"
 
 
 # ------------------------------------------------------------------ end to end

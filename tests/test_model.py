@@ -1,5 +1,6 @@
 """model.py against open_clip itself: same weights in every file format give the same outputs."""
 
+import math
 import os
 import re
 
@@ -13,6 +14,7 @@ import model as model_lib
 import release_mci
 from model import (
     create_model,
+    first_non_finite,
     held_model_name,
     load_checkpoint,
     load_model,
@@ -340,6 +342,30 @@ def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(
         match="x.pt stores model_name 'demo_studnet', not one of .*did you mean 'demo_student'",
     ):
         held_model_name("x.pt", {"model": {}, "model_name": "demo_studnet"})
+
+
+def test_the_finite_check_by_sums_is_exact_where_a_sum_overflows_or_cancels():
+    """first_non_finite reads sums first: finite values whose sum overflows are finite; +inf and -inf in one tensor
+    (their sum is NaN) and a half-precision inf are found, as a naive loop over every element finds them."""
+    big = torch.full((4,), 3e38)  # finite, summing to inf in float32
+    cases = [
+        {"a": big, "b": torch.zeros(2, dtype=torch.int64)},
+        {"a": big, "b": torch.tensor([float("inf"), -float("inf")])},
+        {"a": torch.ones(3), "b": torch.tensor([6e4, 6e4, float("inf")], dtype=torch.float16)},
+    ]
+    for state_dict in cases:
+        naive = next(
+            (
+                k
+                for k, v in state_dict.items()
+                if v.is_floating_point()
+                for x in v.tolist()
+                if not math.isfinite(x)
+            ),
+            "",
+        )
+        assert first_non_finite(state_dict) == naive
+    assert [first_non_finite(c) for c in cases] == ["", "b", "b"]
 
 
 def test_non_finite_tensors_are_refused_naming_them_and_load_model_returns_a_frozen_model(tmp_path):

@@ -24,6 +24,15 @@ from test_scans import region, write_dicom
 from tools import synthetic
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache_folder(tmp_path_factory):
+    """The prompt features and ONNX encoders of this module's checkpoints, away from the user's cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOBILEFETALCLIP_CACHE", str(folder))
+        yield folder
+
+
 def save(net, path):
     torch.save({"model": net.state_dict(), "model_name": net.name}, path)
     return str(path)
@@ -299,3 +308,70 @@ def test_the_new_set_replaces_the_old_in_one_step_where_linux_can(tmp_path):
         )
     assert (tmp_path / "out" / "predictions.json").read_text() == "new"
     assert (tmp_path / "new" / "predictions.json").read_text() == "old"
+
+
+# ------------------------------------------------------------------ the fast path: the eager model's answers
+
+
+def cine_and_still(folder):
+    """A 5-frame DICOM cine and a PNG: batches of 2 cross the file boundary."""
+    folder.mkdir()
+    write_dicom(folder / "cine.dcm", np.stack([scan(seed) for seed in range(5)]))
+    Image.fromarray(scan(7)).save(folder / "still.png")
+    return folder
+
+
+def test_onnx_and_reparameterised_encoders_give_the_eager_models_rows(
+    student, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MOBILEFETALCLIP_CACHE", str(tmp_path / "cache"))
+    scans_folder = cine_and_still(tmp_path / "scans")
+    options = [student, scans_folder, "--batch_size=2", f"--out_dir={tmp_path / 'out'}"]
+    eager, _, _, _ = run(*options, "--encoder=eager")
+    for encoder in ("onnx", "onnx", "torch"):  # the second onnx run reads the exported file back
+        capsys.readouterr()
+        rows, _, _, _ = run(*options, f"--encoder={encoder}")
+        assert [(r["file"], r["frame"]) for r in rows] == [(r["file"], r["frame"]) for r in eager]
+        for fast, reference in zip(rows, eager):
+            assert fast["label"] == reference["label"]
+            assert fast["probs"] == pytest.approx(reference["probs"], abs=1e-5, rel=0)
+    sha256 = hashlib.sha256(open(student, "rb").read()).hexdigest()
+    assert [p.name for p in (tmp_path / "cache" / "onnx").iterdir()] == [
+        f"{sha256}-demo_student.onnx"
+    ]
+    assert (
+        "exporting" not in capsys.readouterr().out
+    )  # the torch run, as the second onnx one, exports nothing
+
+
+def test_an_onnx_encoder_of_another_checkpoint_is_never_used(
+    student, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MOBILEFETALCLIP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(1)
+    other = save(model.create_model("demo_student"), tmp_path / "other.pt")
+    scans_folder = cine_and_still(tmp_path / "scans")
+    run(student, scans_folder, f"--out_dir={tmp_path / 'out'}")
+    (exported,) = (tmp_path / "cache" / "onnx").iterdir()
+    sha256 = hashlib.sha256(open(other, "rb").read()).hexdigest()
+    exported.rename(
+        exported.with_name(f"{sha256}-demo_student.onnx")
+    )  # the student's, as the other's
+    capsys.readouterr()
+    rows, _, _, _ = run(other, scans_folder, f"--out_dir={tmp_path / 'out'}")
+    assert "exporting the image encoder" in capsys.readouterr().out
+    eager, _, _, _ = run(other, scans_folder, f"--out_dir={tmp_path / 'out'}", "--encoder=eager")
+    for fast, reference in zip(rows, eager):
+        assert fast["probs"] == pytest.approx(reference["probs"], abs=1e-5, rel=0)
+
+
+def test_frames_prefetched_in_a_thread_keep_their_order_and_its_errors_reach_the_caller():
+    def produced():
+        yield from range(5)
+        raise KeyError("the producer's error")
+
+    received = []
+    with pytest.raises(KeyError, match="the producer's error"):
+        for item in predict.prefetched(produced(), depth=2):
+            received.append(item)
+    assert received == list(range(5))

@@ -345,3 +345,49 @@ def test_a_header_promising_more_frames_than_the_data_holds_says_both(tmp_path):
     got, why = read_all(tmp_path / "cine.dcm")
     assert why == "the header promises 5 frames (NumberOfFrames) and the data holds 3"
     assert [np.asarray(v.image).tolist() for v in got] == frames.tolist()  # rows for the 3 held
+
+
+# ------------------------------------------------------------------ JPEG Baseline straight to RGB
+
+PILLOW_YBR_FILES = [  # pydicom's real JPEG Baseline YBR files: (file, photometric, chroma subsampling)
+    ("examples_ybr_color.dcm", "YBR_FULL_422", "4:2:2"),  # a 30-frame ultrasound cine
+    ("SC_rgb_dcmtk_+eb+cy+np.dcm", "YBR_FULL_422", "4:2:2"),
+    ("SC_rgb_dcmtk_+eb+cy+s2.dcm", "YBR_FULL_422", "4:2:2"),
+    ("SC_rgb_dcmtk_+eb+cy+n1.dcm", "YBR_FULL", "4:4:4"),
+    ("SC_rgb_dcmtk_+eb+cy+n2.dcm", "YBR_FULL", "4:4:4"),
+    ("SC_rgb_dcmtk_+eb+cy+s4.dcm", "YBR_FULL", "4:4:4"),
+    ("SC_rgb_jpeg_dcmtk.dcm", "YBR_FULL", "4:4:4"),
+    ("SC_rgb_jpeg_lossy_gdcm.dcm", "YBR_FULL", "4:4:4"),
+    ("SC_rgb_small_odd_jpeg.dcm", "YBR_FULL", "4:4:4"),
+]
+
+
+@pytest.mark.parametrize("name, photometric, subsampling", PILLOW_YBR_FILES)
+def test_jpeg_baseline_ybr_frames_decoded_by_pillow_are_pydicoms_bit_for_bit(
+    name, photometric, subsampling
+):
+    from pydicom.pixels import iter_pixels
+
+    dataset = pydicom.dcmread(real(name), defer_size="256 KB", force=True)
+    assert dataset.PhotometricInterpretation == photometric
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    wanted = sorted({0, frames - 1})
+    fast = scans.pillow_rgb_frames(real(name), dataset, frames, wanted)
+    assert fast is not None  # the fast path is taken
+    for ours, reference in zip(fast, iter_pixels(real(name), indices=wanted), strict=True):
+        np.testing.assert_array_equal(ours, reference)
+    reference = next(iter_pixels(real(name), indices=[0]))
+    assert np.array_equal(
+        np.asarray(views(real(name))[0].image), reference
+    )  # scans.read's first view
+
+
+def test_jpeg_coded_in_rgb_stays_with_pydicom():
+    """Pillow takes the components of an RGB-coded JPEG for YCbCr and converts them: pydicom decodes such files."""
+    from pydicom.pixels import iter_pixels
+
+    path = real("SC_jpeg_no_color_transform.dcm")
+    dataset = pydicom.dcmread(path, force=True)
+    assert scans.pillow_rgb_frames(path, dataset, 1, None) is None
+    reference = next(iter_pixels(path))
+    np.testing.assert_array_equal(np.asarray(views(path)[0].image), reference)

@@ -26,6 +26,7 @@ What is read (DICOM PS3.3 C.7.6.3 and C.8.5.5; pydicom decodes, with Pillow's JP
 """
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -324,9 +325,8 @@ def dicom_views(path, given, indices):
     to_rgb, pixels = colour(dataset)
     frame_time = seconds_per_frame(dataset)
     wanted = None if indices is None else sorted(i for i in indices if i < frames)
-    for frame, array in zip(
-        range(frames) if wanted is None else wanted, iter_pixels(path, indices=wanted)
-    ):
+    arrays = pillow_rgb_frames(path, dataset, frames, wanted) or iter_pixels(path, indices=wanted)
+    for frame, array in zip(range(frames) if wanted is None else wanted, arrays):
         image = Image.fromarray(to_rgb(array))
         seconds = None if frame_time is None else frame * frame_time
         for region, box, size, source, note in views:
@@ -349,6 +349,42 @@ def frames_held(dataset, promised):
     element = dataset.get_item("PixelData")  # deferred: a RawDataElement knows its length unread
     length = element.length if hasattr(element, "length") else len(element.value or b"")
     return length * 8 // frame_bits if frame_bits else promised
+
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # the transfer syntax of JPEG Baseline (Process 1), 8 bits
+# the photometric interpretations whose JPEG frames libjpeg converts to RGB as pydicom's decoding does
+PILLOW_YBR = ("YBR_FULL", "YBR_FULL_422")
+PIXEL_DATA = 0x7FE00010  # (7FE0,0010): the encapsulated frames
+
+
+def pillow_rgb_frames(path, dataset, frames, wanted):
+    """JPEG Baseline YBR frames decoded by Pillow (libjpeg) straight to RGB, one at a time, or None where pydicom
+    decodes (every other syntax and photometric). On every such real file of pydicom's (4:4:4 and 4:2:2, among them
+    a 30-frame ultrasound cine) the pixels are pydicom's bit for bit (tests/test_scans.py), in a fifth of the time:
+    pydicom's frames of that cine took 10 ms each, Pillow's 1.9 ms, on 2 loaded cores. JPEG coded in RGB stays with
+    pydicom, which reads the photometric interpretation that Pillow does not (Pillow would convert it as YCbCr)."""
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID", "")
+    photometric = str(dataset.get("PhotometricInterpretation", ""))
+    offset = getattr(dataset.get_item(PIXEL_DATA), "value_tell", None)  # where the file holds them
+    if syntax != JPEG_BASELINE or photometric not in PILLOW_YBR or offset is None:
+        return None
+    if dataset.get("SamplesPerPixel") != 3:
+        return None
+    return decoded_by_pillow(path, offset, frames, wanted)
+
+
+def decoded_by_pillow(path, offset, frames, wanted):
+    """The encapsulated JPEG frames read from `offset` one by one (bounded memory) -> (H, W, 3) uint8 arrays of
+    the `wanted` frames (None = all)."""
+    from pydicom.encaps import generate_frames
+
+    keep = set(range(frames) if wanted is None else wanted)
+    with open(path, "rb") as file:
+        file.seek(offset)
+        for index, encoded in enumerate(generate_frames(file, number_of_frames=frames)):
+            if index in keep:
+                with Image.open(io.BytesIO(encoded)) as image:
+                    yield np.asarray(image.convert("RGB"))
 
 
 def check_decoder(dataset):
