@@ -162,10 +162,22 @@ class PromptCache:
         features = self.stored(path, key)
         if features is None:
             features = encode_prompts(model, prompts, device, desc)
+            self.store(path, key, features)
+        return features
+
+    def store(self, path, key, features):
+        """Write an entry atomically; a cache that cannot be written (a full disk, no permission) is said in one
+        line and the run goes on without it: the features are the same, only the next run pays for them again."""
+        try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with configurator.atomic_path(path) as tmp:
                 torch.save({"key": key, "features": features}, tmp)
-        return features
+        except (
+            OSError,
+            RuntimeError,
+        ) as error:  # torch.save reports a failed write as a RuntimeError
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            print(f"cannot write the prompt cache in {self.folder} ({reason}): not cached")
 
 
 def text_features(model, prompts, device="cpu", prompt_cache=None, spacing="", desc=""):

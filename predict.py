@@ -210,7 +210,12 @@ def image_encoder(net, device, kind, sha256, cache_dir=""):
     if kind == "onnx" and device == "cpu":
         try:
             return OnnxEncoder(onnx_encoder_session(fused, sha256, cache_dir))
-        except (ImportError, RuntimeError, ValueError) as error:
+        except (
+            ImportError,
+            RuntimeError,
+            ValueError,
+            OSError,
+        ) as error:  # OSError: the cache not writable
             print(f"the ONNX image encoder is not available ({error}): PyTorch runs it instead")
     return TorchEncoder(fused, device)
 

@@ -28,7 +28,7 @@ MISTAKES = {  # a command line (after `python`) with a user's mistake -> what it
     "-m tools.analysis out/best.pt --device=gpu": "--device=gpu: expected '' (automatic) or one of cpu,",
     "export.py nowhere.pt": "export.py: checkpoint not found: nowhere.pt",
     "-m tools.cache --teacher_ckpt=t.pt --train_data=x --out_dir=y --device=cuda:x": "--device=cuda:x: expected ''",
-    "-m tools.sweep --rows=selectve": "--rows: unknown row 'selectve'; expected one of no_kd, static, ",
+    "-m tools.sweep --rows=selectve": "--rows: unknown name 'selectve'; expected one of no_kd, static, ",
     "-m tools.bench --benchmarks=stepp": "--benchmarks: expected names from ['step', ",
     "-m tools.synthetic --width=0": "--width=0: expected at least 16 pixels",
     "predict.py nowhere.pt scans/ --pixel_size=1e9": "predict.py: --pixel_size=1000000000.0: expected a pixel size",

@@ -377,6 +377,12 @@ def test_jpeg_baseline_ybr_frames_decoded_by_pillow_are_pydicoms_bit_for_bit(
     for ours, reference in zip(fast, iter_pixels(real(name), indices=wanted), strict=True):
         np.testing.assert_array_equal(ours, reference)
     reference = next(iter_pixels(real(name), indices=[0]))
+    if (
+        min(reference.shape[:2]) < scans.MIN_SIDE
+    ):  # the 3x3 file: decoded right, then refused as too small
+        with pytest.raises(scans.Unreadable, match="too small to show anatomy"):
+            views(real(name))
+        return
     assert np.array_equal(
         np.asarray(views(real(name))[0].image), reference
     )  # scans.read's first view

@@ -403,9 +403,10 @@ def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, dem
         "--max_bad_steps=1000",
         f"--teacher_ckpt={out / 'demo_teacher' / 'best.pt'}",
     )
-    run_train(
-        *common(bench, bench / "guarded", *flags, "--max_steps=8")
-    )  # the first epoch: 64 pairs / 8
+    first_epoch = run_killed_after_first_checkpoint(  # 64 pairs / 8 steps, then kill -9
+        tmp_path / "hook", *common(bench, bench / "guarded", *flags)
+    )
+    assert first_epoch.returncode == -9
     good = weights(bench / "guarded" / "ckpt.pt")
     (tmp_path / "sitecustomize.py").write_text(POISON)
     resumed = common(bench, bench / "guarded", *flags, "--resume=True")
