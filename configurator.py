@@ -3,12 +3,11 @@
     python train.py --beta0=2 --r=-0.8 --preset=paper      # --key=value overrides a module-level setting
     python evaluate.py out/best.pt --eval_split=report     # one positional argument where a script takes one
 
-A value takes the type of its default (an int is accepted where the default is a float, a bare `--flag` sets a
-bool); `--preset=NAME` applies a script's preset first, so explicit flags win; every override is printed; an
-unknown key or a wrong type is an error that names the key, the expected type or the valid keys.
-Also what every script shares around it: the device choice, one-line errors for a user's files, atomic writes, the
-names of a training run's files.
-"""
+A value takes the type of its default (an int is accepted where the default is a float, a bare `--flag` sets
+a bool); `--preset=NAME` applies a script's preset first, so explicit flags win; every override is printed;
+an unknown key or a wrong type is an error that names the key, the expected type or the valid keys. Also
+what every script shares around it: the device choice, one-line errors for a user's files, atomic writes,
+the names of a training run's files."""
 
 import contextlib
 import ctypes
@@ -59,8 +58,9 @@ def parse(key, text, default):
 
 
 def configure(config, arguments, presets=None, positional="", rest=""):
-    """Apply --preset=NAME, then --key=value and the one bare argument (config[positional]) to config, in place;
-    `rest` names a list that takes every further bare argument (python predict.py CKPT PATH [PATH ...])."""
+    """Apply --preset=NAME, then --key=value and the one bare argument (config[positional]) to config, in
+    place; `rest` names a list that takes every further bare argument (python predict.py CKPT PATH [PATH
+    ...])."""
     presets = presets or {}
     if rest:
         bare = [a for a in arguments if not a.startswith("--")]
@@ -103,8 +103,8 @@ def configure(config, arguments, presets=None, positional="", rest=""):
 
 
 def refuse(config, rules):
-    """Exit with one line per broken rule, (setting, holds, expected), before anything runs. A float that is not
-    finite breaks a rule of its own first (nan passes no comparison, inf passes some)."""
+    """Exit with one line per broken rule, (setting, holds, expected), before anything runs. A float that is
+    not finite breaks a rule of its own first (nan passes no comparison, inf passes some)."""
     not_finite = [k for k, v in config.items() if type(v) is float and not math.isfinite(v)]
     problems = [f"--{k}={config[k]!r}: expected a finite number" for k in not_finite]
     problems += [
@@ -138,8 +138,9 @@ DEVICES = ("cpu", "cuda", "cuda:N", "mps")
 
 
 def pick_device(device=""):
-    """'' = cuda, else mps, else cpu: the meaning of every script's --device=''. A named device must be one of
-    DEVICES and present on this machine, checked before anything runs (one line, not a traceback on first use)."""
+    """'' = cuda, else mps, else cpu: the meaning of every script's --device=''. A named device must be one
+    of DEVICES and present on this machine, checked before anything runs (one line, not a traceback on first
+    use)."""
     if not device:
         return (
             "cuda"
@@ -177,9 +178,9 @@ def user_errors(prefix):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary path beside `path` to write to; once the block ends without an error it replaces `path` in one
-    rename, so a crash never leaves a half-written file (or folder, e.g. a .mlpackage) where a good one is expected.
-    The temporary file is flushed to disk first and removed when the block fails."""
+    """A temporary path beside `path` to write to; once the block ends without an error it replaces `path`
+    in one rename, so a crash never leaves a half-written file (or folder, e.g. a .mlpackage) where a good
+    one is expected. The temporary file is flushed to disk first and removed when the block fails."""
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -188,8 +189,9 @@ def atomic_path(path):
             descriptor = os.open(tmp, os.O_RDONLY)
             os.fsync(descriptor)
             os.close(descriptor)
-        # A folder cannot replace a folder in one rename, but Linux swaps two in one step (exchange); elsewhere a
-        # kill between the two renames leaves `path` missing, the new folder complete at tmp, the old at tmp.old
+        # A folder cannot replace a folder in one rename, but Linux swaps two in one step (exchange);
+        # elsewhere a kill between the two renames leaves `path` missing, the new folder complete at tmp,
+        # the old at tmp.old
         if os.path.isdir(tmp) and os.path.isdir(path):
             if not exchange(tmp, path):
                 os.replace(path, tmp + ".old")
@@ -205,8 +207,8 @@ def atomic_path(path):
 
 
 def exchange(a, b):
-    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE) -> False where the system or the
-    file system cannot."""
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE) -> False where the
+    system or the file system cannot."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # not glibc / not Linux

@@ -1,13 +1,14 @@
-"""What training and evaluation read: the CLIP tokenizer, CSV files and WebDataset shards, images of any bit depth,
-the evaluation transform, coupled augmentation, the training loader and the reading side of the teacher cache.
-Imports no other file of this project: copy it into yours.
+"""What training and evaluation read: the CLIP tokenizer, CSV files and WebDataset shards, images of any bit
+depth, the evaluation transform, coupled augmentation, the training loader and the reading side of the
+teacher cache. Imports no other file of this project: copy it into yours.
 
     tokens = tokenize(["Ultrasound image of the fetal brain."])      # (1, 117): open_clip's SimpleTokenizer ids
     for student_images, teacher_images, tokens in train_loader("shards/{000000..000246}.tar", student_view,
                                                                teacher_view, batch_size=256): ...
 
-bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), byte for byte from open_clip_torch 3.3.0
-(sha256 924691ac...48d6804a); the 49,408-entry vocabulary is built from it as CLIP does.
+bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE merges file (MIT licence), byte for byte from
+open_clip_torch 3.3.0 (sha256 924691ac...48d6804a); the 49,408-entry vocabulary is built from it as CLIP
+does.
 
 Past the ~500 lines of a file users copy (about 740): still one concern, a pair as the models read it, in the
 order it flows (text -> tokens, files -> pixels -> views -> batches, and the teacher cache's entries joined to
@@ -68,8 +69,9 @@ def bytes_to_unicode():
 
 @functools.cache
 def clip_tokenizer():
-    """The `tokenizers` BPE pipeline, without start/end tokens. Its regex engine (Oniguruma) and CLIP's (`regex`)
-    agree on every code point assigned in Unicode 14; unassigned ones may differ, as between `regex` versions."""
+    """The `tokenizers` BPE pipeline, without start/end tokens. Its regex engine (Oniguruma) and CLIP's
+    (`regex`) agree on every code point assigned in Unicode 14; unassigned ones may differ, as between
+    `regex` versions."""
     merges = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     chars = list(bytes_to_unicode().values())
@@ -177,9 +179,9 @@ def count_samples(urls):
 
 def scale_to_8bit(pixels, bits=0):
     """(H, W) or (H, W, C) array -> (uint8 array, how it was scaled; '' for 8-bit input). Never clipped:
-    integers scale by their bit depth, `bits` (a DICOM file's BitsStored) or else 16 where the values fit in 16 bits,
-    so a 16-bit export of an 8-bit scan (v * 257) gives back v; floats by their value range: [0, 1] times 255,
-    [0, 255] kept, any other range stretched from its minimum to its maximum (and said so)."""
+    integers scale by their bit depth, `bits` (a DICOM file's BitsStored) or else 16 where the values fit in
+    16 bits, so a 16-bit export of an 8-bit scan (v * 257) gives back v; floats by their value range: [0, 1]
+    times 255, [0, 255] kept, any other range stretched from its minimum to its maximum (and said so)."""
     if pixels.dtype == np.uint8:
         return pixels, ""
     values = pixels.astype(np.float64)
@@ -347,8 +349,8 @@ SKIP_REASONS = (
 
 
 def decode_sample(sample):
-    """A raw WebDataset sample -> (PIL image or None, caption, problem): problem is '' for a usable pair, else the
-    SKIP_REASONS entry saying why not ("image": missing or unreadable, "caption": none)."""
+    """A raw WebDataset sample -> (PIL image or None, caption, problem): problem is '' for a usable pair,
+    else the SKIP_REASONS entry saying why not ("image": missing or unreadable, "caption": none)."""
     image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
     try:
         caption = sample["txt"].decode("utf-8").strip()
@@ -369,8 +371,9 @@ class StaleCache(ValueError):
 
 @dataclasses.dataclass(eq=False)
 class CoupledShards(torch.utils.data.IterableDataset):
-    """Batches of coupled views from WebDataset shards (train_loader's settings, see there). Each (rank, worker) pair
-    is a reader: every readers-th shard (sample, with fewer shards than readers), through a shuffle buffer, batched."""
+    """Batches of coupled views from WebDataset shards (train_loader's settings, see there). Each (rank,
+    worker) pair is a reader: every readers-th shard (sample, with fewer shards than readers), through a
+    shuffle buffer, batched."""
 
     urls: list  # the shards, expanded
     views: list  # [(size, mean, std)]: the student's, then the teacher's (none when the teacher is cached)
@@ -417,8 +420,9 @@ class CoupledShards(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"data: reader {reader} of {readers} found no sample in {urls}")
 
     def _read(self, urls):
-        """Raw samples of the shards, in order; a broken shard's samples before the break are kept. With a cache,
-        each joins its entry (same keys, same order, minus unreadable samples), checked against the sample's digest."""
+        """Raw samples of the shards, in order; a broken shard's samples before the break are kept. With a
+        cache, each joins its entry (same keys, same order, minus unreadable samples), checked against the
+        sample's digest."""
         for url in urls:
             samples = wds.tarfile_samples(
                 [{"url": url}], handler=functools.partial(self._broken, url)
@@ -508,7 +512,8 @@ def load_npy(field):
 
 class TrainLoader(torch.utils.data.DataLoader):
     """A DataLoader of CoupledShards: iterating runs one epoch, then reports the samples it skipped (kept in
-    .skipped and .broken_shards; also when the caller stops early). set_epoch(e) changes the next epoch's draws."""
+    .skipped and .broken_shards; also when the caller stops early). set_epoch(e) changes the next epoch's
+    draws."""
 
     skipped, broken_shards = {}, ()  # until an epoch has run to its end
 
@@ -568,15 +573,16 @@ def train_loader(
     teacher_cache="",
     augment_seed=-1,
 ):
-    """WebDataset shards (image IMAGE_EXTENSIONS, caption txt; brace pattern, list or folder) -> TrainLoader of
-    (student_images (B,3,Ss,Ss), teacher_images (B,3,St,St) or None, tokens (B,L)[, keys]). Views: (size, mean, std);
-    batch_size is per rank. Both views come from one draw, a pure function of (augment_seed (default: seed), epoch,
-    sample key); seed drives the shuffle. Ranks read disjoint shards (or samples, with fewer shards than readers)
-    whose union is the data set. samples_per_epoch > 0: exactly samples_per_epoch // (world_size * batch_size)
-    batches per rank, readers wrapping around their share (use it under data parallelism); else one pass, each
-    worker dropping its last partial batch. resampled: shards drawn with replacement. teacher_cache: a folder of
-    tools/cache.py (checked first by check_cache); the second item is then the cached teacher features (image,
-    text), (B, D) each, fp16, L2-normalised; epoch e replays cached augmentation e % augs. augment_seed -1 = seed."""
+    """WebDataset shards (image IMAGE_EXTENSIONS, caption txt; brace pattern, list or folder) -> TrainLoader
+    of (student_images (B,3,Ss,Ss), teacher_images (B,3,St,St) or None, tokens (B,L)[, keys]). Views: (size,
+    mean, std); batch_size is per rank. Both views come from one draw, a pure function of (augment_seed
+    (default: seed), epoch, sample key); seed drives the shuffle. Ranks read disjoint shards (or samples,
+    with fewer shards than readers) whose union is the data set. samples_per_epoch > 0: exactly
+    samples_per_epoch // (world_size * batch_size) batches per rank, readers wrapping around their share
+    (use it under data parallelism); else one pass, each worker dropping its last partial batch. resampled:
+    shards drawn with replacement. teacher_cache: a folder of tools/cache.py (checked first by check_cache);
+    the second item is then the cached teacher features (image, text), (B, D) each, fp16, L2-normalised;
+    epoch e replays cached augmentation e % augs. augment_seed -1 = seed."""
     if resampled and samples_per_epoch <= 0:
         raise ValueError("resampled=True needs samples_per_epoch > 0")
     cache = (teacher_cache, read_cache_manifest(teacher_cache)) if teacher_cache else None
@@ -659,8 +665,9 @@ def shard_fingerprint(url):
 
 
 def view_recipe(view):
-    """What a cached view depends on besides (seed, draw, key): the augmentation (AUGMENT, its version included)
-    and the teacher's input (size, mean, std). A cache made with another recipe holds other views."""
+    """What a cached view depends on besides (seed, draw, key): the augmentation (AUGMENT, its version
+    included) and the teacher's input (size, mean, std). A cache made with another recipe holds other
+    views."""
     size, mean, std = view
     return {
         "augment": dict(AUGMENT),
@@ -696,8 +703,9 @@ def read_cache_manifest(folder):
 
 
 def shard_problem(folder, url, entry, fingerprint):
-    """Why the cache shard of training shard `url` (current fingerprint given) cannot be used, as words that follow
-    'teacher cache FOLDER', or ''. Cheap: its entry, the cache shard's size and its first HEAD_BYTES."""
+    """Why the cache shard of training shard `url` (current fingerprint given) cannot be used, as words that
+    follow 'teacher cache FOLDER', or ''. Cheap: its entry, the cache shard's size and its first
+    HEAD_BYTES."""
     path = os.path.join(folder, cache_shard_name(url))
     if not isinstance(entry, dict):
         return f"has no finished cache shard for {url}"
@@ -716,10 +724,10 @@ def shard_problem(folder, url, entry, fingerprint):
 def check_cache(
     folder, urls, *, teacher, teacher_sha256, seed, view, context_length, teacher_ckpt=""
 ):
-    """The manifest of a complete cache that matches the run (view: the teacher's (size, mean, std)), the training
-    shards' current content and its own cache shards, else ValueError saying what differs. teacher_sha256 '' skips
-    the checkpoint's hash (the run then takes the cache's teacher); teacher_ckpt names that file in the error.
-    Reads tar headers, sizes and HEAD_BYTES per shard."""
+    """The manifest of a complete cache that matches the run (view: the teacher's (size, mean, std)), the
+    training shards' current content and its own cache shards, else ValueError saying what differs.
+    teacher_sha256 '' skips the checkpoint's hash (the run then takes the cache's teacher); teacher_ckpt
+    names that file in the error. Reads tar headers, sizes and HEAD_BYTES per shard."""
     manifest = read_cache_manifest(folder)
     asked = dict(teacher=teacher, seed=seed, context_length=context_length, **view_recipe(view))
     if teacher_sha256:

@@ -1,6 +1,6 @@
-"""Zero-shot evaluation of a model: the FetalCLIP protocol (FetalCLIP, Maani et al. 2025; paper Sec. 4; its data sets
-and metrics: protocol.py) and your own zero-shot tasks. predict.py applies a model to your scans; analysis.py holds
-the paper's further analyses (Tables 4-5, Figures 2-3).
+"""Zero-shot evaluation of a model: the FetalCLIP protocol (FetalCLIP, Maani et al. 2025; paper Sec. 4; its
+data sets and metrics: protocol.py) and your own zero-shot tasks. predict.py applies a model to your scans;
+analysis.py holds the paper's further analyses (Tables 4-5, Figures 2-3).
 
     python evaluate.py out/best.pt                                   # table + out/best_zeroshot.json
     python evaluate.py mobile_fetal_clip_weights.pt --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
@@ -12,9 +12,8 @@ recall, n}}, brain_subplanes.{same}, hc18.{validity, valid, n, n_images, exclude
 text_encodings}, f1_all, avg (each where its data sets are given), tasks.<name>.{same as five_planes, files,
 skipped, ignored}, selection.{value, rule} (what train.py keeps best.pt by), split.
 
-On a CPU most of the time goes to the 875 GA prompts per distinct pixel spacing; on the demo the real-size student
-takes minutes on 2 cores, on a GPU seconds (progress bars show both stages).
-"""
+On a CPU most of the time goes to the 875 GA prompts per distinct pixel spacing; on the demo the real-size
+student takes minutes on 2 cores, on a GPU seconds (progress bars show both stages)."""
 
 import dataclasses
 import hashlib
@@ -106,8 +105,8 @@ PROMPT_BATCH = (
 
 @torch.no_grad()
 def encode_prompts(model, prompts, device="cpu", desc=""):
-    """-> (P, D) L2-normalised float32 CPU features, PROMPT_BATCH prompts per forward pass; a progress bar named
-    `desc` when given."""
+    """-> (P, D) L2-normalised float32 CPU features, PROMPT_BATCH prompts per forward pass; a progress bar
+    named `desc` when given."""
     tokens = data.tokenize(list(prompts), context_length=model.context_length)
     starts = range(0, len(tokens), PROMPT_BATCH)
     bar = tqdm(total=len(tokens), desc=desc, unit="prompt", leave=False, disable=not desc)
@@ -130,9 +129,10 @@ def cache_folder():
 
 
 class PromptCache:
-    """The text features of one checkpoint's model on disk, a file per list of prompts (cache_folder()/text/),
-    keyed by the checkpoint's sha256, the model's name, the prompts and the GA spacing. The key is stored in the file
-    and compared on every read, so a file written for another checkpoint or other prompts is never used."""
+    """The text features of one checkpoint's model on disk, a file per list of prompts
+    (cache_folder()/text/), keyed by the checkpoint's sha256, the model's name, the prompts and the GA
+    spacing. The key is stored in the file and compared on every read, so a file written for another
+    checkpoint or other prompts is never used."""
 
     def __init__(self, sha256, model_name, folder=""):
         self.sha256, self.model_name = sha256, model_name
@@ -166,8 +166,9 @@ class PromptCache:
         return features
 
     def store(self, path, key, features):
-        """Write an entry atomically; a cache that cannot be written (a full disk, no permission) is said in one
-        line and the run goes on without it: the features are the same, only the next run pays for them again."""
+        """Write an entry atomically; a cache that cannot be written (a full disk, no permission) is said in
+        one line and the run goes on without it: the features are the same, only the next run pays for them
+        again."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with configurator.atomic_path(path) as tmp:
@@ -231,10 +232,10 @@ def ga_scores(
     text_cache=None,
     prompt_cache=None,
 ):
-    """image_features (n, D), spacings n '%.2f' strings -> ((n, 175) float32 scores, prompts encoded).
-    The GA text features depend on the image only through its spacing string, so cache_text=True
-    encodes them once per distinct string (kept in `text_cache` across calls when given, and on disk across runs
-    in `prompt_cache`, a PromptCache, when given); cache_text=False re-encodes them per image (release)."""
+    """image_features (n, D), spacings n '%.2f' strings -> ((n, 175) float32 scores, prompts encoded). The
+    GA text features depend on the image only through its spacing string, so cache_text=True encodes them
+    once per distinct string (kept in `text_cache` across calls when given, and on disk across runs in
+    `prompt_cache`, a PromptCache, when given); cache_text=False re-encodes them per image (release)."""
     cache, encoded, scores = {} if text_cache is None else text_cache, 0, []
     for feature, spacing in zip(
         tqdm(image_features, desc="GA prompts", unit="image", leave=False), spacings
@@ -263,9 +264,9 @@ def check_sets(
     split="all",
     context_length=data.CONTEXT_LENGTH,
 ):
-    """Every evaluation set that is given, checked before anything runs: each row, each image decoded (a truncated
-    PNG has a good header), both Planes DB tasks present -> the user's tasks (read_tasks; their prompts checked
-    against the model's text context)."""
+    """Every evaluation set that is given, checked before anything runs: each row, each image decoded (a
+    truncated PNG has a good header), both Planes DB tasks present -> the user's tasks (read_tasks; their
+    prompts checked against the model's text context)."""
     planes = planes_rows(planes_dir, split) if planes_dir else []
     if planes_dir:
         require_tasks(planes, planes_dir, split)
@@ -274,8 +275,9 @@ def check_sets(
 
 
 # ------------------------------------------------------------------ tasks: labelled scans and prompts per class
-# A zero-shot classification task is its prompts per class (every class a candidate, class index = key order) and
-# its labelled items. The protocol's two are read from Planes DB (PLANES_TASKS); a user's task is a folder.
+# A zero-shot classification task is its prompts per class (every class a candidate, class index = key
+# order) and its labelled items. The protocol's two are read from Planes DB (PLANES_TASKS); a user's task is
+# a folder.
 
 PLANES_TASKS = {
     "five_planes": "five",
@@ -296,8 +298,8 @@ class Task:
 
 
 def read_prompts(path, context_length=data.CONTEXT_LENGTH):
-    """{class: [prompt, ...]} from a JSON file, checked: two classes or more, each named once with non-empty prompts
-    that fit the text context (check_tokens)."""
+    """{class: [prompt, ...]} from a JSON file, checked: two classes or more, each named once with non-empty
+    prompts that fit the text context (check_tokens)."""
     try:
         prompts = json.loads(Path(path).read_text(), object_pairs_hook=once_each)
     except FileNotFoundError:
@@ -334,8 +336,8 @@ def once_each(pairs):
 
 
 def check_tokens(prompts, context_length, source):
-    """A prompt longer than the text context would be cut (its end lost), and two classes whose token rows coincide
-    get the same embedding (the first wins every argmax): both refused, naming them."""
+    """A prompt longer than the text context would be cut (its end lost), and two classes whose token rows
+    coincide get the same embedding (the first wins every argmax): both refused, naming them."""
     classes_of = {}
     for name, texts in prompts.items():
         # one position more than the context: a row that reaches it is too long
@@ -357,8 +359,8 @@ def check_tokens(prompts, context_length, source):
 
 
 def read_task(folder, prompts="", context_length=data.CONTEXT_LENGTH):
-    """A task folder -> Task, its prompts from `prompts` or folder/prompts.json. A class without a folder stays a
-    candidate: predicting it is a miss, as the protocol's absent planes."""
+    """A task folder -> Task, its prompts from `prompts` or folder/prompts.json. A class without a folder
+    stays a candidate: predicting it is a miss, as the protocol's absent planes."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"task {folder}: not a folder")
     from tools import (
@@ -385,9 +387,9 @@ def read_tasks(folders, prompts="", context_length=data.CONTEXT_LENGTH):
 
 @torch.no_grad()
 def encode_task(model, task, batch_size=64, device="cpu", frames=0):
-    """-> (N, D) L2-normalised features of every view, (N,) labels, [(path, frame, region)] per view, and the files
-    skipped (task.skipped and those that failed now; views read before a failure are kept). frames > 0 keeps that many
-    evenly spaced frames of each file (a clip's, the CHD probe's 16)."""
+    """-> (N, D) L2-normalised features of every view, (N,) labels, [(path, frame, region)] per view, and
+    the files skipped (task.skipped and those that failed now; views read before a failure are kept). frames
+    > 0 keeps that many evenly spaced frames of each file (a clip's, the CHD probe's 16)."""
     from tools import scans
 
     transform = data.eval_transform(model.image_size, model.image_mean, model.image_std)
@@ -447,9 +449,10 @@ def zero_shot(
     details=False,
     tasks=(),
 ):
-    """The protocol (the five planes and brain sub-planes of planes_dir, HC18 of hc18_dir; each where given) and the
-    user's `tasks` -> nested dict (module docstring). The model must already be on `device`; its train/eval mode is
-    restored. details=True adds features and logits under '_details' (not JSON; used by the analyses)."""
+    """The protocol (the five planes and brain sub-planes of planes_dir, HC18 of hc18_dir; each where given)
+    and the user's `tasks` -> nested dict (module docstring). The model must already be on `device`; its
+    train/eval mode is restored. details=True adds features and logits under '_details' (not JSON; used by
+    the analyses)."""
     was_training = model.training
     model.eval()
     results, extra = {"split": split}, {}
@@ -513,15 +516,15 @@ def hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text
 
 
 def f1_all(results):
-    """The protocol's F1-all: the macro F1 of the five planes and of the three brain sub-planes, weighted by their
-    class counts, (5 F1-5 + 3 F1-3) / 8."""
+    """The protocol's F1-all: the macro F1 of the five planes and of the three brain sub-planes, weighted by
+    their class counts, (5 F1-5 + 3 F1-3) / 8."""
     return (5 * results["five_planes"]["f1"] + 3 * results["brain_subplanes"]["f1"]) / 8
 
 
 def selection_score(results):
-    """(value, rule) by which train.py keeps best.pt: the protocol's Avg (paper Sec. 3.6) when both its data sets
-    are evaluated, else F1-all (Planes DB alone), else HC18 validity / 100, else the mean macro F1 of the user's
-    tasks; NaN when nothing was evaluated."""
+    """(value, rule) by which train.py keeps best.pt: the protocol's Avg (paper Sec. 3.6) when both its data
+    sets are evaluated, else F1-all (Planes DB alone), else HC18 validity / 100, else the mean macro F1 of
+    the user's tasks; NaN when nothing was evaluated."""
     if "avg" in results:
         return results["avg"], "Avg"
     if "five_planes" in results:

@@ -193,8 +193,8 @@ def check(error, what, tol):
 
 
 def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=True, verify=None):
-    """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx and by verify(file), if given,
-    before it replaces `path` -> path."""
+    """ONNX (TorchScript exporter: the dynamo one needs onnxscript), checked by onnx and by verify(file), if
+    given, before it replaces `path` -> path."""
     import onnx
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
@@ -241,8 +241,9 @@ def register_alias_as_noop():
 
 
 def export_coreml(module, inputs, path, input_name, output_names):
-    """ML program, fp16 compute, iOS 17, batch 1, from torch.export (torch.jit.trace fails with coremltools 9), its
-    spec checked before it replaces `path` -> {output: shape}. Weights coremltools.optimize.torch compressed stay so."""
+    """ML program, fp16 compute, iOS 17, batch 1, from torch.export (torch.jit.trace fails with coremltools
+    9), its spec checked before it replaces `path` -> {output: shape}. Weights coremltools.optimize.torch
+    compressed stay so."""
     import coremltools as ct
 
     register_alias_as_noop()
@@ -373,8 +374,9 @@ def write_file(fmt, path, module, inputs, input_name, output_names, reference, t
 
 
 def export(net, source, folder, formats=("coreml", "onnx"), zero_shot=True, text=False, tol=1e-3):
-    """Reparameterise, check, write each file with its sidecar -> ([paths], the reparameterised model, its largest
-    difference from the model as trained); tools/quantize.py builds its int8 files on the last two."""
+    """Reparameterise, check, write each file with its sidecar -> ([paths], the reparameterised model, its
+    largest difference from the model as trained); tools/quantize.py builds its int8 files on the last
+    two."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     fused = reparameterize(net)
     reparam_error = check(

@@ -101,9 +101,10 @@ def distill_loss(
     projected_image_features=None,
     feat_weight=2000.0,
 ):
-    """-> dict: tensors loss and clip, the float weight (the mode's schedule at step; 0.0 without one) and the
-    mode's parts. Feature KD (paper Table 3), in any mode: given projected_image_features (B, D_T) and
-    feat_weight > 0, loss adds kd_feat = feat_weight * MSE(L2-normalised projection, teacher_image_features)."""
+    """-> dict: tensors loss and clip, the float weight (the mode's schedule at step; 0.0 without one) and
+    the mode's parts. Feature KD (paper Table 3), in any mode: given projected_image_features (B, D_T) and
+    feat_weight > 0, loss adds kd_feat = feat_weight * MSE(L2-normalised projection,
+    teacher_image_features)."""
     teacher = (teacher_image_features, teacher_text_features, teacher_logit_scale)
     projected = projected_image_features
     if mode not in KD_MODES:

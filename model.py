@@ -31,9 +31,9 @@ from timm.models import fastvit, vision_transformer
 
 CONTEXT_LENGTH = 117  # FetalCLIP's text context, teacher and student alike (MobileCLIP2 ships 77: resized on load)
 
-# about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads; causal: text attention
-# mask or none. A file is identified by the name it stores, or by its keys and shapes fitting exactly one entry
-# (held_model_name), so registering a model is one entry here.
+# about: what it is, for messages; image: timm model name + kwargs; text: width/layers/heads; causal: text
+# attention mask or none. A file is identified by the name it stores, or by its keys and shapes fitting
+# exactly one entry (held_model_name), so registering a model is one entry here.
 MODEL_CONFIGS = {
     # FetalCLIP: open_clip CLIP, ViT-L/14 with exact GELU, causal text tower, 427.6M.
     "fetalclip": dict(
@@ -63,9 +63,9 @@ MODEL_CONFIGS = {
         text_heads=8,
         causal=False,
     ),
-    # Demo pair for the built-in synthetic benchmark, chosen to train from scratch on a 2-core CPU. A 48-token
-    # context holds every protocol prompt (the longest GA prompt is 45 tokens).
-    # Teacher: ResNet-10-T (a convnet learns from scratch on a few thousand pairs; a small ViT does not within the
+    # Demo pair for the built-in synthetic benchmark, chosen to train from scratch on a 2-core CPU. A
+    # 48-token context holds every protocol prompt (the longest GA prompt is 45 tokens). Teacher:
+    # ResNet-10-T (a convnet learns from scratch on a few thousand pairs; a small ViT does not within the
     # demo's minutes) and a causal text tower. Sizes of both demo models: the README's model table.
     "demo_teacher": dict(
         about="the demo teacher",
@@ -114,11 +114,11 @@ MODEL_CONFIGS = {
         context_length=48,
     ),
 }
-# Students along the capacity gap (tools/sweep.py): demo_student's ResNet-10-T at narrower widths (the stem half the
-# first stage, as in demo_student and the teacher), so that the demo teacher's image tower has 11.7x, 26.7x (the
-# paper's 304M / 11.4M, Sec. 3.6) and 59.5x their visual parameters; demo_student's gap is 4.3x. The text tower and
-# embedding stay demo_student's: the gap the paper measures is the image towers', and changing one tower keeps the
-# sweep's x axis one variable.
+# Students along the capacity gap (tools/sweep.py): demo_student's ResNet-10-T at narrower widths (the stem
+# half the first stage, as in demo_student and the teacher), so that the demo teacher's image tower has
+# 11.7x, 26.7x (the paper's 304M / 11.4M, Sec. 3.6) and 59.5x their visual parameters; demo_student's gap is
+# 4.3x. The text tower and embedding stay demo_student's: the gap the paper measures is the image towers',
+# and changing one tower keeps the sweep's x axis one variable.
 MODEL_CONFIGS["demo_student_12x"] = dict(
     MODEL_CONFIGS["demo_student"],
     about="a demo student at the 12x visual gap",
@@ -209,7 +209,8 @@ class TextTransformer(nn.Module):
         if self.attn_mask is not None and not (
             torch.jit.is_tracing() or torch.compiler.is_compiling()
         ):
-            # causal: nothing after the last end token reaches it, so the padding goes (exported graphs keep L)
+            # causal: nothing after the last end token reaches it, so the padding goes (exported graphs keep
+            # L)
             tokens = tokens[
                 :, : int(tokens.argmax(dim=-1).max()) + 1
             ]  # (B, L') with L' <= L: same output, faster
@@ -323,7 +324,8 @@ TIMM_TO_APPLE_MCI = [
     (r"\.identity\.", ".rbr_skip."),
     (r"large_conv", "lkb_origin"),
     (r"\.mlp\.", ".convffn."),
-    # Apple's MobileOneBlock has its own SE (reduce, expand); its large-kernel downsampling uses timm's (fc1, fc2)
+    # Apple's MobileOneBlock has its own SE (reduce, expand); its large-kernel downsampling uses timm's
+    # (fc1, fc2)
     (r"^final_conv\.se\.fc1\.", "conv_exp.se.reduce."),
     (r"^final_conv\.se\.fc2\.", "conv_exp.se.expand."),
     (r"^final_conv\.", "conv_exp."),
@@ -387,7 +389,8 @@ def read_checkpoint(path):
 
 def unwrap_state_dict(checkpoint):
     """A bare state dict from this project's checkpoints ("model"), the release trainer's envelope
-    ("state_dict", beside optimizer and scheduler states), open_clip's, or a bare one; DDP `module.` removed."""
+    ("state_dict", beside optimizer and scheduler states), open_clip's, or a bare one; DDP `module.`
+    removed."""
     state_dict = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(
@@ -457,8 +460,8 @@ def state_dict_of(path, checkpoint):
 
 
 def fits(state_dict, name):
-    """True when a file's state dict, converted to our keys for model `name`, has exactly its keys and shapes (the
-    text positions may differ in number: load_checkpoint resizes them)."""
+    """True when a file's state dict, converted to our keys for model `name`, has exactly its keys and
+    shapes (the text positions may differ in number: load_checkpoint resizes them)."""
     shapes, net = shapes_of(name)
     try:
         ours = to_our_keys(state_dict, net)
@@ -472,8 +475,9 @@ def fits(state_dict, name):
 
 
 def held_model_name(path, checkpoint):
-    """The model a file holds: the name it stores (this project's files), else the one configuration its keys and
-    shapes fit exactly; never guessed from one width. Several or none: an error listing the candidates."""
+    """The model a file holds: the name it stores (this project's files), else the one configuration its
+    keys and shapes fit exactly; never guessed from one width. Several or none: an error listing the
+    candidates."""
     stored = checkpoint.get("model_name", "")
     if stored:
         if not isinstance(stored, str) or stored not in MODEL_CONFIGS:
@@ -497,9 +501,9 @@ def held_model_name(path, checkpoint):
 
 
 def first_non_finite(state_dict):
-    """The first key whose float tensor holds NaN or inf, else ''. A finite sum proves every element finite (NaN
-    and inf propagate through it); only when a sum is not finite, perhaps by overflow alone, are its elements read
-    one by one: one pass of additions instead of a boolean copy of every tensor."""
+    """The first key whose float tensor holds NaN or inf, else ''. A finite sum proves every element finite
+    (NaN and inf propagate through it); only when a sum is not finite, perhaps by overflow alone, are its
+    elements read one by one: one pass of additions instead of a boolean copy of every tensor."""
     floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
     if not floats or torch.stack([v.sum().float() for v in floats.values()]).isfinite().all():
         return ""
@@ -507,9 +511,10 @@ def first_non_finite(state_dict):
 
 
 def load_checkpoint(model, path, checkpoint=None):
-    """Load any supported checkpoint into `model`; every key must be accounted for, every float tensor finite.
-    `checkpoint`: the file's content when the caller has read it already (read_checkpoint), so a 1.7 GB teacher is
-    read once. A file that is another model (its stored name, or its keys and shapes) is refused, naming it."""
+    """Load any supported checkpoint into `model`; every key must be accounted for, every float tensor
+    finite. `checkpoint`: the file's content when the caller has read it already (read_checkpoint), so a 1.7
+    GB teacher is read once. A file that is another model (its stored name, or its keys and shapes) is
+    refused, naming it."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     raw = state_dict_of(path, checkpoint)
     held = checkpoint.get("model_name", "")

@@ -1,5 +1,5 @@
-"""The model on your scans (nanoGPT's sample.py): which plane each frame shows, the best frame of each plane in a
-clip, the brain sub-plane, and a gestational-age estimate where the head is calibrated.
+"""The model on your scans (nanoGPT's sample.py): which plane each frame shows, the best frame of each plane
+in a clip, the brain sub-plane, and a gestational-age estimate where the head is calibrated.
 
     python predict.py out/best.pt exports/                    # every scan under exports/ (scans.py reads them)
     python predict.py mobile_fetal_clip_weights.pt a.dcm loop.mp4 --pixel_size=0.2 --save_frames=frames/
@@ -55,11 +55,13 @@ DEFAULTS = {  # python predict.py CKPT PATH [PATH ...] --key=value
     "device": "",  # '' = cuda, else mps, else cpu
     "batch_size": 32,  # frames per forward pass
     "encoder": "onnx",  # onnx = the exported fp32 image encoder in onnxruntime on the CPU (torch elsewhere);
-    # torch = the reparameterised model in PyTorch; eager = the model as trained (both agree: ENCODER_TOLERANCE)
+    # torch = the reparameterised model in PyTorch; eager = the model as trained (both agree:
+    # ENCODER_TOLERANCE)
     "cache_dir": "",  # prompt features and ONNX encoders per checkpoint; '' = evaluate.cache_folder()
 }
 ENCODERS = ("onnx", "torch", "eager")
-# max abs difference of the unit-norm image features allowed, the ONNX file against PyTorch (checked on export)
+# max abs difference of the unit-norm image features allowed, the ONNX file against PyTorch (checked on
+# export)
 ENCODER_TOLERANCE = 1e-5
 QUEUE_DEPTH = 2  # batches decoded and preprocessed ahead of the encoder
 HEAD_MIN_MM = (
@@ -72,8 +74,9 @@ OUTPUTS = ("predictions.json", "predictions.csv", "timelines")  # all of out_dir
 
 
 class Classifier:
-    """The zero-shot heads of one model: the classes (the five planes, or the user's), the brain sub-planes and the
-    GA prompts (protocol only; ga=False leaves GA out), and the GA text features per spacing, encoded once each."""
+    """The zero-shot heads of one model: the classes (the five planes, or the user's), the brain sub-planes
+    and the GA prompts (protocol only; ga=False leaves GA out), and the GA text features per spacing,
+    encoded once each."""
 
     def __init__(self, net, prompts, device, ga=True, prompt_cache=None, encoder=None):
         self.net, self.device, self.protocol, self.ga = net, device, prompts is None, ga
@@ -100,8 +103,8 @@ class Classifier:
 
     @torch.no_grad()
     def __call__(self, views, prepared=None):
-        """Views (and their prepare(views), when done already) -> (rows (dicts), the images the model saw (PIL,
-        before normalising)), one per view."""
+        """Views (and their prepare(views), when done already) -> (rows (dicts), the images the model saw
+        (PIL, before normalising)), one per view."""
         seen, images = prepared or self.prepare(views)
         features = self.encoder(images)  # (B, D)
         probs = (protocol.SCALE * features @ self.embeddings.T).softmax(-1)  # (B, C)
@@ -201,9 +204,9 @@ class OnnxEncoder:
 
 
 def image_encoder(net, device, kind, sha256, cache_dir=""):
-    """The encoder predict.py runs (--encoder): the model as trained (eager), reparameterised by timm (torch; what
-    was deployed, same outputs), or that exported to ONNX once per checkpoint and run by onnxruntime (onnx, on the
-    CPU; torch where onnxruntime cannot run it, with the reason printed)."""
+    """The encoder predict.py runs (--encoder): the model as trained (eager), reparameterised by timm
+    (torch; what was deployed, same outputs), or that exported to ONNX once per checkpoint and run by
+    onnxruntime (onnx, on the CPU; torch where onnxruntime cannot run it, with the reason printed)."""
     if kind == "eager":
         return TorchEncoder(net, device)
     fused = reparameterize(net)
@@ -221,9 +224,9 @@ def image_encoder(net, device, kind, sha256, cache_dir=""):
 
 
 def onnx_encoder_session(fused, sha256, cache_dir=""):
-    """An onnxruntime session of the checkpoint's image encoder: from the cache when the file there carries this
-    checkpoint's sha256 and model, else exported now (checked against PyTorch within ENCODER_TOLERANCE) and stored
-    atomically."""
+    """An onnxruntime session of the checkpoint's image encoder: from the cache when the file there carries
+    this checkpoint's sha256 and model, else exported now (checked against PyTorch within ENCODER_TOLERANCE)
+    and stored atomically."""
     import export
 
     folder = Path(cache_dir or evaluate.cache_folder()) / "onnx"
@@ -271,8 +274,8 @@ def stamp(path, key):
 
 
 def views_of(found, pixel_size, skipped, progress):
-    """Every view of every file in turn; a file that cannot be read is added to `skipped` with its reason (and the
-    number of frames read before the failure, whose rows stay)."""
+    """Every view of every file in turn; a file that cannot be read is added to `skipped` with its reason
+    (and the number of frames read before the failure, whose rows stay)."""
     from tools import scans
 
     for path, kind in found:
@@ -298,8 +301,8 @@ def batches(views, size):
 
 
 def prefetched(items, depth):
-    """`items` produced in a thread, at most `depth` ahead of the consumer, in order; an error raised while producing
-    them is raised here, in the consumer."""
+    """`items` produced in a thread, at most `depth` ahead of the consumer, in order; an error raised while
+    producing them is raised here, in the consumer."""
     handoff, finished = queue.Queue(maxsize=depth), object()
 
     def produce():
@@ -350,8 +353,8 @@ def make_classifier(net, config, device, sha256):
 
 
 def classify_scans(classifier, found, config):
-    """-> (rows, skipped) for the found scans: batched, streamed file by file, each batch read and preprocessed in a
-    thread while the encoder runs on the one before."""
+    """-> (rows, skipped) for the found scans: batched, streamed file by file, each batch read and
+    preprocessed in a thread while the encoder runs on the one before."""
     rows, skipped, taken = [], [], set()
     if config["save_frames"]:
         os.makedirs(config["save_frames"], exist_ok=True)
@@ -382,8 +385,8 @@ def views_of_files(rows):
 
 
 def clips_of(rows, classes):
-    """A clip per multi-frame file and view: its frame count, the label of the mean probabilities and, per class,
-    the frame where it is most probable."""
+    """A clip per multi-frame file and view: its frame count, the label of the mean probabilities and, per
+    class, the frame where it is most probable."""
     clips = []
     for (path, region), members in views_of_files(rows).items():
         if len(members) < 2:
@@ -468,8 +471,9 @@ def csv_line(row):
 
 
 def write_outputs(out_dir, rows, clips, skipped, ignored, produced_by, classes):
-    """predictions.json, predictions.csv and timelines/ written into a temporary folder beside out_dir, which then
-    replaces all of out_dir in one step (configurator.atomic_path): never a mix of two runs. A full disk is one line."""
+    """predictions.json, predictions.csv and timelines/ written into a temporary folder beside out_dir,
+    which then replaces all of out_dir in one step (configurator.atomic_path): never a mix of two runs. A
+    full disk is one line."""
     # 'out/' -> 'out': the temporary folder goes beside it, not inside
     out_dir = os.path.normpath(out_dir)
     try:
@@ -516,8 +520,8 @@ def write_files(folder, out_dir, rows, clips, skipped, ignored, produced_by, cla
 
 
 def escape_names(entries):
-    """Rows, skipped and ignored files with every path as text (scans.escaped): a name that is not UTF-8 is kept,
-    escaped, in the JSON, the CSV and the terminal."""
+    """Rows, skipped and ignored files with every path as text (scans.escaped): a name that is not UTF-8 is
+    kept, escaped, in the JSON, the CSV and the terminal."""
     from tools import scans
 
     for entry in entries:
@@ -589,8 +593,8 @@ def check(config):
 
 
 def check_folders(out_dir, save_frames):
-    """--out_dir and --save_frames, before any work: folders, not files; out_dir holds only what predict.py writes
-    (it is replaced as a whole), and save_frames lies outside it."""
+    """--out_dir and --save_frames, before any work: folders, not files; out_dir holds only what predict.py
+    writes (it is replaced as a whole), and save_frames lies outside it."""
     configurator.check_folder(out_dir, "--out_dir")
     if save_frames:
         configurator.check_folder(save_frames, "--save_frames")

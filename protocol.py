@@ -1,17 +1,18 @@
-"""The FetalCLIP zero-shot protocol's data sets and metrics, without a model (FetalCLIP, Maani et al. 2025; paper
-Sec. 4): its prompts, the Planes DB and HC18 readers and checks, the patient splits, the release's metrics and the GA
-rule. evaluate.py applies them to a model. Run it to check a copy of the data sets before a long run:
+"""The FetalCLIP zero-shot protocol's data sets and metrics, without a model (FetalCLIP, Maani et al. 2025;
+paper Sec. 4): its prompts, the Planes DB and HC18 readers and checks, the patient splits, the release's
+metrics and the GA rule. evaluate.py applies them to a model. Run it to check a copy of the data sets before
+a long run:
 
     python protocol.py --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18    # rows, classes, splits; every image decoded
 
-Metrics are the release's (its evaluation/zero_shot.py): over the classes present in the labels, `f1` is the mean
-per-class F1, `accuracy` / `top2` / `top3` the mean per-class top-k recall (torchmetrics Accuracy(average="none")
-averaged over present classes: a balanced accuracy); `pooled_accuracy` / `pooled_top2` / `pooled_top3` are the
-fraction of all images instead. A prediction of one of the four absent five-plane classes only counts as a miss.
-HC18 reports the validity rate over 100-342 mm heads (`n`, of `n_images`; `excluded` outside that range), its
-bootstrap 95% CI and Spearman(predicted GA, true HC), reported as 0.0 when the prediction is constant (there is no
-ranking to correlate) or n <= 2, as the release does, so tables compare.
-"""
+Metrics are the release's (its evaluation/zero_shot.py): over the classes present in the labels, `f1` is the
+mean per-class F1, `accuracy` / `top2` / `top3` the mean per-class top-k recall (torchmetrics
+Accuracy(average="none") averaged over present classes: a balanced accuracy); `pooled_accuracy` /
+`pooled_top2` / `pooled_top3` are the fraction of all images instead. A prediction of one of the four absent
+five-plane classes only counts as a miss. HC18 reports the validity rate over 100-342 mm heads (`n`, of
+`n_images`; `excluded` outside that range), its bootstrap 95% CI and Spearman(predicted GA, true HC),
+reported as 0.0 when the prediction is constant (there is no ranking to correlate) or n <= 2, as the release
+does, so tables compare."""
 
 import concurrent.futures
 import json
@@ -114,8 +115,8 @@ def _existing(path):
 
 
 def decode_all(paths):
-    """Decode every pixel of every image (a truncated PNG has a good header), one thread per CPU (PIL releases the
-    GIL while decoding); the first failure in `paths` order is an error naming the file."""
+    """Decode every pixel of every image (a truncated PNG has a good header), one thread per CPU (PIL
+    releases the GIL while decoding); the first failure in `paths` order is an error naming the file."""
 
     def failure(path):
         try:
@@ -163,9 +164,9 @@ def read_planes_db(root):
 
 
 def read_hc18(root):
-    """HC18 training set -> [{path, filename, pixel_size (mm/px), hc (mm), csv, row}], in file order. The pixel
-    size must lie in PIXEL_SIZE_RANGE_MM, the head circumference be a positive finite number (the protocol filters
-    its range later); a filename listed twice is an error."""
+    """HC18 training set -> [{path, filename, pixel_size (mm/px), hc (mm), csv, row}], in file order. The
+    pixel size must lie in PIXEL_SIZE_RANGE_MM, the head circumference be a positive finite number (the
+    protocol filters its range later); a filename listed twice is an error."""
     path = os.path.join(root, HC18_CSV)
     rows = []
     for line, row in enumerate(read_csv(path, ",", HC18_COLUMNS), start=2):
@@ -203,8 +204,9 @@ def require(folder, csv_name, what):
 
 
 def planes_rows(planes_dir, split="all", include_other=False):
-    """Planes DB rows with 'five' / 'brain' class indices (-1 where the protocol drops the row). A split with no row
-    of either task (a header-only file, an --eval_split that leaves none) is an error naming the folder."""
+    """Planes DB rows with 'five' / 'brain' class indices (-1 where the protocol drops the row). A split
+    with no row of either task (a header-only file, an --eval_split that leaves none) is an error naming the
+    folder."""
     require(planes_dir, PLANES_CSV, "Planes DB")
     rows, read = [], read_planes_db(planes_dir)
     for row in read:
@@ -281,8 +283,8 @@ def macro_f1(predictions, labels):
 
 
 def bootstrap_f1(predictions, labels, draws=BOOTSTRAP, chunk=500):
-    """95% CI of the macro F1 (classes present in each resample), as HC18's: numpy default_rng(42), `draws` resamples
-    of the items, percentiles 2.5 / 97.5."""
+    """95% CI of the macro F1 (classes present in each resample), as HC18's: numpy default_rng(42), `draws`
+    resamples of the items, percentiles 2.5 / 97.5."""
     predictions, labels, rng, values = (
         np.asarray(predictions),
         np.asarray(labels),
@@ -306,8 +308,8 @@ def bootstrap_f1(predictions, labels, draws=BOOTSTRAP, chunk=500):
 
 
 def classification_metrics(probs, labels, class_names):
-    """probs (N, C) softmax over all C prompt classes, labels (N,) class indices -> the release's metrics, and the
-    bootstrap 95% CI of the macro F1 (f1_ci_low, f1_ci_high)."""
+    """probs (N, C) softmax over all C prompt classes, labels (N,) class indices -> the release's metrics,
+    and the bootstrap 95% CI of the macro F1 (f1_ci_low, f1_ci_high)."""
     if not len(labels):
         return {
             "f1": math.nan,

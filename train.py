@@ -232,9 +232,10 @@ with configurator.user_errors(
 
 
 def demo_teacher_path():
-    """Where the demo teacher's run lives: out_dir/demo_teacher, or under --max_steps=N (a smoke test, whose teacher
-    stops after N steps too) out_dir/demo_teacher_max_stepsN, a folder no full run reads. The student learns from
-    its ckpt.pt, the last epoch: a teacher is not chosen on the benchmark it is evaluated on."""
+    """Where the demo teacher's run lives: out_dir/demo_teacher, or under --max_steps=N (a smoke test, whose
+    teacher stops after N steps too) out_dir/demo_teacher_max_stepsN, a folder no full run reads. The
+    student learns from its ckpt.pt, the last epoch: a teacher is not chosen on the benchmark it is
+    evaluated on."""
     folder = configurator.DEMO_TEACHER + (f"_max_steps{max_steps}" if max_steps > 0 else "")
     return os.path.join(out_dir, folder, configurator.CHECKPOINT)
 
@@ -250,8 +251,8 @@ def demo_teacher_trained(path):
 
 
 def train_demo_teacher(path):
-    """The demo's teacher: this same script with the CLIP loss only, run once and reused. An interrupted run is
-    resumed; one made with other settings (epochs included) is refused, naming them."""
+    """The demo's teacher: this same script with the CLIP loss only, run once and reused. An interrupted run
+    is resumed; one made with other settings (epochs included) is refused, naming them."""
     flags = {
         "mode": "none",
         "student": teacher,
@@ -288,8 +289,8 @@ def train_demo_teacher(path):
 
 # ------------------------------------------------------------------ models
 class Distillee(nn.Module):
-    """The student plus, when projected, the Linear(D_S, D_T) that projected KD terms read (the feature-KD baseline,
-    or a mode whose KD_MODES entry asks for it): one unit for DDP and the optimiser."""
+    """The student plus, when projected, the Linear(D_S, D_T) that projected KD terms read (the feature-KD
+    baseline, or a mode whose KD_MODES entry asks for it): one unit for DDP and the optimiser."""
 
     def __init__(self, student_net, teacher_dim, projected):
         super().__init__()
@@ -508,8 +509,9 @@ def save_checkpoint(path, epoch, metrics):
 
 
 def evaluate_epoch(epoch, late=False):
-    """Zero-shot evaluation after `epoch`, best.pt when its selection score wins (the protocol's Avg, or without the
-    protocol's data the mean F1 of the user's tasks: evaluate.selection_score), then the log record."""
+    """Zero-shot evaluation after `epoch`, best.pt when its selection score wins (the protocol's Avg, or
+    without the protocol's data the mean F1 of the user's tasks: evaluate.selection_score), then the log
+    record."""
     global best_score
     metrics = evaluate.zero_shot(
         raw_student, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks
@@ -667,7 +669,8 @@ for epoch in range(start_epoch, epochs):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(opt_step)
                 scaler.unscale_(optimizer)
-                # grad_clip 0 = off: max_norm inf measures the norm only (logged); max_norm 0 would zero the gradients
+                # grad_clip 0 = off: max_norm inf measures the norm only (logged); max_norm 0 would zero the
+                # gradients
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     distillee.parameters(), grad_clip or math.inf
                 )

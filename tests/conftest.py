@@ -3,8 +3,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# prompt features and ONNX encoders (evaluate.cache_folder) go to a folder of this run, never the user's cache;
-# the commands the tests start inherit it
+# prompt features and ONNX encoders (evaluate.cache_folder) go to a folder of this run, never the user's
+# cache; the commands the tests start inherit it
 os.environ["MOBILEFETALCLIP_CACHE"] = tempfile.mkdtemp(prefix="mobilefetalclip-cache-")
 
 

@@ -173,8 +173,9 @@ class AttentionBlock(nn.Module):
 
 
 class FastViT(nn.Module):
-    """Apple's MCi0 (``mci_registry.mci0``): layers (2, 6, 10, 2), dims (64, 128, 256, 512), mlp ratio 3,
-    SE in the last two downsamples, RepCPE + attention in the last stage, ``conv_exp`` to 1024, ``gap``, ``head``.
+    """Apple's MCi0 (``mci_registry.mci0``): layers (2, 6, 10, 2), dims (64, 128, 256, 512), mlp ratio 3, SE
+    in the last two downsamples, RepCPE + attention in the last stage, ``conv_exp`` to 1024, ``gap``,
+    ``head``.
 
     Like the release, extra timm kwargs (``global_pool``, ``pretrained_cfg``, ...) are accepted and ignored.
     """

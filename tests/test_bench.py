@@ -99,8 +99,9 @@ def test_bad_flags_are_named():
 
 
 def test_the_timed_step_reads_the_paper_recipe_from_train_py():
-    """The README's recipe (paper Sec. 3.6): AdamW lr 1e-5, betas (0.9, 0.98), eps 1e-6, weight decay 0.1, batch 512
-    x 2 accumulation steps, 500 warm-up steps, 20 epochs, fp16, tau_kd 5, r -0.8, gradients clipped at 1."""
+    """The README's recipe (paper Sec. 3.6): AdamW lr 1e-5, betas (0.9, 0.98), eps 1e-6, weight decay 0.1,
+    batch 512 x 2 accumulation steps, 500 warm-up steps, 20 epochs, fp16, tau_kd 5, r -0.8, gradients
+    clipped at 1."""
     recipe = bench.paper_recipe()
     expected = dict(
         learning_rate=1e-5, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.1, batch_size=512

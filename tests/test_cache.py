@@ -227,9 +227,9 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
 
 
 def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
-    """The shards regenerated under the same names and keys (another seed): every cached target would belong to
-    another image and caption. Refused at start-up, naming the shard; and where a shard keeps its members' names
-    and sizes but not their bytes, by the first sample's digest."""
+    """The shards regenerated under the same names and keys (another seed): every cached target would belong
+    to another image and caption. Refused at start-up, naming the shard; and where a shard keeps its
+    members' names and sizes but not their bytes, by the first sample's digest."""
     root, teacher, _ = setup
     asked = dict(
         teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48
@@ -396,8 +396,8 @@ def test_a_deleted_truncated_or_swapped_cache_shard_is_refused_naming_it(
 
 
 def test_a_cache_of_other_views_is_refused(setup, monkeypatch):
-    """The manifest records what the views depend on: data.AUGMENT (which drives augment_params) with its version,
-    and the teacher's input size, mean and std. A change in any is refused, naming the key."""
+    """The manifest records what the views depend on: data.AUGMENT (which drives augment_params) with its
+    version, and the teacher's input size, mean and std. A change in any is refused, naming the key."""
     root, teacher, manifest = setup
     asked = dict(
         teacher="demo_teacher", teacher_ckpt=teacher, seed=0, view=TEACHER_VIEW, context_length=48

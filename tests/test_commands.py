@@ -1,8 +1,9 @@
 """Every command, given a user's mistake, says what is wrong in one line, with no traceback, before any model loads.
 
-The commands run as subprocesses (the process boundary is the point: the exit status, what reaches the terminal), all
-started at once so the suite waits for the slowest. Adding a command is one line in MISTAKES. The evaluation sets'
-rows of issue 23 are checked through evaluate.main in-process (train.py's own check: tests/test_train.py)."""
+The commands run as subprocesses (the process boundary is the point: the exit status, what reaches the
+terminal), all started at once so the suite waits for the slowest. Adding a command is one line in MISTAKES.
+The evaluation sets' rows of issue 23 are checked through evaluate.main in-process (train.py's own check:
+tests/test_train.py)."""
 
 import os
 import resource

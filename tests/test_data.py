@@ -1,5 +1,6 @@
-"""data.py: tokenizer parity with open_clip, images of any bit depth, coupled augmentation and the training loader.
-CPU, small files written here, fixed seeds (the Planes DB and HC18 readers: tests/test_protocol.py)."""
+"""data.py: tokenizer parity with open_clip, images of any bit depth, coupled augmentation and the training
+loader. CPU, small files written here, fixed seeds (the Planes DB and HC18 readers:
+tests/test_protocol.py)."""
 
 import io
 import json
@@ -430,9 +431,9 @@ def psnr(a, b, mean, std):
 
 
 def test_views_look_like_the_torchvision_pipeline(tmp_path):
-    """Each view against the plain bicubic-resize + affine + jitter pipeline for the same draw: >= 35 dB PSNR on
-    the benchmark's 800x540 scans, grayscale and colour (the views' anti-aliasing filter is a box instead of
-    bicubic; the geometry and the colour steps are torchvision's)."""
+    """Each view against the plain bicubic-resize + affine + jitter pipeline for the same draw: >= 35 dB
+    PSNR on the benchmark's 800x540 scans, grayscale and colour (the views' anti-aliasing filter is a box
+    instead of bicubic; the geometry and the colour steps are torchvision's)."""
     from tools.bench import torchvision_views
 
     worst = {}

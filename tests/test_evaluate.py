@@ -1,5 +1,6 @@
-"""evaluate.py: the fast HC18 path, an end-to-end run on small files in the real Planes DB / HC18 layouts, the user's
-tasks and one-line errors (the protocol's metrics on hand-built cases: tests/test_protocol.py)."""
+"""evaluate.py: the fast HC18 path, an end-to-end run on small files in the real Planes DB / HC18 layouts,
+the user's tasks and one-line errors (the protocol's metrics on hand-built cases:
+tests/test_protocol.py)."""
 
 import json
 import math
@@ -132,8 +133,8 @@ def test_prompt_features_are_cached_per_checkpoint_model_prompts_and_spacing(tmp
 
 @torch.no_grad()
 def test_a_cached_file_of_another_checkpoint_is_never_used(tmp_path):
-    """The key is checked on read: a file holding another checkpoint's key under this one's name is encoded again,
-    as is a damaged file."""
+    """The key is checked on read: a file holding another checkpoint's key under this one's name is encoded
+    again, as is a damaged file."""
     torch.manual_seed(0)
     net = CountingTextTower(model.create_model("demo_student").eval())
     prompts = {"a": ["fetal brain"], "b": ["fetal femur"]}

@@ -282,8 +282,8 @@ def test_bad_inputs_have_clear_messages(tmp_path):
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    """A model file replaces the old one only once written and checked: a check failing half-way leaves the old file,
-    no temporary and no sidecar."""
+    """A model file replaces the old one only once written and checked: a check failing half-way leaves the
+    old file, no temporary and no sidecar."""
     import onnx
 
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""The house: the files a user copies stand alone, the top level depends on no tool at import, and no file imports
-itself back through another (read from the syntax trees, every import counted, lazy ones too)."""
+"""The house: the files a user copies stand alone, the top level depends on no tool at import, and no file
+imports itself back through another (read from the syntax trees, every import counted, lazy ones too)."""
 
 import ast
 import os
@@ -24,8 +24,8 @@ STANDALONE = {  # a file users copy -> what it needs beside it
 
 
 def project_imports(path, lazy):
-    """The project modules a file imports ('tools.scans' for a tool): at module level, or only inside a function or
-    an `if` block when lazy=True."""
+    """The project modules a file imports ('tools.scans' for a tool): at module level, or only inside a
+    function or an `if` block when lazy=True."""
     tree = ast.parse(path.read_text())
     module_level = {id(node) for node in tree.body}
     names = set()

@@ -130,9 +130,9 @@ GAP_STUDENTS = {  # name: (image-tower parameters, the gap it stands for); the d
 
 @pytest.mark.parametrize("name", list(GAP_STUDENTS))
 def test_gap_students_sit_on_the_gap_share_one_text_tower_and_train_a_step(name):
-    """Teacher / student image-tower parameters within 10 % of the gap each student stands for (demo_student's 4.3x
-    is today's); every other tower is demo_student's, so the gap is the one thing that changes. One AdamW step on a
-    tiny batch moves every parameter and lowers the CLIP loss on that batch."""
+    """Teacher / student image-tower parameters within 10 % of the gap each student stands for
+    (demo_student's 4.3x is today's); every other tower is demo_student's, so the gap is the one thing that
+    changes. One AdamW step on a tiny batch moves every parameter and lowers the CLIP loss on that batch."""
     count = lambda module: sum(p.numel() for p in module.parameters())
     image_params, gap = GAP_STUDENTS[name]
     teacher, student, reference = (create_model(n) for n in ("demo_teacher", name, "demo_student"))
@@ -239,8 +239,8 @@ def release():
 
 @pytest.mark.parametrize("kind", ["bare", "trainer", "module"])
 def test_release_checkpoints_load_strictly_and_match_the_release(release, kind, tmp_path):
-    """What the release writes: its Apple-named trunk inside open_clip's keys, bare or in the trainer's envelope
-    (optimizer and LambdaLR states beside the weights), with and without DDP's module. prefix."""
+    """What the release writes: its Apple-named trunk inside open_clip's keys, bare or in the trainer's
+    envelope (optimizer and LambdaLR states beside the weights), with and without DDP's module. prefix."""
     path = tmp_path / f"release_{kind}.pt"
     torch.save(release_mci.release_checkpoint(release, kind), path)
     ours = load_model(
@@ -303,8 +303,9 @@ def test_a_file_of_the_wrong_kind_is_named_in_one_line(tmp_path):
 def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(
     release, monkeypatch, tmp_path
 ):
-    """Registering a second 512-wide student (MobileCLIP2-S2's image tower, the same text tower) is one entry in
-    MODEL_CONFIGS and every existing format is still identified; a file that fits two entries is not guessed."""
+    """Registering a second 512-wide student (MobileCLIP2-S2's image tower, the same text tower) is one
+    entry in MODEL_CONFIGS and every existing format is still identified; a file that fits two entries is
+    not guessed."""
     configs = dict(model_lib.MODEL_CONFIGS)
     configs["mobileclip2_s2"] = dict(
         configs["mobilefetalclip"], image="fastvit_mci2", about="a MobileCLIP2-S2"
@@ -345,8 +346,9 @@ def test_files_are_identified_by_name_or_keys_and_shapes_never_one_width(
 
 
 def test_the_finite_check_by_sums_is_exact_where_a_sum_overflows_or_cancels():
-    """first_non_finite reads sums first: finite values whose sum overflows are finite; +inf and -inf in one tensor
-    (their sum is NaN) and a half-precision inf are found, as a naive loop over every element finds them."""
+    """first_non_finite reads sums first: finite values whose sum overflows are finite; +inf and -inf in one
+    tensor (their sum is NaN) and a half-precision inf are found, as a naive loop over every element finds
+    them."""
     big = torch.full((4,), 3e38)  # finite, summing to inf in float32
     cases = [
         {"a": big, "b": torch.zeros(2, dtype=torch.int64)},
@@ -369,8 +371,9 @@ def test_the_finite_check_by_sums_is_exact_where_a_sum_overflows_or_cancels():
 
 
 def test_non_finite_tensors_are_refused_naming_them_and_load_model_returns_a_frozen_model(tmp_path):
-    """A NaN weight or an inf BatchNorm statistic, in our files and in open_clip's: refused at load, named as the
-    file names it. A loaded model is in eval mode and frozen: a user's forward pass moves no BatchNorm statistic."""
+    """A NaN weight or an inf BatchNorm statistic, in our files and in open_clip's: refused at load, named
+    as the file names it. A loaded model is in eval mode and frozen: a user's forward pass moves no
+    BatchNorm statistic."""
     net = create_model("demo_student")
     variance = next(k for k in net.state_dict() if k.endswith("running_var"))
     for key, value in ((variance, float("inf")), ("text.ln_final.weight", float("nan"))):

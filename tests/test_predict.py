@@ -1,6 +1,7 @@
-"""predict.py run as a user runs it on a folder of scans: the same pixels give the same answer whatever the file
-format, rows per frame and view, clips with their best frames, GA only where it can be measured (checked against
-evaluate.py's own HC18 functions), the user's own classes, outputs that replace the last run's, and bad input."""
+"""predict.py run as a user runs it on a folder of scans: the same pixels give the same answer whatever the
+file format, rows per frame and view, clips with their best frames, GA only where it can be measured
+(checked against evaluate.py's own HC18 functions), the user's own classes, outputs that replace the last
+run's, and bad input."""
 
 import csv
 import errno

@@ -1,5 +1,6 @@
-"""prepare.py: a user's CSV or folder of pairs -> shards, read back with tarfile and by data.train_loader, against
-expectations written out by hand; the report, the rerun rule and the one-line refusals. Tiny images, CPU."""
+"""prepare.py: a user's CSV or folder of pairs -> shards, read back with tarfile and by data.train_loader,
+against expectations written out by hand; the report, the rerun rule and the one-line refusals. Tiny images,
+CPU."""
 
 import io
 import json
@@ -130,7 +131,8 @@ def test_csv_shards_report_and_loader(pairs, tmp_path):
         "train-000001.tar",
         "train-000002.tar",
     ]
-    # the report: every refusal with its row, file and reason; DICOM and video name the command that converts them
+    # the report: every refusal with its row, file and reason; DICOM and video name the command that
+    # converts them
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["written"] == 6 and report["refused"] == 7
     assert [(r["row"], r["file"], r["reason"]) for r in report["refusals"]] == [
@@ -216,8 +218,8 @@ def test_folder_of_images_with_captions(tmp_path):
 
 
 def test_csv_conventions_and_one_line_errors(pairs, tmp_path):
-    """Comma or semicolon found from the header, absolute paths, other column names; a missing column names those
-    found."""
+    """Comma or semicolon found from the header, absolute paths, other column names; a missing column names
+    those found."""
     plain = pairs / "images/plain.png"
     (tmp_path / "a.csv").write_text(f'image;caption;extra\n{plain};"semi; colon";x\n')
     prepare.main(

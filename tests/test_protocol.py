@@ -1,5 +1,6 @@
-"""protocol.py: the FetalCLIP protocol's metrics against the release's definitions, sklearn and hand-computed cases,
-its Planes DB and HC18 readers on small files in the real layouts, and its data-check command."""
+"""protocol.py: the FetalCLIP protocol's metrics against the release's definitions, sklearn and
+hand-computed cases, its Planes DB and HC18 readers on small files in the real layouts, and its data-check
+command."""
 
 import math
 import os
@@ -49,8 +50,8 @@ def test_prediction_of_absent_class_is_only_a_miss():
 
 
 def release_topk_accuracy(probs, labels, k):
-    """The release's acc / acc_top{k}: per class present, the share of its images whose top k holds it, averaged
-    over those classes (torchmetrics Accuracy(top_k=k, average="none")), as a naive loop."""
+    """The release's acc / acc_top{k}: per class present, the share of its images whose top k holds it,
+    averaged over those classes (torchmetrics Accuracy(top_k=k, average="none")), as a naive loop."""
     per_class = []
     for c in sorted(set(labels.tolist())):
         rows = [i for i in range(len(labels)) if labels[i] == c]

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fit_to_planes(net, planes_dir, steps=60):
-    """A few Adam steps of the image tower towards the five-plane class embeddings: a random network maps every
-    scan to nearly the same feature, against which any int8 file would agree."""
+    """A few Adam steps of the image tower towards the five-plane class embeddings: a random network maps
+    every scan to nearly the same feature, against which any int8 file would agree."""
     rows = [r for r in protocol.planes_rows(planes_dir) if r["five"] >= 0]
     images = torch.stack([transform(net)(Image.open(r["path"]).convert("RGB")) for r in rows])
     labels = torch.tensor([r["five"] for r in rows])
@@ -85,8 +85,8 @@ def int8_by_hand(weight):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """tiny_vit fitted to a 24-scan synthetic Planes DB, exported with --quantize=int8 in both formats, calibrated on
-    those scans, with the zero-shot figures on them and three HC18 scans."""
+    """tiny_vit fitted to a 24-scan synthetic Planes DB, exported with --quantize=int8 in both formats,
+    calibrated on those scans, with the zero-shot figures on them and three HC18 scans."""
     folder = tmp_path_factory.mktemp("int8")
     synthetic.write_planes(str(folder / "planes"), 0, 24, 160, 120)
     synthetic.write_hc18(str(folder / "hc18"), 0, 3)
@@ -149,8 +149,8 @@ def test_onnx_int8_agrees_with_pytorch(student):
 
 
 def test_coreml_int8_stores_the_measured_weights(student):
-    """The .mlpackage holds, as int8, the per-channel weights computed here by hand, and the sidecar's figures are
-    those of the PyTorch encoder with these weights (Linux cannot run Core ML)."""
+    """The .mlpackage holds, as int8, the per-channel weights computed here by hand, and the sidecar's
+    figures are those of the PyTorch encoder with these weights (Linux cannot run Core ML)."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
@@ -222,8 +222,8 @@ def test_zero_shot_figures_of_both(student):
 
 
 def test_constant_calibration_is_caught(student, tmp_path):
-    """Black frames calibrated on, real scans held out: activation ranges fitted to nothing clip the scans, the
-    agreement check refuses the file in one line, exits non-zero, and removes an older int8 file."""
+    """Black frames calibrated on, real scans held out: activation ranges fitted to nothing clip the scans,
+    the agreement check refuses the file in one line, exits non-zero, and removes an older int8 file."""
     net, ckpt, folder, _ = student
     scans = sorted((folder / "planes" / "Images").glob("*.png"))
     (tmp_path / "calibration").mkdir()

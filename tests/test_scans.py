@@ -1,7 +1,7 @@
-"""scans.py: scans read as their files mean them, checked against pydicom's own decoding of real scanner files (its
-test files: a SonoSite cine in YBR_FULL_422 JPEG Baseline, a 16-bit PALETTE COLOR still, JPEG 2000, big-endian RGB),
-DICOM written with pydicom the way scanners write it (dual view with a Doppler strip, MONOCHROME1 in 12 bits), a clip
-written with PyAV, and every kind of unreadable file."""
+"""scans.py: scans read as their files mean them, checked against pydicom's own decoding of real scanner
+files (its test files: a SonoSite cine in YBR_FULL_422 JPEG Baseline, a 16-bit PALETTE COLOR still, JPEG
+2000, big-endian RGB), DICOM written with pydicom the way scanners write it (dual view with a Doppler strip,
+MONOCHROME1 in 12 bits), a clip written with PyAV, and every kind of unreadable file."""
 
 import os
 import shutil
@@ -41,8 +41,8 @@ def region(x0, y0, x1, y1, spatial=1, kind=1, delta_cm=0.02, units=3):
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=8, regions=None, **tags):
-    """An ultrasound DICOM file as a scanner writes it: file meta, Ultrasound (Multi-frame) Image Storage, native
-    little-endian pixels (frames, rows, columns[, 3])."""
+    """An ultrasound DICOM file as a scanner writes it: file meta, Ultrasound (Multi-frame) Image Storage,
+    native little-endian pixels (frames, rows, columns[, 3])."""
     multi = pixels.ndim == (4 if photometric == "RGB" else 3)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = (

@@ -1,5 +1,5 @@
-"""sweep.py: the table and the paired differences against numpy and scipy, the figures drawn, train.py called as a
-user would call it, one demo teacher for every student."""
+"""sweep.py: the table and the paired differences against numpy and scipy, the figures drawn, train.py
+called as a user would call it, one demo teacher for every student."""
 
 import ast
 import json
@@ -18,8 +18,9 @@ STUDENT_OFFSET = {"demo_teacher": 0.0, "demo_student": 0.1, "demo_student_60x": 
 
 
 def fake_run(folder, seed, offset, epochs=3, done=3):
-    """What train.py leaves in a run's folder after `done` of its `epochs`: best.pt with its metrics, ckpt.pt with its
-    epoch count and settings, log.jsonl with weights and evaluations (the last one's metrics are best.pt's)."""
+    """What train.py leaves in a run's folder after `done` of its `epochs`: best.pt with its metrics,
+    ckpt.pt with its epoch count and settings, log.jsonl with weights and evaluations (the last one's
+    metrics are best.pt's)."""
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {
         "five_planes": {"f1": 0.8 + offset + 0.01 * seed},
@@ -57,9 +58,9 @@ def folder_row(flags):
 
 
 def test_students_rows_and_the_paired_difference_against_numpy_and_scipy(tmp_path, monkeypatch):
-    """Two tiny students, two rows, three seeds and their teachers, from finished runs: each cell's mean and std,
-    selective - static per seed with its 95 % t interval written out by hand, both figures, nothing run again; a
-    second call writes the same bytes."""
+    """Two tiny students, two rows, three seeds and their teachers, from finished runs: each cell's mean and
+    std, selective - static per seed with its 95 % t interval written out by hand, both figures, nothing run
+    again; a second call writes the same bytes."""
     for seed in (0, 1, 2):
         fake_run(tmp_path / "demo_teacher" / f"seed{seed}", seed, 0.15)
         for student in ("demo_student", "demo_student_60x"):
@@ -203,8 +204,9 @@ def test_the_teachers_epochs_are_train_pys():
 def test_a_run_is_finished_only_when_its_last_epoch_is_and_an_unfinished_one_is_resumed(
     tmp_path, monkeypatch
 ):
-    """Killed after its first best.pt (1 of 4 epochs), or during its last epoch's evaluation (ckpt.pt at 4 of 4, no
-    record of it): both resumed, never counted as finished; a run with no ckpt.pt starts; a failed run is one line."""
+    """Killed after its first best.pt (1 of 4 epochs), or during its last epoch's evaluation (ckpt.pt at 4
+    of 4, no record of it): both resumed, never counted as finished; a run with no ckpt.pt starts; a failed
+    run is one line."""
     student = tmp_path / "demo_student"
     fake_run(student / "static" / "seed0", 0, 0.0, epochs=4, done=1)
     fake_run(student / "no_kd" / "seed0", 0, 0.0, epochs=4, done=4)

@@ -39,8 +39,9 @@ def test_generator_is_deterministic(tmp_path):
 
 
 def test_a_generation_killed_half_way_leaves_nothing_to_reuse(tmp_path, monkeypatch):
-    """train.py generates data_dir only when it is missing: a generation that stops in its HC18 part (after the
-    shards and the Planes DB) must leave no data_dir, or a later run would take the half for the benchmark."""
+    """train.py generates data_dir only when it is missing: a generation that stops in its HC18 part (after
+    the shards and the Planes DB) must leave no data_dir, or a later run would take the half for the
+    benchmark."""
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -103,9 +104,10 @@ def test_ga_curve_matches_the_protocol():
 
 
 def skull_trace(image, centre, radii, fluid=24, run=12):
-    """Measure a head as a sonographer would: along rays from a point inside it, the first stretch of amniotic
-    fluid (run dark samples of the smoothed image), then the brightest point just inside it (the skull); radii
-    median-filtered over neighbouring rays and low-passed. Returns the trace's perimeter and centre (pixels)."""
+    """Measure a head as a sonographer would: along rays from a point inside it, the first stretch of
+    amniotic fluid (run dark samples of the smoothed image), then the brightest point just inside it (the
+    skull); radii median-filtered over neighbouring rays and low-passed. Returns the trace's perimeter and
+    centre (pixels)."""
     smooth = np.asarray(
         Image.fromarray(image).filter(ImageFilter.GaussianBlur(3)), dtype=np.float32
     )
@@ -174,8 +176,8 @@ def input_sized_mean(kind, subplane, weeks, n=12):
 
 def test_each_sub_plane_shows_its_structures_at_the_input_size():
     """Pose fixed (occiput to the right), averaged over quality and speckle, at the models' input size: the
-    thalami dark beside the midline, the lateral ventricles dark further forward with the bright choroid plexus
-    behind, the cerebellum bright near the occiput, each only in its own sub-plane."""
+    thalami dark beside the midline, the lateral ventricles dark further forward with the bright choroid
+    plexus behind, the cerebellum bright near the occiput, each only in its own sub-plane."""
     scans = {
         s[6:]: input_sized_mean("brain", s, 26) for s in synthetic.SUBPLANES
     }  # thalamic, cerebellum, ...

@@ -57,9 +57,10 @@ def run_train(*args, nproc=1, check=True, env=None):
 
 
 def train_refusal(*args):
-    """train.py run in-process (runpy) until it refuses: the message it exits with. Settings, data and resume errors
-    stop it before it trains, as in a subprocess, in milliseconds instead of seconds (tests/test_commands.py checks
-    the process boundary: one line, no traceback). It must not reach the synthetic data's generation either."""
+    """train.py run in-process (runpy) until it refuses: the message it exits with. Settings, data and
+    resume errors stop it before it trains, as in a subprocess, in milliseconds instead of seconds
+    (tests/test_commands.py checks the process boundary: one line, no traceback). It must not reach the
+    synthetic data's generation either."""
     never = mock.patch.object(
         synthetic, "generate", side_effect=AssertionError("train.py went past its checks")
     )
@@ -279,8 +280,8 @@ configurator.atomic_path = killed_once_written
 
 
 def run_killed_after_first_checkpoint(hook, *args):
-    """train.py ARGS killed (-9) right after its first ckpt.pt, the end of epoch 0: an interrupted run. hook: an
-    empty folder for the sitecustomize.py that does it."""
+    """train.py ARGS killed (-9) right after its first ckpt.pt, the end of epoch 0: an interrupted run.
+    hook: an empty folder for the sitecustomize.py that does it."""
     hook.mkdir(parents=True, exist_ok=True)
     (hook / "sitecustomize.py").write_text(KILL_AFTER_FIRST_CHECKPOINT)
     return run_train(*args, check=False, env=dict(PYTHONPATH=str(hook), REPOSITORY=ROOT))
@@ -392,8 +393,9 @@ torch.optim.AdamW.step = step
 
 
 def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, demo_run, tmp_path):
-    """A good epoch is saved; in the resumed second epoch the first optimiser step leaves a NaN weight (a stand-in
-    AdamW loaded through sitecustomize), the losses after it are skipped, and the epoch's save is refused."""
+    """A good epoch is saved; in the resumed second epoch the first optimiser step leaves a NaN weight (a
+    stand-in AdamW loaded through sitecustomize), the losses after it are skipped, and the epoch's save is
+    refused."""
     out, _ = demo_run
     flags = (
         "--eval_every=0",
@@ -427,8 +429,8 @@ def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, dem
 
 
 def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, tmp_path):
-    """Every loss non-finite (a student initialised with weights of 1e30, whose features overflow), fewer in a row than
-    max_bad_steps. (A NaN weight is refused when the file is read: tests/test_model.py.)"""
+    """Every loss non-finite (a student initialised with weights of 1e30, whose features overflow), fewer in
+    a row than max_bad_steps. (A NaN weight is refused when the file is read: tests/test_model.py.)"""
     out, _ = demo_run
     student = create_model("demo_student").state_dict()
     student = {k: v.fill_(1e30) if v.is_floating_point() else v for k, v in student.items()}
@@ -456,8 +458,8 @@ def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, 
 
 
 def test_evaluation_data_is_checked_at_start_up(bench, tmp_path):
-    """Every evaluation image decoded (a truncated PNG has a good header), every row and the split's contents checked
-    before anything is built: one line each, naming the file and the row."""
+    """Every evaluation image decoded (a truncated PNG has a good header), every row and the split's
+    contents checked before anything is built: one line each, naming the file and the row."""
     shutil.copytree(bench / "data", tmp_path / "data")
     planes, hc18 = tmp_path / "data" / "planes", tmp_path / "data" / "hc18"
     image = sorted((planes / "Images").iterdir())[0]
@@ -526,8 +528,9 @@ evaluate.zero_shot = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL
 
 
 def test_an_evaluation_killed_after_its_checkpoint_runs_first_on_resume(bench, tmp_path, capsys):
-    """kill -9 during an epoch's evaluation (a sitecustomize sends it): ckpt.pt holds the epoch's training, nothing
-    says it was evaluated; --resume=True (run in-process) evaluates it first, writes best.pt, logs it as late."""
+    """kill -9 during an epoch's evaluation (a sitecustomize sends it): ckpt.pt holds the epoch's training,
+    nothing says it was evaluated; --resume=True (run in-process) evaluates it first, writes best.pt, logs
+    it as late."""
     out, hook = tmp_path / "out", tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILL_DURING_EVALUATION)
@@ -566,8 +569,9 @@ def test_resume_refuses_a_file_that_is_not_a_run_in_one_line(bench, tmp_path):
 
 
 def test_the_skip_report_is_complete_when_an_epoch_stops_before_the_loader_ends(tmp_path, capsys):
-    """A fixed-length epoch (the paper preset uses 480 of 481 batches) or --max_steps stops reading early: what was
-    skipped until then is reported, whether the loop breaks (train.py closes the iterator) or lets it go."""
+    """A fixed-length epoch (the paper preset uses 480 of 481 batches) or --max_steps stops reading early:
+    what was skipped until then is reported, whether the loop breaks (train.py closes the iterator) or lets
+    it go."""
     jpeg = synthetic.encode(np.full((24, 32), 90, np.uint8), "JPEG")
     with wds.TarWriter(str(tmp_path / "train-000000.tar")) as sink:
         sink.write({"__key__": "000", "jpg": b"not an image", "txt": b"a scan"})
@@ -617,9 +621,9 @@ def test_missing_data_fails_before_training(bench):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dtype):
-    """Autocast (fp16 with its gradient scaler) trains and saves, with clipping off (--grad_clip=0 once zeroed every
-    gradient); --wandb_log hands wandb the config and the log records (a stand-in wandb module records the calls: the
-    real one needs an account)."""
+    """Autocast (fp16 with its gradient scaler) trains and saves, with clipping off (--grad_clip=0 once
+    zeroed every gradient); --wandb_log hands wandb the config and the log records (a stand-in wandb module
+    records the calls: the real one needs an account)."""
     out, _ = demo_run
     (tmp_path / "wandb.py").write_text(
         "import json, os\n"
@@ -722,8 +726,8 @@ def build_cache(teacher, shards, cache):
 
 
 def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_run):
-    """Two epochs (both cached augmentations) from `python -m tools.cache` and from the live teacher, same seed:
-    the teacher embeddings differ by fp16 storage only, so the students end nearly equal."""
+    """Two epochs (both cached augmentations) from `python -m tools.cache` and from the live teacher, same
+    seed: the teacher embeddings differ by fp16 storage only, so the students end nearly equal."""
     out, _ = demo_run
     teacher, cache = out / "demo_teacher" / "best.pt", bench / "teacher_cache"
     build_cache(teacher, bench / "data" / "shards", cache)
@@ -745,10 +749,10 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
     )
     assert not (bench / "cached" / "demo_teacher").exists()  # no teacher was trained or loaded
     # Adam's normalised steps and BatchNorm statistics amplify fp16-sized differences elementwise, so the
-    # measure is the whole update: |w_cached - w_live| / |w_live - w_initial|. At lr 3e-4 it measured 0.1%; at the
-    # demo's 1e-3 the tiny student memorises its 64 pairs in 16 steps and the same fp16 differences grow to
-    # 0.06-1.4% depending on the sample order; a teacher RNG draw shifting the feature-KD projection's
-    # initialisation made it ~10% before it was fixed.
+    # measure is the whole update: |w_cached - w_live| / |w_live - w_initial|. At lr 3e-4 it measured 0.1%;
+    # at the demo's 1e-3 the tiny student memorises its 64 pairs in 16 steps and the same fp16 differences
+    # grow to 0.06-1.4% depending on the sample order; a teacher RNG draw shifting the feature-KD
+    # projection's initialisation made it ~10% before it was fixed.
     torch.manual_seed(0)  # train.py's initialisation with --seed=0
     initial = create_model("demo_student").state_dict()
     live, cached = weights(bench / "live" / "ckpt.pt"), weights(bench / "cached" / "ckpt.pt")
@@ -776,8 +780,8 @@ def test_distilling_from_the_teacher_cache_matches_the_live_teacher(bench, demo_
 
 
 def user_pairs_and_task(root):
-    """A user's own data, as they would bring it: a CSV of image-caption pairs made into shards by prepare.py, and
-    a labelled task folder (one sub-folder per class and its prompts)."""
+    """A user's own data, as they would bring it: a CSV of image-caption pairs made into shards by
+    prepare.py, and a labelled task folder (one sub-folder per class and its prompts)."""
     kinds = ("brain", "abdomen", "femur")
     lines = ["filepath,title"]
     for i in range(48):
@@ -873,8 +877,9 @@ def test_a_kd_mode_added_outside_loss_py_trains_through_train_py(bench, demo_run
 
 
 def test_max_steps_is_a_smoke_test_with_its_own_schedule_and_teacher(bench, tmp_path):
-    """--max_steps fits the whole schedule (KD weight, warm-up, cosine) to its steps; the demo teacher trained first
-    stops as early, in a folder of its own that a full run never takes for a trained teacher."""
+    """--max_steps fits the whole schedule (KD weight, warm-up, cosine) to its steps; the demo teacher
+    trained first stops as early, in a folder of its own that a full run never takes for a trained
+    teacher."""
     flags = ("--max_steps=3", f"--batch_size={BATCH}", "--warmup_steps=16", "--eval_every=0")
     process = run_train(*common(bench, tmp_path, *flags))
     teacher = tmp_path / "demo_teacher_max_steps3" / "ckpt.pt"

@@ -1,18 +1,18 @@
-"""The paper's analyses of a trained model (Sec. 5): the linear probe (Table 5), the embedding geometry (Table 4),
-teacher-student logit agreement, and the figures (t-SNE of the brain sub-planes, HC18 predicted GA against true HC,
-the KD weight and zero-shot Avg over training: Figures 2-3).
+"""The paper's analyses of a trained model (Sec. 5): the linear probe (Table 5), the embedding geometry
+(Table 4), teacher-student logit agreement, and the figures (t-SNE of the brain sub-planes, HC18 predicted
+GA against true HC, the KD weight and zero-shot Avg over training: Figures 2-3).
 
     python -m tools.analysis out/best.pt                                   # out/best_analysis/: JSON + three plots
     python -m tools.analysis out/best.pt --teacher_ckpt=out/demo_teacher/best.pt --teacher=demo_teacher
     python -m tools.analysis out/best.pt --probe=my_labels/                # the linear probe on your labelled scans
 
-The features come from evaluate.zero_shot(..., details=True) on the same Planes DB and HC18 folders. --probe reads a
-folder with one sub-folder per class (scans.labelled): images and single frames give one item per view; a folder of
-clips follows the paper's CHD probe (Table 5): 16 evenly spaced frames per clip (and view), their features
-concatenated. Cross-validated: 5 folds x 5 seeds (sklearn's StratifiedGroupKFold), each fold tested once, the next
-fold validating (best epoch), the rest training; folds by patient when the folder holds patients.csv (file, patient),
-else by file; AUROC for two classes, macro F1 otherwise; Student-t 95% CI over the 25 runs.
-"""
+The features come from evaluate.zero_shot(..., details=True) on the same Planes DB and HC18 folders. --probe
+reads a folder with one sub-folder per class (scans.labelled): images and single frames give one item per
+view; a folder of clips follows the paper's CHD probe (Table 5): 16 evenly spaced frames per clip (and
+view), their features concatenated. Cross-validated: 5 folds x 5 seeds (sklearn's StratifiedGroupKFold),
+each fold tested once, the next fold validating (best epoch), the rest training; folds by patient when the
+folder holds patients.csv (file, patient), else by file; AUROC for two classes, macro F1 otherwise;
+Student-t 95% CI over the 25 runs."""
 
 import json
 import math
@@ -68,8 +68,9 @@ def student_t_ci(values, confidence=0.95):
     return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
 
 
-# FetalCLIP's linear probe: one Linear layer trained by AdamW at this learning rate and weight decay on mini-batches
-# of this size, keeping the epoch with the best validation loss (how many epochs: --probe_epochs)
+# FetalCLIP's linear probe: one Linear layer trained by AdamW at this learning rate and weight decay on
+# mini-batches of this size, keeping the epoch with the best validation loss (how many epochs:
+# --probe_epochs)
 PROBE_RECIPE = {"lr": 3e-4, "weight_decay": 0.01, "batch_size": 64}
 
 
@@ -137,8 +138,9 @@ def linear_probe(
 
 
 def cross_validated_probe(features, labels, groups, folds=PROBE_FOLDS, seeds=5, epochs=50):
-    """The probe on data without a split: per seed, StratifiedGroupKFold deals the groups into `folds`; each fold is
-    tested once, the next one validates, the rest train -> AUROC (two classes) or macro F1, mean and Student-t CI."""
+    """The probe on data without a split: per seed, StratifiedGroupKFold deals the groups into `folds`; each
+    fold is tested once, the next one validates, the rest train -> AUROC (two classes) or macro F1, mean and
+    Student-t CI."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -216,8 +218,8 @@ def probe_items(net, folder, frames, batch_size, device):
 
 
 def concatenated_clips(features, labels, where, frames):
-    """Per clip and view: the features of `frames` evenly spaced frames (repeated in a shorter clip), concatenated
-    (the paper's CHD probe) -> ((clips, frames * D), (clips,), [(path, region)])."""
+    """Per clip and view: the features of `frames` evenly spaced frames (repeated in a shorter clip),
+    concatenated (the paper's CHD probe) -> ((clips, frames * D), (clips,), [(path, region)])."""
     rows_of = {}
     for i, (path, _, region) in enumerate(where):
         rows_of.setdefault((path, region), []).append(i)
@@ -231,8 +233,8 @@ def concatenated_clips(features, labels, where, frames):
 
 
 def probe_groups(folder, paths):
-    """Each item's group: its patient from folder/patients.csv (columns file, patient; files relative to the folder),
-    else its file."""
+    """Each item's group: its patient from folder/patients.csv (columns file, patient; files relative to the
+    folder), else its file."""
     table = Path(folder) / "patients.csv"
     if not table.is_file():
         return np.array(paths), "file"

@@ -93,8 +93,9 @@ PAPER_TABLE_2 = {
 
 
 def paper_recipe():
-    """train.py's settings under --preset=paper, read from its source (a script runs when imported): the recipe of
-    the step timed here is the one train.py trains with, written once. Its literal module-level settings only."""
+    """train.py's settings under --preset=paper, read from its source (a script runs when imported): the
+    recipe of the step timed here is the one train.py trains with, written once. Its literal module-level
+    settings only."""
     tree = ast.parse(Path(__file__).resolve().parent.parent.joinpath("train.py").read_text())
     settings = {}
     for node in tree.body:
@@ -113,8 +114,8 @@ def peak_rss_gib():
 
 
 def teacher_outputs(teacher_name, cached, batch, tokens, device):
-    """A function giving the loss its teacher inputs: the live frozen teacher on random images, or what the cache
-    hands it (unit vectors stored in fp16 and a scale; no teacher in memory)."""
+    """A function giving the loss its teacher inputs: the live frozen teacher on random images, or what the
+    cache hands it (unit vectors stored in fp16 and a scale; no teacher in memory)."""
     if cached:
         dim = MODEL_CONFIGS[teacher_name]["embed_dim"]
         image_features, text_features = (
@@ -235,8 +236,9 @@ def bench_step(config):
 
 
 def torchvision_views(square, params, views):
-    """The straightforward PIL / torchvision pipeline: per view a bicubic resize of the padded square, the affine,
-    the jitter in the drawn order, to tensor, normalise. The reference the loader is measured against."""
+    """The straightforward PIL / torchvision pipeline: per view a bicubic resize of the padded square, the
+    affine, the jitter in the drawn order, to tensor, normalise. The reference the loader is measured
+    against."""
     import torchvision.transforms.functional as TF
 
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
@@ -398,8 +400,9 @@ def onnxruntime_rows(about, path, images, config):
 
 
 def int8_student(fused, fp32_path, folder, config):
-    """The reparameterised student through quantize.py, calibrated on --calibration images -> (its ONNX file, int8 vs
-    fp32 agreement on the held-out images). Random weights: a trained student's agreement is export.py's to measure."""
+    """The reparameterised student through quantize.py, calibrated on --calibration images -> (its ONNX
+    file, int8 vs fp32 agreement on the held-out images). Random weights: a trained student's agreement is
+    export.py's to measure."""
     from tools import quantize
 
     spec = config["calibration"] or quantize.DEMO_CALIBRATION
@@ -530,12 +533,13 @@ def bench_hc18(config):
 
 
 def bench_predict(config):
-    """predict.py end to end on a cine loop (--cine: the demo's DICOM sweep by default) with the real-size student
-    (--student, random weights saved as a checkpoint), in this process (imports timed apart, in a fresh interpreter):
-    the first run into an empty cache folder (its prompts encoded, its ONNX encoder exported), the second run (both
-    read back), and the steady-state frames/s of its frames loop (scans.py reading in a thread, the encoder as
-    predict.py runs it, the zero-shot heads and GA) after one warm-up pass; beside them, in the same run, the eager
-    student's image encoder alone at batch 32 (predict.py's path before the ONNX encoder) on random images."""
+    """predict.py end to end on a cine loop (--cine: the demo's DICOM sweep by default) with the real-size
+    student (--student, random weights saved as a checkpoint), in this process (imports timed apart, in a
+    fresh interpreter): the first run into an empty cache folder (its prompts encoded, its ONNX encoder
+    exported), the second run (both read back), and the steady-state frames/s of its frames loop (scans.py
+    reading in a thread, the encoder as predict.py runs it, the zero-shot heads and GA) after one warm-up
+    pass; beside them, in the same run, the eager student's image encoder alone at batch 32 (predict.py's
+    path before the ONNX encoder) on random images."""
     import predict
     from model import load_model
     from tools import scans

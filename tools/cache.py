@@ -6,27 +6,27 @@
     torchrun --standalone --nproc_per_node=8 -m tools.cache --teacher_ckpt=...   # the same files, written by 8 GPUs
     python train.py --preset=paper --teacher_cache=teacher_cache ...
 
-For every pair the cache holds the teacher's L2-normalised text embedding of the caption and its image embeddings
-for `augs` coupled augmentations (data.augment_params(seed, a, key), a < augs), fp16, in one WebDataset shard per
-training shard (same file name, same keys) with the digest of the training sample it was computed from; beside each
-its entry (NAME.json: sample count, the training shard's fingerprint, the cache shard's size and the sha256 of its
-start); and manifest.json: teacher, checkpoint sha256, seed, augs, what the views depend on (data.AUGMENT with its
-version, the teacher's input size, mean and std), context length, logit scale and the finished shards' entries.
-This file writes; data.py holds the reading side: data.check_cache refuses a cache that differs from the run, whose
-training shards changed, or whose cache shards are missing, truncated or swapped, and the loader refuses an entry
-whose sample changed.
+For every pair the cache holds the teacher's L2-normalised text embedding of the caption and its image
+embeddings for `augs` coupled augmentations (data.augment_params(seed, a, key), a < augs), fp16, in one
+WebDataset shard per training shard (same file name, same keys) with the digest of the training sample it
+was computed from; beside each its entry (NAME.json: sample count, the training shard's fingerprint, the
+cache shard's size and the sha256 of its start); and manifest.json: teacher, checkpoint sha256, seed, augs,
+what the views depend on (data.AUGMENT with its version, the teacher's input size, mean and std), context
+length, logit scale and the finished shards' entries. This file writes; data.py holds the reading side:
+data.check_cache refuses a cache that differs from the run, whose training shards changed, or whose cache
+shards are missing, truncated or swapped, and the loader refuses an entry whose sample changed.
 
-Under torchrun (one node or several: the folder must be one that every node sees) the shards still to do are dealt
-to the processes, which write their cache shards and entries; rank 0 writes the manifest once all are done, the
-same bytes as one process's. A killed process loses only the shard it was writing: a rerun, with any number of
-processes, redoes what is missing.
+Under torchrun (one node or several: the folder must be one that every node sees) the shards still to do are
+dealt to the processes, which write their cache shards and entries; rank 0 writes the manifest once all are
+done, the same bytes as one process's. A killed process loses only the shard it was writing: a rerun, with
+any number of processes, redoes what is missing.
 
 Amortisation for the paper's sweep (246,349 pairs, 20 epochs; MACs per sample by torch's FlopCounterMode:
-FetalCLIP image 81.0 G + text 10.2 G, student forward + backward about 3 x (2.39 + 2.94) = 16 G): a live teacher
-costs 449 PMACs per run; `--augs=20` costs 402 PMACs once and reproduces the live runs (twelve runs: 1,350 instead
-of 6,336 PMACs, 4.7x less); `--augs=4` costs 82 PMACs, but each pair then sees 4 augmentation draws over 20 epochs
-instead of 20, a departure from the paper's recipe. Storage: about 34 KB per pair with --augs=20, 10 KB with 4.
-"""
+FetalCLIP image 81.0 G + text 10.2 G, student forward + backward about 3 x (2.39 + 2.94) = 16 G): a live
+teacher costs 449 PMACs per run; `--augs=20` costs 402 PMACs once and reproduces the live runs (twelve runs:
+1,350 instead of 6,336 PMACs, 4.7x less); `--augs=4` costs 82 PMACs, but each pair then sees 4 augmentation
+draws over 20 epochs instead of 20, a departure from the paper's recipe. Storage: about 34 KB per pair with
+--augs=20, 10 KB with 4. """
 
 import contextlib
 import io
@@ -59,7 +59,8 @@ DEFAULTS = {
     "device": "",  # '' = cuda, else mps, else cpu
     "dtype": "",  # '' = bfloat16 on cuda, float32 elsewhere
 }
-# The manifest's keys, its entries and every check of a cache before a run reads it: data.py, the reading side.
+# The manifest's keys, its entries and every check of a cache before a run reads it: data.py, the reading
+# side.
 
 
 class TeacherViews(torch.utils.data.Dataset):
@@ -107,9 +108,9 @@ def stored(features):
 
 
 def cache_one_shard(teacher, url, path, settings, device, autocast, bar):
-    """Teacher embeddings of one shard -> a WebDataset shard of <key>.image.npy (augs, D), <key>.text.npy (D,) and
-    <key>.source.txt (the training sample's digest), written atomically. Returns the number of samples cached.
-    Batches restart with each shard, so a resumed run computes exactly the same numbers."""
+    """Teacher embeddings of one shard -> a WebDataset shard of <key>.image.npy (augs, D), <key>.text.npy
+    (D,) and <key>.source.txt (the training sample's digest), written atomically. Returns the number of
+    samples cached. Batches restart with each shard, so a resumed run computes exactly the same numbers."""
     samples = list(wds.tarfile_samples([{"url": url}]))
     view = (teacher.image_size, teacher.image_mean, teacher.image_std)
     views = TeacherViews(samples, view, settings["augs"], settings["seed"])
@@ -150,8 +151,8 @@ def write_json(path, content):
 
 
 def entry_path(out_dir, name):
-    """Beside each finished cache shard, its manifest entry: how every rank hands its shards to rank 0, and what a
-    rerun trusts. Written after the cache shard, removed before it is redone."""
+    """Beside each finished cache shard, its manifest entry: how every rank hands its shards to rank 0, and
+    what a rerun trusts. Written after the cache shard, removed before it is redone."""
     return os.path.join(out_dir, f"{name}.json")
 
 
@@ -177,8 +178,9 @@ def remove_leftovers(out_dir, names):
 
 
 def start_manifest(net, settings, names):
-    """This run's manifest with no shard finished -> (manifest, the folder's manifest or None: only if the folder
-    holds this cache already are its entry files trusted). A folder holding another cache is refused."""
+    """This run's manifest with no shard finished -> (manifest, the folder's manifest or None: only if the
+    folder holds this cache already are its entry files trusted). A folder holding another cache is
+    refused."""
     manifest = dict(
         teacher=net.name,
         teacher_ckpt=os.path.abspath(settings["teacher_ckpt"]),
@@ -204,8 +206,9 @@ def start_manifest(net, settings, names):
 
 
 def plan(net, settings, urls, names):
-    """Rank 0, before any rank writes: the folder checked, what killed processes left half-written removed, the
-    manifest of the shards already finished written -> (manifest, [(url, name, fingerprint)] still to do)."""
+    """Rank 0, before any rank writes: the folder checked, what killed processes left half-written removed,
+    the manifest of the shards already finished written -> (manifest, [(url, name, fingerprint)] still to
+    do)."""
     out_dir = settings["out_dir"]
     manifest, previous = start_manifest(net, settings, names)
     os.makedirs(out_dir, exist_ok=True)
@@ -295,10 +298,10 @@ def write_cache(
     device="",
     dtype="",
 ):
-    """Write (or finish) a cache folder -> its manifest. Under torch.distributed (cache.py under torchrun) the shards
-    to do are dealt to the ranks in turn; rank 0 writes the manifest once all are done, the same bytes as one
-    process's. Finished shards whose training shard is unchanged are kept, unfinished or stale ones redone (by any
-    number of processes); a folder holding another teacher's cache is refused."""
+    """Write (or finish) a cache folder -> its manifest. Under torch.distributed (cache.py under torchrun)
+    the shards to do are dealt to the ranks in turn; rank 0 writes the manifest once all are done, the same
+    bytes as one process's. Finished shards whose training shard is unchanged are kept, unfinished or stale
+    ones redone (by any number of processes); a folder holding another teacher's cache is refused."""
     settings = dict(locals())
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = configurator.pick_device(device)
@@ -336,8 +339,8 @@ def write_cache(
 
 
 def start_ranks(device):
-    """Under torchrun: join the process group, NCCL on GPUs and gloo on the CPU as in train.py -> this process's
-    device (cuda:LOCAL_RANK on GPUs)."""
+    """Under torchrun: join the process group, NCCL on GPUs and gloo on the CPU as in train.py -> this
+    process's device (cuda:LOCAL_RANK on GPUs)."""
     device = configurator.pick_device(device)
     if int(os.environ.get("RANK", -1)) == -1:
         return device

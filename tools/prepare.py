@@ -4,21 +4,22 @@
     python -m tools.prepare my_scans/ --out_dir=shards      # a folder: scan.png + its caption in scan.txt
     python train.py --train_data=shards ...
 
-A CSV names each image by a path relative to the CSV's folder (or an absolute one) in column --img_key and its
-caption in --caption_key (open_clip's --csv-img-key / --csv-caption-key defaults). Its separator is read off the
-header (tab, open_clip's default, comma or semicolon: the one that splits out both columns) unless --separator says.
-Each pair becomes <key>.<ext> (the image file's bytes, unchanged) and <key>.txt (the caption, UTF-8, stripped) in
-train-000000.tar, train-000001.tar, ... (--shard_size pairs each). The key is the CSV row number (the header is row 1,
-as a spreadsheet counts), or in a folder the image's position in sorted path order, zero-padded to 9 digits: unique,
-and without the dots WebDataset splits keys at. One image listed with several captions (COCO) gives one pair per
-caption; the same image bytes with the same caption a second time is refused as a duplicate.
+A CSV names each image by a path relative to the CSV's folder (or an absolute one) in column --img_key and
+its caption in --caption_key (open_clip's --csv-img-key / --csv-caption-key defaults). Its separator is read
+off the header (tab, open_clip's default, comma or semicolon: the one that splits out both columns) unless
+--separator says. Each pair becomes <key>.<ext> (the image file's bytes, unchanged) and <key>.txt (the
+caption, UTF-8, stripped) in train-000000.tar, train-000001.tar, ... (--shard_size pairs each). The key is
+the CSV row number (the header is row 1, as a spreadsheet counts), or in a folder the image's position in
+sorted path order, zero-padded to 9 digits: unique, and without the dots WebDataset splits keys at. One
+image listed with several captions (COCO) gives one pair per caption; the same image bytes with the same
+caption a second time is refused as a duplicate.
 
-A pair is written exactly when the training loader decodes it (data.decode_sample); every other row or file is
-refused with its reason (REASONS), printed and listed in out_dir/prepare_report.json with the shards and their sample
-counts, the source and the settings. DICOM files and video clips are refused with the command that converts them.
-The folder is written beside out_dir and swapped in at the end: the same input gives byte-identical shards, a rerun
-never leaves a mix of old and new shards, and a folder that prepare.py did not write is never replaced.
-"""
+A pair is written exactly when the training loader decodes it (data.decode_sample); every other row or file
+is refused with its reason (REASONS), printed and listed in out_dir/prepare_report.json with the shards and
+their sample counts, the source and the settings. DICOM files and video clips are refused with the command
+that converts them. The folder is written beside out_dir and swapped in at the end: the same input gives
+byte-identical shards, a rerun never leaves a mix of old and new shards, and a folder that prepare.py did
+not write is never replaced."""
 
 import contextlib
 import csv
@@ -71,8 +72,8 @@ class Refused(Exception):
 
 
 # ------------------------------------------------------------------ the sources: a CSV or a folder
-# An entry: {"number": key number, "where": {"row": N, "file": F} (or just file), "image": path, "caption": str}, or
-# {"where": ..., "refused": Refused} for a caption file without an image.
+# An entry: {"number": key number, "where": {"row": N, "file": F} (or just file), "image": path, "caption":
+# str}, or {"where": ..., "refused": Refused} for a caption file without an image.
 
 
 def csv_separator(path, img_key, caption_key, separator):
@@ -245,8 +246,9 @@ def check_out_dir(out_dir, source):
 
 
 def write_shards(entries, folder, shard_size):
-    """Every entry's pair into folder/train-NNNNNN.tar, shard_size a shard, in entry order -> (shards, refusals).
-    One image in memory at a time; fixed tar metadata (mtime 0), so the same input gives the same bytes."""
+    """Every entry's pair into folder/train-NNNNNN.tar, shard_size a shard, in entry order -> (shards,
+    refusals). One image in memory at a time; fixed tar metadata (mtime 0), so the same input gives the same
+    bytes."""
     shards, refusals, sink = {}, [], None
     try:
         for number, sample in accepted(entries, refusals):
@@ -288,8 +290,8 @@ def accepted(entries, refusals):
 
 
 def release(sink):
-    """A shard whose write failed (a full disk): its file let go, its own flush errors dropped (the first one is
-    reported), so nothing tries again at exit."""
+    """A shard whose write failed (a full disk): its file let go, its own flush errors dropped (the first
+    one is reported), so nothing tries again at exit."""
     for stream in (sink.tarstream, sink.stream):
         with contextlib.suppress(OSError):
             stream.close()

@@ -3,8 +3,9 @@
     python -m tools.quantize                                          # out/best.pt, calibrated on the demo's scans
     python -m tools.quantize CKPT --calibration=my_scans/ --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
 
-Its own command, not a flag of export.py: it needs calibration scans (read by tools/scans.py) and the demo's paths
-(tools/synthetic.py), and export.py, a top-level file, depends on no tool. It takes every export.py setting.
+Its own command, not a flag of export.py: it needs calibration scans (read by tools/scans.py) and the demo's
+paths (tools/synthetic.py), and export.py, a top-level file, depends on no tool. It takes every export.py
+setting.
 
     image_encoder_int8.onnx       onnxruntime's static quantisation of image_encoder.onnx (quant_pre_process, then
                                   quantize_static): QDQ, symmetric per-channel weights in 7 bits (reduce_range),
@@ -145,8 +146,8 @@ def image_batches(paths, net, batch_size=16):
 
 
 def quantize_onnx(source, path, calibration, net):
-    """onnxruntime's static quantisation of `source` into `path` (METHODS["onnx"]); a fixed-batch file (bench.py's)
-    is calibrated on batches of its size."""
+    """onnxruntime's static quantisation of `source` into `path` (METHODS["onnx"]); a fixed-batch file
+    (bench.py's) is calibrated on batches of its size."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -183,8 +184,8 @@ def quantize_onnx(source, path, calibration, net):
 
 
 def int8_weights(encoder):
-    """A copy whose Conv / Linear weights but the stem's are int8 symmetric per output channel (dequantised), with
-    the metadata from which ct.convert stores exactly these weights as int8."""
+    """A copy whose Conv / Linear weights but the stem's are int8 symmetric per output channel
+    (dequantised), with the metadata from which ct.convert stores exactly these weights as int8."""
     from coremltools.optimize.torch.quantization import (
         PostTrainingQuantizer,
         PostTrainingQuantizerConfig,
@@ -220,8 +221,8 @@ def onnx_encoder(path, threads=0):
 
 
 class ImageTower:
-    """evaluate.zero_shot's model with the image features of `encode_image` (an ONNX or int8 encoder); all else
-    (text tower, image size, mean / std, eval / train) is `net`'s."""
+    """evaluate.zero_shot's model with the image features of `encode_image` (an ONNX or int8 encoder); all
+    else (text tower, image size, mean / std, eval / train) is `net`'s."""
 
     def __init__(self, net, encode_image):
         self.net, self.encode_image = net, encode_image
@@ -277,8 +278,9 @@ def zero_shot_figures(encoders, net, planes_dir, hc18_dir, calibration):
 
 
 def write_int8(fmt, fused, folder, settings):
-    """image_encoder_int8.<ext>, held against its fp32 source before it replaces anything -> (path, agreement,
-    zero-shot figures or None); a ValueError naming the figure below min_cosine (an older int8 file is removed)."""
+    """image_encoder_int8.<ext>, held against its fp32 source before it replaces anything -> (path,
+    agreement, zero-shot figures or None); a ValueError naming the figure below min_cosine (an older int8
+    file is removed)."""
     source, path = (
         Path(folder) / f"image_encoder{tag}.{export.EXTENSIONS[fmt]}" for tag in ("", "_int8")
     )

@@ -1,6 +1,6 @@
-"""Your scans as the models see them: images of any bit depth, DICOM as ultrasound scanners write it, and video
-clips, read one frame at a time with the calibration each file carries. predict.py, evaluate.py --task and
-analysis.py --probe read through it; run it alone to check a folder before a model sees it:
+"""Your scans as the models see them: images of any bit depth, DICOM as ultrasound scanners write it, and
+video clips, read one frame at a time with the calibration each file carries. predict.py, evaluate.py --task
+and analysis.py --probe read through it; run it alone to check a folder before a model sees it:
 
     python -m tools.scans exports/                          # per file: frames, colour, views, pixel size, or why not
     python -m tools.scans exports/ --save_frames=frames/    # every view of every frame as an 8-bit PNG, to look at
@@ -115,8 +115,9 @@ class NotAScan(ValueError):
 
 
 def walk(folder, ignored):
-    """Every file under `folder`, sorted. Linked folders are followed, each real folder once: one reached again (a
-    loop, or a second link to it) is added to `ignored` with where it was read, as are hidden folders (.git ...)."""
+    """Every file under `folder`, sorted. Linked folders are followed, each real folder once: one reached
+    again (a loop, or a second link to it) is added to `ignored` with where it was read, as are hidden
+    folders (.git ...)."""
     read = {os.path.realpath(folder): folder}
     for root, folders, files in os.walk(folder, followlinks=True):
         kept = []
@@ -134,8 +135,8 @@ def walk(folder, ignored):
 
 
 def find(paths):
-    """Files and folders -> (scans [(path, kind)], ignored [(path, why)], skipped [(path, why)]); folders are read
-    recursively in sorted order, linked folders followed (walk)."""
+    """Files and folders -> (scans [(path, kind)], ignored [(path, why)], skipped [(path, why)]); folders
+    are read recursively in sorted order, linked folders followed (walk)."""
     scans, ignored, skipped = [], [], []
     for item in paths:
         if not os.path.exists(item):
@@ -153,9 +154,10 @@ def find(paths):
 
 
 def labelled(folder, classes):
-    """A folder of labelled scans, one sub-folder per class (its name one of `classes`) -> (files [(path, kind)],
-    labels (class indices), skipped, ignored). A sub-folder that is no class is an error naming it; files beside
-    the class folders other than TASK_FILES are ignored; the same scan twice (by content) is an error naming both."""
+    """A folder of labelled scans, one sub-folder per class (its name one of `classes`) -> (files [(path,
+    kind)], labels (class indices), skipped, ignored). A sub-folder that is no class is an error naming it;
+    files beside the class folders other than TASK_FILES are ignored; the same scan twice (by content) is an
+    error naming both."""
     class_folders = sorted(
         p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -211,8 +213,8 @@ def evenly_spaced(count, k):
 
 
 def read(path, kind, pixel_size=-1.0, indices=None):
-    """Views of one file, frame by frame (bounded memory); `indices` keeps only those frames. Raises Unreadable,
-    possibly after some views: the caller keeps those and reports the rest."""
+    """Views of one file, frame by frame (bounded memory); `indices` keeps only those frames. Raises
+    Unreadable, possibly after some views: the caller keeps those and reports the rest."""
     reader = {"image": image_views, "dicom": dicom_views, "video": video_views}[kind]
     given = pixel_size if pixel_size > 0 else None
     try:
@@ -339,8 +341,8 @@ def dicom_views(path, given, indices):
 
 
 def frames_held(dataset, promised):
-    """How many whole frames uncompressed pixel data holds (its length in bytes, read from the header); compressed
-    data counts as `promised` (its decoder says what is missing)."""
+    """How many whole frames uncompressed pixel data holds (its length in bytes, read from the header);
+    compressed data counts as `promised` (its decoder says what is missing)."""
     syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
     if "PixelData" not in dataset or (syntax is not None and syntax.is_compressed):
         return promised
@@ -358,11 +360,12 @@ PIXEL_DATA = 0x7FE00010  # (7FE0,0010): the encapsulated frames
 
 
 def pillow_rgb_frames(path, dataset, frames, wanted):
-    """JPEG Baseline YBR frames decoded by Pillow (libjpeg) straight to RGB, one at a time, or None where pydicom
-    decodes (every other syntax and photometric). On every such real file of pydicom's (4:4:4 and 4:2:2, among them
-    a 30-frame ultrasound cine) the pixels are pydicom's bit for bit (tests/test_scans.py), in a fifth of the time:
-    pydicom's frames of that cine took 10 ms each, Pillow's 1.9 ms, on 2 loaded cores. JPEG coded in RGB stays with
-    pydicom, which reads the photometric interpretation that Pillow does not (Pillow would convert it as YCbCr)."""
+    """JPEG Baseline YBR frames decoded by Pillow (libjpeg) straight to RGB, one at a time, or None where
+    pydicom decodes (every other syntax and photometric). On every such real file of pydicom's (4:4:4 and
+    4:2:2, among them a 30-frame ultrasound cine) the pixels are pydicom's bit for bit
+    (tests/test_scans.py), in a fifth of the time: pydicom's frames of that cine took 10 ms each, Pillow's
+    1.9 ms, on 2 loaded cores. JPEG coded in RGB stays with pydicom, which reads the photometric
+    interpretation that Pillow does not (Pillow would convert it as YCbCr)."""
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID", "")
     photometric = str(dataset.get("PhotometricInterpretation", ""))
     offset = getattr(dataset.get_item(PIXEL_DATA), "value_tell", None)  # where the file holds them
@@ -374,8 +377,8 @@ def pillow_rgb_frames(path, dataset, frames, wanted):
 
 
 def decoded_by_pillow(path, offset, frames, wanted):
-    """The encapsulated JPEG frames read from `offset` one by one (bounded memory) -> (H, W, 3) uint8 arrays of
-    the `wanted` frames (None = all)."""
+    """The encapsulated JPEG frames read from `offset` one by one (bounded memory) -> (H, W, 3) uint8 arrays
+    of the `wanted` frames (None = all)."""
     from pydicom.encaps import generate_frames
 
     keep = set(range(frames) if wanted is None else wanted)
@@ -406,8 +409,9 @@ def check_decoder(dataset):
 
 
 def check_photometric(dataset):
-    """A colour space the pixel data cannot carry: JPEG 2000's YBR_RCT / YBR_ICT on other data (the decoder that
-    would undo them never runs, so the pixels would stay as stored), or YBR that pydicom does not convert."""
+    """A colour space the pixel data cannot carry: JPEG 2000's YBR_RCT / YBR_ICT on other data (the decoder
+    that would undo them never runs, so the pixels would stay as stored), or YBR that pydicom does not
+    convert."""
     from pydicom.uid import JPEG2000TransferSyntaxes
 
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
@@ -550,9 +554,9 @@ def square_pixel(width, height):
 
 
 def escaped(path):
-    """A path as text (JSON, CSV, a terminal): a name that is not UTF-8 (Python holds its bytes as lone surrogates)
-    gets each such byte as \\xNN and its own backslashes doubled, so codecs.escape_decode gives back its bytes; a
-    UTF-8 name stays as it is."""
+    """A path as text (JSON, CSV, a terminal): a name that is not UTF-8 (Python holds its bytes as lone
+    surrogates) gets each such byte as \\xNN and its own backslashes doubled, so codecs.escape_decode gives
+    back its bytes; a UTF-8 name stays as it is."""
     raw = os.fsencode(path)
     try:
         return raw.decode("utf-8")
@@ -561,8 +565,8 @@ def escaped(path):
 
 
 def frame_name(path, frame, region, taken):
-    """A file name for one view of one frame (frame None: for the whole file), unique within `taken` (a set it is
-    added to)."""
+    """A file name for one view of one frame (frame None: for the whole file), unique within `taken` (a set
+    it is added to)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).as_posix().lstrip("./")) or "scan"
     name = (
         stem + ("" if frame is None else f"_f{frame:04d}") + (f"_r{region}" if region >= 0 else "")

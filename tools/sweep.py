@@ -1,6 +1,7 @@
-"""The paper's Table 3 on the demo: KD schedules over several seeds and students, all distilling from one demo
-teacher; the mean and standard deviation of each student, row and metric, selective - static KD paired per seed, the
-paper's Figure 2 (KD weight per step, zero-shot Avg per epoch) and Avg against the teacher-student capacity gap.
+"""The paper's Table 3 on the demo: KD schedules over several seeds and students, all distilling from one
+demo teacher; the mean and standard deviation of each student, row and metric, selective - static KD paired
+per seed, the paper's Figure 2 (KD weight per step, zero-shot Avg per epoch) and Avg against the
+teacher-student capacity gap.
 
     python -m tools.sweep                                   # 8 rows x 3 seeds on data/demo with demo_student
     python -m tools.sweep --students=demo_student,demo_student_12x,demo_student_26x,demo_student_60x \\
@@ -8,15 +9,15 @@ paper's Figure 2 (KD weight per step, zero-shot Avg per epoch) and Avg against t
     python -m tools.sweep ... --train=False                 # the same, tabulating only the runs that have finished
 
 Each run is `python train.py` with the row's flags (below), `--student=NAME`, `--seed=S` and the same
-`--teacher_ckpt`. Without --teacher_ckpt the sweep trains the demo teacher of every seed as `python train.py` does
-(the CLIP loss alone, teacher_epochs) into out_dir/demo_teacher/seedS, and every run distils from the one of
-teacher_seed; the others are trained to show that each seed's teacher learns (their five-plane F1 is printed).
-An interrupted sweep continues where it stopped: a finished run (its ckpt.pt holds its last epoch, whose evaluation
-log.jsonl records) is not run again, an unfinished one is resumed (--resume=True). Every row reports its best epoch
-by Avg, as the demo and the paper select; a teacher its last epoch, the checkpoint the runs distil from.
-Writes out_dir/sweep.json (every run's metrics, the means, standard deviations and paired differences),
-out_dir/figure2.png (the first student) and out_dir/gap.png; the same seeds on the same machine give the same files.
-"""
+`--teacher_ckpt`. Without --teacher_ckpt the sweep trains the demo teacher of every seed as `python
+train.py` does (the CLIP loss alone, teacher_epochs) into out_dir/demo_teacher/seedS, and every run distils
+from the one of teacher_seed; the others are trained to show that each seed's teacher learns (their
+five-plane F1 is printed). An interrupted sweep continues where it stopped: a finished run (its ckpt.pt
+holds its last epoch, whose evaluation log.jsonl records) is not run again, an unfinished one is resumed
+(--resume=True). Every row reports its best epoch by Avg, as the demo and the paper select; a teacher its
+last epoch, the checkpoint the runs distil from. Writes out_dir/sweep.json (every run's metrics, the means,
+standard deviations and paired differences), out_dir/figure2.png (the first student) and out_dir/gap.png;
+the same seeds on the same machine give the same files. """
 
 import json
 import os
@@ -67,8 +68,8 @@ PAIRED = ("selective", "static")  # the paper's claim: selective beats static KD
 
 
 def finished(folder):
-    """True when a run's ckpt.pt holds its last epoch and log.jsonl that epoch's evaluation (train.py writes ckpt.pt
-    before evaluating and the evaluation's record last); a best.pt alone may be an early epoch's."""
+    """True when a run's ckpt.pt holds its last epoch and log.jsonl that epoch's evaluation (train.py writes
+    ckpt.pt before evaluating and the evaluation's record last); a best.pt alone may be an early epoch's."""
     try:
         checkpoint = torch.load(
             os.path.join(folder, configurator.CHECKPOINT),
@@ -164,8 +165,8 @@ def visual_gap(teacher_name, student_name):
 
 
 def summarise(by_row):
-    """{row: {metric: (mean, std over seeds)}} of one student; std is the sample standard deviation (ddof 1), None
-    with one seed (strict JSON has no NaN)."""
+    """{row: {metric: (mean, std over seeds)}} of one student; std is the sample standard deviation (ddof
+    1), None with one seed (strict JSON has no NaN)."""
     table = {}
     for row, by_seed in by_row.items():
         values = {name: np.array([r["best"][name] for r in by_seed.values()]) for name in METRICS}
@@ -177,8 +178,8 @@ def summarise(by_row):
 
 
 def paired_difference(by_row):
-    """{metric: (mean, low, high)} of selective - static over the seeds both ran: the mean per-seed difference and
-    its 95 % t interval (n - 1 degrees of freedom); low and high None with one seed."""
+    """{metric: (mean, low, high)} of selective - static over the seeds both ran: the mean per-seed
+    difference and its 95 % t interval (n - 1 degrees of freedom); low and high None with one seed."""
     better, baseline = (by_row[row] for row in PAIRED)
     shared = [seed for seed in better if seed in baseline]
     difference = {}
@@ -249,8 +250,8 @@ def save_figure(fig, path):
 
 
 def figure2(by_row, path):
-    """Left: the KD weight (lambda or beta) per step of each row; right: the zero-shot Avg per epoch, the mean over
-    seeds with a +- std band (the paper's Figure 2), for one student."""
+    """Left: the KD weight (lambda or beta) per step of each row; right: the zero-shot Avg per epoch, the
+    mean over seeds with a +- std band (the paper's Figure 2), for one student."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row, by_seed in by_row.items():
@@ -276,8 +277,8 @@ def figure2(by_row, path):
 
 
 def gap_figure(summary, teacher_avg, path):
-    """Best-epoch Avg against the visual capacity gap (log x): one line per row, the mean over seeds with its +- std
-    band, and the teacher's Avg as a horizontal line."""
+    """Best-epoch Avg against the visual capacity gap (log x): one line per row, the mean over seeds with
+    its +- std band, and the teacher's Avg as a horizontal line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     entries = sorted(summary.values(), key=lambda entry: entry["gap"])
@@ -332,9 +333,10 @@ def summarise_students(runs, config):
 
 
 def run_all(student_list, chosen, seed_list, config):
-    """Every run, seed after seed: the demo teacher of teacher_seed first (unless --teacher_ckpt), then each student
-    and row, then that seed's own demo teacher -> ({student: {row: {seed: run}}}, {seed: teacher metrics}, the
-    teacher's path); runs not finished (--train=False) are left out, and so are students and rows left empty."""
+    """Every run, seed after seed: the demo teacher of teacher_seed first (unless --teacher_ckpt), then each
+    student and row, then that seed's own demo teacher -> ({student: {row: {seed: run}}}, {seed: teacher
+    metrics}, the teacher's path); runs not finished (--train=False) are left out, and so are students and
+    rows left empty."""
     teacher_path, teachers, demo = config["teacher_ckpt"], {}, not config["teacher_ckpt"]
     if demo:  # the one demo teacher, first: every run distils from it
         seed = config["teacher_seed"]

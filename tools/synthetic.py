@@ -10,19 +10,19 @@ Every file is a function of --seed (same seed, byte-identical files):
   hc18/                     HC18 format: 800x540 trans-thalamic heads, pixel size and head circumference
   scans/                    a clinic's export for predict.py: a DICOM cine (regions), an MP4, a 16-bit PNG
 
-Scans are B-mode-like: a sector on black, Rayleigh speckle, depth attenuation, anatomy drawn to scale in mm through
-the pixel spacing, and a random image quality that fades the inner structures (low-quality scans are ambiguous, as
-real ones are). What a sonographer reads is drawn where a sonographer reads it. Planes: head (skull ellipse, falx),
-abdomen (round trunk, stomach bubble, umbilical vein, spine, few ribs), thorax (rib ring, four-chamber heart), femur
-(bright diaphysis, acoustic shadow), cervix (transvaginal fan, canal); spine and kidney are 'Other'. Sub-planes:
-trans-thalamic (paired hypoechoic thalami beside the third ventricle), trans-cerebellum (hemispheres joined by the
-bright vermis, the cisterna magna behind), trans-ventricular (anechoic lateral ventricles, echogenic choroid plexus);
-the cavum septi pellucidi in all three. GA: the head circumference follows protocol.GA_CURVES q500 (3% spread); the
-skull ossifies, the Sylvian fissure deepens from 18 weeks, sulci appear from 23, the ventricle/hemisphere ratio falls
-(0.58 at 14 weeks, 0.31 at 32), the transcerebellar diameter grows ~1 mm a week; each fetus looks +- ~1 week older.
-Captions use the protocol's wording (zero_shot_prompts.json): plane and sub-plane phrases, and for GA either the five
-GA templates verbatim or the same facts in other words; spacings are mm per model-input pixel.
-"""
+Scans are B-mode-like: a sector on black, Rayleigh speckle, depth attenuation, anatomy drawn to scale in mm
+through the pixel spacing, and a random image quality that fades the inner structures (low-quality scans are
+ambiguous, as real ones are). What a sonographer reads is drawn where a sonographer reads it. Planes: head
+(skull ellipse, falx), abdomen (round trunk, stomach bubble, umbilical vein, spine, few ribs), thorax (rib
+ring, four-chamber heart), femur (bright diaphysis, acoustic shadow), cervix (transvaginal fan, canal);
+spine and kidney are 'Other'. Sub-planes: trans-thalamic (paired hypoechoic thalami beside the third
+ventricle), trans-cerebellum (hemispheres joined by the bright vermis, the cisterna magna behind),
+trans-ventricular (anechoic lateral ventricles, echogenic choroid plexus); the cavum septi pellucidi in all
+three. GA: the head circumference follows protocol.GA_CURVES q500 (3% spread); the skull ossifies, the
+Sylvian fissure deepens from 18 weeks, sulci appear from 23, the ventricle/hemisphere ratio falls (0.58 at
+14 weeks, 0.31 at 32), the transcerebellar diameter grows ~1 mm a week; each fetus looks +- ~1 week older.
+Captions use the protocol's wording (zero_shot_prompts.json): plane and sub-plane phrases, and for GA either
+the five GA templates verbatim or the same facts in other words; spacings are mm per model-input pixel."""
 
 import io
 import math
@@ -363,8 +363,9 @@ def _draw_face(t, u, v, kind, hc, px, q, line):
 def render_scan(
     rng, kind, subplane, hc, mm_per_px, width, height, days=200, pose=None, quality=None
 ):
-    """One scan (height, width) uint8, drawn ~160 px wide (speckle of one such pixel), then upsampled. pose: (x, y,
-    angle) of the structure as fractions of the image and radians; quality in [0, 1] (both default: drawn from rng)."""
+    """One scan (height, width) uint8, drawn ~160 px wide (speckle of one such pixel), then upsampled. pose:
+    (x, y, angle) of the structure as fractions of the image and radians; quality in [0, 1] (both default:
+    drawn from rng)."""
     grain = max(1, round(width / 160))
     w, h = -(-width // grain), -(-height // grain)
     apex = 0.02 if kind == "cervix" else -0.1  # transvaginal: a wide fan from the top
@@ -518,9 +519,9 @@ def write_hc18(out, seed, n, input_size=DEMO_INPUT):
 
 
 def write_scans(out, seed, days=170):
-    """A clinic's export folder for predict.py: sweep.dcm, a cine sweeping brain -> abdomen -> femur as an ultrasound
-    scanner writes it (RGB frames, a calibrated 2D tissue region above a spectral Doppler strip, no file extension
-    needed), loop.mp4 of the cervix (PyAV) and head16.png, a 16-bit PNG of a head."""
+    """A clinic's export folder for predict.py: sweep.dcm, a cine sweeping brain -> abdomen -> femur as an
+    ultrasound scanner writes it (RGB frames, a calibrated 2D tissue region above a spectral Doppler strip,
+    no file extension needed), loop.mp4 of the cervix (PyAV) and head16.png, a 16-bit PNG of a head."""
     import av
     import pydicom
 
@@ -627,9 +628,9 @@ def generate(
     shard_size=DEFAULTS["shard_size"],
     input_size=DEMO_INPUT,
 ):
-    """Write the benchmark: out_dir/shards, out_dir/planes, out_dir/hc18 (deterministic in seed). All or nothing: it is
-    written into a temporary folder renamed to out_dir at the end, since train.py generates data_dir only when it is
-    missing (a generation killed half-way must not be taken for a finished one)."""
+    """Write the benchmark: out_dir/shards, out_dir/planes, out_dir/hc18 (deterministic in seed). All or
+    nothing: it is written into a temporary folder renamed to out_dir at the end, since train.py generates
+    data_dir only when it is missing (a generation killed half-way must not be taken for a finished one)."""
     start = time.time()
     with configurator.atomic_path(out_dir) as tmp:
         folders = layout(tmp)
