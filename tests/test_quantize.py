@@ -85,7 +85,7 @@ def int8_by_hand(weight):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """tiny_vit fitted to a 24-scan synthetic Planes DB, exported with --quantize=int8 in both formats,
+    """tiny_vit fitted to a 24-scan synthetic Planes DB, exported by tools.quantize in both formats,
     calibrated on those scans, with the zero-shot figures on them and three HC18 scans."""
     folder = tmp_path_factory.mktemp("int8")
     synthetic.write_planes(str(folder / "planes"), 0, 24, 160, 120)
