@@ -42,12 +42,10 @@ from model import (
 
 # ------------------------------------------------------------------ settings: --key=value
 # I/O
-out_dir = (
-    "out"  # ckpt.pt (latest), best.pt (best by Avg), log.jsonl: configurator.CHECKPOINT, BEST, LOG
-)
-data_dir = (
-    configurator.DEMO_DIR
-)  # the synthetic benchmark, written when missing; '' = none (your data)
+# ckpt.pt (latest), best.pt (best by Avg), log.jsonl: configurator.CHECKPOINT, BEST, LOG
+out_dir = "out"
+# the synthetic benchmark, written when missing; '' = none (your data)
+data_dir = configurator.DEMO_DIR
 train_data = ""  # WebDataset shards, brace-expanded (prepare.py writes them); '' = the demo shards in data_dir
 planes_dir = ""  # Planes DB folder; '' = data_dir/planes, none without data_dir
 hc18_dir = ""  # HC18 folder; '' = data_dir/hc18, none without data_dir
@@ -62,9 +60,8 @@ wandb_project = "mobilefetalclip"
 student = "demo_student"  # model.py name
 student_init = ""  # open_clip / Apple MobileCLIP2 file to start from; '' = random init
 teacher = "demo_teacher"  # model.py name
-teacher_ckpt = (
-    ""  # teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher (see below)
-)
+# teacher weights; '' with demo_teacher = train one into out_dir/demo_teacher (see below)
+teacher_ckpt = ""
 demo_teacher_epochs = 7  # epochs of CLIP training for that demo teacher
 teacher_cache = ""  # folder written by `python -m tools.cache`: replay its teacher embeddings, never run the teacher
 # distillation (paper Sec. 3.1-3.4): mode is a loss.KD_MODES entry, none | coupled (Eq. 4-5) | selective
@@ -409,9 +406,8 @@ def lr_at(opt_step):
 
 
 step, opt_step, start_epoch, best_score, bad_steps = 0, 0, 0, -math.inf, 0
-applied_steps = (
-    0  # optimiser steps that changed the weights (a window with a non-finite loss does not)
-)
+# optimiser steps that changed the weights (a window with a non-finite loss does not)
+applied_steps = 0
 grad_norm = 0.0  # of the last optimiser step, before clipping (logged)
 window_finite = True  # every micro-batch of the current accumulation window had a finite loss
 ckpt_path = os.path.join(out_dir, configurator.CHECKPOINT)

@@ -59,18 +59,15 @@ batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8); predict
 steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
 device = "cpu"
 dtype = "float32"  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
-threads = (
-    0  # torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
-)
-runs = (
-    50  # latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
-)
+# torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
+threads = 0
+# latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
+runs = 50
 warmup = 5
 onnx = True  # latency: also time the teacher, the reparameterised student and its int8 copy through onnxruntime
 calibration = ""  # latency: images the int8 student calibrates on (quantize.py; '' = the demo Planes DB images)
-calibration_images = (
-    64  # latency: at most this many of them (every 4th is held out for the agreement)
-)
+# latency: at most this many of them (every 4th is held out for the agreement)
+calibration_images = 64
 student = "mobilefetalclip"  # latency: model.py names of the two image encoders
 teacher = "fetalclip"
 loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)

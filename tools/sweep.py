@@ -38,9 +38,8 @@ students = "demo_student"  # comma-separated model.py names, each distilled from
 rows = ""  # comma-separated names from ROWS; '' = all, in the paper's order
 seeds = "0,1,2"  # comma-separated seeds
 teacher = "demo_teacher"  # model.py name of the teacher (the numerator of the visual capacity gap)
-teacher_ckpt = (
-    ""  # the teacher of every run; '' = the demo teacher of teacher_seed, trained by the sweep
-)
+# the teacher of every run; '' = the demo teacher of teacher_seed, trained by the sweep
+teacher_ckpt = ""
 teacher_seed = 0  # the seed whose demo teacher every run distils from
 teacher_epochs = 7  # epochs of each demo teacher: train.py's demo_teacher_epochs, so it is the demo's own teacher
 train_flags = ""  # further train.py flags for every run, space-separated (e.g. "--epochs=6 --data_dir=data/big")
