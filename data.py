@@ -158,9 +158,8 @@ def count_samples(urls):
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
-                    if (
-                        member.offset_data + member.size > size
-                    ):  # tarfile reads headers only: check the data fits
+                    # tarfile reads headers only: check the data fits
+                    if member.offset_data + member.size > size:
                         raise tarfile.ReadError(f"unexpected end of data in {member.name}")
                     keys.add(
                         wds.tariterators.base_plus_ext(member.name)[0] if member.isreg() else None
@@ -214,9 +213,8 @@ def to_8bit(image):
         return image, ""
     if image.mode in ("1", "LA", "La"):
         return image.convert("L"), ""
-    if image.mode == "F" or image.mode.startswith(
-        "I"
-    ):  # I;16 (PNG, TIFF), I;16B, I (32-bit), F (float TIFF)
+    # I;16 (PNG, TIFF), I;16B, I (32-bit), F (float TIFF)
+    if image.mode == "F" or image.mode.startswith("I"):
         pixels, note = scale_to_8bit(np.asarray(image))
         return Image.fromarray(pixels, "L"), note
     return image.convert("RGB"), ""  # P, PA, RGBA, CMYK, YCbCr, LAB, HSV ...
@@ -237,9 +235,8 @@ def pad_to_square(image):
 def normalise(image, mean, std):
     """PIL 'L' or 'RGB' -> (3, H, W): to_tensor then normalize as one lookup of each 8-bit value in a table
     (bit-identical to them); grayscale is repeated over the channels."""
-    pixels = torch.frombuffer(
-        bytearray(image.tobytes()), dtype=torch.uint8
-    ).long()  # (H * W * channels,)
+    # (H * W * channels,)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).long()
     table = normalisation_table(tuple(mean), tuple(std))  # (3, 256)
     if image.mode == "L":
         return table.index_select(1, pixels).view(3, image.height, image.width)
@@ -266,28 +263,24 @@ def eval_transform(image_size, mean, std):
     )
 
 
-AUGMENT = dict(
-    degrees=7.0, translate=0.05, jitter=0.15, version="2"
-)  # caches record it; bump version if views change
+# caches record it; bump version if views change
+AUGMENT = dict(degrees=7.0, translate=0.05, jitter=0.15, version="2")
 
 
 def augment_params(seed, epoch, key):
     """One draw of RandomAffine + ColorJitter (AUGMENT), a pure function of (seed, epoch, sample key): replayable."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    u = (
-        2 * torch.rand(6, generator=generator) - 1
-    ).tolist()  # U(-1, 1); translation: fractions of the side
+    # U(-1, 1); translation: fractions of the side
+    u = (2 * torch.rand(6, generator=generator) - 1).tolist()
     params = dict(
         angle=AUGMENT["degrees"] * u[0],
         translate=(AUGMENT["translate"] * u[1], AUGMENT["translate"] * u[2]),
     )
-    params["factors"] = tuple(
-        1 + AUGMENT["jitter"] * x for x in u[3:]
-    )  # brightness, contrast, saturation
-    params["order"] = torch.randperm(
-        3, generator=generator
-    ).tolist()  # the order the three adjustments run in
+    # brightness, contrast, saturation
+    params["factors"] = tuple(1 + AUGMENT["jitter"] * x for x in u[3:])
+    # the order the three adjustments run in
+    params["order"] = torch.randperm(3, generator=generator).tolist()
     return params
 
 
@@ -307,9 +300,8 @@ def coupled_views(square, params, views):
     shrunk, out = {}, []
     for size, mean, std in views:
         factor = math.ceil(square.width / (1.2 * size))
-        key = (
-            factor if factor >= 3 else -size
-        )  # a box filter under 3 smooths less than bicubic: resize exactly
+        # a box filter under 3 smooths less than bicubic: resize exactly
+        key = factor if factor >= 3 else -size
         if key not in shrunk:
             shrunk[key] = (
                 square.reduce(factor) if factor >= 3 else square.resize((size, size), Image.BICUBIC)
@@ -414,9 +406,8 @@ class CoupledShards(torch.utils.data.IterableDataset):
             empty_passes = 0 if found else empty_passes + 1
             if self.samples_per_epoch <= 0:
                 return
-            if empty_passes == (
-                20 if self.resampled else 1
-            ):  # a fixed epoch length would loop forever
+            # a fixed epoch length would loop forever
+            if empty_passes == (20 if self.resampled else 1):
                 raise RuntimeError(f"data: reader {reader} of {readers} found no sample in {urls}")
 
     def _read(self, urls):
@@ -462,9 +453,8 @@ class CoupledShards(torch.utils.data.IterableDataset):
             per_rank = self.samples_per_epoch // (self.world_size * self.batch_size)
             quota = per_rank // workers + (worker < per_rank % workers)
         batch, yielded, bad_streak = [], 0, 0
-        shuffle = wds.shuffle(
-            self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng
-        )  # webdataset's buffer
+        # webdataset's buffer
+        shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
         for sample in shuffle(self._stream(reader, readers, rng)):
             if yielded == quota:
                 return
@@ -472,9 +462,8 @@ class CoupledShards(torch.utils.data.IterableDataset):
             if not problem and self.cache is not None and "image.npy" not in sample:
                 problem = "uncached"
             bad_streak = bad_streak + 1 if problem else 0
-            if (
-                bad_streak > 10_000
-            ):  # with a fixed epoch length, all-unreadable data would loop forever
+            # with a fixed epoch length, all-unreadable data would loop forever
+            if bad_streak > 10_000:
                 raise RuntimeError(f"data: 10,000 unusable samples in a row in {self.urls}")
             if problem:
                 counts[SKIP_REASONS.index(problem)] += 1
@@ -533,9 +522,8 @@ class TrainLoader(torch.utils.data.DataLoader):
         batches = super().__iter__()
         try:
             yield from batches
-        except (
-            StaleCache
-        ) as error:  # from a worker, the message holds its traceback: keep the last line
+        # from a worker, the message holds its traceback: keep the last line
+        except StaleCache as error:
             raise StaleCache(
                 str(error).strip().splitlines()[-1].split("StaleCache: ")[-1]
             ) from None

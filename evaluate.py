@@ -98,9 +98,8 @@ def encode_images(model, paths, batch_size=64, device="cpu", num_workers=0):
     return (torch.cat(features) if features else torch.zeros(0, model.embed_dim)), sides
 
 
-PROMPT_BATCH = (
-    64  # prompts per text forward pass (the full context: the student's text tower has no mask)
-)
+# prompts per text forward pass (the full context: the student's text tower has no mask)
+PROMPT_BATCH = 64
 
 
 @torch.no_grad()
@@ -173,10 +172,7 @@ class PromptCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             with configurator.atomic_path(path) as tmp:
                 torch.save({"key": key, "features": features}, tmp)
-        except (
-            OSError,
-            RuntimeError,
-        ) as error:  # torch.save reports a failed write as a RuntimeError
+        except (OSError, RuntimeError) as error:  # torch.save: a failed write is a RuntimeError
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
             print(f"cannot write the prompt cache in {self.folder} ({reason}): not cached")
 
@@ -242,9 +238,8 @@ def ga_scores(
     ):
         if not cache_text or spacing not in cache:
             on_disk = prompt_cache if cache_text else None
-            cache[spacing] = ga_text_features(model, spacing, device, on_disk).flatten(
-                0, 1
-            )  # (875, D)
+            # (875, D)
+            cache[spacing] = ga_text_features(model, spacing, device, on_disk).flatten(0, 1)
             encoded += cache[spacing].shape[0]
         text = cache[spacing] if cache_text else cache.pop(spacing)
         # 100 * img @ txt.T per image, averaged over the 5 templates: (1, 875) -> (175,)
@@ -363,9 +358,8 @@ def read_task(folder, prompts="", context_length=data.CONTEXT_LENGTH):
     stays a candidate: predicting it is a miss, as the protocol's absent planes."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"task {folder}: not a folder")
-    from tools import (
-        scans,
-    )  # task folders are an optional feature: the reading of scans lives in tools/
+    # task folders are an optional feature: the reading of scans lives in tools/
+    from tools import scans
 
     classes = read_prompts(prompts or Path(folder) / "prompts.json", context_length)
     return Task(Path(folder).name, classes, *scans.labelled(folder, list(classes)))

@@ -79,12 +79,10 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, image):
         image_features = self.encoder(image)  # (B, D)
-        plane_probs = (protocol.SCALE * image_features @ self.plane_embeddings.T).softmax(
-            -1
-        )  # (B, 9)
-        brain_probs = (protocol.SCALE * image_features @ self.brain_embeddings.T).softmax(
-            -1
-        )  # (B, 3)
+        # (B, 9)
+        plane_probs = (protocol.SCALE * image_features @ self.plane_embeddings.T).softmax(-1)
+        # (B, 3)
+        brain_probs = (protocol.SCALE * image_features @ self.brain_embeddings.T).softmax(-1)
         return plane_probs, brain_probs, image_features
 
 
@@ -199,9 +197,8 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
     with configurator.atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # the legacy-exporter notice and advanced-indexing note are expected
+        # the legacy-exporter notice and advanced-indexing note are expected
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),
             (inputs,),
@@ -250,9 +247,8 @@ def export_coreml(module, inputs, path, input_name, output_names):
     example = inputs[:1]
     dtype = np.int32 if example.dtype == torch.long else np.float32
     program = torch.export.export(module.eval(), (example,)).run_decompositions({})
-    with (
-        warnings.catch_warnings()
-    ):  # coremltools' own use of its deprecated registry API, once per op
+    # coremltools' own use of its deprecated registry API, once per op
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         converted = ct.convert(
             program,
@@ -300,9 +296,8 @@ def run_coreml(path, input_name, inputs):
 
 
 def versions():
-    coreml = (
-        ("coremltools",) if "coremltools" in sys.modules else ()
-    )  # imported only when a Core ML file is written
+    # imported only when a Core ML file is written
+    coreml = ("coremltools",) if "coremltools" in sys.modules else ()
     return configurator.package_versions(("torch", "timm", "onnxruntime", *coreml))
 
 

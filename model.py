@@ -432,9 +432,8 @@ def to_our_keys(state_dict, model):
             with_prefix(visual, "visual."), model.visual
         )
         visual.pop("head.bias", None)  # timm adds zeros; open_clip has no bias
-    elif any(
-        k.startswith("trunk.") for k in visual
-    ):  # open_clip TimmModel: timm's or the release's Apple names
+    # open_clip TimmModel: timm's or the release's Apple names
+    elif any(k.startswith("trunk.") for k in visual):
         visual = trunk_to_timm(with_prefix(visual, "", "trunk."), model.visual)
     out.update(with_prefix(visual, "visual."))
     return out
@@ -518,9 +517,8 @@ def load_checkpoint(model, path, checkpoint=None):
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     raw = state_dict_of(path, checkpoint)
     held = checkpoint.get("model_name", "")
-    if not held and not fits(
-        raw, model.name
-    ):  # what its keys and shapes prove, when they are not this model's
+    # what its keys and shapes prove, when they are not this model's
+    if not held and not fits(raw, model.name):
         held = next((name for name in MODEL_CONFIGS if fits(raw, name)), "")
     if held and held != model.name:
         about = (
@@ -583,9 +581,8 @@ def to_apple_mci(trunk, visual):
                 new + k[len(old) :] if k.startswith(old) else k: v for k, v in renamed.items()
             }
             index += 1
-    back = fastvit.checkpoint_filter_fn(
-        dict(renamed), visual
-    )  # timm's converter must give the trunk back
+    # timm's converter must give the trunk back
+    back = fastvit.checkpoint_filter_fn(dict(renamed), visual)
     if set(back) != set(trunk) or any(back[k] is not trunk[k] for k in trunk):
         raise ValueError(
             "Apple MCi names do not convert back to timm's: this timm version renames differently"
@@ -614,8 +611,6 @@ def save_open_clip(model, path, official=False):
         trunk = to_apple_mci(visual, model.visual) if official else visual
         out = {**with_prefix(trunk, "visual.trunk."), **with_prefix(text, "text.")}
     out["logit_scale"] = state_dict["logit_scale"]
-    temporary = (
-        f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: a crash never leaves half a file
-    )
+    temporary = f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: never half a file
     torch.save(out, temporary)
     os.replace(temporary, path)

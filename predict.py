@@ -64,9 +64,8 @@ ENCODERS = ("onnx", "torch", "eager")
 # export)
 ENCODER_TOLERANCE = 1e-5
 QUEUE_DEPTH = 2  # batches decoded and preprocessed ahead of the encoder
-HEAD_MIN_MM = (
-    protocol.HC_MIN / math.pi
-)  # across the smallest head the protocol measures (HC 100 mm)
+# across the smallest head the protocol measures (HC 100 mm)
+HEAD_MIN_MM = protocol.HC_MIN / math.pi
 PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
 OUTPUTS = ("predictions.json", "predictions.csv", "timelines")  # all of out_dir, replaced as one
 
@@ -91,9 +90,8 @@ class Classifier:
         )  # (C, D) and (3, D)
         self.ga_text = {}  # spacing string -> (875, D)
         transform = data.eval_transform(net.image_size, net.image_mean, net.image_std)
-        self.model_input = torchvision.transforms.Compose(
-            transform.transforms[:-1]
-        )  # pad, resize, crop: PIL
+        # pad, resize, crop: PIL
+        self.model_input = torchvision.transforms.Compose(transform.transforms[:-1])
         self.normalise = transform.transforms[-1]
 
     def prepare(self, views):
@@ -213,12 +211,7 @@ def image_encoder(net, device, kind, sha256, cache_dir=""):
     if kind == "onnx" and device == "cpu":
         try:
             return OnnxEncoder(onnx_encoder_session(fused, sha256, cache_dir))
-        except (
-            ImportError,
-            RuntimeError,
-            ValueError,
-            OSError,
-        ) as error:  # OSError: the cache not writable
+        except (ImportError, RuntimeError, ValueError, OSError) as error:  # OSError: no cache
             print(f"the ONNX image encoder is not available ({error}): PyTorch runs it instead")
     return TorchEncoder(fused, device)
 
@@ -617,9 +610,8 @@ def run(config):
     check(config)
     configurator.refuse(config, [configurator.choice("encoder", config["encoder"], ENCODERS)])
     device = configurator.pick_device(config["device"])
-    net = (
-        load_model(config["ckpt"], config["model"]).to(device).eval()
-    )  # refuses non-finite weights
+    # refuses non-finite weights
+    net = load_model(config["ckpt"], config["model"]).to(device).eval()
     if config["prompts"]:  # against this model's text context
         evaluate.read_prompts(config["prompts"], net.context_length)
     found, ignored, skipped = scans.find(config["paths"])
@@ -663,9 +655,8 @@ def main(arguments):
         ValueError,
     ) as error:  # the user's files and values: one line, no traceback
         raise SystemExit(f"predict.py: {error}") from None
-    except (
-        OSError
-    ) as error:  # a full disk or a folder that cannot be written (--save_frames): one line
+    # a full disk or a folder that cannot be written (--save_frames): one line
+    except OSError as error:
         raise SystemExit(f"predict.py: {error.filename}: {error.strerror or error}") from None
 
 

@@ -297,9 +297,8 @@ def bootstrap_f1(predictions, labels, draws=BOOTSTRAP, chunk=500):
         f1 = []
         for c in np.unique(labels):
             tp = ((drawn_predictions == c) & (drawn_labels == c)).sum(1)
-            wrong = ((drawn_predictions == c) != (drawn_labels == c)).sum(
-                1
-            )  # false positives + false negatives
+            # false positives + false negatives
+            wrong = ((drawn_predictions == c) != (drawn_labels == c)).sum(1)
             present = (drawn_labels == c).any(1)
             f1.append(np.where(present, 2 * tp / np.maximum(2 * tp + wrong, 1), np.nan))
         values.append(np.nanmean(np.stack(f1), axis=0))
@@ -325,9 +324,8 @@ def classification_metrics(probs, labels, class_names):
     out["f1_ci_low"], out["f1_ci_high"] = bootstrap_f1(ranked[:, 0], labels)
     for k, name in ((1, "accuracy"), (2, "top2"), (3, "top3")):
         hit = (ranked[:, :k] == labels[:, None]).any(1)  # (N,) the true class among the k best
-        out[name] = float(
-            np.mean([hit[labels == c].mean() for c in per_class])
-        )  # per class, then averaged
+        # per class, then averaged
+        out[name] = float(np.mean([hit[labels == c].mean() for c in per_class]))
         out[f"pooled_{name}"] = float(hit.mean())
     out["n"] = int(len(labels))
     out["per_class"] = {

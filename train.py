@@ -312,9 +312,8 @@ distillee = Distillee(raw_student, MODEL_CONFIGS[teacher]["embed_dim"], projecte
 CONTEXT, TEACHER_SIZE = raw_student.context_length, MODEL_CONFIGS[teacher]["image_size"]
 
 teacher_net, cached_teacher = None, None
-if teacher_cache and (
-    mode != "none" or feature_kd > 0
-):  # the teacher is never built: its outputs are on disk
+# the teacher is never built: its outputs are on disk
+if teacher_cache and (mode != "none" or feature_kd > 0):
     teacher_view = TEACHER_SIZE, MODEL_CONFIGS[teacher]["mean"], MODEL_CONFIGS[teacher]["std"]
     with configurator.user_errors(f"--teacher_cache={teacher_cache}"):
         cached_teacher = data.check_cache(
@@ -331,9 +330,8 @@ if teacher_cache and (
     made = f"{cached_teacher['teacher']} from {cached_teacher['teacher_ckpt']} ({cached_teacher['teacher_sha256']})"
     augs = cached_teacher["augs"]
     print(f"teacher: cached {made}, {augs} augmentations replayed as epoch % {augs}")
-    if (
-        not teacher_ckpt
-    ):  # nothing was checked against a checkpoint: say loudly whose outputs these are
+    # nothing was checked against a checkpoint: say loudly whose outputs these are
+    if not teacher_ckpt:
         print(
             f"WARNING: no --teacher_ckpt given: distilling from the cache's teacher {made} unchecked"
         )
@@ -453,9 +451,8 @@ if resume:
     scaler.load_state_dict(checkpoint["scaler"])
     step, opt_step, start_epoch = checkpoint["step"], checkpoint["opt_step"], checkpoint["epoch"]
     best_score, applied_steps = best_of(checkpoint), checkpoint["applied_steps"]
-    if os.path.exists(
-        best_path
-    ):  # written after ckpt.pt when that epoch's evaluation found a new best
+    # written after ckpt.pt when that epoch's evaluation found a new best
+    if os.path.exists(best_path):
         best_score = max(best_score, best_of(torch.load(best_path, weights_only=True, mmap=True)))
     torch.set_rng_state(checkpoint["rng"])
     if max_steps > 0 and opt_step >= max_steps:
@@ -607,9 +604,8 @@ for epoch in range(start_epoch, epochs):
         leave=False,
     )
     timer = time.time()
-    batches = iter(
-        loader
-    )  # closed below: the loader's skip report is complete also when the epoch stops early
+    # closed below: the loader's skip report is complete also when the epoch stops early
+    batches = iter(loader)
     for index, (student_images, teacher_input, tokens) in enumerate(batches):
         if index >= micro_per_epoch:
             break
@@ -627,9 +623,8 @@ for epoch in range(start_epoch, epochs):
             with torch.no_grad(), autocast:
                 teacher_out = teacher_net(teacher_input.to(device), tokens)
         last_micro = (step + 1) % grad_accum == 0
-        with (
-            model.no_sync() if ddp and not last_micro else nullcontext()
-        ):  # DDP syncs the window's last backward
+        # DDP syncs the window's last backward
+        with model.no_sync() if ddp and not last_micro else nullcontext():
             with autocast:
                 image_features, text_features, logit_scale, projected = model(
                     student_images, tokens

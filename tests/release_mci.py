@@ -75,9 +75,8 @@ class ReparamLargeKernelConv(nn.Module):
     def __init__(self, cin, cout, k, stride, groups, small_kernel=3, use_se=False):
         super().__init__()
         self.activation = nn.GELU()
-        self.se = (
-            SqueezeExcite(cout, rd_ratio=0.25) if use_se else nn.Identity()
-        )  # timm's SE, as in replknet.py
+        # timm's SE, as in replknet.py
+        self.se = SqueezeExcite(cout, rd_ratio=0.25) if use_se else nn.Identity()
         self.lkb_origin = _conv_bn(cin, cout, k, stride, groups)
         self.small_conv = _conv_bn(cin, cout, small_kernel, stride, groups)
 

@@ -58,9 +58,8 @@ def test_logit_agreement():
     assert r["entropy_student"] == pytest.approx(
         (stats.entropy(torch.softmax(student[0], 0)) + math.log(3)) / 2
     )
-    assert r["spearman"] == pytest.approx(
-        1.0
-    )  # the constant row has no ranking (NaN) and is skipped
+    # the constant row has no ranking (NaN) and is skipped
+    assert r["spearman"] == pytest.approx(1.0)
 
 
 def test_analysis_writes_results_and_plots(tmp_path):
@@ -155,9 +154,8 @@ def test_probe_folds_never_split_a_patient(monkeypatch):
     for fit, val in seen:
         test = np.setdiff1d(np.arange(45), np.concatenate([fit, val]))
         parts = [set(groups[fit]), set(groups[val]), set(groups[test])]
-        assert all(
-            not a & b for i, a in enumerate(parts) for b in parts[i + 1 :]
-        )  # no patient in two parts
+        # no patient in two parts
+        assert all(not a & b for i, a in enumerate(parts) for b in parts[i + 1 :])
         assert len(parts[0]) + len(parts[1]) + len(parts[2]) == 15
 
 

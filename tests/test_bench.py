@@ -22,18 +22,16 @@ def test_flops_match_hand_count():
     """tiny_vit: 48 px, patch 16 -> 9 patches + class token, width 64, 2 blocks, 2 heads, head 64x64."""
     net = create_model("tiny_vit").eval()
     tokens, width = 10, 64
-    block = (
-        tokens * width * (3 * width + width + 2 * 4 * width) + 2 * tokens * tokens * width
-    )  # linears + attention
+    # linears + attention
+    block = tokens * width * (3 * width + width + 2 * 4 * width) + 2 * tokens * tokens * width
     macs = 9 * width * (3 * 16 * 16) + 2 * block + width * 64
     assert bench.count_flops(ImageEncoder(net), example_images(net, batch=1)) == 2 * macs
 
 
 def test_latency_loader_hc18_and_step_figures(tmp_path):
     synthetic.write_hc18(str(tmp_path / "hc18"), 0, 3)
-    synthetic.write_planes(
-        str(tmp_path / "planes"), 0, 8, 160, 120
-    )  # the int8 student calibrates on 6, checks 2
+    # the int8 student calibrates on 6, checks 2
+    synthetic.write_planes(str(tmp_path / "planes"), 0, 8, 160, 120)
     synthetic.write_scans(str(tmp_path / "scans"), 0)
     arguments = [
         "--benchmarks=latency,loader,hc18,predict",
@@ -66,9 +64,8 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
     assert [r["teacher_over_row"] for r in rows if r["row"] == "teacher as trained"] == [1.0] * 3
     by_row = {(r["row"], r["threads"]): r for r in rows if r["runtime"] == "onnxruntime"}
     fp32, int8 = by_row["student reparameterised", 1], by_row["student int8", 1]
-    assert (
-        0 < int8["mb"] < fp32["mb"] / 3 and int8["flops"] == fp32["flops"]
-    )  # the same graph in int8 weights
+    # the same graph in int8 weights
+    assert 0 < int8["mb"] < fp32["mb"] / 3 and int8["flops"] == fp32["flops"]
     assert int8["agreement"]["images"] == 2 and int8["agreement"]["calibration_images"] == 6
     assert 0.9 < int8["agreement"]["cosine_min"] <= int8["agreement"]["cosine_mean"] < 1
     loader = {(r["pipeline"], r["views"]): r["samples_per_cpu_s"] for r in results["loader"]}
@@ -85,9 +82,8 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["machine"]["cores"] >= 1 and len(saved["latency"]) == 3 + len(onnx_rows)
     config = dict(bench.DEFAULTS, steps=1, device="cpu", dtype="float32", threads=1)
-    seconds, peak, imports = bench.step_seconds(
-        "demo", True, 4, config
-    )  # in this process, one step
+    # in this process, one step
+    seconds, peak, imports = bench.step_seconds("demo", True, 4, config)
     assert seconds > 0 and peak >= imports > 0
 
 

@@ -73,9 +73,8 @@ def same_files(folder, reference):
     names = sorted(os.listdir(reference))
     assert sorted(os.listdir(folder)) == names
     match, mismatch, errors = filecmp.cmpfiles(reference, folder, names, shallow=False)
-    assert (
-        mismatch == [] and errors == [] and len(match) == 7
-    )  # 3 shards, their entries, the manifest
+    # 3 shards, their entries, the manifest
+    assert mismatch == [] and errors == [] and len(match) == 7
 
 
 def batches(root, epoch, **cache):
@@ -124,9 +123,8 @@ def test_cached_teacher_gives_the_live_teacher_logits(setup):
             cached_logits = manifest["logit_scale"] * image.float() @ text.float().T
             # fp16 storage: each unit vector entry within 2^-11 relative, so |cos| within ~1e-3
             assert (cached_logits - live_logits).abs().max() < scale * 1e-3
-            assert (
-                live_logits.std() > scale * 1e-2
-            )  # the check is not trivially met by constant logits
+            # the check is not trivially met by constant logits
+            assert live_logits.std() > scale * 1e-2
 
 
 def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatch):
@@ -152,9 +150,8 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
             device="cpu",
         )
     monkeypatch.setattr(CLIP, "encode_image", encode_image)
-    assert (
-        list(data.read_cache_manifest(str(tmp_path))["shards"].values()) == [None] * 3
-    )  # no shard before the end
+    # no shard before the end
+    assert list(data.read_cache_manifest(str(tmp_path))["shards"].values()) == [None] * 3
     finished = [cache.read_entry(str(tmp_path), f"train-00000{i}.tar") for i in range(3)]
     assert [entry and entry["samples"] for entry in finished] == [BATCH, None, None]
     one_shard = str(root / "shards" / "train-000001.tar")
@@ -162,14 +159,12 @@ def test_interrupted_cache_resumes_to_the_same_files(setup, tmp_path, monkeypatc
     assert list(cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"]) == [
         "train-000001.tar"
     ]
-    cache.write_cache(
-        teacher, str(root / "shards"), str(tmp_path), **settings
-    )  # the rest: train-000002.tar
+    # the rest: train-000002.tar
+    cache.write_cache(teacher, str(root / "shards"), str(tmp_path), **settings)
     same_files(tmp_path, root / "cache")
     reference = data.read_cache_manifest(str(root / "cache"))["shards"]
-    assert (
-        cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"] == reference
-    )  # others stay
+    # others stay
+    assert cache.write_cache(teacher, one_shard, str(tmp_path), **settings)["shards"] == reference
 
 
 def check_cache(folder, urls, *, teacher_ckpt, **asked):
@@ -186,9 +181,8 @@ def test_a_cache_from_another_teacher_seed_or_size_is_refused(setup, tmp_path):
     shards = str(root / "shards")
     folder = str(root / "cache")
     assert check_cache(folder, shards, **asked)["augs"] == AUGS
-    assert (
-        check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS
-    )  # no hash asked
+    # no hash asked
+    assert check_cache(folder, shards, **{**asked, "teacher_ckpt": ""})["augs"] == AUGS
     other = save_teacher(tmp_path / "other.pt", seed=1)
     for change, message in [
         ({"teacher_ckpt": other}, "teacher_sha256 .* asks for .*other.pt"),
@@ -238,24 +232,21 @@ def test_a_cache_of_regenerated_shards_is_refused(setup, tmp_path):
     synthetic.write_shards(
         str(regenerated), seed=1, n=3 * BATCH, width=96, height=72, shard_size=BATCH, input_size=48
     )
-    assert sorted(os.listdir(regenerated)) == sorted(
-        os.listdir(root / "shards")
-    )  # same file names and keys
+    # same file names and keys
+    assert sorted(os.listdir(regenerated)) == sorted(os.listdir(root / "shards"))
     with pytest.raises(
         ValueError, match=f"was made from another {regenerated / 'train-000000.tar'}"
     ):
         check_cache(str(root / "cache"), str(regenerated), **asked)
-    same_sizes = (
-        tmp_path / "same_sizes"
-    )  # one caption's bytes changed in place: names and sizes stay
+    # one caption's bytes changed in place: names and sizes stay
+    same_sizes = tmp_path / "same_sizes"
     shutil.copytree(root / "shards", same_sizes)
     shard = same_sizes / "train-000001.tar"
     payload = shard.read_bytes()
     caption = next(s["txt"] for s in data.wds.tarfile_samples([{"url": str(shard)}]))
     shard.write_bytes(payload.replace(caption, caption[::-1], 1))
-    assert (
-        check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS
-    )  # headers agree
+    # headers agree
+    assert check_cache(str(root / "cache"), str(same_sizes), **asked)["augs"] == AUGS
     student = create_model("demo_student")
     view = (student.image_size, student.image_mean, student.image_std)
     loader = data.train_loader(
@@ -409,9 +400,8 @@ def test_a_cache_of_other_views_is_refused(setup, monkeypatch):
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
     )
-    assert (
-        tuple(manifest) == data.MANIFEST_KEYS
-    )  # the names the start-up check requires, in the file's order
+    # the names the start-up check requires, in the file's order
+    assert tuple(manifest) == data.MANIFEST_KEYS
     monkeypatch.setitem(data.AUGMENT, "degrees", 0.0)
     monkeypatch.setitem(data.AUGMENT, "translate", 0.0)
     monkeypatch.setitem(data.AUGMENT, "jitter", 0.0)
@@ -425,9 +415,8 @@ def test_a_cache_of_other_views_is_refused(setup, monkeypatch):
         ValueError, match="made with augment .*'degrees': 7.0.*; this run asks for .*'degrees': 0.0"
     ):
         check_cache(str(root / "cache"), str(root / "shards"), **asked)
-    monkeypatch.setattr(
-        data, "AUGMENT", {**manifest["augment"], "version": "changed"}
-    )  # coupled_views changed
+    # coupled_views changed
+    monkeypatch.setattr(data, "AUGMENT", {**manifest["augment"], "version": "changed"})
     with pytest.raises(
         ValueError, match="made with augment .*; this run asks for .*'version': 'changed'.*rebuild"
     ):

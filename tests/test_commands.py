@@ -51,9 +51,8 @@ def command(line):
 def finished(tmp_path_factory):
     """Every command of MISTAKES, run at once in an empty folder -> {command line: (exit status, stdout, stderr)}."""
     folder = tmp_path_factory.mktemp("commands")
-    environment = dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT
-    )  # `-m tools.NAME` as from the root
+    # `-m tools.NAME` as from the root
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     running = {
         line: subprocess.Popen(
             [sys.executable, *command(line)],
@@ -211,6 +210,5 @@ def test_a_full_disk_is_one_line_naming_the_folder(benchmark, tmp_path):
         )
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stderr.strip().splitlines()[-1] == message  # progress bars come before it
-    assert sorted(os.listdir(tmp_path)) == ["frames", "scans"] and not os.listdir(
-        frames
-    )  # nothing half-written
+    # nothing half-written
+    assert sorted(os.listdir(tmp_path)) == ["frames", "scans"] and not os.listdir(frames)

@@ -41,9 +41,8 @@ def test_overrides_take_the_default_type_presets_and_one_positional():
         SystemExit, match="unknown config key 'sed' \\(did you mean 'seed'\\?\\); valid keys: seed"
     ):
         configure({"seed": 0}, ["--sed=1"])
-    with pytest.raises(
-        SystemExit, match="unknown config key 'xyz'; valid keys: seed"
-    ):  # nothing close: no guess
+    # nothing close: no guess
+    with pytest.raises(SystemExit, match="unknown config key 'xyz'; valid keys: seed"):
         configure({"seed": 0}, ["--xyz=1"])
     with pytest.raises(SystemExit, match="--seed=1.5: expected int"):
         configure({"seed": 0}, ["--seed=1.5"])
@@ -106,9 +105,8 @@ def test_rules_are_refused_in_one_line_each_with_the_closest_name():
     ]
     with pytest.raises(SystemExit) as refused:
         refuse(config, rules)
-    assert str(
-        refused.value
-    ).splitlines() == [  # nan and inf: one line each, not a second for the rule they break
+    # nan and inf: one line each, not a second for the rule they break
+    assert str(refused.value).splitlines() == [
         "--lr=nan: expected a finite number",
         "--clip=-inf: expected a finite number",
         "--mode='selectiv': expected one of none, selective (did you mean 'selective'?)",

@@ -172,9 +172,8 @@ def test_tokenizer_shape_and_special_ids():
     tokens = data.tokenize("Fetal brain")
     assert tokens.shape == (1, 117) and tokens.dtype == torch.long
     assert tokens[0, 0] == 49406 and tokens[0, 3] == 49407 and tokens[0, 4:].eq(0).all()
-    ids = set(
-        data.clip_tokenizer().get_vocab().values()
-    )  # joined special-token pieces reuse the special ids
+    # joined special-token pieces reuse the special ids
+    ids = set(data.clip_tokenizer().get_vocab().values())
     assert len(ids) == 49408 and max(ids) == 49407
 
 
@@ -272,9 +271,8 @@ def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, cap
 def test_a_truncated_shard_is_counted_once_and_named(tmp_path, capsys):
     urls = make_shards(tmp_path, 2, 6)
     broken = tmp_path / "train-000001.tar"
-    broken.write_bytes(
-        broken.read_bytes()[: broken.stat().st_size // 2 + 700]
-    )  # cut inside a member
+    # cut inside a member
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2 + 700])
     readable = data.count_samples(urls)  # the default samples_per_epoch: counting reads every shard
     assert (
         6 < readable < 12
@@ -306,9 +304,8 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
 
 def test_fixed_epoch_length_and_resampling(tmp_path):
     urls = make_shards(tmp_path, 3, 4)
-    for rank in range(
-        2
-    ):  # 30 samples over 2 ranks: 15 batches each, wrapping around the 6 per rank
+    # 30 samples over 2 ranks: 15 batches each, wrapping around the 6 per rank
+    for rank in range(2):
         assert len(epoch_keys(urls, rank=rank, world_size=2, samples_per_epoch=30)) == 15
     loader = data.train_loader(urls, STUDENT, None, 4, samples_per_epoch=20, resampled=True)
     batches = list(loader)
@@ -448,9 +445,8 @@ def test_views_look_like_the_torchvision_pipeline(tmp_path):
                     worst.get((rgb, view[0]), math.inf), psnr(a, b, *view[1:])
                 )
     assert min(worst.values()) >= 35, worst
-    small = data.pad_to_square(
-        smooth_image(0, size=(300, 200))
-    )  # under 3x the view: the exact bicubic path
+    # under 3x the view: the exact bicubic path
+    small = data.pad_to_square(smooth_image(0, size=(300, 200)))
     params = data.augment_params(0, 0, "small")
     for ours, theirs in zip(
         data.coupled_views(small, params, [STUDENT]), torchvision_views(small, params, [STUDENT])
@@ -500,9 +496,8 @@ def test_views_are_pure_and_independent_of_each_other():
         torch.equal(a, b)
         for a, b in zip(both, data.coupled_views(square, params, [STUDENT, TEACHER]))
     )
-    assert torch.equal(
-        data.coupled_views(square, params, [TEACHER])[0], both[1]
-    )  # the cache's one-view replay
+    # the cache's one-view replay
+    assert torch.equal(data.coupled_views(square, params, [TEACHER])[0], both[1])
 
 
 def test_augment_params_pure_and_in_range():

@@ -124,9 +124,8 @@ def test_prompt_features_are_cached_per_checkpoint_model_prompts_and_spacing(tmp
         evaluate.ga_text_features(net, "0.21", prompt_cache=first),
         evaluate.ga_text_features(net, "0.21"),
     )
-    assert net.passes == passes + math.ceil(
-        875 / evaluate.PROMPT_BATCH
-    )  # only the uncached call encoded
+    # only the uncached call encoded
+    assert net.passes == passes + math.ceil(875 / evaluate.PROMPT_BATCH)
     files = sorted((tmp_path / "text").iterdir())
     assert len(files) == 5 and all(f.suffix == ".pt" for f in files)  # no temporary file left
 
@@ -260,9 +259,8 @@ def test_cli_on_the_generated_benchmark(tmp_path, capsys, monkeypatch):
     ]
     evaluate.main(args + ["--device=cpu", "--batch_size=8"])
     table = capsys.readouterr().out
-    assert (
-        "Five planes (n=19)" in table and "Brain sub-planes (n=6)" in table and "F1-all" in table
-    )  # 2 'Other'
+    # 2 'Other'
+    assert "Five planes (n=19)" in table and "Brain sub-planes (n=6)" in table and "F1-all" in table
     saved = json.loads((tmp_path / "best_zeroshot.json").read_text())
     assert {"five_planes", "brain_subplanes", "hc18", "f1_all", "avg"} <= set(saved)
     assert saved["hc18"]["n_images"] == 2 and "f1" in saved["brain_subplanes"]
@@ -287,9 +285,8 @@ def planes_as_task(planes, folder, prompts=None):
 def test_a_task_folder_of_the_planes_gives_exactly_the_protocols_five_plane_figures(tmp_path):
     planes, _ = write_benchmark(tmp_path)
     task = evaluate.read_task(planes_as_task(planes, tmp_path / "my_planes"))
-    assert (
-        len(task.prompts) == 9 and len(set(task.labels)) == 5
-    )  # four classes without a folder stay candidates
+    # four classes without a folder stay candidates
+    assert len(task.prompts) == 9 and len(set(task.labels)) == 5
     r = evaluate.zero_shot(TinyCLIP(), planes, tasks=[task], batch_size=4)
     protocol, mine = r["five_planes"], r["tasks"]["my_planes"]
     for key in (
@@ -384,9 +381,8 @@ def test_a_prompt_past_the_text_context_is_refused_with_its_token_count(tmp_path
     import open_clip
 
     long = "the fetal brain in an axial plane at the level of the thalami and the cavum septi pellucidi"
-    counted = int(
-        (open_clip.tokenize([long], context_length=200) != 0).sum()
-    )  # open_clip's own tokenizer
+    # open_clip's own tokenizer
+    counted = int((open_clip.tokenize([long], context_length=200) != 0).sum())
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"brain": [long], "abdomen": ["the fetal abdomen"]}))
     assert evaluate.read_prompts(path, context_length=counted)["brain"] == [long]  # fits exactly

@@ -119,9 +119,8 @@ def test_reparameterisation_parity_fastvit():
         torch.testing.assert_close(
             F.normalize(fused.encode_image(images), dim=-1), reference, atol=1e-5, rtol=0
         )
-        fused.visual.head.fc.bias.add_(
-            0.5
-        )  # a fused model that differs: export's check must notice it
+        # a fused model that differs: export's check must notice it
+        fused.visual.head.fc.bias.add_(0.5)
     error = export.reparameterisation_error(net, fused, batch=1, seed=3)
     assert error > 1e-3
     with pytest.raises(ValueError, match="exceeds --tolerance"):
@@ -148,9 +147,8 @@ def test_coreml_package_and_sidecar(tiny):
     }
     for stem, (inputs, outputs) in expected.items():
         spec = ct.models.MLModel(str(folder / f"{stem}.mlpackage"), skip_model_load=True).get_spec()
-        assert (
-            spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 8
-        )  # 8 = iOS 17
+        # 8 = iOS 17
+        assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 8
         assert {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input} == inputs
         assert {
             o.name: list(o.type.multiArrayType.shape) for o in spec.description.output
@@ -170,9 +168,8 @@ def test_coreml_package_and_sidecar(tiny):
             and sidecar["input"]["shape"] == list(inputs.values())[0]
         )
         assert [o["name"] for o in sidecar["outputs"]] == list(outputs)
-        assert (
-            sidecar["parity"]["max_abs_diff"] is None
-        )  # Core ML cannot run on Linux; said so, not faked
+        # Core ML cannot run on Linux; said so, not faked
+        assert sidecar["parity"]["max_abs_diff"] is None
     sidecar = json.loads((folder / "zero_shot.mlpackage.json").read_text())
     assert sidecar["input"]["mean"] == list(net.image_mean) and sidecar["input"]["std"] == list(
         net.image_std

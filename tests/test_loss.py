@@ -332,9 +332,8 @@ def test_a_mode_added_from_outside_is_scheduled_and_reports_its_own_terms(monkey
     projected = torch.randn(
         B, D_T, generator=torch.Generator().manual_seed(13), dtype=torch.float64
     )
-    schedule = dict(
-        step=30, total_steps=100, w0=3.0, r=-0.5
-    )  # weight 3 (1 - 0.3 * 1.5) = 1.65, by hand
+    # weight 3 (1 - 0.3 * 1.5) = 1.65, by hand
+    schedule = dict(step=30, total_steps=100, w0=3.0, r=-0.5)
     out = distill_loss(
         **batch, mode="cosine", **schedule, projected_image_features=projected, feat_weight=0
     )

@@ -174,9 +174,8 @@ def test_open_clip_loads_what_we_save(pair, request, tmp_path):
             parameter.add_(0.01 * torch.randn_like(parameter))
     path = tmp_path / "ours.pt"
     save_open_clip(ours, str(path))
-    theirs.load_state_dict(
-        torch.load(path, weights_only=True), strict=True
-    )  # open_clip's own loader
+    # open_clip's own loader
+    theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)
     assert_same_outputs(ours, theirs.eval(), ours.image_size)
 
 
@@ -243,9 +242,8 @@ def test_release_checkpoints_load_strictly_and_match_the_release(release, kind, 
     envelope (optimizer and LambdaLR states beside the weights), with and without DDP's module. prefix."""
     path = tmp_path / f"release_{kind}.pt"
     torch.save(release_mci.release_checkpoint(release, kind), path)
-    ours = load_model(
-        str(path)
-    )  # strict: every key accounted for; the name comes from the text tower
+    # strict: every key accounted for; the name comes from the text tower
+    ours = load_model(str(path))
     assert ours.name == "mobilefetalclip"
     assert_same_outputs(ours, release, ours.image_size)
 
@@ -413,9 +411,8 @@ def test_load_model_names_the_model_from_the_file(tmp_path):
     source = create_model("demo_student")
     torch.save({"model": source.state_dict(), "model_name": "demo_student"}, tmp_path / "ours.pt")
     assert load_model(str(tmp_path / "ours.pt")).name == "demo_student"
-    save_open_clip(
-        source, str(tmp_path / "open_clip.pt")
-    )  # no name inside: identified by its keys and shapes
+    # no name inside: identified by its keys and shapes
+    save_open_clip(source, str(tmp_path / "open_clip.pt"))
     loaded = load_model(str(tmp_path / "open_clip.pt"))
     assert loaded.name == "demo_student"
     for key, value in source.state_dict().items():

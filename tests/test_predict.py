@@ -59,9 +59,8 @@ def brain_student(tmp_path_factory):
 
 def scan(seed=0, width=160, height=120):
     rng = np.random.default_rng(seed)
-    return synthetic.render_scan(
-        rng, "brain", "trans-thalamic", 250, 0.3, width, height
-    )  # (H, W) uint8
+    # (H, W) uint8
+    return synthetic.render_scan(rng, "brain", "trans-thalamic", 250, 0.3, width, height)
 
 
 def run(*arguments):
@@ -340,9 +339,8 @@ def test_onnx_and_reparameterised_encoders_give_the_eager_models_rows(
     assert [p.name for p in (tmp_path / "cache" / "onnx").iterdir()] == [
         f"{sha256}-demo_student.onnx"
     ]
-    assert (
-        "exporting" not in capsys.readouterr().out
-    )  # the torch run, as the second onnx one, exports nothing
+    # the torch run, as the second onnx one, exports nothing
+    assert "exporting" not in capsys.readouterr().out
 
 
 def test_an_onnx_encoder_of_another_checkpoint_is_never_used(
@@ -355,9 +353,8 @@ def test_an_onnx_encoder_of_another_checkpoint_is_never_used(
     run(student, scans_folder, f"--out_dir={tmp_path / 'out'}")
     (exported,) = (tmp_path / "cache" / "onnx").iterdir()
     sha256 = hashlib.sha256(open(other, "rb").read()).hexdigest()
-    exported.rename(
-        exported.with_name(f"{sha256}-demo_student.onnx")
-    )  # the student's, as the other's
+    # the student's, as the other's
+    exported.rename(exported.with_name(f"{sha256}-demo_student.onnx"))
     capsys.readouterr()
     rows, _, _, _ = run(other, scans_folder, f"--out_dir={tmp_path / 'out'}")
     assert "exporting the image encoder" in capsys.readouterr().out

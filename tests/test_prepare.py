@@ -188,9 +188,8 @@ def test_rerun_gives_the_same_bytes_and_never_a_mix(pairs, tmp_path):
 def test_folder_of_images_with_captions(tmp_path):
     scans = tmp_path / "scans"
     write(scans / "a.png", image_bytes("PNG", 0))
-    write(
-        scans / "a.txt", b"\xef\xbb\xbfFetal heart.\n"
-    )  # a BOM and a newline, as editors write them
+    # a BOM and a newline, as editors write them
+    write(scans / "a.txt", b"\xef\xbb\xbfFetal heart.\n")
     write(scans / "deep/b.jpg", image_bytes("JPEG", 1))
     write(scans / "deep/b.txt", "Fœtal abdomen".encode())
     write(scans / "c.png", image_bytes("PNG", 2))  # no caption file
@@ -211,9 +210,8 @@ def test_folder_of_images_with_captions(tmp_path):
         ("c.png", "missing caption"),
         ("e.png", "empty caption"),
     ]
-    with pytest.raises(
-        SystemExit, match="is inside"
-    ):  # its shards would be read as input next time
+    # its shards would be read as input next time
+    with pytest.raises(SystemExit, match="is inside"):
         prepare.main([str(scans), f"--out_dir={scans / 'shards'}"])
 
 

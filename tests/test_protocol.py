@@ -44,9 +44,8 @@ def test_macro_f1_matches_sklearn_over_present_classes():
 def test_prediction_of_absent_class_is_only_a_miss():
     # class 0: tp 1, fn 1 -> F1 2/3; class 1: perfect. Class 5 (absent) is not averaged in.
     assert macro_f1([0, 5, 1, 1], [0, 0, 1, 1]) == pytest.approx((2 / 3 + 1) / 2)
-    assert macro_f1([1, 1, 1, 1], [0, 0, 1, 1]) == pytest.approx(
-        (0 + 2 * 2 / (2 * 2 + 2)) / 2
-    )  # no div by 0
+    # no div by 0
+    assert macro_f1([1, 1, 1, 1], [0, 0, 1, 1]) == pytest.approx((0 + 2 * 2 / (2 * 2 + 2)) / 2)
 
 
 def release_topk_accuracy(probs, labels, k):
@@ -77,17 +76,15 @@ def test_classification_metrics_are_the_release_definitions():
     assert set(m["per_class"]) == {"b", "c"}  # only classes present in the labels
     assert m["per_class"]["b"]["recall"] == pytest.approx(1 / 3)
     assert m["f1"] == pytest.approx(macro_f1(probs.argmax(1), labels))
-    rng = np.random.default_rng(
-        0
-    )  # and on a larger case with absent classes, against the naive loop
+    # and on a larger case with absent classes, against the naive loop
+    rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(9), size=200)
     labels = rng.choice([0, 2, 3, 7], size=200, p=[0.6, 0.2, 0.15, 0.05])
     m = protocol.classification_metrics(probs, labels, [str(c) for c in range(9)])
     for k, name in ((1, "accuracy"), (2, "top2"), (3, "top3")):
         assert m[name] == pytest.approx(release_topk_accuracy(probs, labels, k), abs=1e-12)
-        assert m[name] != pytest.approx(
-            m[f"pooled_{name}"], abs=1e-3
-        )  # the two definitions do differ here
+        # the two definitions do differ here
+        assert m[name] != pytest.approx(m[f"pooled_{name}"], abs=1e-3)
 
 
 # ------------------------------------------------------------------ HC18 protocol
@@ -138,9 +135,8 @@ def test_validity_curves_against_hand_computed_values():
 
 def test_filter_bounds_are_inclusive_and_validity_bounds_too():
     day = 98 + 100
-    scores = np.repeat(
-        scores_with_top(list(range(93, 108))), 6, axis=0
-    )  # every image predicts index 100
+    # every image predicts index 100
+    scores = np.repeat(scores_with_top(list(range(93, 108))), 6, axis=0)
     low, high = protocol.ga_quantile(day, "q025"), protocol.ga_quantile(day, "q975")
     true_hc = np.array([99.999, 100.0, 342.0, 342.001, low, np.nextafter(low, 0)])
     r = ga_validity(scores, true_hc)
@@ -299,9 +295,8 @@ def test_the_command_checks_a_copy_of_the_data_sets(tmp_path, capsys):
     synthetic.write_hc18(str(tmp_path / "hc18"), 0, 4)
     protocol.main([f"--planes_dir={tmp_path / 'planes'}", f"--hc18_dir={tmp_path / 'hc18'}"])
     out = capsys.readouterr().out
-    assert (
-        "Planes DB, split all: 19 images" in out and "Planes DB, split all: 6 images" in out
-    )  # 2 'Other' dropped
+    # 2 'Other' dropped
+    assert "Planes DB, split all: 19 images" in out and "Planes DB, split all: 6 images" in out
     assert "HC18, split all: 4 images" in out and "every row read and every image decoded" in out
     png = (
         tmp_path / "planes" / "Images" / sorted((tmp_path / "planes" / "Images").iterdir())[3].name

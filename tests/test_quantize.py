@@ -50,9 +50,8 @@ def transform(net):
 def held_out_images(net, folder):
     """Every 4th sorted image, as the module docstring promises, read and transformed here."""
     paths = sorted(str(p) for p in folder.glob("*.png"))[::4]
-    return torch.stack(
-        [transform(net)(Image.open(p).convert("RGB")) for p in paths]
-    )  # (N, 3, S, S)
+    # (N, 3, S, S)
+    return torch.stack([transform(net)(Image.open(p).convert("RGB")) for p in paths])
 
 
 def features(net, images):
@@ -114,9 +113,8 @@ def test_onnx_int8_agrees_with_pytorch(student):
     ]
     assert all(initialisers[i].data_type == onnx.TensorProto.INT8 for i in int8)
     stem, quantised = stem_and_weights(net)
-    assert (
-        len(int8) == len(quantised) == 9
-    )  # qkv, proj, fc1, fc2 of 2 blocks and the head; not the patch stem
+    # qkv, proj, fc1, fc2 of 2 blocks and the head; not the patch stem
+    assert len(int8) == len(quantised) == 9
     scales = [
         n.input[1] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8
     ]
@@ -162,9 +160,8 @@ def test_coreml_int8_stores_the_measured_weights(student):
     assert sum(
         op.type == "constexpr_affine_dequantize" for b in blocks for op in b.operations
     ) == len(quantised)
-    weights = cto.get_weights_metadata(
-        cto.decompress_weights(package), weight_threshold=1024
-    )  # not the biases
+    # not the biases
+    weights = cto.get_weights_metadata(cto.decompress_weights(package), weight_threshold=1024)
     stored = [w.val.astype(np.float32) for w in weights.values()]
     expected = [int8_by_hand(m.weight.detach()) for m in quantised] + [
         stem[0].weight.detach()

@@ -78,9 +78,8 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=8, regions=
 
 
 def test_a_real_ybr_cine_is_converted_to_rgb_once_and_its_misfit_calibration_is_not_trusted():
-    path = real(
-        "examples_ybr_color.dcm"
-    )  # SonoSite: 30 frames, YBR_FULL_422 in JPEG Baseline, regions of 640x480
+    # SonoSite: 30 frames, YBR_FULL_422 in JPEG Baseline, regions of 640x480
+    path = real("examples_ybr_color.dcm")
     got = views(path)
     raw = pydicom.pixels.pixel_array(path, raw=True)  # the codec's YCbCr, not converted
     assert len(got) == 30 and [v.frame for v in got] == list(range(30))
@@ -89,9 +88,8 @@ def test_a_real_ybr_cine_is_converted_to_rgb_once_and_its_misfit_calibration_is_
         assert view.image.mode == "RGB" and np.array_equal(np.asarray(view.image), expected)
         assert not np.array_equal(np.asarray(view.image), ybr)
     assert got[3].seconds == pytest.approx(3 * 0.033333)  # FrameTime 33.333 ms
-    assert (
-        got[0].region == -1 and got[0].pixel_size_mm is None
-    )  # the region box lies outside the 320x240 frames
+    # the region box lies outside the 320x240 frames
+    assert got[0].region == -1 and got[0].pixel_size_mm is None
     assert "not trusted" in got[0].spacing_note and "x 84-595" in got[0].spacing_note
 
 
@@ -101,9 +99,8 @@ def test_a_real_16_bit_palette_goes_through_its_lookup_tables():
     ds = pydicom.dcmread(path)
     expected = np.rint(apply_color_lut(ds.pixel_array, ds) / 257).astype(np.uint8)
     assert view.image.mode == "RGB" and np.array_equal(np.asarray(view.image), expected)
-    assert (
-        view.pixel_size_mm is None and "not trusted" in view.spacing_note
-    )  # its regions do not fit either
+    # its regions do not fit either
+    assert view.pixel_size_mm is None and "not trusted" in view.spacing_note
 
 
 @pytest.mark.parametrize(
@@ -123,9 +120,8 @@ def test_dual_view_regions_crop_each_view_and_leave_the_doppler_strip_out(tmp_pa
         region(400, 0, 799, 199, delta_cm=0.025),
         region(0, 200, 799, 299, 3, 3),
     ]
-    path = write_dicom(
-        tmp_path / "dual", frames, regions=regions, PixelSpacing=[0.5, 0.5]
-    )  # no extension
+    # no extension
+    path = write_dicom(tmp_path / "dual", frames, regions=regions, PixelSpacing=[0.5, 0.5])
     got = views(path, pixel_size=0.9)
     assert [(v.frame, v.region) for v in got] == [(f, r) for f in range(3) for r in (0, 1)]
     for view in got:
@@ -133,9 +129,8 @@ def test_dual_view_regions_crop_each_view_and_leave_the_doppler_strip_out(tmp_pa
             (slice(0, 200), slice(0, 400)) if view.region == 0 else (slice(0, 200), slice(400, 800))
         )
         assert np.array_equal(np.asarray(view.image), frames[view.frame][box])
-    assert [v.pixel_size_mm for v in got[:2]] == pytest.approx(
-        [0.2, 0.25]
-    )  # cm -> mm; PixelSpacing unused
+    # cm -> mm; PixelSpacing unused
+    assert [v.pixel_size_mm for v in got[:2]] == pytest.approx([0.2, 0.25])
     assert got[1].spacing_source == "ultrasound region 1" and got[1].seconds == 0.0
 
 
@@ -144,9 +139,8 @@ def test_regions_without_centimetres_or_square_pixels_give_no_pixel_size(tmp_pat
     (view,) = views(
         write_dicom(tmp_path / "a.dcm", frame, regions=[region(0, 0, 99, 99, units=0)]), 0.3
     )
-    assert (
-        view.pixel_size_mm is None and "not cm" in view.spacing_note
-    )  # the given size does not override it
+    # the given size does not override it
+    assert view.pixel_size_mm is None and "not cm" in view.spacing_note
     oblong = region(0, 0, 99, 99)
     oblong.PhysicalDeltaY = 0.03
     (view,) = views(write_dicom(tmp_path / "b.dcm", frame, regions=[oblong]))
@@ -172,17 +166,15 @@ def test_monochrome1_in_12_bits_is_inverted_and_scaled_never_clipped(tmp_path):
 def test_16_bit_and_float_images_scale_to_the_8_bit_scan(tmp_path):
     scan = np.random.default_rng(1).integers(0, 256, (40, 60), dtype=np.uint8)
     Image.fromarray(scan).save(tmp_path / "scan8.png")
-    Image.fromarray(scan.astype(np.uint16) * 257).save(
-        tmp_path / "scan16.png"
-    )  # how converters export 16 bits
+    # how converters export 16 bits
+    Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "scan16.png")
     Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "scan16.tif")
     Image.fromarray(scan.astype(np.float32) / 255).save(tmp_path / "scan_float.tif")
     for name in ("scan8.png", "scan16.png", "scan16.tif", "scan_float.tif"):
         (view,) = views(tmp_path / name)
         assert np.array_equal(np.asarray(view.image), scan), name
-    assert (
-        Image.open(tmp_path / "scan16.png").convert("RGB").getextrema()[0][1] == 255
-    )  # PIL alone clips
+    # PIL alone clips
+    assert Image.open(tmp_path / "scan16.png").convert("RGB").getextrema()[0][1] == 255
 
 
 def test_a_clip_written_with_pyav_gives_every_frame_in_order(tmp_path):
@@ -200,9 +192,8 @@ def test_a_clip_written_with_pyav_gives_every_frame_in_order(tmp_path):
         container.mux(stream.encode())
     got = views(path)
     assert [v.frame for v in got] == list(range(6)) and got[0].image.size == (64, 48)
-    assert np.allclose(
-        [np.asarray(v.image).mean() for v in got], levels, atol=3
-    )  # lossy codec: close, in order
+    # lossy codec: close, in order
+    assert np.allclose([np.asarray(v.image).mean() for v in got], levels, atol=3)
     assert got[2].seconds == pytest.approx(2 / 25)
 
 
@@ -377,15 +368,13 @@ def test_jpeg_baseline_ybr_frames_decoded_by_pillow_are_pydicoms_bit_for_bit(
     for ours, reference in zip(fast, iter_pixels(real(name), indices=wanted), strict=True):
         np.testing.assert_array_equal(ours, reference)
     reference = next(iter_pixels(real(name), indices=[0]))
-    if (
-        min(reference.shape[:2]) < scans.MIN_SIDE
-    ):  # the 3x3 file: decoded right, then refused as too small
+    # the 3x3 file: decoded right, then refused as too small
+    if min(reference.shape[:2]) < scans.MIN_SIDE:
         with pytest.raises(scans.Unreadable, match="too small to show anatomy"):
             views(real(name))
         return
-    assert np.array_equal(
-        np.asarray(views(real(name))[0].image), reference
-    )  # scans.read's first view
+    # scans.read's first view
+    assert np.array_equal(np.asarray(views(real(name))[0].image), reference)
 
 
 def test_jpeg_coded_in_rgb_stays_with_pydicom():

@@ -129,9 +129,8 @@ def skull_trace(image, centre, radii, fluid=24, run=12):
         edge = int(np.argmax(np.convolve(profile < fluid, np.ones(run), "valid") == run))
         ring.append(radii[max(edge - back, 0) + profile[max(edge - back, 0) : edge + 1].argmax()])
     ring = np.median(np.stack([np.roll(ring, k) for k in range(-10, 11)]), axis=0)
-    ring = np.fft.irfft(
-        np.fft.rfft(ring)[:6], n=len(ring)
-    )  # an off-centre ellipse is smooth in angle
+    # an off-centre ellipse is smooth in angle
+    ring = np.fft.irfft(np.fft.rfft(ring)[:6], n=len(ring))
     points = np.stack([np.cos(angles) * ring, np.sin(angles) * ring], 1)
     perimeter = np.linalg.norm(points - np.roll(points, 1, axis=0), axis=1).sum()
     return perimeter, (centre[0] + points[:, 0].mean(), centre[1] + points[:, 1].mean())
@@ -146,9 +145,8 @@ def test_hc18_heads_measure_what_the_csv_says(tmp_path):
     ratios = []
     for row in protocol.read_hc18(tmp_path):
         image = np.asarray(Image.open(row["path"]).convert("L"))
-        a = (
-            row["hc"] / row["pixel_size"] / (math.pi * 1.8 * (1 + 3 * (1 / 9) ** 2 / 10))
-        )  # b = 0.8 a (approx.)
+        # b = 0.8 a (approx.)
+        a = row["hc"] / row["pixel_size"] / (math.pi * 1.8 * (1 + 3 * (1 / 9) ** 2 / 10))
         if a > 250:  # the skull's top or sides outside the sector
             continue
         radii = np.arange(0.4 * a, 1.6 * a, 1.0)
@@ -223,9 +221,8 @@ def test_the_brain_matures_with_gestational_age():
 
     assert old[size // 2, size // 2 + int(a)] > young[size // 2, size // 2 + int(a)] + 0.3
     assert ring(old) > 1.5 * ring(young)
-    inside = slice(
-        size // 2 - int(0.6 * 0.8 * a), size // 2 + int(0.6 * 0.8 * a)
-    )  # within the brain
+    # within the brain
+    inside = slice(size // 2 - int(0.6 * 0.8 * a), size // 2 + int(0.6 * 0.8 * a))
 
     def width(t):  # anechoic ventricles crossed by a vertical line
         return (t[inside, size // 2 - 15] < 0.05).sum()
@@ -249,9 +246,8 @@ def test_captions_follow_the_protocols_wording():
     verbatim = {
         t.format(weeks=22, day=3, pixel_spacing="1.50") for t in protocol.PROMPTS["ga_templates"]
     }
-    assert any(
-        any(c.startswith(t) for t in verbatim) for c in captions
-    )  # a GA template, spacing included
+    # a GA template, spacing included
+    assert any(any(c.startswith(t) for t in verbatim) for c in captions)
     assert all("22 weeks" in c for c in captions)
     assert "heart" in synthetic.make_caption(np.random.default_rng(0), "heart", None)
     views = [
@@ -328,12 +324,10 @@ def test_the_demo_scans_read_as_a_clinics_export(tmp_path):
         "sweep",
     ] and not ignored + skipped
     views = {os.path.basename(p): list(scans.read(p, kind)) for p, kind in found}
-    stored = pydicom.dcmread(
-        tmp_path / "sweep"
-    ).pixel_array  # (24, 300, 320, 3): the tissue above a Doppler strip
-    assert len(views["sweep"]) == 24 and all(
-        v.region == 0 for v in views["sweep"]
-    )  # the strip is left out
+    # (24, 300, 320, 3): the tissue above a Doppler strip
+    stored = pydicom.dcmread(tmp_path / "sweep").pixel_array
+    # the strip is left out
+    assert len(views["sweep"]) == 24 and all(v.region == 0 for v in views["sweep"])
     assert np.array_equal(np.asarray(views["sweep"][9].image), stored[9, :240])
     assert (
         views["sweep"][0].pixel_size_mm > 0

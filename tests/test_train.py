@@ -196,9 +196,8 @@ def test_bad_values_are_refused_before_anything_runs(tmp_path):
             f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *arguments
         )
         assert message in refused, (arguments, refused)
-    assert (
-        not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
-    )  # nothing ran, nothing was written
+    # nothing ran, nothing was written
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
 def test_demo_pipeline_end_to_end(demo_run):
@@ -420,12 +419,10 @@ def test_a_diverged_student_never_overwrites_the_last_good_checkpoint(bench, dem
     )
     assert f"the last good checkpoint is {bench / 'guarded' / 'ckpt.pt'}" in process.stderr
     saved = torch.load(bench / "guarded" / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert (
-        saved["epoch"] == 1 and saved["opt_step"] == 8
-    )  # the first epoch's end, saved by the resumed run
-    assert all(
-        torch.equal(saved["model"][k], good[k]) for k in good
-    )  # the NaN student was never written
+    # the first epoch's end, saved by the resumed run
+    assert saved["epoch"] == 1 and saved["opt_step"] == 8
+    # the NaN student was never written
+    assert all(torch.equal(saved["model"][k], good[k]) for k in good)
 
 
 def test_a_run_in_which_nothing_trains_fails_and_saves_nothing(bench, demo_run, tmp_path):
@@ -656,15 +653,13 @@ def test_mixed_precision_on_cpu_and_wandb_logging(bench, demo_run, tmp_path, dty
     assert checkpoint["config"]["dtype"] == dtype and checkpoint["opt_step"] == 2
     assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
     if dtype == "float16":
-        assert (
-            checkpoint["scaler"]["scale"] > 0
-        )  # the scaler ran and its state is saved for --resume
+        # the scaler ran and its state is saved for --resume
+        assert checkpoint["scaler"]["scale"] > 0
     torch.manual_seed(0)
     initial = create_model("demo_student").state_dict()
     assert any(not torch.equal(checkpoint["model"][k], initial[k]) for k in initial)  # it ran
-    if (
-        dtype == "bfloat16"
-    ):  # it trained (fp16's first steps overflow at the scaler's initial 65536, and are skipped):
+    # it trained (fp16's first steps overflow at the scaler's initial 65536, and are skipped):
+    if dtype == "bfloat16":
         # a LayerNorm gain has no weight decay, so only a gradient moves it
         assert not torch.equal(
             checkpoint["model"]["text.ln_final.weight"], initial["text.ln_final.weight"]
@@ -822,9 +817,8 @@ def test_a_run_on_a_users_shards_and_task_trains_selects_and_resumes(demo_run, t
         "--batch_size=16",
         "--warmup_steps=1",
     )
-    assert (
-        run_killed_after_first_checkpoint(tmp_path / "hook", *flags).returncode == -9
-    )  # before epoch 0's evaluation
+    # before epoch 0's evaluation
+    assert run_killed_after_first_checkpoint(tmp_path / "hook", *flags).returncode == -9
     stopped = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert (stopped["epoch"], stopped["opt_step"]) == (1, 3) and not (tmp_path / "data").exists()
     process = run_train(*flags, "--resume=True")
@@ -871,9 +865,8 @@ def test_a_kd_mode_added_outside_loss_py_trains_through_train_py(bench, demo_run
     ]  # 5 (1 - t/2 * 2): the schedule over the 2 steps
     assert all(0 < r["kd_cos"] <= 2 for r in steps) and "kd_diag" not in steps[0]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert (
-        checkpoint["config"]["gamma0"] == 5.0 and "feature_proj" in checkpoint
-    )  # the projection trained
+    # the projection trained
+    assert checkpoint["config"]["gamma0"] == 5.0 and "feature_proj" in checkpoint
 
 
 def test_max_steps_is_a_smoke_test_with_its_own_schedule_and_teacher(bench, tmp_path):

@@ -276,9 +276,8 @@ def geometry(features, labels, t=2.0, block=1024):
     classes = np.unique(labels)
     counts = np.array([np.sum(labels == c) for c in classes])
     class_sums = [x[torch.from_numpy(labels == c)].sum(0) for c in classes]
-    within = sum(
-        float(s @ s) for s in class_sums
-    )  # sum of cos over same-class pairs, diagonal incl.
+    # sum of cos over same-class pairs, diagonal incl.
+    within = sum(float(s @ s) for s in class_sums)
     total = float(x.sum(0) @ x.sum(0))
     near = 0.0  # sum over i != j of exp(-t |xi - xj|^2)
     for start in range(0, len(x), block):

@@ -99,9 +99,8 @@ def paper_recipe():
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             try:
                 settings[node.targets[0].id] = ast.literal_eval(node.value)
-            except (
-                ValueError
-            ):  # computed (configurator.DEMO_DIR, the config ...): not part of the recipe
+            # computed (configurator.DEMO_DIR, the config ...): not part of the recipe
+            except ValueError:
                 continue
     return settings | settings["PRESETS"]["paper"]
 
@@ -195,9 +194,8 @@ def bench_step(config):
             raise SystemExit(
                 f"--configs: unknown configuration {name!r}; expected names from {sorted(CONFIGS)}"
             )
-    context = multiprocessing.get_context(
-        "spawn"
-    )  # a fresh process per measurement: its own peak memory
+    # a fresh process per measurement: its own peak memory
+    context = multiprocessing.get_context("spawn")
     print(
         f"{'config':<8} {'teacher':<8} {'batch':>5} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9} {'(imports)':>9}"
     )
@@ -279,9 +277,8 @@ def write_scans(folder, n, seed):
 
 def samples_per_cpu_second(url, views, make_views, passes=3):
     """Decode + coupled views of every sample, one thread: the median over passes of samples / process time."""
-    raw = list(
-        wds.tarfile_samples([{"url": url}])
-    )  # read once: only decoding and the views are timed
+    # read once: only decoding and the views are timed
+    raw = list(wds.tarfile_samples([{"url": url}]))
     rates = []
     for epoch in range(passes):
         start = time.process_time()
@@ -473,9 +470,8 @@ def print_latency(rows):
     )
     for r in rows:
         same = [t for t in rows if (t["runtime"], t["threads"]) == (r["runtime"], r["threads"])]
-        r["teacher_over_row"] = (
-            same[0]["ms"]["median"] / r["ms"]["median"]
-        )  # the teacher comes first
+        # the teacher comes first
+        r["teacher_over_row"] = same[0]["ms"]["median"] / r["ms"]["median"]
         mb = f"{r['mb']:.1f}" if "mb" in r else ""
         print(
             f"{r['row']:<24}{r['runtime']:<12}{r['threads']:>7}{r['params']:>12,}{r['flops'] / 2e9:>7.2f}{mb:>8}"

@@ -224,13 +224,11 @@ def plan(net, settings, urls, names):
         else:
             manifest["shards"][name] = entry
     for name, entry in previous["shards"].items() if previous else ():
-        if (
-            entry is not None
-        ):  # the finished shards of earlier runs with other --train_data stay listed
+        # the finished shards of earlier runs with other --train_data stay listed
+        if entry is not None:
             manifest["shards"].setdefault(name, entry)
-    write_json(
-        os.path.join(out_dir, data.CACHE_MANIFEST), manifest
-    )  # a listed shard is a finished one
+    # a listed shard is a finished one
+    write_json(os.path.join(out_dir, data.CACHE_MANIFEST), manifest)
     return manifest, todo
 
 
@@ -247,9 +245,8 @@ def cache_shards(net, share, settings, device, autocast, rank):
                 entry_path(settings["out_dir"], name),
             )
             if os.path.exists(entry_file):
-                os.remove(
-                    entry_file
-                )  # first: an entry file always describes a finished cache shard
+                # first: an entry file always describes a finished cache shard
+                os.remove(entry_file)
             count = cache_one_shard(net, url, path, settings, device, autocast, bar)
             entry = dict(
                 zip(
@@ -314,9 +311,8 @@ def write_cache(
         )
     shared = [plan(net, settings, urls, names) if rank == 0 else None]
     if world_size > 1:
-        dist.broadcast_object_list(
-            shared
-        )  # one plan for every rank, made before any of them writes
+        # one plan for every rank, made before any of them writes
+        dist.broadcast_object_list(shared)
     manifest, todo = shared[0]
     manifest_path = os.path.join(out_dir, data.CACHE_MANIFEST)
     if not os.path.isfile(manifest_path):

@@ -105,9 +105,8 @@ def csv_entries(path, img_key, caption_key, separator):
         raise ValueError(f"--img_key and --caption_key are both {img_key!r}")
     try:
         separator = csv_separator(path, img_key, caption_key, separator)
-        data.read_csv(
-            path, separator, (img_key, caption_key)
-        )  # the columns, as every CSV is checked
+        # the columns, as every CSV is checked
+        data.read_csv(path, separator, (img_key, caption_key))
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [cells for cells in csv.reader(f, delimiter=separator) if cells]  # as DictReader
     except UnicodeDecodeError as error:
@@ -115,9 +114,8 @@ def csv_entries(path, img_key, caption_key, separator):
     header = [name.strip() for name in rows[0]]
     folder, entries = os.path.dirname(os.path.abspath(path)), []
     for row, cells in enumerate(rows[1:], start=2):  # the header is row 1
-        cells = cells + [""] * (
-            len(header) - len(cells)
-        )  # short rows: empty cells, as csv.DictReader
+        # short rows: empty cells, as csv.DictReader
+        cells = cells + [""] * (len(header) - len(cells))
         named = {key: cells[header.index(key.strip())].strip() for key in (img_key, caption_key)}
         entry = dict(number=row, where={"row": row, "file": named[img_key]})
         if len(cells) > len(header):
@@ -201,9 +199,8 @@ def read_pair(image, caption):
 
 def image_refusal(image, extension, content):
     """Why the loader cannot read an image file; DICOM files and video clips say how to convert them."""
-    if (
-        f".{extension}" in scans.DICOM_SUFFIXES or content[128:132] == b"DICM"
-    ):  # a 128-byte preamble, then DICM
+    # a 128-byte preamble, then DICM
+    if f".{extension}" in scans.DICOM_SUFFIXES or content[128:132] == b"DICM":
         return Refused("DICOM or video", f"{image} is a DICOM file: {CONVERT}")
     if f".{extension}" in scans.VIDEO_SUFFIXES:
         return Refused("DICOM or video", f"{image} is a video clip: {CONVERT}")
@@ -303,9 +300,8 @@ def prepare(
     """Write the shards of source (a CSV or a folder) into out_dir -> the report (also out_dir/REPORT)."""
     if shard_size < 1:
         raise ValueError(f"--shard_size={shard_size}: expected a positive number of pairs")
-    out_dir = os.path.normpath(
-        out_dir
-    )  # 'shards/' -> 'shards': the temporary folder goes beside it, not inside
+    # 'shards/' -> 'shards': the temporary folder goes beside it, not inside
+    out_dir = os.path.normpath(out_dir)
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such CSV file or folder")
     check_out_dir(out_dir, source)

@@ -154,25 +154,22 @@ def quantize_onnx(source, path, calibration, net):
 
     with tempfile.TemporaryDirectory() as folder:
         prepared = os.path.join(folder, "prepared.onnx")
-        quant_pre_process(
-            str(source), prepared
-        )  # shapes inferred and graph optimised first, as quantize_static asks
+        # shapes inferred and graph optimised first, as quantize_static asks
+        quant_pre_process(str(source), prepared)
         graph = onnx.load(prepared).graph
         stem = [
             n.name for n in graph.node if n.op_type == "Conv" and graph.input[0].name in n.input
         ]
-        batch_size = (
-            graph.input[0].type.tensor_type.shape.dim[0].dim_value or 16
-        )  # 0: a dynamic batch
+        # 0: a dynamic batch
+        batch_size = graph.input[0].type.tensor_type.shape.dim[0].dim_value or 16
         batches = (
             {"image": images.numpy()} for images in image_batches(calibration, net, batch_size)
         )
         quantize_static(
             prepared,
             path,
-            types.SimpleNamespace(
-                get_next=lambda: next(batches, None)
-            ),  # onnxruntime's CalibrationDataReader
+            # onnxruntime's CalibrationDataReader
+            types.SimpleNamespace(get_next=lambda: next(batches, None)),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=True,  # 7-bit weights: no int16 saturation on x86 without VNNI (module docstring)

@@ -241,9 +241,8 @@ def count_frames(path, kind):
     Unreadable when the file cannot tell."""
     try:
         return frames_in(path, kind)
-    except (
-        Exception
-    ) as error:  # readers raise many types; the caller skips the file with the reason
+    # readers raise many types; the caller skips the file with the reason
+    except Exception as error:
         raise Unreadable(one_line(error)) from None
 
 
@@ -312,9 +311,8 @@ def dicom_views(path, given, indices):
     import pydicom
     from pydicom.pixels import iter_pixels
 
-    warnings.filterwarnings(
-        "ignore", category=UserWarning, module="pydicom"
-    )  # malformed tags: read anyway
+    # malformed tags: read anyway
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     dataset = pydicom.dcmread(path, defer_size="256 KB", force=True)
     if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = getattr(dataset.get("SOPClassUID"), "name", "") or "no SOP class"
@@ -440,9 +438,8 @@ def colour(dataset):
             dataset.RedPaletteColorLookupTableDescriptor[0],
         )
         table = apply_color_lut(np.arange(first, first + (entries or 65536)), dataset)
-        lut_bits = (
-            16 if table.dtype == np.uint16 and table.max() > 255 else 8
-        )  # some write 8-bit values in 16
+        # some write 8-bit values in 16
+        lut_bits = 16 if table.dtype == np.uint16 and table.max() > 255 else 8
         return lambda a: data.scale_to_8bit(apply_color_lut(a, dataset)[..., :3], lut_bits)[0], (
             f"PALETTE COLOR through its {lut_bits}-bit lookup tables"
         )

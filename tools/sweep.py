@@ -77,9 +77,8 @@ def finished(folder):
             mmap=True,
         )
         evaluated = {record["epoch"] for record in read_log(folder) if "eval" in record}
-    except (
-        Exception
-    ):  # missing or unreadable: train.py starts it, or its --resume=True says what is wrong
+    # missing or unreadable: train.py starts it, or its --resume=True says what is wrong
+    except Exception:
         return False
     return (
         checkpoint["epoch"] == checkpoint["config"]["epochs"]

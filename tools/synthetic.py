@@ -58,9 +58,8 @@ DEFAULTS = {
 DEMO_INPUT = DEFAULTS["input_size"]
 
 ZOOMS = (0.75, 1.5, 3.0, 6.0)  # mm per model-input pixel: depth presets a factor 2 apart
-FILL = (
-    0.28  # structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
-)
+# structure half-length / image long side at the preset chosen (0.2 to 0.4 as size varies)
+FILL = 0.28
 SUBPLANES = ("trans-thalamic", "trans-cerebellum", "trans-ventricular")
 PLANES = {  # kind: its Planes DB plane
     "brain": "Fetal brain",
@@ -239,9 +238,8 @@ def draw_head(t, u, v, a, px, weeks, subplane, q):
     """Skull, brain and the sub-plane's structures; a = semi-major axis (px), u points to the occiput."""
     b, mature = 0.8 * a, np.clip((weeks - 13) / 27, 0, 1)
     r, line = _ell(u, v, a, b), max(0.6, 0.5 * px)
-    half = (
-        (0.5 + 1.3 * mature) * px / a
-    )  # skull half-thickness (r units): 1 mm at 13 weeks, 3.6 at 40
+    # skull half-thickness (r units): 1 mm at 13 weeks, 3.6 at 40
+    half = (0.5 + 1.3 * mature) * px / a
     t[r < 1.3], t[r < 1 + half], t[r < 1 - half] = 0.04, 0.25 + 0.7 * mature, 0.12 + 0.1 * mature
     inner, angle = 1 - half, np.arctan2(v / b, u / a)
     sylvian = np.clip((weeks - 15) / 18, 0, 1) * 0.32  # depth of the Sylvian fissure (r units)
@@ -249,9 +247,8 @@ def draw_head(t, u, v, a, px, weeks, subplane, q):
     folds = np.clip((weeks - 20) / 20, 0, 1)  # cortical sulci: more and deeper with GA
     t[(np.cos((8 + 16 * folds) * angle) > 0.85) & (r > inner - 0.25 * folds) & (r < inner)] = 0.45
     t[(abs(v) < line) & (abs(u) < inner * a)] = 0.55  # falx
-    _fade(
-        t, (abs(v) < 0.07 * b) & (u > -0.5 * a) & (u < -0.32 * a), 0.03, q
-    )  # cavum septi pellucidi
+    # cavum septi pellucidi
+    _fade(t, (abs(v) < 0.07 * b) & (u > -0.5 * a) & (u < -0.32 * a), 0.03, q)
     if subplane == "trans-thalamic":
         for side in (-1, 1):
             _fade(t, _ell(u, v, 0.24 * a, 0.15 * b, 0.0, side * 0.16 * b) < 1, 0.04, q)
@@ -349,9 +346,8 @@ def _draw_face(t, u, v, kind, hc, px, q, line):
         t[near & (v < surface) & (v > surface - 0.4 * s)] = 0.04
         t[near & (v >= surface)] = 0.38
         _fade(t, near & (abs(v - surface) < line), 0.8, q)  # skin
-        _fade(
-            t, (abs(v - surface - 0.12 * s) < line) & (u < -0.12 * s) & near, 0.9, q
-        )  # frontal bone
+        # frontal bone
+        _fade(t, (abs(v - surface - 0.12 * s) < line) & (u < -0.12 * s) & near, 0.9, q)
     elif kind == "lips_nose":  # coronal: upper lip and the nostrils
         s = 0.22 * hc * px
         t[_ell(u, v, 0.5 * s, 0.35 * s) < 1.2], t[_ell(u, v, 0.5 * s, 0.35 * s) < 1] = 0.04, 0.4
@@ -399,9 +395,8 @@ def render_scan(
         draw_body(t, u, v, rng, kind, hc, px, 0.12 + 0.88 * q)
     t = Image.fromarray(np.clip(t * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH)
     r0, r1 = 0.12 * h, rng.uniform(1.0, 1.1) * h
-    gain = rng.uniform(0.9, 1.1) * np.exp(
-        (depth - r0) * (-0.5 / (r1 - r0))
-    )  # attenuation with depth
+    # attenuation with depth
+    gain = rng.uniform(0.9, 1.1) * np.exp((depth - r0) * (-0.5 / (r1 - r0)))
     if rng.random() < 0.3:  # acoustic shadow of a bone outside the plane (a limb, a rib)
         band = (abs(beam - rng.uniform(-0.6, 0.6)) < rng.uniform(0.05, 0.15)) & (
             depth > rng.uniform(0.3, 0.6) * h
@@ -527,20 +522,17 @@ def write_scans(out, seed, days=170):
 
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng([seed, 5])
-    hc, _, mm_per_px = _sample(
-        rng, "brain", days, DEMO_INPUT, 320, 240
-    )  # one depth for the whole sweep
-    frames = np.zeros(
-        (24, 300, 320, 3), np.uint8
-    )  # (frames, rows, columns, RGB): the tissue over a strip
+    # one depth for the whole sweep
+    hc, _, mm_per_px = _sample(rng, "brain", days, DEMO_INPUT, 320, 240)
+    # (frames, rows, columns, RGB): the tissue over a strip
+    frames = np.zeros((24, 300, 320, 3), np.uint8)
     for i, kind in enumerate(["brain"] * 8 + ["abdomen"] * 8 + ["femur"] * 8):
         pose = (0.5 + 0.03 * math.sin(i), 0.52, 0.15 * math.cos(i / 3))  # the probe moves a little
         frames[i, :240] = render_scan(
             rng, kind, "trans-thalamic", hc, mm_per_px, 320, 240, days, pose, 0.8
         )[..., None]
-        frames[i, 240 + (30 + 20 * np.sin(np.arange(320) / 9 + i)).astype(int), np.arange(320)] = (
-            200  # a trace
-        )
+        trace = 240 + (30 + 20 * np.sin(np.arange(320) / 9 + i)).astype(int)  # a Doppler-like trace
+        frames[i, trace, np.arange(320)] = 200
     dataset = pydicom.Dataset()
     regions = [
         (1, 1, 0, 0, 319, 239, mm_per_px / 10),
