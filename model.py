@@ -149,10 +149,7 @@ class ResidualAttentionBlock(nn.Module):
             OrderedDict(
                 [
                     ("c_fc", nn.Linear(width, 4 * width)),
-                    (
-                        "gelu",
-                        nn.GELU(),
-                    ),  # exact GELU, not QuickGELU: both FetalCLIP and MobileCLIP2
+                    ("gelu", nn.GELU()),  # exact GELU, not QuickGELU: FetalCLIP and MobileCLIP2
                     ("c_proj", nn.Linear(4 * width, width)),
                 ]
             )
@@ -193,11 +190,9 @@ class TextTransformer(nn.Module):
         # open_clip's initialisation, so the demo teacher trains from scratch as CLIP does
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std, attn_std, fc_std = (
-            width**-0.5 * (2 * layers) ** -0.5,
-            width**-0.5,
-            (2 * width) ** -0.5,
-        )
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        attn_std = width**-0.5
+        fc_std = (2 * width) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -209,8 +204,8 @@ class TextTransformer(nn.Module):
         if self.attn_mask is not None and not (
             torch.jit.is_tracing() or torch.compiler.is_compiling()
         ):
-            # causal: nothing after the last end token reaches it, so the padding goes (exported graphs keep
-            # L)
+            # causal: nothing after the last end token reaches it, so the padding goes (an exported graph
+            # keeps all L positions)
             tokens = tokens[
                 :, : int(tokens.argmax(dim=-1).max()) + 1
             ]  # (B, L') with L' <= L: same output, faster

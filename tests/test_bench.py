@@ -34,7 +34,8 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
     synthetic.write_planes(str(tmp_path / "planes"), 0, 8, 160, 120)
     synthetic.write_scans(str(tmp_path / "scans"), 0)
     arguments = [
-        "--benchmarks=latency,loader,hc18,predict",
+        "--benchmarks=latency,loader,hc18,prompts,predict",
+        "--prompt_count=8",
         f"--cine={tmp_path / 'scans' / 'sweep'}",
         "--student=demo_student",
         "--teacher=tiny_vit",
@@ -72,6 +73,16 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
     assert set(loader) == {("torchvision", 2), ("torchvision", 1), ("data.py", 2), ("data.py", 1)}
     assert all(rate > 0 for rate in loader.values())
     assert results["hc18"]["identical"] and results["hc18"]["per_image"]["prompts"] == 3 * 875
+    prompts = results["prompts"]
+    # demo_student's text tower: 48 tokens, width 96, 2 layers, the pooled token projected to 96
+    tokens, width = 48, 96
+    block = tokens * width * (3 * width + width + 2 * 4 * width) + 2 * tokens * tokens * width
+    assert prompts["flops_per_prompt"] == 2 * (2 * block + width * 96)
+    assert prompts["prompts"] == 8 and prompts["prompts_per_s"] > 0
+    assert prompts["floor_10000_minutes"] == pytest.approx(
+        10_000 * prompts["flops_per_prompt"] / prompts["matmul_flops_per_s"] / 60
+    )
+    assert prompts["classes_10000_minutes"] == pytest.approx(10_000 / prompts["prompts_per_s"] / 60)
     predicted = results["predict"]
     assert predicted["frames"] == 24 and predicted["frames_per_s"] > 0  # the sweep's 24 frames
     assert (
@@ -100,8 +111,18 @@ def test_the_timed_step_reads_the_paper_recipe_from_train_py():
     clipped at 1."""
     recipe = bench.paper_recipe()
     expected = dict(
-        learning_rate=1e-5, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.1, batch_size=512
+        learning_rate=1e-5,
+        beta1=0.9,
+        beta2=0.98,
+        eps=1e-6,
+        weight_decay=0.1,
+        batch_size=512,
+        grad_accum=2,
+        warmup_steps=500,
+        epochs=20,
+        dtype="float16",
+        tau_kd=5.0,
+        r=-0.8,
     )
-    expected.update(grad_accum=2, warmup_steps=500, epochs=20, dtype="float16", tau_kd=5.0, r=-0.8)
     assert {key: recipe[key] for key in expected} == expected and recipe["grad_clip"] == 1.0
     assert recipe["student"] == "mobilefetalclip" and recipe["teacher"] == "fetalclip"

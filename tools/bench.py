@@ -20,6 +20,8 @@
   calibrated on --calibration images; its cosine and zero-shot agreement with the fp32 file on held-out ones);
   random weights.
 - hc18: the HC18 GA prompts encoded once per distinct pixel spacing vs once per image (the release's procedure).
+- prompts: class prompts at scale (predict.py --prompts, evaluate.py --task) through --student's text tower at its
+  full context: prompts/s, the FLOPs of one prompt, and the floor this CPU's own matrix-multiply rate sets.
 - predict: predict.py end to end on a cine loop with the real-size student: first run, second run (its caches
   warm), steady-state frames/s, beside the eager encoder alone at batch 32 in the same run (see bench_predict).
 Figures go to out_dir/bench.json with the machine they were measured on.
@@ -53,7 +55,7 @@ from loss import KD_MODES, distill_loss
 from model import MODEL_CONFIGS, create_model, reparameterize
 
 # ------------------------------------------------------------------ settings: --key=value
-benchmarks = "step,loader,latency,hc18,predict"  # which to run, comma-separated
+benchmarks = "step,loader,latency,hc18,prompts,predict"  # which to run, comma-separated
 configs = "demo,paper"  # step: model pairs from CONFIGS, comma-separated
 batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8); predict: 0 = predict.py's
 steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
@@ -73,6 +75,7 @@ teacher = "fetalclip"
 loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)
 hc18_dir = "data/demo/hc18"  # hc18: the folder whose GA prompts are timed (python -m tools.synthetic writes it)
 cine = "data/demo/scans/sweep"  # predict: the cine loop (DICOM or clip) whose frames are predicted
+prompt_count = 256  # prompts: class prompts encoded by --student's text tower (timed)
 out_dir = "bench"  # bench.json
 seed = 0
 DEFAULTS = configurator.settings(globals())
@@ -331,13 +334,23 @@ def loader_rows(config):
 
 def count_flops(module, inputs):
     """FLOPs of one call (a multiply-add counts 2). torch's counter has no formula for the CPU kernel of
-    scaled_dot_product_attention (timm's fused attention), so it gets the same formula as the GPU kernels."""
+    scaled_dot_product_attention (timm's fused attention), so it gets the same formula as the GPU kernels,
+    nor for nn.MultiheadAttention's fused inference path (the text towers), counted here by hand."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(query, key, value)
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    def multi_head_attention(query, key, value, *args, out_shape=None, **kwargs):
+        """Shapes (B, T, W) of the queries, (B, S, W) of the keys: the q, k, v and output projections
+        (4 T W^2 multiply-adds) and the scores and their weighted sum (2 T S W)."""
+        batch, tokens, width = query
+        return 2 * batch * (4 * tokens * width * width + 2 * tokens * key[1] * width)
+
+    mapping = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+        torch.ops.aten._native_multi_head_attention: multi_head_attention,
+    }
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with torch.inference_mode(), counter:
         module(inputs)
@@ -522,6 +535,67 @@ def bench_hc18(config):
     return dict(cached=fast, per_image=slow, identical=identical)
 
 
+# ------------------------------------------------------------------ class prompts at scale
+
+
+def bench_prompts(config):
+    """`prompt_count` class prompts through evaluate.encode_prompts with --student's text tower (random
+    weights: the cost does not depend on them) at its full context: the real student's tower has no mask,
+    so its padding cannot be trimmed without changing its output. Beside the measured prompts/s: the FLOPs
+    of one prompt (FlopCounterMode) and this machine's fp32 matrix-multiply rate, whose quotient is a floor
+    no fp32 path on this CPU can beat. Both are projected to 10,000 classes of one prompt each."""
+    import evaluate
+
+    torch.manual_seed(config["seed"])
+    net = create_model(config["student"]).eval().to(config["device"])
+    prompts = [
+        f"Ultrasound image of fetal structure number {i}." for i in range(config["prompt_count"])
+    ]
+    one = data.tokenize(prompts[:1], context_length=net.context_length).to(config["device"])
+    flops = count_flops(net.encode_text, one)
+    evaluate.encode_prompts(net, prompts[: evaluate.PROMPT_BATCH], config["device"])  # warm-up
+    seconds = wall_seconds(evaluate.encode_prompts, net, prompts, config["device"], "prompts")
+    figures = dict(
+        prompts=len(prompts),
+        context=net.context_length,
+        seconds=seconds,
+        prompts_per_s=len(prompts) / seconds,
+        flops_per_prompt=flops,
+        matmul_flops_per_s=matmul_flops_per_s(config["device"]),
+    )
+    figures["classes_10000_minutes"] = 10_000 / figures["prompts_per_s"] / 60
+    figures["floor_10000_minutes"] = 10_000 * flops / figures["matmul_flops_per_s"] / 60
+    print_prompts(figures, config)
+    return figures
+
+
+def matmul_flops_per_s(device, size=2048, runs=3):
+    """This machine's fp32 matrix-multiply rate in FLOPs/s: the best of `runs` products of two size x size
+    matrices, after one untimed one."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def product():
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    product()
+    return 2 * size**3 / min(wall_seconds(product) for _ in range(runs))
+
+
+def print_prompts(figures, config):
+    f = figures
+    efficiency = f["prompts_per_s"] * f["flops_per_prompt"] / f["matmul_flops_per_s"]
+    print(
+        f"class prompts, {config['student']}'s text tower on {config['device']}, {torch.get_num_threads()} "
+        f"threads: {f['prompts']} prompts at {f['context']} tokens in {f['seconds']:.1f} s = "
+        f"{f['prompts_per_s']:.1f} prompts/s | {f['flops_per_prompt'] / 1e9:.2f} GFLOP a prompt, "
+        f"{efficiency:.0%} of this CPU's matrix-multiply rate ({f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s) | "
+        f"10,000 one-prompt classes: {f['classes_10000_minutes']:.1f} min at this rate, "
+        f"{f['floor_10000_minutes']:.1f} min at the matrix-multiply rate (the fp32 floor)"
+    )
+
+
 # ------------------------------------------------------------------ predict.py on a cine loop
 
 
@@ -632,6 +706,7 @@ BENCHMARKS = dict(
     loader=bench_loader,
     latency=bench_latency,
     hc18=bench_hc18,
+    prompts=bench_prompts,
     predict=bench_predict,
 )
 
