@@ -60,6 +60,8 @@ DEFAULTS = {
     "batch_size": 64,
     "num_workers": 0,  # image-loading processes
     "cache_text": True,  # GA prompts encoded once per distinct pixel spacing; False = per image, as the release
+    # where the checkpoint's prompt features are kept between runs; '' = cache_folder()
+    "cache_dir": "",
 }
 
 
@@ -415,17 +417,18 @@ def encode_task(model, task, batch_size=64, device="cpu", frames=0):
     return stacked, np.array(labels, dtype=np.int64), where, skipped
 
 
-def class_logits(model, features, prompts, device="cpu"):
+def class_logits(model, features, prompts, device="cpu", prompt_cache=None):
     """Zero-shot logits over every class of `prompts`: SCALE * img @ cls.T -> (N, C)."""
-    return SCALE * features @ class_embeddings(model, prompts, device).T
+    return SCALE * features @ class_embeddings(model, prompts, device, prompt_cache).T
 
 
-def task_results(model, tasks, batch_size, device):
+def task_results(model, tasks, batch_size, device, prompt_cache=None):
     """{task name: metrics + the files skipped and ignored} for the user's tasks."""
     results = {}
     for task in tasks:
         features, labels, _, skipped = encode_task(model, task, batch_size, device)
-        probs = class_logits(model, features, task.prompts, device).softmax(-1).numpy()
+        logits = class_logits(model, features, task.prompts, device, prompt_cache)
+        probs = logits.softmax(-1).numpy()
         results[task.name] = classification_metrics(probs, labels, list(task.prompts))
         results[task.name].update(files=len(task.files), skipped=skipped, ignored=task.ignored)
     return results
@@ -442,29 +445,25 @@ def zero_shot(
     num_workers=0,
     details=False,
     tasks=(),
+    prompt_cache=None,
 ):
     """The protocol (the five planes and brain sub-planes of planes_dir, HC18 of hc18_dir; each where given)
     and the user's `tasks` -> nested dict (module docstring). The model must already be on `device`; its
     train/eval mode is restored. details=True adds features and logits under '_details' (not JSON; used by
-    the analyses)."""
+    the analyses). prompt_cache: a PromptCache for a checkpoint's model (never for one in training)."""
     was_training = model.training
     model.eval()
     results, extra = {"split": split}, {}
+    reading = dict(batch_size=batch_size, device=device, split=split, num_workers=num_workers)
     if planes_dir:
-        extra = planes_results(
-            model, planes_dir, results, batch_size, device, split, num_workers, details
-        )
+        extra = planes_results(model, planes_dir, results, details, prompt_cache, **reading)
     if hc18_dir:
-        extra.update(
-            hc18_results(
-                model, hc18_dir, results, batch_size, device, split, cache_text, num_workers
-            )
-        )
+        extra.update(hc18_results(model, hc18_dir, results, cache_text, prompt_cache, **reading))
     if planes_dir and hc18_dir:
         results["f1_all"] = f1_all(results)
         results["avg"] = (results["f1_all"] + results["hc18"]["validity"] / 100) / 2
     if tasks:
-        results["tasks"] = task_results(model, tasks, batch_size, device)
+        results["tasks"] = task_results(model, tasks, batch_size, device, prompt_cache)
     results["selection"] = dict(zip(("value", "rule"), selection_score(results)))
     if details:
         results["_details"] = extra
@@ -472,14 +471,16 @@ def zero_shot(
     return results
 
 
-def planes_results(model, planes_dir, results, batch_size, device, split, num_workers, details):
+def planes_results(
+    model, planes_dir, results, details, prompt_cache, batch_size, device, split, num_workers
+):
     """The protocol's Planes DB tasks into `results` -> what the analyses need."""
     rows = planes_rows(planes_dir, split, include_other=details)
     features, _ = encode_images(model, [r["path"] for r in rows], batch_size, device, num_workers)
     extra = {"planes_rows": rows, "planes_features": features}
     for name, key in PLANES_TASKS.items():
         labels, prompts = np.array([r[key] for r in rows], dtype=np.int64), PROMPTS[name]
-        logits = class_logits(model, features, prompts, device)  # (N, C), "Other" rows too
+        logits = class_logits(model, features, prompts, device, prompt_cache)  # (N, C), "Other" too
         mask = labels >= 0
         results[name] = classification_metrics(
             logits[mask].softmax(-1).numpy(), labels[mask], list(prompts)
@@ -488,7 +489,9 @@ def planes_results(model, planes_dir, results, batch_size, device, split, num_wo
     return extra
 
 
-def hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text, num_workers):
+def hc18_results(
+    model, hc18_dir, results, cache_text, prompt_cache, batch_size, device, split, num_workers
+):
     """HC18's GA validity into `results` -> what the analyses need."""
     hc_rows = hc18_rows(hc18_dir, split)
     hc_features, sides = encode_images(
@@ -497,7 +500,9 @@ def hc18_results(model, hc18_dir, results, batch_size, device, split, cache_text
     spacings = [
         ga_spacing(side, r["pixel_size"], model.image_size) for side, r in zip(sides, hc_rows)
     ]
-    scores, encoded = ga_scores(model, hc_features, spacings, cache_text, device)
+    scores, encoded = ga_scores(
+        model, hc_features, spacings, cache_text, device, prompt_cache=prompt_cache
+    )
     hc = ga_validity(scores, [r["hc"] for r in hc_rows])
     results["hc18"] = {
         k: hc[k] for k in ("validity", "valid", "n", "ci_low", "ci_high", "spearman")
@@ -627,8 +632,13 @@ def run(config):
     batching = dict(
         batch_size=config["batch_size"], device=device, num_workers=config["num_workers"]
     )
+    prompt_cache = PromptCache(configurator.file_sha256(ckpt), net.name, config["cache_dir"])
     kwargs = dict(
-        batching, split=config["eval_split"], cache_text=config["cache_text"], tasks=tasks
+        batching,
+        split=config["eval_split"],
+        cache_text=config["cache_text"],
+        tasks=tasks,
+        prompt_cache=prompt_cache,
     )
     results = zero_shot(net, planes_dir, hc18_dir, **kwargs)
     print(format_table(results))

@@ -268,6 +268,42 @@ def test_cli_on_the_generated_benchmark(tmp_path, capsys, monkeypatch):
         evaluate.main([str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'missing'}"])
 
 
+def test_the_cli_encodes_a_checkpoints_prompts_once_and_reads_them_back(tmp_path, monkeypatch):
+    """evaluate.py twice on one checkpoint: the second run encodes no prompt (class and GA prompts from the
+    cache, keyed by the file's sha256) and writes the same figures; another file's run encodes its own."""
+    from tools import synthetic
+
+    synthetic.write_planes(str(tmp_path / "planes"), 0, 21, 64, 48)
+    synthetic.write_hc18(str(tmp_path / "hc18"), 0, 2)
+    monkeypatch.setattr(evaluate, "load_model", lambda path, name="": TinyCLIP())
+    encode_prompts, encoded = evaluate.encode_prompts, []  # per run: the prompts of each encoding
+
+    def counted(model, prompts, *args, **kwargs):
+        encoded[-1].append(len(prompts))
+        return encode_prompts(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "encode_prompts", counted)
+    figures = []
+    for content in (b"one checkpoint", b"one checkpoint", b"another checkpoint"):
+        encoded.append([])
+        (tmp_path / "best.pt").write_bytes(
+            content
+        )  # the loader is stubbed: only the bytes' hash counts
+        arguments = [str(tmp_path / "best.pt"), f"--planes_dir={tmp_path / 'planes'}"]
+        arguments += [f"--hc18_dir={tmp_path / 'hc18'}", f"--cache_dir={tmp_path / 'cache'}"]
+        evaluate.main(arguments)
+        figures.append((tmp_path / "best_zeroshot.json").read_text())
+    five = sum(len(prompts) for prompts in protocol.PROMPTS["five_planes"].values())
+    three = sum(len(prompts) for prompts in protocol.PROMPTS["brain_subplanes"].values())
+    ga = 875  # 5 templates x 175 days
+    assert encoded == [
+        [five, three, ga],
+        [],
+        [five, three, ga],
+    ]  # the two HC18 scans share a spacing
+    assert figures[0] == figures[1] == figures[2]
+
+
 # ------------------------------------------------------------------ your own tasks
 
 

@@ -198,7 +198,7 @@ def test_the_teachers_epochs_are_train_pys():
         for node in tree.body
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
     }
-    assert ast.literal_eval(defaults["demo_teacher_epochs"]) == sweep.teacher_epochs
+    assert ast.literal_eval(defaults["demo_teacher_epochs"]) == sweep.DEFAULTS["teacher_epochs"]
 
 
 def test_a_run_is_finished_only_when_its_last_epoch_is_and_an_unfinished_one_is_resumed(

@@ -31,25 +31,28 @@ import data
 from evaluate import Task, encode_task, plain, zero_shot
 from model import load_model
 from protocol import BRAIN_SUBPLANES, GA_DAYS, PLANE_TO_CLASS, ga_quantile, macro_f1
-from tools import scans
+from tools import scans, synthetic
 
 # ------------------------------------------------------------------ settings: --key=value
-ckpt = ""  # the checkpoint to analyse: the one positional argument
-model = ""  # model.py name; '' = the name the checkpoint stores
-planes_dir = "data/demo/planes"  # Planes DB folder
-hc18_dir = "data/demo/hc18"  # HC18 folder
-teacher = "fetalclip"  # model.py name of the teacher, for the logit agreement
-teacher_ckpt = ""  # the teacher's checkpoint; '' = no logit agreement
-train_log = ""  # train.py's log.jsonl for the dynamics plot; '' = log.jsonl beside the checkpoint
-out_dir = ""  # '' = <checkpoint folder>/<checkpoint stem>_analysis
-probe_epochs = 50  # linear-probe epochs (the rest of FetalCLIP's recipe: PROBE_RECIPE)
-probe_seeds = 5  # x 5 patient-disjoint folds
-probe = ""  # your labelled scans (one sub-folder per class, optional patients.csv): run the linear probe on them
-probe_frames = 16  # frames per clip when every file of --probe is a clip (the paper's CHD probe)
-device = ""  # '' = cuda, else mps, else cpu
-batch_size = 64
-num_workers = 0
-DEFAULTS = configurator.settings(globals())
+DEMO = synthetic.layout(configurator.DEMO_DIR)  # the demo's folders (python -m tools.synthetic)
+DEFAULTS = {
+    "ckpt": "",  # the checkpoint to analyse: the one positional argument
+    "model": "",  # model.py name; '' = the name the checkpoint stores
+    "planes_dir": DEMO["planes_dir"],  # Planes DB folder
+    "hc18_dir": DEMO["hc18_dir"],  # HC18 folder
+    "teacher": "fetalclip",  # model.py name of the teacher, for the logit agreement
+    "teacher_ckpt": "",  # the teacher's checkpoint; '' = no logit agreement
+    "train_log": "",  # train.py's log.jsonl for the dynamics plot; '' = log.jsonl beside the checkpoint
+    "out_dir": "",  # '' = <checkpoint folder>/<checkpoint stem>_analysis
+    "probe_epochs": 50,  # linear-probe epochs (the rest of FetalCLIP's recipe: PROBE_RECIPE)
+    "probe_seeds": 5,  # x 5 patient-disjoint folds
+    # your labelled scans (one sub-folder per class, optional patients.csv): run the linear probe on them
+    "probe": "",
+    "probe_frames": 16,  # frames per clip when every file of --probe is a clip (the paper's CHD probe)
+    "device": "",  # '' = cuda, else mps, else cpu
+    "batch_size": 64,
+    "num_workers": 0,
+}
 PROBE_FOLDS = 5  # patient-disjoint folds of the probe on a labelled folder (FetalCLIP's recipe)
 
 # ------------------------------------------------------------------ analyses

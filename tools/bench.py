@@ -53,32 +53,39 @@ import data
 import protocol
 from loss import KD_MODES, distill_loss
 from model import MODEL_CONFIGS, create_model, reparameterize
+from tools import synthetic
 
 # ------------------------------------------------------------------ settings: --key=value
-benchmarks = "step,loader,latency,hc18,prompts,predict"  # which to run, comma-separated
-configs = "demo,paper"  # step: model pairs from CONFIGS, comma-separated
-batch_size = 0  # step: 0 = each configuration's own (demo 64, paper 8); predict: 0 = predict.py's
-steps = 5  # step: timed optimiser steps after one warm-up step; the median is reported
-device = "cpu"
-dtype = "float32"  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
-# torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
-threads = 0
-# latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
-runs = 50
-warmup = 5
-onnx = True  # latency: also time the teacher, the reparameterised student and its int8 copy through onnxruntime
-calibration = ""  # latency: images the int8 student calibrates on (quantize.py; '' = the demo Planes DB images)
-# latency: at most this many of them (every 4th is held out for the agreement)
-calibration_images = 64
-student = "mobilefetalclip"  # latency: model.py names of the two image encoders
-teacher = "fetalclip"
-loader_samples = 64  # loader: samples per timed pass (three passes, the median is reported)
-hc18_dir = "data/demo/hc18"  # hc18: the folder whose GA prompts are timed (python -m tools.synthetic writes it)
-cine = "data/demo/scans/sweep"  # predict: the cine loop (DICOM or clip) whose frames are predicted
-prompt_count = 256  # prompts: class prompts encoded by --student's text tower (timed)
-out_dir = "bench"  # bench.json
-seed = 0
-DEFAULTS = configurator.settings(globals())
+DEMO = synthetic.layout(configurator.DEMO_DIR)  # the demo's folders (python -m tools.synthetic)
+DEFAULTS = {
+    "benchmarks": "step,loader,latency,hc18,prompts,predict",  # which to run, comma-separated
+    "configs": "demo,paper",  # step: model pairs from CONFIGS, comma-separated
+    "batch_size": 0,  # step: 0 = each configuration's own (demo 64, paper 8); predict: 0 = predict.py's
+    "steps": 5,  # step: timed optimiser steps after one warm-up step; the median is reported
+    "device": "cpu",
+    "dtype": "float32",  # step: float32 | bfloat16 | float16 (autocast, as train.py --dtype)
+    # torch threads; 0 = torch's default (onnxruntime runs at one thread and at one per core)
+    "threads": 0,
+    # latency: timed batch-1 calls per row (the median is reported), after `warmup` untimed ones
+    "runs": 50,
+    "warmup": 5,
+    # latency: also time the teacher, the reparameterised student and its int8 copy through onnxruntime
+    "onnx": True,
+    # latency: images the int8 student calibrates on (quantize.py; '' = the demo Planes DB images)
+    "calibration": "",
+    # latency: at most this many of them (every 4th is held out for the agreement)
+    "calibration_images": 64,
+    "student": "mobilefetalclip",  # latency: model.py names of the two image encoders
+    "teacher": "fetalclip",
+    "loader_samples": 64,  # loader: samples per timed pass (three passes, the median is reported)
+    # hc18: the folder whose GA prompts are timed (python -m tools.synthetic writes it)
+    "hc18_dir": DEMO["hc18_dir"],
+    # predict: the cine loop (DICOM or clip) whose frames are predicted
+    "cine": os.path.join(DEMO["scans"], "sweep"),
+    "prompt_count": 256,  # prompts: class prompts encoded by --student's text tower (timed)
+    "out_dir": "bench",  # bench.json
+    "seed": 0,
+}
 
 CONFIGS = {
     "demo": ("demo_student", "demo_teacher", 64),

@@ -36,13 +36,15 @@ import data
 from tools import scans
 
 # ------------------------------------------------------------------ settings: --key=value
-source = ""  # a CSV of pairs, or a folder of images with same-stem .txt captions: the one positional argument
-out_dir = ""  # the shard folder (required); replaced as a whole, and only when prepare.py wrote it
-img_key = "filepath"  # CSV column of image paths (open_clip's --csv-img-key)
-caption_key = "title"  # CSV column of captions (open_clip's --csv-caption-key)
-separator = ""  # CSV separator; '' = read off the header (tab, comma or semicolon); '\t' = tab
-shard_size = 1000  # pairs per shard
-DEFAULTS = configurator.settings(globals())
+DEFAULTS = {
+    # a CSV of pairs, or a folder of images with same-stem .txt captions: the one positional argument
+    "source": "",
+    "out_dir": "",  # the shard folder (required); replaced as a whole, and only when prepare.py wrote it
+    "img_key": "filepath",  # CSV column of image paths (open_clip's --csv-img-key)
+    "caption_key": "title",  # CSV column of captions (open_clip's --csv-caption-key)
+    "separator": "",  # CSV separator; '' = read off the header (tab, comma or semicolon); '\t' = tab
+    "shard_size": 1000,  # pairs per shard
+}
 
 REPORT = "prepare_report.json"  # its presence marks a folder prepare.py wrote
 SHARD = "train-{:06d}.tar"

@@ -33,18 +33,23 @@ import configurator
 import model
 
 # ------------------------------------------------------------------ settings: --key=value
-out_dir = "out/sweep"  # out_dir/STUDENT/ROW/seedS per run, demo_teacher/seedS, sweep.json, figure2.png, gap.png
-students = "demo_student"  # comma-separated model.py names, each distilled from the same teacher
-rows = ""  # comma-separated names from ROWS; '' = all, in the paper's order
-seeds = "0,1,2"  # comma-separated seeds
-teacher = "demo_teacher"  # model.py name of the teacher (the numerator of the visual capacity gap)
-# the teacher of every run; '' = the demo teacher of teacher_seed, trained by the sweep
-teacher_ckpt = ""
-teacher_seed = 0  # the seed whose demo teacher every run distils from
-teacher_epochs = 7  # epochs of each demo teacher: train.py's demo_teacher_epochs, so it is the demo's own teacher
-train_flags = ""  # further train.py flags for every run, space-separated (e.g. "--epochs=6 --data_dir=data/big")
-train = True  # False: run nothing, tabulate the finished runs and list the others (a sweep still running, cut short)
-DEFAULTS = configurator.settings(globals())
+DEFAULTS = {
+    # out_dir/STUDENT/ROW/seedS per run, demo_teacher/seedS, sweep.json, figure2.png, gap.png
+    "out_dir": "out/sweep",
+    "students": "demo_student",  # comma-separated model.py names, each distilled from the same teacher
+    "rows": "",  # comma-separated names from ROWS; '' = all, in the paper's order
+    "seeds": "0,1,2",  # comma-separated seeds
+    "teacher": "demo_teacher",  # model.py name of the teacher (the numerator of the visual capacity gap)
+    # the teacher of every run; '' = the demo teacher of teacher_seed, trained by the sweep
+    "teacher_ckpt": "",
+    "teacher_seed": 0,  # the seed whose demo teacher every run distils from
+    # epochs of each demo teacher: train.py's demo_teacher_epochs, so it is the demo's own teacher
+    "teacher_epochs": 7,
+    # further train.py flags for every run, space-separated (e.g. "--epochs=6 --data_dir=data/big")
+    "train_flags": "",
+    # False: run nothing, tabulate the finished runs and list the others (a sweep still running, cut short)
+    "train": True,
+}
 
 ROWS = {  # paper Table 3, as train.py flags (--r is the paper's r, Eq. 5 and 7)
     "no_kd": "--mode=none",
