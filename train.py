@@ -595,22 +595,15 @@ losses = {
 }
 for epoch in range(start_epoch, epochs):
     loader = data.train_loader(train_data, *views, batch_size // world_size, epoch=epoch, **reading)
-    done_in_epoch = step - epoch * micro_per_epoch  # > 0 when resuming mid-epoch
-    bar = tqdm(
-        total=micro_per_epoch,
-        initial=done_in_epoch,
-        desc=f"epoch {epoch}",
-        disable=not master,
-        leave=False,
-    )
+    # a run resumes at an epoch's start: ckpt.pt is written at epoch ends, and the one a --max_steps run
+    # writes mid-epoch is never resumed (its run is over, and max_steps may not change on resume)
+    bar = tqdm(total=micro_per_epoch, desc=f"epoch {epoch}", disable=not master, leave=False)
     timer = time.time()
     # closed below: the loader's skip report is complete also when the epoch stops early
     batches = iter(loader)
     for index, (student_images, teacher_input, tokens) in enumerate(batches):
         if index >= micro_per_epoch:
             break
-        if index < done_in_epoch:  # replay the stream up to where the checkpoint stopped
-            continue
         student_images, tokens = student_images.to(device), tokens.to(device)
         teacher_out = (None, None, None)
         if cached_teacher is not None:  # (image, text) features the teacher gave this exact view
