@@ -285,7 +285,14 @@ def clip_training_lift(folder, seed):
     model = create_model("demo_teacher")
     before = five_plane_f1(model, folders["planes_dir"])
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / 10))
+    steps = 6 * 768 // 32
+
+    def warmup_then_cosine(
+        step,
+    ):  # train.py's schedule: the last steps settle instead of oscillating
+        return min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_then_cosine)
     view = (model.image_size, model.image_mean, model.image_std)
     for epoch in range(6):
         batches = data.train_loader(
@@ -295,15 +302,20 @@ def clip_training_lift(folder, seed):
             optimiser.zero_grad()
             loss.clip_loss(*model(images, tokens)).backward()
             optimiser.step()
-            warmup.step()
+            schedule.step()
     return before, five_plane_f1(model, folders["planes_dir"])
 
 
 def test_a_few_steps_of_clip_training_lift_a_model_above_chance(tmp_path):
     """The five-plane zero-shot F1 rises from chance (about 0.2 with nine prompt classes) to well above it."""
     before, after = clip_training_lift(str(tmp_path), seed=0)
-    # MARGIN
-    assert before < 0.3 and after > 0.35, (before, after)
+    # Float kernels differ between CPUs and 144 steps amplify the difference. Measured over seeds 0-4 (each
+    # seed's benchmark and initialisation): after 0.48-0.96 on this project's AVX-512 Xeon and 0.40-0.94
+    # with PyTorch, MKL and oneDNN held to AVX2 (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2,
+    # ONEDNN_MAX_CPU_ISA=AVX2), seed 0 0.480 and 0.404; before 0.05-0.11; chance about 0.2. With a constant
+    # learning rate (no cosine decay) one seed stayed at chance (0.23). The bound 0.3 sits 0.10 under the
+    # lowest measured, more than seed 0 moved between the two kernel sets (0.08)
+    assert before < 0.3 and after > 0.3, (before, after)
 
 
 def test_the_readme_grid_is_one_scan_per_class_and_age(tmp_path):
