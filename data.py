@@ -306,9 +306,8 @@ def coupled_views(square, params, views):
             shrunk[key] = (
                 square.reduce(factor) if factor >= 3 else square.resize((size, size), Image.BICUBIC)
             )
-        translate = [
-            t * size for t in params["translate"]
-        ]  # rotation about the view's centre after the shift
+        # rotation about the view's centre after the shift
+        translate = [t * size for t in params["translate"]]
         matrix = TF._get_inverse_affine_matrix(
             [size / 2, size / 2], params["angle"], translate, 1.0, [0.0, 0.0]
         )

@@ -204,11 +204,9 @@ class TextTransformer(nn.Module):
         if self.attn_mask is not None and not (
             torch.jit.is_tracing() or torch.compiler.is_compiling()
         ):
-            # causal: nothing after the last end token reaches it, so the padding goes (an exported graph
-            # keeps all L positions)
-            tokens = tokens[
-                :, : int(tokens.argmax(dim=-1).max()) + 1
-            ]  # (B, L') with L' <= L: same output, faster
+            # causal: nothing after the last end token reaches it, so the padding goes, (B, L) -> (B, L')
+            # with L' <= L: the same output, faster (an exported graph keeps all L positions)
+            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
         length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, W)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]

@@ -100,9 +100,8 @@ def write_clips(folder, labels, seed=0):
         target = folder / f"class{label}" / f"clip{i:02d}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
         files.append(write_dicom(target, frames))
-    rows = [
-        f"class{label}/clip{i:02d}.dcm,patient{i // 2}" for i, label in enumerate(labels)
-    ]  # 2 clips a patient
+    # 2 clips a patient
+    rows = [f"class{label}/clip{i:02d}.dcm,patient{i // 2}" for i, label in enumerate(labels)]
     (folder / "patients.csv").write_text("file,patient\n" + "\n".join(rows) + "\n")
     return files
 

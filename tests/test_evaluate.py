@@ -296,11 +296,8 @@ def test_the_cli_encodes_a_checkpoints_prompts_once_and_reads_them_back(tmp_path
     five = sum(len(prompts) for prompts in protocol.PROMPTS["five_planes"].values())
     three = sum(len(prompts) for prompts in protocol.PROMPTS["brain_subplanes"].values())
     ga = 875  # 5 templates x 175 days
-    assert encoded == [
-        [five, three, ga],
-        [],
-        [five, three, ga],
-    ]  # the two HC18 scans share a spacing
+    # the two HC18 scans share a spacing
+    assert encoded == [[five, three, ga], [], [five, three, ga]]
     assert figures[0] == figures[1] == figures[2]
 
 

@@ -117,10 +117,11 @@ def test_rows_per_frame_and_view_clips_and_outputs_that_replace_the_last_run(stu
         and document["produced_by"]["versions"]["pydicom"]
     )
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 8
+    # the older run's timeline is gone
     assert sorted(p.name for p in (out / "timelines").iterdir()) == [
         "cine.dcm_r0.png".join(["_".join(str(tmp_path).strip("/").split("/")) + "_", ""]),
         "cine.dcm_r1.png".join(["_".join(str(tmp_path).strip("/").split("/")) + "_", ""]),
-    ]  # the older run's timeline is gone
+    ]
     assert Image.open(rows[3]["saved"]).size == (56, 56)  # the model's input, as the model saw it
 
 

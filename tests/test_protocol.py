@@ -92,9 +92,8 @@ def test_classification_metrics_are_the_release_definitions():
 
 def test_ga_prediction_is_median_index_of_top15():
     top = [3, 40, 41, 42, 60, 61, 62, 100, 101, 130, 150, 160, 170, 171, 174]
-    values = np.linspace(20, 6, 15)[
-        np.random.default_rng(1).permutation(15)
-    ]  # order of scores irrelevant
+    # the order of the scores is irrelevant
+    values = np.linspace(20, 6, 15)[np.random.default_rng(1).permutation(15)]
     assert protocol.ga_prediction(scores_with_top(top, values))[0] == 98 + 100
 
 

@@ -163,9 +163,8 @@ def test_coreml_int8_stores_the_measured_weights(student):
     # not the biases
     weights = cto.get_weights_metadata(cto.decompress_weights(package), weight_threshold=1024)
     stored = [w.val.astype(np.float32) for w in weights.values()]
-    expected = [int8_by_hand(m.weight.detach()) for m in quantised] + [
-        stem[0].weight.detach()
-    ]  # stem: fp16 only
+    # the stem: fp16 only
+    expected = [int8_by_hand(m.weight.detach()) for m in quantised] + [stem[0].weight.detach()]
     for by_hand in expected:  # each its own stored weight, within fp16 rounding
         close = [
             i

@@ -287,9 +287,8 @@ def gap_figure(summary, teacher_avg, path):
     entries = sorted(summary.values(), key=lambda entry: entry["gap"])
     gaps = np.array([entry["gap"] for entry in entries])
     for row in dict.fromkeys(row for entry in entries for row in entry["table"]):
-        present = [
-            entry for entry in entries if row in entry["table"]
-        ]  # all, once every run finished
+        # all, once every run finished
+        present = [entry for entry in entries if row in entry["table"]]
         gap = np.array([entry["gap"] for entry in present])
         mean = np.array([entry["table"][row]["Avg"][0] for entry in present])
         std = np.array([entry["table"][row]["Avg"][1] or 0.0 for entry in present])
