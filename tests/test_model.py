@@ -108,16 +108,19 @@ def test_every_envelope_loads_the_same_weights(name, tmp_path):
             torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
 
 
+def parameter_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
 def test_parameter_counts(teacher_pair, student_pair):
-    count = lambda module: sum(p.numel() for p in module.parameters())
     for theirs, ours, total, image in [
         (*teacher_pair, 427_647_233, 303_966_208),
         (*student_pair, 74_855_553, 11_406_976),
     ]:
-        assert count(theirs) == count(ours) == total
-        assert count(theirs.visual) == count(ours.visual) == image
+        assert parameter_count(theirs) == parameter_count(ours) == total
+        assert parameter_count(theirs.visual) == parameter_count(ours.visual) == image
         assert len(theirs.state_dict()) == len(ours.state_dict())
-    assert count(reparameterize(student_pair[1]).visual) == 11_357_504
+    assert parameter_count(reparameterize(student_pair[1]).visual) == 11_357_504
 
 
 GAP_STUDENTS = {  # name: (image-tower parameters, the gap it stands for); the demo teacher's tower has 4,988,152
@@ -133,11 +136,15 @@ def test_gap_students_sit_on_the_gap_share_one_text_tower_and_train_a_step(name)
     """Teacher / student image-tower parameters within 10 % of the gap each student stands for
     (demo_student's 4.3x is today's); every other tower is demo_student's, so the gap is the one thing that
     changes. One AdamW step on a tiny batch moves every parameter and lowers the CLIP loss on that batch."""
-    count = lambda module: sum(p.numel() for p in module.parameters())
     image_params, gap = GAP_STUDENTS[name]
     teacher, student, reference = (create_model(n) for n in ("demo_teacher", name, "demo_student"))
-    assert count(teacher.visual) == 4_988_152 and count(student.visual) == image_params
-    assert count(teacher.visual) / count(student.visual) == pytest.approx(gap, rel=0.1)
+    assert (
+        parameter_count(teacher.visual) == 4_988_152
+        and parameter_count(student.visual) == image_params
+    )
+    assert parameter_count(teacher.visual) / parameter_count(student.visual) == pytest.approx(
+        gap, rel=0.1
+    )
     for key, value in reference.state_dict().items():
         if not key.startswith("visual."):
             assert student.state_dict()[key].shape == value.shape, key

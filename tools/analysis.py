@@ -299,10 +299,14 @@ def geometry(features, labels, t=2.0, block=1024):
     }
 
 
+def mean_entropy(logits):
+    """The mean over rows of the softmax entropy of (N, C) logits."""
+    return float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean())
+
+
 def logit_agreement(student_logits, teacher_logits):
     """Mean softmax entropy of each model's zero-shot logits (N, C) and the mean per-image Spearman
     correlation between the student's and the teacher's class rankings."""
-    entropy = lambda z: float(-(z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean())
     with warnings.catch_warnings():  # a constant row has no ranking: NaN, skipped by nanmean
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         rho = [
@@ -310,8 +314,8 @@ def logit_agreement(student_logits, teacher_logits):
             for s, t in zip(student_logits.numpy(), teacher_logits.numpy())
         ]
     return {
-        "entropy_student": entropy(student_logits),
-        "entropy_teacher": entropy(teacher_logits),
+        "entropy_student": mean_entropy(student_logits),
+        "entropy_teacher": mean_entropy(teacher_logits),
         "spearman": float(np.nanmean(rho)) if rho else math.nan,
     }
 

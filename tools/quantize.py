@@ -208,10 +208,16 @@ def onnx_encoder(path, threads=0):
     """An ONNX image encoder as a function: (B, 3, S, S) -> (B, D); a fixed-batch file (bench.py's) runs in parts."""
     session = export.onnx_session(path, threads or torch.get_num_threads())
     size = session.get_inputs()[0].shape[0]  # 'batch', or a number
-    run = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
-    return lambda images: torch.cat(
-        [run(part) for part in images.split(size if isinstance(size, int) else len(images))]
-    )
+
+    def run(images):
+        return torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+
+    def encode(images):
+        return torch.cat(
+            [run(part) for part in images.split(size if isinstance(size, int) else len(images))]
+        )
+
+    return encode
 
 
 # ------------------------------------------------------------------ agreement
