@@ -509,12 +509,12 @@ def evaluate_epoch(epoch, late=False):
     metrics = evaluate.zero_shot(
         raw_student, planes_dir, hc18_dir, device=device, split=eval_split, tasks=tasks
     )
-    print(
-        f"epoch {epoch} | {evaluate.summary(metrics)} | best.pt by {metrics['selection']['rule']}"
-    )
+    line = f"epoch {epoch} | {evaluate.summary(metrics)}"
     if metrics["selection"]["value"] > best_score:
         best_score = metrics["selection"]["value"]
         save_checkpoint(best_path, epoch + 1, metrics)
+        line += f" | best so far by {metrics['selection']['rule']}: best.pt"
+    print(line)
     log({"epoch": epoch, "step": step, "eval": metrics, **({"late": True} if late else {})})
 
 

@@ -235,9 +235,8 @@ def test_an_interrupted_demo_teacher_is_finished_before_it_teaches(bench, tmp_pa
         f"--data_dir={bench / 'data'}",
         "--num_workers=0",
     ]
-    teacher += [
-        f"--{key}={folder}" for key, folder in folders.items() if key != "scans"
-    ]  # scans: predict.py's
+    # scans: predict.py's
+    teacher += [f"--{key}={folder}" for key, folder in folders.items() if key != "scans"]
     killed = run_killed_after_first_checkpoint(
         tmp_path / "hook", "--mode=none", "--student=demo_teacher", "--epochs=2", *teacher
     )
@@ -828,15 +827,14 @@ def test_a_run_on_a_users_shards_and_task_trains_selects_and_resumes(demo_run, t
         and "five_planes" not in best["metrics"]
     )
     assert (
-        best["metrics"]["tasks"]["task"]["n"] == 12 and "best.pt by mean task F1" in process.stdout
+        best["metrics"]["tasks"]["task"]["n"] == 12
+        and "best so far by mean task F1: best.pt" in process.stdout
     )
     evaluated = [
         r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r
     ]
-    assert [r["epoch"] for r in evaluated] == [
-        0,
-        1,
-    ]  # epoch 0 evaluated late, on the resume, then epoch 1
+    # epoch 0 evaluated late, on the resume, then epoch 1
+    assert [r["epoch"] for r in evaluated] == [0, 1]
     assert best["best_score"] == max(r["eval"]["selection"]["value"] for r in evaluated)
 
 
@@ -859,10 +857,8 @@ def test_a_kd_mode_added_outside_loss_py_trains_through_train_py(bench, demo_run
         runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
     assert "| kd_cos " in capsys.readouterr().out
     steps = [r for r in map(json.loads, (tmp_path / "log.jsonl").open()) if "loss" in r]
-    assert [r["weight"] for r in steps] == [
-        5.0,
-        0.0,
-    ]  # 5 (1 - t/2 * 2): the schedule over the 2 steps
+    # 5 (1 - t/2 * 2): the schedule over the 2 steps
+    assert [r["weight"] for r in steps] == [5.0, 0.0]
     assert all(0 < r["kd_cos"] <= 2 for r in steps) and "kd_diag" not in steps[0]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     # the projection trained
