@@ -2,10 +2,12 @@
 against evaluate.py's own pipeline, and bad-input messages."""
 
 import json
+import platform
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -225,6 +227,50 @@ def test_onnx_matches_pytorch_demo_student(tmp_path):
         atol=ONNX_ATOL,
         rtol=0,
     )
+
+
+class ConvMlp(nn.Module):
+    """FastViT's convolutional MLP (1x1 conv, GELU, 1x1 conv) with its residual."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    "channels", [32, 24]
+)  # 24: not a whole number of 16-channel blocks (padded)
+def test_gelus_kept_in_the_blocked_layout_give_the_same_numbers(tmp_path, channels):
+    """predict.py's session: the GELUs between convolutions run on onnxruntime's blocked layout (on x86,
+    where it has one), and every output equals the plain session's bit for bit."""
+    import onnx
+    import onnxruntime
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1), ConvMlp(channels, 64), ConvMlp(channels, 40)
+    )
+    images = torch.randn(2, 3, 20, 20)
+    path = export.export_onnx(net, images, tmp_path / "convmlp.onnx", "image", ["features"])
+    options = export.session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rewritten = export.keep_gelu_blocked(onnx.load(tmp_path / "optimized.onnx"))
+    assert (
+        rewritten == 2 if platform.machine().lower() in ("x86_64", "amd64") else rewritten in (0, 2)
+    )
+    plain = export.onnx_session(path, 1).run(None, {"image": images.numpy()})[0]
+    blocked = export.onnx_session(path, 1, blocked_gelu=True).run(None, {"image": images.numpy()})[
+        0
+    ]
+    np.testing.assert_array_equal(blocked, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(blocked), net(images), atol=1e-5, rtol=0)
 
 
 def test_zero_shot_head_matches_evaluate(tiny):
