@@ -1,16 +1,15 @@
 """MobileFetalCLIP losses: CLIP (Eq. 1), logit KD (Eq. 2-3), Selective Repulsive KD (Eq. 4-7).
 
-    out = distill_loss(image_features, text_features, logit_scale,  # student
-                       teacher_image_features, teacher_text_features, teacher_logit_scale,
-                       mode="selective", step=step, total_steps=S, w0=2.0, r=-0.8)
-    out["loss"].backward()  # also in out: "clip", "weight" and the mode's terms ("kd_diag", "kd_off")
+    student = (image_features, text_features, logit_scale)  # and teacher: open_clip's CLIP outputs
+    beta = kd_weight(step, total_steps, w0=2.0, r=-0.8)  # Eq. 7
+    out = distill_loss(student, teacher, mode="selective", weight=beta, tau_kd=5.0)
+    out["loss"].backward()  # also in out: "clip" and the mode's terms ("kd_diag", "kd_off")
+    distill_loss(student, mode="none")["loss"]  # the CLIP loss alone (Eq. 1)
 
-Embeddings are L2-normalised (B, D); logit scales already exponentiated (open_clip's names).
-With torch.distributed and W > 1 ranks, each rank scores its B rows against the N = W * B
-columns of all ranks (student gathered with gradient, teacher without) and returns the mean over
-its rows, so the mean of the rank losses is the whole-batch loss of one process. all_gather's
-backward sums all ranks' gradients into the owner of the rows: a rank's embedding gradient is W
-times the single-process one, and DDP's averaging gives each parameter the single-process gradient.
+Embeddings are L2-normalised (B, D); logit scales already exponentiated (open_clip's names). With
+torch.distributed, each of W ranks scores its B rows against the N = W * B columns of all ranks (the
+student gathered with gradient, the teacher without): the mean of the rank losses is one process's loss
+on the whole batch, and after DDP's gradient average so is each parameter's gradient.
 """
 
 import torch
@@ -35,10 +34,6 @@ def _logits(image_features, text_features, logit_scale):
     return logits_per_image, logits_per_text, labels
 
 
-def _clip(per_image, per_text, labels):  # Eq. 1: symmetric cross-entropy of the (B, N) logits
-    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
-
-
 def _kd(logits, teacher, tau_kd, smoothing):
     """Eq. 3 split per Eq. 6 into (diag, off): sums over j, mean over rows and both directions."""
     with torch.no_grad():  # frozen teacher: gathered and scored without gradient
@@ -47,11 +42,6 @@ def _kd(logits, teacher, tau_kd, smoothing):
     h = -p * torch.stack(logits[:2]).log_softmax(-1)  # (2, B, N) terms of H(p, q), student T = 1
     diagonal = F.one_hot(logits[2], h.shape[-1]).bool()  # (B, N) True where j == i
     return h[:, diagonal].mean(), h.masked_fill(diagonal, 0).sum(-1).mean()
-
-
-def clip_loss(image_features, text_features, logit_scale):
-    """Symmetric CLIP loss (Eq. 1): mean of the image->text and text->image cross-entropies."""
-    return _clip(*_logits(image_features, text_features, logit_scale))
 
 
 def kd_weight(step, total_steps, w0, r):
@@ -73,10 +63,9 @@ def selective(weight, logits, teacher, tau_kd, smoothing, projected):
     return diag + weight * off, dict(kd_diag=diag, kd_off=off)
 
 
-# A KD mode, one entry (add yours here, or from outside: loss.KD_MODES["name"] = dict(...)): loss(weight,
-# logits, teacher, tau_kd, smoothing, projected) -> (KD term, its parts to log); schedule(t, S, w0, r) ->
-# weight (None: 0); weight: train.py's setting for w0, w0 its default; projected: it reads the student's
-# image features through a trained Linear(D, D_T) (projected (B, D_T), else None).
+# A KD mode is one entry (add yours here or as loss.KD_MODES["name"] = dict(...)). loss(weight, logits,
+# teacher, tau_kd, smoothing, projected) -> (KD term, its parts to log); schedule(t, S, w0, r) -> weight;
+# weight names train.py's setting for w0, w0 its default; projected: it reads the student's projection.
 KD_MODES = {
     "none": dict(loss=None, schedule=None, weight="", w0=0.0, projected=False),  # CLIP alone, Eq. 1
     "coupled": dict(loss=coupled, schedule=kd_weight, weight="lambda0", w0=1.0, projected=False),
@@ -84,43 +73,27 @@ KD_MODES = {
 }
 
 
-def distill_loss(
-    image_features,
-    text_features,
-    logit_scale,
-    teacher_image_features=None,
-    teacher_text_features=None,
-    teacher_logit_scale=None,
-    mode="selective",
-    step=0,
-    total_steps=1,
-    w0=2.0,
-    r=-0.8,
-    tau_kd=5.0,
-    smoothing=0.0,
-    projected_image_features=None,
-    feat_weight=2000.0,
-):
-    """-> dict: tensors loss and clip, the float weight (the mode's schedule at step; 0.0 without one) and
-    the mode's parts. Feature KD (paper Table 3), in any mode: given projected_image_features (B, D_T) and
-    feat_weight > 0, loss adds kd_feat = feat_weight * MSE(L2-normalised projection,
-    teacher_image_features)."""
-    teacher = (teacher_image_features, teacher_text_features, teacher_logit_scale)
-    projected = projected_image_features
+def distill_loss(student, teacher=None, mode="selective", weight=0.0, tau_kd=5.0, smoothing=0.0):
+    """-> dict: tensors loss and clip, and the mode's parts. student: (image_features, text_features,
+    logit_scale) and, for a projected mode, its image features through the trained Linear(D, D_T) (B, D_T);
+    teacher: its three, or None without KD; weight: the mode's schedule at this step (lambda or beta)."""
     if mode not in KD_MODES:
         raise ValueError(f"distill_loss: mode must be one of {tuple(KD_MODES)}, got {mode!r}")
-    entry, feature_kd = KD_MODES[mode], projected is not None and feat_weight > 0
-    if (entry["loss"] or feature_kd) and any(x is None for x in teacher):
-        raise ValueError(f"distill_loss: mode {mode!r} (or feature KD) needs all teacher_* inputs")
-    logits = _logits(image_features, text_features, logit_scale)
-    clip, weight, kd, parts = _clip(*logits), 0.0, 0.0, {}
-    if entry["schedule"]:
-        weight = entry["schedule"](step, total_steps, w0, r)
-    if entry["loss"]:
-        kd, parts = entry["loss"](weight, logits, teacher, tau_kd, smoothing, projected)
-    loss = clip + kd
-    if feature_kd:
-        normalised = F.normalize(projected, dim=-1)  # (B, D_T)
-        parts["kd_feat"] = feat_weight * F.mse_loss(normalised, teacher_image_features.detach())
-        loss = loss + parts["kd_feat"]
-    return dict(loss=loss, clip=clip, weight=weight, **parts)
+    kd_loss = KD_MODES[mode]["loss"]
+    if kd_loss and (teacher is None or any(x is None for x in teacher)):
+        raise ValueError(f"distill_loss: mode {mode!r} needs the teacher's three outputs")
+    logits = _logits(*student[:3])
+    per_image, per_text, labels = logits
+    clip = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2  # Eq. 1
+    if kd_loss is None:
+        return dict(loss=clip, clip=clip)
+    projected = student[3] if len(student) > 3 else None
+    kd, parts = kd_loss(weight, logits, teacher, tau_kd, smoothing, projected)
+    return dict(loss=clip + kd, clip=clip, **parts)
+
+
+def feature_kd_loss(projected_image_features, teacher_image_features):
+    """The feature-KD baseline (paper Table 3, weighted 2000 there): MSE of the L2-normalised projection of
+    the student's image features (B, D_T) and the teacher's, which get no gradient."""
+    normalised = F.normalize(projected_image_features, dim=-1)
+    return F.mse_loss(normalised, teacher_image_features.detach())

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import configurator
 import data
 import evaluate
-from loss import KD_MODES, distill_loss
+from loss import KD_MODES, distill_loss, feature_kd_loss
 from model import (
     MODEL_CONFIGS,
     context_length_of,
@@ -393,6 +393,7 @@ total_opt = min(full_opt, max_steps) if max_steps > 0 else full_opt
 total_micro = total_opt * grad_accum  # S in Eq. 5 / 7
 warmup = math.ceil(warmup_steps * total_opt / full_opt)  # optimiser steps of linear warm-up
 w0 = config[KD_MODES[mode]["weight"]] if KD_MODES[mode]["weight"] else 0.0  # lambda0, beta0, ...
+kd_schedule = KD_MODES[mode]["schedule"]  # lambda(t) (Eq. 5), beta(t) (Eq. 7); None without KD
 
 
 def lr_at(opt_step):
@@ -584,15 +585,6 @@ reading = {
     "context_length": CONTEXT,
     "teacher_cache": teacher_cache if cached_teacher else "",
 }
-losses = {
-    "mode": mode,
-    "total_steps": total_micro,
-    "w0": w0,
-    "r": r,
-    "tau_kd": tau_kd,
-    "smoothing": smoothing,
-    "feat_weight": feature_kd,
-}
 for epoch in range(start_epoch, epochs):
     loader = data.train_loader(train_data, *views, batch_size // world_size, epoch=epoch, **reading)
     # a run resumes at an epoch's start: ckpt.pt is written at epoch ends, and the one a --max_steps run
@@ -605,7 +597,7 @@ for epoch in range(start_epoch, epochs):
         if index >= micro_per_epoch:
             break
         student_images, tokens = student_images.to(device), tokens.to(device)
-        teacher_out = (None, None, None)
+        teacher_out = None
         if cached_teacher is not None:  # (image, text) features the teacher gave this exact view
             teacher_out = (
                 teacher_input[0].to(device).float(),
@@ -622,14 +614,12 @@ for epoch in range(start_epoch, epochs):
                 image_features, text_features, logit_scale, projected = model(
                     student_images, tokens
                 )
-                student_out = (image_features, text_features, logit_scale)
-                parts = distill_loss(
-                    *student_out,
-                    *teacher_out,
-                    step=step,
-                    projected_image_features=projected,
-                    **losses,
-                )
+                student_out = (image_features, text_features, logit_scale, projected)
+                weight = kd_schedule(step, total_micro, w0, r) if kd_schedule else 0.0
+                parts = distill_loss(student_out, teacher_out, mode, weight, tau_kd, smoothing)
+                if feature_kd > 0:  # the feature-KD baseline (paper Table 3), in any mode
+                    parts["kd_feat"] = feature_kd * feature_kd_loss(projected, teacher_out[0])
+                    parts["loss"] = parts["loss"] + parts["kd_feat"]
             if all_finite(parts["loss"]):
                 scaler.scale(parts["loss"] / grad_accum).backward()
                 bad_steps = 0
@@ -669,11 +659,17 @@ for epoch in range(start_epoch, epochs):
         if step % log_interval == 0 and master:
             elapsed, timer = time.time() - timer, time.time()
             # loss, clip, then the mode's own parts (kd_diag, kd_off; kd_feat with feature KD; yours)
-            terms = {k: v.item() for k, v in parts.items() if k != "weight"}
-            record = {"step": step, "epoch": epoch, "weight": parts["weight"]}
-            record.update(lr=optimizer.param_groups[0]["lr"], **terms)
-            record.update(logit_scale=logit_scale.item(), grad_norm=float(grad_norm))
-            record["samples_per_s"] = log_interval * batch_size / elapsed
+            terms = {k: v.item() for k, v in parts.items()}
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "weight": weight,
+                "lr": optimizer.param_groups[0]["lr"],
+                **terms,
+                "logit_scale": logit_scale.item(),
+                "grad_norm": float(grad_norm),
+                "samples_per_s": log_interval * batch_size / elapsed,
+            }
             tqdm.write(
                 f"step {step} | {' | '.join(f'{k} {v:.3f}' for k, v in terms.items())} | weight "
                 f"{record['weight']:.2f} | lr {record['lr']:.1e} | scale {record['logit_scale']:.1f} | "

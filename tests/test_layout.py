@@ -69,7 +69,8 @@ def test_a_copied_file_imports_alone(name, tmp_path):
     for needed in [f"{name}.py", *STANDALONE[name]]:
         shutil.copy(ROOT / needed, tmp_path / needed)
     jobs = {
-        "loss": "import torch; print(loss.clip_loss(torch.eye(2), torch.eye(2), torch.tensor(1.0)).item() > 0)",
+        "loss": "import torch; student = torch.eye(2), torch.eye(2), torch.tensor(1.0); "
+        "print(loss.distill_loss(student, mode='none')['loss'].item() > 0)",
         "model": "import torch; m = model.create_model('demo_student'); "
         "print(m.encode_image(torch.zeros(1, 3, m.image_size, m.image_size)).shape[1] == m.embed_dim)",
         "data": "print(data.tokenize('fetal brain').shape[1] == data.CONTEXT_LENGTH)",

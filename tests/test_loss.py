@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from loss import KD_MODES, clip_loss, distill_loss, kd_weight
+from loss import KD_MODES, distill_loss, feature_kd_loss, kd_weight
 
 B, D, D_T = 5, 8, 12  # batch, student width, teacher width
 TEACHER_KEYS = ("teacher_image_features", "teacher_text_features", "teacher_logit_scale")
@@ -38,9 +38,19 @@ def student(batch):
     return batch["image_features"], batch["text_features"], batch["logit_scale"]
 
 
+def teacher(batch):
+    return tuple(batch[key] for key in TEACHER_KEYS)
+
+
+def clip_loss(batch):
+    return distill_loss(student(batch), mode="none")["loss"]
+
+
 def kd_parts(batch, tau_kd, smoothing=0.0):
     """Eq. 6's unweighted parts (diag, off) of logit KD, whose sum is Eq. 3: the coupled mode's logged terms."""
-    out = distill_loss(**batch, mode="coupled", w0=1.0, r=1.0, tau_kd=tau_kd, smoothing=smoothing)
+    out = distill_loss(
+        student(batch), teacher(batch), "coupled", weight=1.0, tau_kd=tau_kd, smoothing=smoothing
+    )
     return out["kd_diag"], out["kd_off"]
 
 
@@ -86,20 +96,14 @@ SCHEDULES = [(25, 100, 2.0, -0.4, 1.3), (100, 100, 2.0, -0.4, -0.8), (0, 100, 1.
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_every_mode_matches_naive_loops(mode, step, total_steps, w0, r, weight, smoothing):
     batch = make_batch(seed=step)
+    scheduled = kd_weight(step, total_steps, w0, r)
+    assert scheduled == pytest.approx(weight)  # the weight by hand
     out = distill_loss(
-        **batch,
-        mode=mode,
-        step=step,
-        total_steps=total_steps,
-        w0=w0,
-        r=r,
-        tau_kd=5.0,
-        smoothing=smoothing,
+        student(batch), teacher(batch), mode, scheduled, tau_kd=5.0, smoothing=smoothing
     )
     for key, value in naive(batch, mode, weight, tau_kd=5.0, smoothing=smoothing).items():
         assert_close(out[key], torch.tensor(value, dtype=torch.float64), msg=key)
-    assert out["weight"] == pytest.approx(0.0 if mode == "none" else weight)
-    assert out.keys() == {"weight", *naive(batch, mode, weight)}  # the mode's own terms, no kd_feat
+    assert out.keys() == naive(batch, mode, weight).keys()  # the mode's own terms, nothing else
 
 
 def test_kd_parts_match_naive_loops_at_another_temperature():
@@ -113,7 +117,7 @@ def test_kd_parts_match_naive_loops_at_another_temperature():
 def test_diag_plus_off_is_the_coupled_cross_entropy():
     batch = make_batch(seed=1)
     diag, off = kd_parts(batch, tau_kd=5.0)
-    (img, txt, s), (t_img, t_txt, s_t) = student(batch), (batch[k] for k in TEACHER_KEYS)
+    (img, txt, s), (t_img, t_txt, s_t) = student(batch), teacher(batch)
 
     def h(teacher, student):  # Eq. 2-3 for one direction
         return -((teacher / 5.0).softmax(1) * student.log_softmax(1)).sum(1).mean()
@@ -128,9 +132,8 @@ def test_diag_plus_off_is_the_coupled_cross_entropy():
 def test_selective_beta_one_equals_coupled_lambda_one():
     batch = make_batch(seed=2)
     batch["image_features"].requires_grad_(True)
-    schedule = dict(w0=1.0, r=1.0, step=7, total_steps=10)
-    selective = distill_loss(**batch, mode="selective", **schedule)
-    coupled = distill_loss(**batch, mode="coupled", **schedule)
+    selective = distill_loss(student(batch), teacher(batch), mode="selective", weight=1.0)
+    coupled = distill_loss(student(batch), teacher(batch), mode="coupled", weight=1.0)
     assert_close(selective["loss"], coupled["loss"])
     grads = [
         torch.autograd.grad(out["loss"], batch["image_features"])[0] for out in (selective, coupled)
@@ -138,18 +141,14 @@ def test_selective_beta_one_equals_coupled_lambda_one():
     assert_close(grads[0], grads[1])
 
 
-def test_no_kd_is_the_clip_loss():
-    batch = make_batch(seed=4)
-    out = distill_loss(*student(batch), mode="none")
-    assert_close(out["loss"], clip_loss(*student(batch)))
-    assert out.keys() == {"loss", "clip", "weight"} and out["weight"] == 0.0
-
-
-def test_clip_loss_matches_open_clip():
+def test_no_kd_is_open_clips_clip_loss():
     from open_clip.loss import ClipLoss  # imported here so that test collection stays fast
 
     batch = make_batch(seed=5, dtype=torch.float32)
-    assert_close(clip_loss(*student(batch)), ClipLoss()(*student(batch)))
+    out = distill_loss(student(batch), mode="none")
+    assert_close(out["loss"], ClipLoss()(*student(batch)))
+    assert_close(out["clip"], out["loss"])
+    assert out.keys() == {"loss", "clip"}
 
 
 def test_static_kd_at_unit_temperature_matches_open_clip_distill():
@@ -158,13 +157,11 @@ def test_static_kd_at_unit_temperature_matches_open_clip_distill():
     from open_clip.loss import DistillClipLoss
 
     batch = make_batch(seed=6, dtype=torch.float32)
-    contrastive, distill = DistillClipLoss()(*student(batch), *(batch[k] for k in TEACHER_KEYS))
+    contrastive, distill = DistillClipLoss()(*student(batch), *teacher(batch))
     diag, off = kd_parts(batch, tau_kd=1.0)
     assert_close(diag + off, distill)
-    assert_close(clip_loss(*student(batch)), contrastive)
-    static = distill_loss(
-        **batch, mode="coupled", w0=1.0, r=1.0, tau_kd=1.0, step=3, total_steps=10
-    )
+    assert_close(clip_loss(batch), contrastive)
+    static = distill_loss(student(batch), teacher(batch), mode="coupled", weight=1.0, tau_kd=1.0)
     assert_close(static["loss"], contrastive + distill)
 
 
@@ -178,7 +175,7 @@ def test_repulsion_negates_and_rescales_only_the_off_diagonal_gradient():
     batch = make_batch(seed=7)
     img, txt, s = student(batch)
     img.requires_grad_(True), txt.requires_grad_(True)
-    t_img, t_txt, s_t = (batch[k] for k in TEACHER_KEYS)
+    t_img, t_txt, s_t = teacher(batch)
     # Eq. 6 off-diagonal gradient on the student logits of each direction (mean over 2B rows),
     # carried to img and txt through S = s img txt^txt and its transpose.
     g_image = off_diagonal_logit_gradient(s * img @ txt.T, (s_t * t_img @ t_txt.T / 5.0).softmax(1))
@@ -187,8 +184,10 @@ def test_repulsion_negates_and_rescales_only_the_off_diagonal_gradient():
     g_off = s * (g_image + g_text.T) @ txt.detach(), s * (g_image.T + g_text) @ img.detach()
     diag_grads = []
     for step, beta in ((25, 1.3), (100, -0.8)):  # beta0 = 2, r = -0.4: attraction, then repulsion
-        out = distill_loss(**batch, mode="selective", step=step, total_steps=100, w0=2.0, r=-0.4)
-        assert out["weight"] == pytest.approx(beta)
+        assert kd_weight(step, 100, 2.0, -0.4) == pytest.approx(beta)
+        out = distill_loss(
+            student(batch), teacher(batch), "selective", weight=kd_weight(step, 100, 2.0, -0.4)
+        )
         weighted_off = out["loss"] - out["clip"] - out["kd_diag"]
         grads = torch.autograd.grad(weighted_off, (img, txt), retain_graph=True)
         for got, expected in zip(grads, g_off):
@@ -219,28 +218,29 @@ def test_weight_schedule():
 def test_feature_kd_matches_hand_reference():
     batch = make_batch(seed=8)
     projected = torch.randn(B, D_T, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    schedule = dict(mode="selective", step=0, total_steps=10, w0=1.0, r=1.0)
-    out = distill_loss(**batch, **schedule, projected_image_features=projected, feat_weight=2000.0)
     total = 0.0
     for row, teacher_row in zip(projected.tolist(), batch["teacher_image_features"].tolist()):
         norm = math.sqrt(sum(x * x for x in row))
         total += sum((x / norm - t) ** 2 for x, t in zip(row, teacher_row))
-    assert_close(out["kd_feat"], torch.tensor(2000.0 * total / (B * D_T), dtype=torch.float64))
-    assert_close(out["loss"], distill_loss(**batch, **schedule)["loss"] + out["kd_feat"])
+    got = feature_kd_loss(projected, batch["teacher_image_features"])
+    assert_close(got, torch.tensor(total / (B * D_T), dtype=torch.float64))
 
 
 def test_teacher_gets_no_gradient_and_bad_inputs_fail_early():
     batch = make_batch(seed=10)
     for key in ("image_features", "teacher_image_features", "teacher_text_features"):
         batch[key].requires_grad_(True)
-    distill_loss(**batch, mode="coupled")["loss"].backward()
+    projected = batch["image_features"] @ torch.ones(D, D_T, dtype=torch.float64)
+    out = distill_loss(student(batch), teacher(batch), mode="coupled", weight=1.0)
+    (out["loss"] + feature_kd_loss(projected, batch["teacher_image_features"])).backward()
     assert batch["image_features"].grad is not None
     assert batch["teacher_image_features"].grad is None
     assert batch["teacher_text_features"].grad is None
     with pytest.raises(ValueError, match="'selectiv'"):
-        distill_loss(**batch, mode="selectiv")
-    with pytest.raises(ValueError, match="teacher_"):
-        distill_loss(*student(batch), mode="coupled")
+        distill_loss(student(batch), teacher(batch), mode="selectiv")
+    for missing in (None, (None, None, None)):
+        with pytest.raises(ValueError, match="'coupled' needs the teacher"):
+            distill_loss(student(batch), missing, mode="coupled")
 
 
 # ---- data parallelism: 2 gloo processes against one process on the concatenated batch ----
@@ -260,25 +260,19 @@ def student_step(rank, world):
     rows = slice(rank * B * WORLD // world, (rank + 1) * B * WORLD // world)
     text = text[rows].clone().requires_grad_(True)
     image_features = F.normalize(encoder(pixels[rows]), dim=-1)
-    out = distill_loss(
-        image_features,
-        F.normalize(text, dim=-1),
-        log_scale.exp(),
+    teacher_out = (
         teacher["teacher_image_features"][rows],
         teacher["teacher_text_features"][rows],
         teacher["teacher_logit_scale"],
-        mode="selective",
-        step=90,
-        total_steps=100,
-        w0=2.0,
-        r=-0.4,
-        smoothing=0.1,
-        projected_image_features=projection(image_features),
     )
-    out["loss"].backward()
+    student_out = (image_features, F.normalize(text, dim=-1), log_scale.exp())
+    beta = kd_weight(90, 100, 2.0, -0.4)
+    out = distill_loss(student_out, teacher_out, "selective", beta, smoothing=0.1)
+    kd_feat = 2000 * feature_kd_loss(projection(image_features), teacher_out[0])
+    (out["loss"] + kd_feat).backward()
     params = [*encoder.named_parameters("encoder"), *projection.named_parameters("projection")]
     return dict(
-        loss=out["loss"].detach(),
+        loss=(out["loss"] + kd_feat).detach(),
         log_scale=log_scale.grad,
         text=text.grad,
         **{name: p.grad for name, p in params},
@@ -333,15 +327,12 @@ def test_a_mode_added_from_outside_is_scheduled_and_reports_its_own_terms(monkey
         B, D_T, generator=torch.Generator().manual_seed(13), dtype=torch.float64
     )
     # weight 3 (1 - 0.3 * 1.5) = 1.65, by hand
-    schedule = dict(step=30, total_steps=100, w0=3.0, r=-0.5)
-    out = distill_loss(
-        **batch, mode="cosine", **schedule, projected_image_features=projected, feat_weight=0
-    )
+    weight = COSINE_MODE["schedule"](30, 100, 3.0, -0.5)
+    assert weight == pytest.approx(1.65)
+    out = distill_loss((*student(batch), projected), teacher(batch), mode="cosine", weight=weight)
     rows = zip(projected.tolist(), batch["teacher_image_features"].tolist())
     cosines = [sum(p * t for p, t in zip(a, b)) / math.sqrt(sum(p * p for p in a)) for a, b in rows]
     distance = 1 - sum(cosines) / B  # the teacher rows are unit-norm
-    assert out.keys() == {"loss", "clip", "weight", "kd_cos"} and out["weight"] == pytest.approx(
-        1.65
-    )
+    assert out.keys() == {"loss", "clip", "kd_cos"}
     assert_close(out["kd_cos"], torch.tensor(distance, dtype=torch.float64))
-    assert_close(out["loss"], clip_loss(*student(batch)) + 1.65 * distance)
+    assert_close(out["loss"], clip_loss(batch) + 1.65 * distance)

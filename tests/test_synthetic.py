@@ -300,7 +300,7 @@ def clip_training_lift(folder, seed):
         )
         for images, _, tokens in batches:
             optimiser.zero_grad()
-            loss.clip_loss(*model(images, tokens)).backward()
+            loss.distill_loss(model(images, tokens), mode="none")["loss"].backward()
             optimiser.step()
             schedule.step()
     return before, five_plane_f1(model, folders["planes_dir"])

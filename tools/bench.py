@@ -51,7 +51,7 @@ import webdataset as wds
 import configurator
 import data
 import protocol
-from loss import KD_MODES, distill_loss
+from loss import KD_MODES, distill_loss, kd_weight
 from model import MODEL_CONFIGS, create_model, reparameterize
 from tools import synthetic
 
@@ -173,15 +173,9 @@ def step_seconds(name, cached, batch, config):
         synchronize()
         start = time.perf_counter()
         with autocast:
+            beta = kd_weight(step, 100, KD_MODES["selective"]["w0"], recipe["r"])
             parts = distill_loss(
-                *student(images, tokens),
-                *teacher(),
-                mode="selective",
-                step=step,
-                total_steps=100,
-                w0=KD_MODES["selective"]["w0"],
-                r=recipe["r"],
-                tau_kd=recipe["tau_kd"],
+                student(images, tokens), teacher(), weight=beta, tau_kd=recipe["tau_kd"]
             )
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), recipe["grad_clip"])
