@@ -90,6 +90,9 @@ def test_latency_loader_hc18_and_step_figures(tmp_path):
         > 0
     )
     assert predicted["eager_batch32_frames_per_s"] > 0 and predicted["batch_size"] == 32
+    encoder_alone = predicted["onnx_encoder_batch8_frames_per_s"]
+    assert encoder_alone.keys() == {"onnxruntime", "blocked_gelu"}
+    assert min(encoder_alone.values()) > 0
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["machine"]["cores"] >= 1 and len(saved["latency"]) == 3 + len(onnx_rows)
     config = dict(bench.DEFAULTS, steps=1, device="cpu", dtype="float32", threads=1)

@@ -607,7 +607,8 @@ def bench_predict(config):
     exported), the second run (both read back), and the steady-state frames/s of its frames loop (scans.py
     reading in a thread, the encoder as predict.py runs it, the zero-shot heads and GA): the median of three
     passes after one warm-up pass; beside them, in the same run, the eager student's image encoder alone at
-    batch 32 (predict.py's path before the ONNX encoder) on random images, the best of three."""
+    batch 32 (predict.py's path before the ONNX encoder) on random images, the best of three; and the ONNX
+    encoder alone with and without its GELUs kept blocked (onnx_frames_per_s)."""
     import predict
     from model import load_model
     from tools import scans
@@ -632,6 +633,8 @@ def bench_predict(config):
         passes = [
             frames_per_s(predict.classify_scans, classifier, found, settings) for _ in range(3)
         ]
+        exported = sorted(Path(folder, "cache").rglob("*.onnx"))  # none where onnxruntime is absent
+        encoder_alone = onnx_frames_per_s(exported[0], net.image_size) if exported else {}
     frames, steady = passes[0][0], statistics.median(rate for _, rate in passes)
     eager = eager_frames_per_s(net, config["device"], batch=32, runs=3)
     figures = dict(
@@ -642,9 +645,25 @@ def bench_predict(config):
         batch_size=settings["batch_size"],
         frames_per_s=steady,
         eager_batch32_frames_per_s=eager,
+        onnx_encoder_batch8_frames_per_s=encoder_alone,
     )
     print_predict(figures, config)
     return figures
+
+
+def onnx_frames_per_s(path, image_size, batch=8, runs=3):
+    """predict.py's ONNX encoder file alone at `batch` on random images, the best of `runs`: as onnxruntime
+    optimises it, and with its GELUs kept in the blocked layout (predict.py's session), side by side."""
+    from export import onnx_session
+
+    images = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size))
+    feed = {"image": images.astype(np.float32)}
+    rates = {}
+    for label, blocked in (("onnxruntime", False), ("blocked_gelu", True)):
+        session = onnx_session(path, blocked_gelu=blocked)
+        session.run(None, feed)
+        rates[label] = batch / min(wall_seconds(session.run, None, feed) for _ in range(runs))
+    return rates
 
 
 def random_checkpoint(name, seed, folder):
@@ -692,6 +711,13 @@ def print_predict(figures, config):
         f"frames/s at batch {f['batch_size']} | eager encoder alone at batch 32 "
         f"{f['eager_batch32_frames_per_s']:.1f} frames/s ({f['frames_per_s'] / f['eager_batch32_frames_per_s']:.2f}x)"
     )
+    alone = f["onnx_encoder_batch8_frames_per_s"]
+    if alone:
+        print(
+            f"predict.py's ONNX encoder alone, batch 8: {alone['blocked_gelu']:.1f} frames/s with its GELUs kept "
+            f"blocked, {alone['onnxruntime']:.1f} as onnxruntime optimises it "
+            f"({alone['blocked_gelu'] / alone['onnxruntime']:.2f}x)"
+        )
 
 
 # ------------------------------------------------------------------ command line
