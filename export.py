@@ -229,6 +229,8 @@ def onnx_session(path, threads=0, blocked_gelu=False):
     with tempfile.TemporaryDirectory() as folder:
         optimized = os.path.join(folder, "optimized.onnx")
         options.optimized_model_filepath = optimized
+        # errors only: onnxruntime warns that the file it writes fits this CPU alone, which is how it is used
+        options.log_severity_level = 3
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
