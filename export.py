@@ -264,9 +264,10 @@ def keep_gelu_blocked(graph):
     for node in graph.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.graph.output}
     removed = []
     for gelu in [node for node in graph.graph.node if node.op_type == "Gelu"]:
-        reorders = reorders_around(gelu, producers, consumers)
+        reorders = reorders_around(gelu, producers, consumers, outputs)
         if not reorders:
             continue
         to_nchw, back_to_blocked = reorders
@@ -284,16 +285,18 @@ def keep_gelu_blocked(graph):
     return len(removed)
 
 
-def reorders_around(gelu, producers, consumers):
+def reorders_around(gelu, producers, consumers, outputs):
     """-> (the ReorderOutput feeding `gelu`, the ReorderInputs reading it), or None where the GELU's input
-    or output has another reader, or it is not between reorders."""
+    or output has another reader or is one of the graph's `outputs`, or it is not between reorders."""
     to_nchw = producers.get(gelu.input[0])
     if to_nchw is None or to_nchw.op_type != "ReorderOutput":
         return None
-    if len(consumers[to_nchw.output[0]]) > 1:
+    if len(consumers[to_nchw.output[0]]) > 1 or {to_nchw.output[0], gelu.output[0]} & outputs:
         return None
     back_to_blocked = consumers.get(gelu.output[0], [])
     if not back_to_blocked or any(node.op_type != "ReorderInput" for node in back_to_blocked):
+        return None
+    if any(node.output[0] in outputs for node in back_to_blocked):
         return None
     return to_nchw, back_to_blocked
 

@@ -274,6 +274,30 @@ def test_gelus_kept_in_the_blocked_layout_give_the_same_numbers(tmp_path, channe
         torch.testing.assert_close(torch.from_numpy(blocked), net(images), atol=1e-5, rtol=0)
 
 
+class ConvAndMlp(nn.Module):
+    """A convolution's output that is both a graph output and a GELU's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.act = nn.GELU()
+        self.fc = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        hidden = self.conv(x)
+        return hidden, self.fc(self.act(hidden))
+
+
+def test_a_gelu_whose_input_is_also_an_output_keeps_its_reorders(tmp_path):
+    images = torch.randn(2, 3, 20, 20)
+    net = ConvAndMlp().eval()
+    path = export.export_onnx(net, images, tmp_path / "two.onnx", "image", ["hidden", "features"])
+    outputs = export.onnx_session(path, 1, blocked_gelu=True).run(None, {"image": images.numpy()})
+    with torch.no_grad():
+        for got, expected in zip(outputs, net(images)):
+            torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=0)
+
+
 def test_zero_shot_head_matches_evaluate(tiny):
     """Images on disk -> evaluate.py's encode_images / class_embeddings / softmax(100 x) vs the exported head."""
     net, _, folder, _, paths = tiny
