@@ -385,7 +385,7 @@ def input_info(net, name, shape):
             "shape": shape,
             "dtype": "int64 (onnx) | int32 (coreml)",
             "tokenizer": f"data.tokenize(texts, context_length={net.context_length}): CLIP BPE "
-            "(bpe_simple_vocab_16e6.txt.gz), start 49406, end 49407, pad 0, lower-cased",
+            f"({os.path.basename(data.BPE_PATH)}), start {data.SOT}, end {data.EOT}, pad 0, lower-cased",
         }
     return {
         "name": name,

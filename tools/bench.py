@@ -165,7 +165,7 @@ def step_seconds(name, cached, batch, config):
     if config["dtype"] != "float32":
         autocast = torch.autocast(device.split(":")[0], getattr(torch, config["dtype"]))
     images = torch.randn(batch, 3, student.image_size, student.image_size, device=device)
-    tokens = torch.randint(1, 49407, (batch, student.context_length), device=device)
+    tokens = torch.randint(1, data.EOT, (batch, student.context_length), device=device)
     teacher = teacher_outputs(teacher_name, cached, batch, tokens, device)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     timings = []
