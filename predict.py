@@ -15,9 +15,9 @@ mean probabilities, each class's best frame and a timeline plot. Writes into out
     predictions.csv    one line per row
     timelines/         <file>.png per clip: class probabilities over frames
 produced_by holds the command, the checkpoint's path, sha256 and model, the prompts and the package versions. Frames
-are read and preprocessed in a thread while the image encoder runs, as deployed: reparameterised, and on the CPU
-exported once per checkpoint to fp32 ONNX and run by onnxruntime with its GELUs kept in the blocked layout of
-the convolutions around them (export.keep_gelu_blocked, bit-identical), --encoder. The class, sub-plane and GA prompt
+are read and preprocessed in a thread while the image encoder runs, as deployed (--encoder): reparameterised, and
+on the CPU exported once per checkpoint to fp32 ONNX and run by onnxruntime, its GELUs kept in the blocked layout of
+the convolutions around them (export.keep_gelu_blocked, bit-identical). The class, sub-plane and GA prompt
 features (the GA's once per distinct spacing) and the ONNX file are cached per checkpoint sha256 in
 evaluate.cache_folder(), so a second run encodes no prompt. Memory grows with the rows, not the pixels.
 """

@@ -184,10 +184,9 @@ def test_repulsion_negates_and_rescales_only_the_off_diagonal_gradient():
     g_off = s * (g_image + g_text.T) @ txt.detach(), s * (g_image.T + g_text) @ img.detach()
     diag_grads = []
     for step, beta in ((25, 1.3), (100, -0.8)):  # beta0 = 2, r = -0.4: attraction, then repulsion
-        assert kd_weight(step, 100, 2.0, -0.4) == pytest.approx(beta)
-        out = distill_loss(
-            student(batch), teacher(batch), "selective", weight=kd_weight(step, 100, 2.0, -0.4)
-        )
+        scheduled = kd_weight(step, 100, 2.0, -0.4)
+        assert scheduled == pytest.approx(beta)
+        out = distill_loss(student(batch), teacher(batch), "selective", weight=scheduled)
         weighted_off = out["loss"] - out["clip"] - out["kd_diag"]
         grads = torch.autograd.grad(weighted_off, (img, txt), retain_graph=True)
         for got, expected in zip(grads, g_off):
