@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -216,89 +215,15 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
     return path
 
 
-def onnx_session(path, threads=0, blocked_gelu=False):
-    """A CPU onnxruntime session; threads=0 lets onnxruntime choose. blocked_gelu=True: a convolutional
-    encoder's GELUs run in onnxruntime's blocked layout (keep_gelu_blocked), the same outputs bit for bit."""
-    import onnxruntime
-
-    options = session_options(threads)
-    if not blocked_gelu:
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    import onnx
-
-    with tempfile.TemporaryDirectory() as folder:
-        optimized = os.path.join(folder, "optimized.onnx")
-        options.optimized_model_filepath = optimized
-        # errors only: onnxruntime warns that the file it writes fits this CPU alone, which is how it is used
-        options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
-        graph = onnx.load(optimized)
-        # none where this CPU has no blocked layout (ARM) or the graph no GELU between convolutions
-        if keep_gelu_blocked(graph) == 0:
-            return session
-        onnx.save(graph, optimized)
-        options = session_options(threads)
-        # the graph is optimised already, for this CPU; optimising again would undo the rewrite
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return onnxruntime.InferenceSession(optimized, options, providers=["CPUExecutionProvider"])
-
-
-def session_options(threads):
+def onnx_session(path, threads=0):
+    """A CPU onnxruntime session; threads=0 lets onnxruntime choose. It optimises the graph for this CPU: on
+    x86 the convolutions and the elementwise ops between them (FastViT's GELUs included) run in its blocked
+    NCHWc layout."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return options
-
-
-def keep_gelu_blocked(graph):
-    """Rewrite an onnxruntime-optimised graph in place so that each GELU between convolutions reads and writes
-    the blocked NCHWc layout -> how many GELUs. On x86 onnxruntime runs convolutions in blocks of 8 or 16
-    channels (NCHWc) and converts back to NCHW around any op it does not know to be elementwise: each GELU
-    of FastViT's ConvMlp sits between a ReorderOutput and a ReorderInput, 14 % of the student's time. GELU is
-    elementwise, and GELU(0) = 0 keeps the padding channels zero, so it gives the same numbers on either layout."""
-    producers = {name: node for node in graph.graph.node for name in node.output}
-    consumers = {}
-    for node in graph.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {output.name for output in graph.graph.output}
-    removed = []
-    for gelu in [node for node in graph.graph.node if node.op_type == "Gelu"]:
-        reorders = reorders_around(gelu, producers, consumers, outputs)
-        if not reorders:
-            continue
-        to_nchw, back_to_blocked = reorders
-        gelu.input[0] = to_nchw.input[0]
-        for reorder in back_to_blocked:
-            for reader in consumers.get(reorder.output[0], []):
-                reader.input[:] = [
-                    gelu.output[0] if name == reorder.output[0] else name for name in reader.input
-                ]
-        removed.append([to_nchw] + back_to_blocked)
-    for node in [node for reorders in removed for node in reorders]:
-        graph.graph.node.remove(node)
-    if removed:
-        del graph.graph.value_info[:]  # the shapes recorded for the NCHW tensors no longer hold
-    return len(removed)
-
-
-def reorders_around(gelu, producers, consumers, outputs):
-    """-> (the ReorderOutput feeding `gelu`, the ReorderInputs reading it), or None where the GELU's input
-    or output has another reader or is one of the graph's `outputs`, or it is not between reorders."""
-    to_nchw = producers.get(gelu.input[0])
-    if to_nchw is None or to_nchw.op_type != "ReorderOutput":
-        return None
-    if len(consumers[to_nchw.output[0]]) > 1 or {to_nchw.output[0], gelu.output[0]} & outputs:
-        return None
-    back_to_blocked = consumers.get(gelu.output[0], [])
-    if not back_to_blocked or any(node.op_type != "ReorderInput" for node in back_to_blocked):
-        return None
-    if any(node.output[0] in outputs for node in back_to_blocked):
-        return None
-    return to_nchw, back_to_blocked
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def register_alias_as_noop():

@@ -16,8 +16,7 @@ mean probabilities, each class's best frame and a timeline plot. Writes into out
     timelines/         <file>.png per clip: class probabilities over frames
 produced_by holds the command, the checkpoint's path, sha256 and model, the prompts and the package versions. Frames
 are read and preprocessed in a thread while the image encoder runs, as deployed (--encoder): reparameterised, and
-on the CPU exported once per checkpoint to fp32 ONNX and run by onnxruntime, its GELUs kept in the blocked layout of
-the convolutions around them (export.keep_gelu_blocked, bit-identical). The class, sub-plane and GA prompt
+on the CPU exported once per checkpoint to fp32 ONNX and run by onnxruntime. The class, sub-plane and GA prompt
 features (the GA's once per distinct spacing) and the ONNX file are cached per checkpoint sha256 in
 evaluate.cache_folder(), so a second run encodes no prompt. Memory grows with the rows, not the pixels.
 """
@@ -227,7 +226,7 @@ def onnx_encoder_session(fused, sha256, cache_dir=""):
     path, key = folder / f"{sha256}-{fused.name}.onnx", {"sha256": sha256, "model": fused.name}
     if path.is_file():
         try:
-            session = export.onnx_session(path, blocked_gelu=True)
+            session = export.onnx_session(path)
             if session.get_modelmeta().custom_metadata_map == key:
                 return session
         except Exception:  # a damaged file (onnxruntime raises its own types): exported again below
@@ -252,7 +251,7 @@ def onnx_encoder_session(fused, sha256, cache_dir=""):
         ["image_features"],
         verify=stamp_and_check,
     )
-    return export.onnx_session(path, blocked_gelu=True)
+    return export.onnx_session(path)
 
 
 def stamp(path, key):

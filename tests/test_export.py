@@ -245,9 +245,10 @@ class ConvMlp(nn.Module):
 @pytest.mark.parametrize(
     "channels", [32, 24]
 )  # 24: not a whole number of 16-channel blocks (padded)
-def test_gelus_kept_in_the_blocked_layout_give_the_same_numbers(tmp_path, channels, capfd):
-    """predict.py's session: the GELUs between convolutions run on onnxruntime's blocked layout (on x86,
-    where it has one), and every output equals the plain session's bit for bit."""
+def test_onnxruntime_keeps_the_gelus_between_convolutions_in_its_blocked_layout(tmp_path, channels):
+    """predict.py's speed on x86 rests on this (onnxruntime 1.23 converted each GELU of FastViT's ConvMlp back
+    to NCHW and forth again, 14 % of the student's time): no layout conversion next to a GELU in the graph
+    onnxruntime runs, and the outputs those of PyTorch."""
     import onnx
     import onnxruntime
 
@@ -257,45 +258,20 @@ def test_gelus_kept_in_the_blocked_layout_give_the_same_numbers(tmp_path, channe
     )
     images = torch.randn(2, 3, 20, 20)
     path = export.export_onnx(net, images, tmp_path / "convmlp.onnx", "image", ["features"])
-    options = export.session_options(1)
+    options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    rewritten = export.keep_gelu_blocked(onnx.load(tmp_path / "optimized.onnx"))
-    on_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    assert rewritten == 2 if on_x86 else rewritten in (0, 2)
-    feed = {"image": images.numpy()}
-    (plain,) = export.onnx_session(path, 1).run(None, feed)
-    capfd.readouterr()
-    (blocked,) = export.onnx_session(path, 1, blocked_gelu=True).run(None, feed)
-    # onnxruntime's warning that the file it writes fits this CPU alone: silenced, as intended
-    assert capfd.readouterr() == ("", "")
-    np.testing.assert_array_equal(blocked, plain)
+    graph = onnx.load(tmp_path / "optimized.onnx").graph
+    produced_by = {name: node.op_type for node in graph.node for name in node.output}
+    read_by = [(node.op_type, produced_by.get(name)) for node in graph.node for name in node.input]
+    gelus = [node for node in graph.node if node.op_type == "Gelu"]
+    assert len(gelus) == 2
+    assert ("Gelu", "ReorderOutput") not in read_by and ("ReorderInput", "Gelu") not in read_by
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert ("Conv", "Gelu") in read_by and ("Gelu", "Conv") in read_by
+    (features,) = export.onnx_session(path, 1).run(None, {"image": images.numpy()})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(blocked), net(images), atol=1e-5, rtol=0)
-
-
-class ConvAndMlp(nn.Module):
-    """A convolution's output that is both a graph output and a GELU's input."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 32, 3, padding=1)
-        self.act = nn.GELU()
-        self.fc = nn.Conv2d(32, 16, 1)
-
-    def forward(self, x):
-        hidden = self.conv(x)
-        return hidden, self.fc(self.act(hidden))
-
-
-def test_a_gelu_whose_input_is_also_an_output_keeps_its_reorders(tmp_path):
-    images = torch.randn(2, 3, 20, 20)
-    net = ConvAndMlp().eval()
-    path = export.export_onnx(net, images, tmp_path / "two.onnx", "image", ["hidden", "features"])
-    outputs = export.onnx_session(path, 1, blocked_gelu=True).run(None, {"image": images.numpy()})
-    with torch.no_grad():
-        for got, expected in zip(outputs, net(images)):
-            torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(features), net(images), atol=1e-5, rtol=0)
 
 
 def test_zero_shot_head_matches_evaluate(tiny):

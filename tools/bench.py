@@ -608,7 +608,8 @@ def bench_predict(config):
     reading in a thread, the encoder as predict.py runs it, the zero-shot heads and GA): the median of three
     passes after one warm-up pass; beside them, in the same run, the eager student's image encoder alone at
     batch 32 (predict.py's path before the ONNX encoder) on random images, the best of three; and the ONNX
-    encoder alone with and without its GELUs kept blocked (onnx_frames_per_s)."""
+    encoder alone at batch 8, with its FLOPs a frame and this machine's fp32 matrix-multiply rate: how close
+    the encoder runs to what this CPU can do."""
     import predict
     from model import load_model
     from tools import scans
@@ -634,9 +635,10 @@ def bench_predict(config):
             frames_per_s(predict.classify_scans, classifier, found, settings) for _ in range(3)
         ]
         exported = sorted(Path(folder, "cache").rglob("*.onnx"))  # none where onnxruntime is absent
-        encoder_alone = onnx_frames_per_s(exported[0], net.image_size) if exported else {}
+        encoder_alone = onnx_frames_per_s(exported[0], net.image_size) if exported else 0.0
     frames, steady = passes[0][0], statistics.median(rate for _, rate in passes)
     eager = eager_frames_per_s(net, config["device"], batch=32, runs=3)
+    one_image = torch.zeros(1, 3, net.image_size, net.image_size, device=config["device"])
     figures = dict(
         imports_seconds=import_seconds("predict"),
         first_run_seconds=first,
@@ -646,24 +648,22 @@ def bench_predict(config):
         frames_per_s=steady,
         eager_batch32_frames_per_s=eager,
         onnx_encoder_batch8_frames_per_s=encoder_alone,
+        encoder_flops_per_frame=count_flops(reparameterize(net).encode_image, one_image),
+        matmul_flops_per_s=matmul_flops_per_s(config["device"]),
     )
     print_predict(figures, config)
     return figures
 
 
 def onnx_frames_per_s(path, image_size, batch=8, runs=3):
-    """predict.py's ONNX encoder file alone at `batch` on random images, the best of `runs`: as onnxruntime
-    optimises it, and with its GELUs kept in the blocked layout (predict.py's session), side by side."""
+    """predict.py's ONNX encoder file alone at `batch` on random images, the best of `runs` after one untimed."""
     from export import onnx_session
 
     images = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size))
     feed = {"image": images.astype(np.float32)}
-    rates = {}
-    for label, blocked in (("onnxruntime", False), ("blocked_gelu", True)):
-        session = onnx_session(path, blocked_gelu=blocked)
-        session.run(None, feed)
-        rates[label] = batch / min(wall_seconds(session.run, None, feed) for _ in range(runs))
-    return rates
+    session = onnx_session(path)
+    session.run(None, feed)
+    return batch / min(wall_seconds(session.run, None, feed) for _ in range(runs))
 
 
 def random_checkpoint(name, seed, folder):
@@ -713,10 +713,12 @@ def print_predict(figures, config):
     )
     alone = f["onnx_encoder_batch8_frames_per_s"]
     if alone:
+        flop_rate = alone * f["encoder_flops_per_frame"]
         print(
-            f"predict.py's ONNX encoder alone, batch 8: {alone['blocked_gelu']:.1f} frames/s with its GELUs kept "
-            f"blocked, {alone['onnxruntime']:.1f} as onnxruntime optimises it "
-            f"({alone['blocked_gelu'] / alone['onnxruntime']:.2f}x)"
+            f"predict.py's ONNX encoder alone, batch 8: {alone:.1f} frames/s at "
+            f"{f['encoder_flops_per_frame'] / 1e9:.2f} GFLOP a frame = {flop_rate / 1e9:.0f} GFLOP/s, "
+            f"{flop_rate / f['matmul_flops_per_s']:.0%} of this CPU's fp32 matrix-multiply rate "
+            f"({f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)"
         )
 
 
