@@ -506,7 +506,7 @@ def main(arguments):
                 teacher = zero_shot(
                     teacher_net, config["planes_dir"], config["hc18_dir"], **kwargs
                 )["_details"]
-            log = config["train_log"] or ckpt.parent / "log.jsonl"
+            log = config["train_log"] or ckpt.parent / configurator.LOG
             results = analyse(
                 details, out_dir, teacher, log, config["probe_epochs"], config["probe_seeds"]
             )
