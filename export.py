@@ -17,6 +17,7 @@ source_checkpoint, input {name, shape, dtype, image_size, mean, std, preprocessi
 shape, dtype, classes}], reparameterisation_max_abs_diff, parity {reference, max_abs_diff, tolerance | note}, versions.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -196,7 +197,7 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
     import onnx
 
     axes = {n: {0: "batch"} for n in [input_name] + output_names} if dynamic_batch else None
-    with configurator.atomic_path(path) as tmp, warnings.catch_warnings():
+    with configurator.atomic_path(path) as tmp, warnings.catch_warnings(), unfused_attention():
         # the legacy-exporter notice and advanced-indexing note are expected
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -213,6 +214,19 @@ def export_onnx(module, inputs, path, input_name, output_names, dynamic_batch=Tr
         if verify:
             verify(tmp)
     return path
+
+
+@contextlib.contextmanager
+def unfused_attention():
+    """nn.MultiheadAttention in eval mode without a mask (the student's text tower) runs as one fused op,
+    aten::_native_multi_head_attention, which the ONNX exporter cannot convert (torch.export, for Core ML,
+    traces the plain path itself): the plain path while a model is exported, then back as it was."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def onnx_session(path, threads=0):

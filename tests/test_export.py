@@ -229,6 +229,25 @@ def test_onnx_matches_pytorch_demo_student(tmp_path):
     )
 
 
+def test_a_text_tower_without_a_mask_exports_to_both_formats(tmp_path):
+    """The demo's student has MobileFetalCLIP's text tower (no attention mask), where nn.MultiheadAttention takes
+    its fused inference path, which the ONNX exporter cannot convert."""
+    torch.manual_seed(0)
+    net = create_model("demo_student").eval()
+    ckpt = save_project_checkpoint(net, tmp_path / "best.pt")
+    export.main([ckpt, f"--out_dir={tmp_path}", "--text=True", "--zero_shot_head=False"])
+    assert (tmp_path / "text_encoder.mlpackage" / "Manifest.json").is_file()
+    tokens = data.tokenize(["fetal brain", "an ultrasound of the abdomen"], net.context_length)
+    with torch.no_grad():
+        reference = F.normalize(net.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(
+        torch.from_numpy(run_onnx(tmp_path / "text_encoder.onnx", tokens)[0]),
+        reference,
+        atol=ONNX_ATOL,
+        rtol=0,
+    )
+
+
 class ConvMlp(nn.Module):
     """FastViT's convolutional MLP (1x1 conv, GELU, 1x1 conv) with its residual."""
 
