@@ -232,7 +232,10 @@ def test_unreadable_files_are_skipped_with_their_reason_and_other_files_listed_a
         and "pyjpegls" in named["IMG0001"]
     )
     assert "empty file" in named["empty.png"] and "AppleDouble" in named["._IMG0002.dcm"]
-    assert "reshape" in named["truncated.dcm"] or "truncated" in named["truncated.dcm"]
+    assert (
+        named["truncated.dcm"]
+        == "the header promises 1 frames (NumberOfFrames) and the data holds 0"
+    )
     assert ignored == [(str(folder / "notes.txt"), "not an image, video or DICOM file")]
 
 
@@ -386,3 +389,115 @@ def test_jpeg_coded_in_rgb_stays_with_pydicom():
     assert scans.pillow_rgb_frames(path, dataset, 1, None) is None
     reference = next(iter_pixels(path))
     np.testing.assert_array_equal(np.asarray(views(path)[0].image), reference)
+
+
+# ------------------------------------------------------------------ found once, read whole, said right
+
+
+def test_a_file_named_twice_or_reached_again_through_a_link_is_read_once(tmp_path):
+    """Before: read twice, so predict.py made a 2-frame clip of one image and doubled a clip's frames."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    Image.new("L", (20, 20)).save(folder / "a.png")
+    (folder / "b.png").symlink_to(folder / "a.png")
+    found, ignored, skipped = scans.find([str(folder), str(folder / "a.png")])
+    assert found == [(str(folder / "a.png"), "image")] and not skipped
+    assert ignored == [
+        (str(folder / "b.png"), f"the same file as {folder / 'a.png'}, read there once"),
+        (str(folder / "a.png"), f"the same file as {folder / 'a.png'}, read there once"),
+    ]
+
+
+def test_excluded_folders_and_folders_that_cannot_be_listed_are_reported(tmp_path, monkeypatch):
+    """Before: an unreadable folder vanished, neither read nor skipped nor ignored."""
+    for name in ("scans", "results", "locked"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (20, 20)).save(tmp_path / name / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found, ignored, skipped = scans.find(
+        [str(tmp_path)], exclude={str(tmp_path / "results"): "ours"}
+    )
+    assert found == [(str(tmp_path / "scans" / "a.png"), "image")]
+    assert ignored == [(str(tmp_path / "results"), "ours")]
+    assert skipped == [(str(tmp_path / "locked"), "cannot list the folder (Permission denied)")]
+
+
+@pytest.mark.parametrize("name", ["examples_ybr_color.dcm", "SC_rgb_rle_2frame.dcm"])
+def test_compressed_data_holding_fewer_frames_than_its_header_says_is_reported(tmp_path, name):
+    """Before: the frames held were read and the file reported as whole. Both decoders: Pillow (JPEG
+    Baseline YBR) and pydicom (RLE)."""
+    dataset = pydicom.dcmread(real(name))
+    held = int(dataset.NumberOfFrames)
+    dataset.NumberOfFrames = held + 2
+    dataset.save_as(tmp_path / name)
+    got, why = read_all(tmp_path / name)
+    assert (
+        why == f"the header promises {held + 2} frames (NumberOfFrames) and the data holds {held}"
+    )
+    assert [v.frame for v in got] == list(range(held))
+
+
+def test_native_ybr_full_422_is_read_whole_as_pydicom_decodes_it(tmp_path):
+    """4:2:2 stores two values a pixel. Before: the real file was refused ('the data holds 0') and a 6-frame
+    cine of it gave 4 frames."""
+    dataset = pydicom.dcmread(real("SC_ybr_full_422_uncompressed.dcm"))
+    dataset.PixelData, dataset.NumberOfFrames = dataset.PixelData * 6, 6
+    dataset.save_as(tmp_path / "cine.dcm")
+    for path in (real("SC_ybr_full_422_uncompressed.dcm"), tmp_path / "cine.dcm"):
+        reference = pydicom.dcmread(path).pixel_array  # RGB, converted by pydicom
+        got, why = read_all(path)
+        assert why == ""
+        frames = reference if reference.ndim == 4 else reference[None]
+        assert [np.asarray(v.image).tolist() for v in got] == frames.tolist()
+
+
+@pytest.mark.parametrize("name", ["image_dfl.dcm", "SC_rgb_jpeg.dcm"])
+def test_files_pydicom_cannot_read_frame_by_frame_decode_from_the_data_set(name):
+    """A deflated file and JPEG whose offset table pydicom's frame reader rejects. Before: skipped with
+    "no 'Pixel Data'" and "Found unexpected tag (0000,0000)"."""
+    (view,) = views(real(name))
+    np.testing.assert_array_equal(np.asarray(view.image), pydicom.dcmread(real(name)).pixel_array)
+
+
+@pytest.mark.parametrize(
+    "size", [(3, 20, 30), (5, 256, 256)]
+)  # value read, and deferred (over 256 KB)
+def test_a_truncated_native_cine_keeps_its_whole_frames_and_says_how_many(tmp_path, size):
+    """Before: 'cannot reshape array' or 'buffer size must be a multiple', with no frame read."""
+    frames = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+    path = write_dicom(tmp_path / "cine.dcm", frames)
+    whole = os.path.getsize(path)
+    with open(path, "r+b") as file:
+        file.truncate(whole - 7)  # the last frame cut short
+    got, why = read_all(path)
+    assert (
+        why
+        == f"the header promises {size[0]} frames (NumberOfFrames) and the data holds {size[0] - 1}"
+    )
+    assert [np.asarray(v.image).tolist() for v in got] == frames[:-1].tolist()
+
+
+def test_a_dicomdir_is_ignored_and_a_truncated_file_says_so(tmp_path):
+    found, ignored, _ = scans.find([real(os.path.join("dicomdirtests", "DICOMDIR"))])
+    assert not found and ignored[0][1].startswith("a DICOMDIR, the index of a DICOM export")
+    whole = open(real("examples_ybr_color.dcm"), "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(whole[:-10])
+    why = "no data set after the file meta information (a truncated or damaged file)"
+    assert read_all(tmp_path / "cut.dcm") == ([], why)
+
+
+def test_scans_prints_a_name_that_is_not_utf8_escaped(tmp_path, capsys):
+    """Before: printed as lone surrogates, a UnicodeEncodeError under a strict UTF-8 terminal."""
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.new("L", (20, 20)).save(tmp_path / name)
+    scans.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/caf\\xe9.png: image, 1 frames" in out
+    out.encode("utf-8")  # strict: no lone surrogate left

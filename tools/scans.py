@@ -97,6 +97,8 @@ def classify(path):
     name, suffix = os.path.basename(path), Path(path).suffix.lower()
     if name.startswith("._"):
         raise Unreadable("a macOS resource-fork file (AppleDouble), not a scan")
+    if name.upper() == "DICOMDIR":  # PS3.10 names the index of removable media so
+        raise NotAScan("a DICOMDIR, the index of a DICOM export: its scans are the files beside it")
     if os.path.getsize(path) == 0:
         raise Unreadable("empty file (0 bytes)")
     with open(path, "rb") as f:
@@ -114,19 +116,28 @@ class NotAScan(ValueError):
     pass
 
 
-def walk(folder, ignored):
+def walk(folder, ignored, skipped, excluded):
     """Every file under `folder`, sorted. Linked folders are followed, each real folder once: one reached
     again (a loop, or a second link to it) is added to `ignored` with where it was read, as are hidden
-    folders (.git ...)."""
+    folders (.git ...) and the `excluded` ones ({real path: why}); a folder that cannot be listed is added
+    to `skipped` with the reason."""
     read = {os.path.realpath(folder): folder}
-    for root, folders, files in os.walk(folder, followlinks=True):
+
+    def cannot_list(error):
+        skipped.append((error.filename, f"cannot list the folder ({error.strerror or error})"))
+
+    for root, folders, files in os.walk(folder, onerror=cannot_list, followlinks=True):
         kept = []
         for name in sorted(folders):
             path, real = os.path.join(root, name), os.path.realpath(os.path.join(root, name))
             if name.startswith("."):
                 ignored.append((path, "a hidden folder, not read"))
+            elif real in excluded:
+                ignored.append((path, excluded[real]))
             elif real in read:
-                ignored.append((path, f"the same folder as {read[real]} (a link), read there once"))
+                ignored.append(
+                    (path, f"the same folder as {escaped(read[real])} (a link), read there once")
+                )
             else:
                 read[real] = path
                 kept.append(name)
@@ -134,16 +145,31 @@ def walk(folder, ignored):
         yield from (os.path.join(root, f) for f in sorted(files))
 
 
-def find(paths):
+def find(paths, exclude=None):
     """Files and folders -> (scans [(path, kind)], ignored [(path, why)], skipped [(path, why)]); folders
-    are read recursively in sorted order, linked folders followed (walk)."""
+    are read recursively in sorted order, linked folders followed (walk). A file reached twice (named
+    twice, or again through a link) is read once and listed as ignored where it is reached again, so no
+    clip holds its frames twice. `exclude` {folder: why} leaves folders out, listed as ignored (predict.py's
+    own outputs, when they lie inside a folder it reads)."""
     scans, ignored, skipped = [], [], []
+    excluded = {os.path.realpath(folder): why for folder, why in (exclude or {}).items()}
+    read_as = {}  # real path -> the path it was read as
     for item in paths:
         if not os.path.exists(item):
             skipped.append((item, "not found"))
             continue
-        files = walk(item, ignored) if os.path.isdir(item) else [item]
+        if os.path.realpath(item) in excluded:
+            ignored.append((item, excluded[os.path.realpath(item)]))
+            continue
+        files = walk(item, ignored, skipped, excluded) if os.path.isdir(item) else [item]
         for path in files:
+            real = os.path.realpath(path)
+            if real in read_as:
+                ignored.append(
+                    (path, f"the same file as {escaped(read_as[real])}, read there once")
+                )
+                continue
+            read_as[real] = path
             try:
                 scans.append((path, classify(path)))
             except NotAScan as why:
@@ -307,48 +333,98 @@ def video_views(path, given, indices):
 
 
 def dicom_views(path, given, indices):
-    """Each frame of a DICOM file, decoded one at a time (pydicom's iter_pixels), as its views."""
+    """Each frame of a DICOM file, decoded one at a time, as its views."""
     import pydicom
-    from pydicom.pixels import iter_pixels
 
     # malformed tags: read anyway
     warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     dataset = pydicom.dcmread(path, defer_size="256 KB", force=True)
+    if len(dataset) == 0:
+        raise Unreadable(
+            "no data set after the file meta information (a truncated or damaged file)"
+        )
     if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = getattr(dataset.get("SOPClassUID"), "name", "") or "no SOP class"
         raise Unreadable(f"no pixel data ({kind})")
     check_decoder(dataset)
     check_photometric(dataset)
     promised, rows, columns = int(dataset.get("NumberOfFrames") or 1), dataset.Rows, dataset.Columns
-    frames = min(promised, frames_held(dataset, promised))
+    frames = min(promised, frames_held(path, dataset, promised))
     views = calibrated_views(dataset, rows, columns, given)
     to_rgb, pixels = colour(dataset)
     frame_time = seconds_per_frame(dataset)
     wanted = None if indices is None else sorted(i for i in indices if i < frames)
-    arrays = pillow_rgb_frames(path, dataset, frames, wanted) or iter_pixels(path, indices=wanted)
-    for frame, array in zip(range(frames) if wanted is None else wanted, arrays):
+    numbers = range(frames) if wanted is None else wanted  # of the frames decoded, in order
+    arrays = pillow_rgb_frames(path, dataset, frames, wanted) or pydicom_frames(
+        path, dataset, wanted
+    )
+    read = 0
+    for frame, array in zip(numbers, arrays):
         image = Image.fromarray(to_rgb(array))
         seconds = None if frame_time is None else frame * frame_time
         for region, box, size, source, note in views:
             crop = image if box is None else image.crop(box)
             yield View(path, frame, region, crop, size, source, note, seconds, pixels)
+        read += 1
+    if read < len(numbers):  # compressed data holding fewer frames than its header says
+        frames = numbers[read]
     if frames < promised:  # the views of the frames held are kept; the file is reported
         raise Unreadable(
             f"the header promises {promised} frames (NumberOfFrames) and the data holds {frames}"
         )
 
 
-def frames_held(dataset, promised):
-    """How many whole frames uncompressed pixel data holds (its length in bytes, read from the header);
-    compressed data counts as `promised` (its decoder says what is missing)."""
+def pydicom_frames(path, dataset, wanted):
+    """pydicom's decoding of the `wanted` frames (None: all), read from the file one at a time (bounded
+    memory), or from the data set already read where the file cannot be read frame by frame: a deflated file
+    (inflated only in memory), encapsulated data whose offset table pydicom's frame reader rejects, and
+    native YBR_FULL_422, whose frames pydicom's frame reader miscounts (3 bytes a pixel, not 2) but its
+    whole-array decoding reads right."""
+    from pydicom.pixels import iter_pixels
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if dataset.get("PhotometricInterpretation") == "YBR_FULL_422" and not syntax.is_compressed:
+        array = dataset.pixel_array  # (frames, H, W, 3), or (H, W, 3) for one frame
+        frames = array if int(dataset.get("NumberOfFrames") or 1) > 1 else array[None]
+        yield from (frames[i] for i in (range(len(frames)) if wanted is None else wanted))
+        return
+    if syntax == DeflatedExplicitVRLittleEndian:
+        yield from iter_pixels(dataset, indices=wanted)
+        return
+    from_file = iter_pixels(path, indices=wanted)
+    try:
+        first = next(from_file)
+    except StopIteration:
+        return
+    except ValueError:
+        yield from iter_pixels(dataset, indices=wanted)
+        return
+    yield first
+    yield from from_file
+
+
+def frames_held(path, dataset, promised):
+    """How many whole frames uncompressed pixel data holds (the bytes the file holds of it, read from its
+    header and the file's size); compressed data counts as `promised` (dicom_views counts the frames its
+    decoder gives)."""
     syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
     if "PixelData" not in dataset or (syntax is not None and syntax.is_compressed):
         return promised
     samples = int(dataset.get("SamplesPerPixel") or 1)
+    if dataset.get("PhotometricInterpretation") == "YBR_FULL_422":
+        samples = 2  # 4:2:2 stores two values a pixel: Y for each, Cb and Cr for each pair (PS3.3 C.7.6.3.1.2)
     frame_bits = dataset.Rows * dataset.Columns * samples * int(dataset.BitsAllocated)
-    element = dataset.get_item("PixelData")  # deferred: a RawDataElement knows its length unread
-    length = element.length if hasattr(element, "length") else len(element.value or b"")
-    return length * 8 // frame_bits if frame_bits else promised
+    return bytes_held(path, dataset) * 8 // frame_bits if frame_bits else promised
+
+
+def bytes_held(path, dataset):
+    """The bytes of PixelData in the file: what its header says, or less where the file ends first."""
+    element = dataset.get_item("PixelData")
+    if getattr(element, "value", None) is not None:  # read already: pydicom read what the file held
+        return len(element.value)
+    # deferred: a RawDataElement knows its length and where its value starts without reading it
+    return max(0, min(element.length, os.path.getsize(path) - element.value_tell))
 
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # the transfer syntax of JPEG Baseline (Process 1), 8 bits
@@ -440,9 +516,11 @@ def colour(dataset):
         table = apply_color_lut(np.arange(first, first + (entries or 65536)), dataset)
         # some write 8-bit values in 16
         lut_bits = 16 if table.dtype == np.uint16 and table.max() > 255 else 8
-        return lambda a: data.scale_to_8bit(apply_color_lut(a, dataset)[..., :3], lut_bits)[0], (
-            f"PALETTE COLOR through its {lut_bits}-bit lookup tables"
-        )
+
+        def through_palette(array):
+            return data.scale_to_8bit(apply_color_lut(array, dataset)[..., :3], lut_bits)[0]
+
+        return through_palette, f"PALETTE COLOR through its {lut_bits}-bit lookup tables"
     signed = int(dataset.get("PixelRepresentation") or 0) == 1
 
     def to_rgb(array):
@@ -457,6 +535,11 @@ def colour(dataset):
     if photometric.startswith("YBR"):
         by = "the JPEG 2000 decoder" if photometric in JPEG_2000_ONLY else "pydicom"
         how = f"{photometric} -> RGB ({by}, once)"
+    if "PixelData" not in dataset:  # FloatPixelData or DoubleFloatPixelData
+        return (
+            to_rgb,
+            how + ", float: [0, 1] x 255, [0, 255] kept, any other range stretched per frame",
+        )
     return to_rgb, how + (f", {bits}-bit scaled to 8" if bits != 8 else "")
 
 
@@ -591,10 +674,11 @@ def describe(path, kind, views, save_frames="", taken=None):
             with configurator.atomic_path(target) as tmp:
                 view.image.save(tmp, format="PNG")
     if first is None:
-        return f"{path}: no frames"
+        return f"{escaped(path)}: no frames"
     shape = "whole frame" if regions == {-1} else f"regions {sorted(regions)}"
-    text = f"{path}: {kind}, {len(frames)} frames, {first.image.width}x{first.image.height} {first.image.mode}, "
-    text += f"{first.pixels}; {shape}; pixel size {', '.join(sorted(sizes))}"
+    size = f"{first.image.width}x{first.image.height} {first.image.mode}"
+    text = f"{escaped(path)}: {kind}, {len(frames)} frames, {size}, {first.pixels}; {shape}; "
+    text += f"pixel size {', '.join(sorted(sizes))}"
     return text + (f"; {first.spacing_note}" if first.spacing_note else "")
 
 
@@ -628,9 +712,9 @@ def main(arguments):
                 f"scans.py: {config['save_frames']}: cannot write the frames ({error.strerror})"
             ) from None
     for path, why in skipped:
-        print(f"skipped {path}: {why}")
+        print(f"skipped {escaped(path)}: {why}")
     for path, why in ignored:
-        print(f"ignored {path}: {why}")
+        print(f"ignored {escaped(path)}: {why}")
     print(f"{read_files} scans read, {len(skipped)} skipped, {len(ignored)} ignored")
     return found, ignored, skipped
 
