@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import re
+import zipfile
 from collections import OrderedDict
 
 import timm
@@ -364,6 +365,8 @@ def with_prefix(state_dict, prefix, strip=""):
 
 def read_checkpoint(path):
     """The file's tensors and metadata; never runs code (`weights_only=True`)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a checkpoint file (give the .pt file inside it)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
@@ -371,13 +374,31 @@ def read_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, truncated files, or not a torch file at all
-        reason = str(error).strip().splitlines()[0][:200]
         raise ValueError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({reason})"
+            f"{path}: cannot be read as a weights-only torch checkpoint ({why_not_loaded(path, error)})"
         ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(checkpoint).__name__}")
     return checkpoint
+
+
+def why_not_loaded(path, error):
+    """torch.load's refusal in one line of our own: its messages run to paragraphs and advise
+    weights_only=False, which would run the file's code."""
+    needs_code = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(error))
+    if needs_code:
+        return (
+            f"it holds a Python object, {needs_code.group(1)}, that only running code can rebuild"
+        )
+    with open(path, "rb") as file:
+        head = file.read(8)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "an incomplete zip archive: an interrupted copy or save?"
+    if not head.startswith((b"PK", b"\x80")):  # a zip archive, or an old torch file (a pickle)
+        return f"not a torch file: it starts with {head!r}"
+    if "Weights only load failed" in str(error):
+        return "it holds more than tensors and plain types, and only running code can rebuild it"
+    return str(error).strip().splitlines()[0][:200]
 
 
 def unwrap_state_dict(checkpoint):
