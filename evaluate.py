@@ -312,6 +312,8 @@ def read_prompts(path, context_length=data.CONTEXT_LENGTH):
             f"{path}: expected a JSON object {{class: [prompt, ...]}} with two classes or more"
         )
     for name, texts in prompts.items():
+        if not name.strip():
+            raise ValueError(f"{path}: a class is named {name!r}; give every class a name")
         if not (
             isinstance(texts, list)
             and texts

@@ -66,7 +66,7 @@ ENCODER_TOLERANCE = 1e-5
 QUEUE_DEPTH = 2  # batches decoded and preprocessed ahead of the encoder
 # across the smallest head the protocol measures (HC 100 mm)
 HEAD_MIN_MM = protocol.HC_MIN / math.pi
-PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av")
+PACKAGES = ("torch", "timm", "numpy", "pillow", "pydicom", "av", "onnx", "onnxruntime")
 OUTPUTS = ("predictions.json", "predictions.csv", "timelines")  # all of out_dir, replaced as one
 
 # ------------------------------------------------------------------ classes and prompts
@@ -223,7 +223,9 @@ def onnx_encoder_session(fused, sha256, cache_dir=""):
     import export
 
     folder = Path(cache_dir or evaluate.cache_folder()) / "onnx"
-    path, key = folder / f"{sha256}-{fused.name}.onnx", {"sha256": sha256, "model": fused.name}
+    # the exporter's version too: a file written by another torch is exported again
+    key = {"sha256": sha256, "model": fused.name, "torch": torch.__version__}
+    path = folder / f"{sha256}-{fused.name}.onnx"
     if path.is_file():
         try:
             session = export.onnx_session(path)
@@ -459,7 +461,8 @@ def csv_line(row):
     top = row["top"] + [[None, None]] * (3 - len(row["top"]))
     line = {k: row.get(k) for k in CSV_COLUMNS}
     line.update(p=top[0][1], second=top[1][0], p2=top[1][1], third=top[2][0], p3=top[2][1])
-    line["note"] = "; ".join(filter(None, [row.get("spacing_note"), row.get("ga_note")]))
+    notes = dict.fromkeys(filter(None, [row.get("spacing_note"), row.get("ga_note")]))  # each once
+    line["note"] = "; ".join(notes)
     return line | {f"p_{name}": p for name, p in row["probs"].items()}
 
 
@@ -538,6 +541,7 @@ def provenance(config, net, classifier, sha256):
             "classes": classifier.prompts,
         },
         "pixel_size_mm": config["pixel_size"] if config["pixel_size"] > 0 else None,
+        "encoder": config["encoder"],
         "versions": configurator.package_versions(PACKAGES),
     }
 
@@ -581,8 +585,20 @@ def check(config):
     if config["batch_size"] < 1:
         raise ValueError(f"--batch_size={config['batch_size']}: expected at least 1")
     if config["prompts"]:
-        evaluate.read_prompts(config["prompts"])
+        check_class_names(evaluate.read_prompts(config["prompts"]), config["prompts"])
+    if not config["out_dir"]:
+        raise ValueError("--out_dir is empty: expected a folder for the predictions")
     check_folders(config["out_dir"], config["save_frames"])
+
+
+def check_class_names(prompts, path):
+    """A class whose CSV column (p_NAME) would be one of the CSV's own columns: refused, naming it."""
+    clashes = [name for name in prompts if f"p_{name}" in CSV_COLUMNS]
+    if clashes:
+        raise ValueError(
+            f"{path}: class {clashes[0]!r} would write column p_{clashes[0]}, which predictions.csv already "
+            "has; rename the class"
+        )
 
 
 def check_folders(out_dir, save_frames):
@@ -614,7 +630,7 @@ def run(config):
     net = load_model(config["ckpt"], config["model"]).to(device).eval()
     if config["prompts"]:  # against this model's text context
         evaluate.read_prompts(config["prompts"], net.context_length)
-    found, ignored, skipped = scans.find(config["paths"])
+    found, ignored, skipped = scans.find(config["paths"], exclude=own_folders(config))
     print(
         f"{config['ckpt']}: {net.name} on {device}; {len(found)} scans, {len(ignored)} other files ignored"
     )
@@ -644,6 +660,17 @@ def run(config):
             f"no frame was predicted ({len(skipped)} files skipped, {len(ignored)} ignored; see {out})"
         )
     return rows, clips, skipped, ignored
+
+
+def own_folders(config):
+    """predict.py's own output folders: never read as scans, even under a folder of scans (a second run
+    would classify the first run's timelines and frames)."""
+    folders = {config["out_dir"]: "predict.py's output folder (--out_dir), not read"}
+    if config["save_frames"]:
+        folders[config["save_frames"]] = (
+            "predict.py's folder of model inputs (--save_frames), not read"
+        )
+    return folders
 
 
 def main(arguments):

@@ -362,6 +362,12 @@ def test_an_onnx_encoder_of_another_checkpoint_is_never_used(
     eager, _, _, _ = run(other, scans_folder, f"--out_dir={tmp_path / 'out'}", "--encoder=eager")
     for fast, reference in zip(rows, eager):
         assert fast["probs"] == pytest.approx(reference["probs"], abs=1e-5, rel=0)
+    # a file whose exporter's version is not this torch's (here: not said, as before it was) is exported again
+    (exported,) = (tmp_path / "cache" / "onnx").iterdir()
+    predict.stamp(exported, {"sha256": sha256, "model": "demo_student"})
+    capsys.readouterr()
+    run(other, scans_folder, f"--out_dir={tmp_path / 'out'}")
+    assert "exporting the image encoder" in capsys.readouterr().out
 
 
 def test_frames_prefetched_in_a_thread_keep_their_order_and_its_errors_reach_the_caller():
@@ -374,3 +380,77 @@ def test_frames_prefetched_in_a_thread_keep_their_order_and_its_errors_reach_the
         for item in predict.prefetched(produced(), depth=2):
             received.append(item)
     assert received == list(range(5))
+
+
+# ------------------------------------------------------------------ read once, written where asked
+
+
+def test_a_run_inside_the_folder_it_reads_never_reads_its_own_outputs_or_a_file_twice(
+    student, tmp_path
+):
+    """Before: a second run classified the first run's timelines and frames as scans, and a file named
+    twice became a clip of twice its frames (an image, a 2-frame clip)."""
+    folder = cine_and_still(tmp_path / "scans")
+    out, frames = folder / "predictions", folder / "frames"
+    options = [folder, folder / "still.png", f"--out_dir={out}", f"--save_frames={frames}"]
+    first, first_clips, _, _ = run(student, *options)
+    second, clips, skipped, ignored = run(student, *options)
+    assert [(r["file"], r["frame"]) for r in second] == [(r["file"], r["frame"]) for r in first]
+    assert len(second) == 6 and [c["frames"] for c in clips] == [5] and not skipped
+    assert ignored == [
+        {
+            "file": str(frames),
+            "reason": "predict.py's folder of model inputs (--save_frames), not read",
+        },
+        {"file": str(out), "reason": "predict.py's output folder (--out_dir), not read"},
+        {
+            "file": str(folder / "still.png"),
+            "reason": f"the same file as {folder / 'still.png'}, read there once",
+        },
+    ]
+    document = json.loads((out / "predictions.json").read_text())
+    assert document["produced_by"]["encoder"] == "onnx"
+    assert document["produced_by"]["versions"]["onnxruntime"]
+
+
+def test_out_dir_through_a_link_replaces_the_folder_it_points_to(student, tmp_path):
+    """Before: the link itself was replaced by a folder, then the run failed saying the folder was left as
+    it was."""
+    Image.fromarray(scan()).save(tmp_path / "a.png")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "results")
+    for _ in range(2):  # the second run replaces the first's set, through the link again
+        run(student, tmp_path / "a.png", f"--out_dir={tmp_path / 'link'}")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path / "results")) == sorted(predict.OUTPUTS)
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "link", "results"]
+
+
+def test_class_names_and_an_empty_out_dir_that_cannot_work_are_refused_before_any_work(tmp_path):
+    """Before: a class 'subplane' wrote a second p_subplane column over the sub-plane's, a class '' a column
+    'p_', and --out_dir= failed after every scan was predicted. The checkpoint is missing: these come first."""
+    Image.fromarray(scan()).save(tmp_path / "a.png")
+    (tmp_path / "sub.json").write_text(json.dumps({"subplane": ["a"], "abdomen": ["b"]}))
+    (tmp_path / "blank.json").write_text(json.dumps({" ": ["a"], "abdomen": ["b"]}))
+    cases = [
+        ("--out_dir=", "--out_dir is empty: expected a folder for the predictions"),
+        (
+            f"--prompts={tmp_path / 'sub.json'}",
+            "class 'subplane' would write column p_subplane, which predictions.csv already has",
+        ),
+        (f"--prompts={tmp_path / 'blank.json'}", "a class is named ' '; give every class a name"),
+    ]
+    for flag, message in cases:
+        with pytest.raises(SystemExit, match=f"^predict.py: .*{re.escape(message)}"):
+            run(tmp_path / "missing.pt", tmp_path / "a.png", flag)
+
+
+def test_a_note_is_written_once_where_the_spacing_is_why_there_is_no_ga(brain_student, tmp_path):
+    """Before: 'the file carries no calibration (give pixel_size); the file carries no calibration ...'."""
+    Image.fromarray(scan()).save(tmp_path / "a.png")
+    run(brain_student, tmp_path / "a.png", f"--out_dir={tmp_path / 'out'}")
+    (line,) = csv.DictReader(open(tmp_path / "out" / "predictions.csv"))
+    assert (line["label"], line["note"]) == (
+        "brain",
+        "the file carries no calibration (give pixel_size)",
+    )
