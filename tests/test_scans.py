@@ -501,3 +501,23 @@ def test_scans_prints_a_name_that_is_not_utf8_escaped(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{tmp_path}/caf\\xe9.png: image, 1 frames" in out
     out.encode("utf-8")  # strict: no lone surrogate left
+
+
+def test_float_dicom_pixels_say_how_they_were_scaled(tmp_path):
+    """Before: 'MONOCHROME2, 32-bit scaled to 8', while the range was stretched as data.scale_to_8bit does."""
+    frame = np.random.default_rng(4).integers(0, 256, (20, 30), dtype=np.uint8)
+    dataset = pydicom.dcmread(write_dicom(tmp_path / "float.dcm", frame))
+    del dataset.PixelData, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation
+    dataset.BitsAllocated, dataset.FloatPixelData = (
+        32,
+        (frame * 4.0 - 100).astype(np.float32).tobytes(),
+    )
+    dataset.save_as(tmp_path / "float.dcm")
+    (view,) = views(tmp_path / "float.dcm")
+    assert np.array_equal(
+        np.asarray(view.image), frame
+    )  # 0..255 * 4 - 100 stretched back to 0..255
+    assert (
+        view.pixels
+        == "MONOCHROME2, float: [0, 1] x 255, [0, 255] kept, any other range stretched per frame"
+    )
