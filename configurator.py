@@ -233,6 +233,18 @@ def check_folder(path, flag):
             return
 
 
+def check_replaceable(path, flag, names, writer):
+    """A folder a command replaces as a whole (predict.py's and synthetic.py's --out_dir): new, or holding
+    only what `writer` writes there (`names`); anything else in it is refused before any work, naming it."""
+    check_folder(path, flag)
+    foreign = sorted(set(os.listdir(path)) - set(names)) if os.path.isdir(path) else []
+    if foreign:
+        raise ValueError(
+            f"{flag}={path} holds files {writer} did not write ({', '.join(foreign[:3])}), and it is "
+            "replaced as a whole: give a new or empty folder"
+        )
+
+
 def file_sha256(path):
     """The sha256 of a file, read in 16 MiB blocks: which checkpoint (or teacher) produced a result."""
     digest = hashlib.sha256()

@@ -604,15 +604,9 @@ def check_class_names(prompts, path):
 def check_folders(out_dir, save_frames):
     """--out_dir and --save_frames, before any work: folders, not files; out_dir holds only what predict.py
     writes (it is replaced as a whole), and save_frames lies outside it."""
-    configurator.check_folder(out_dir, "--out_dir")
+    configurator.check_replaceable(out_dir, "--out_dir", OUTPUTS, "predict.py")
     if save_frames:
         configurator.check_folder(save_frames, "--save_frames")
-    foreign = sorted(set(os.listdir(out_dir)) - set(OUTPUTS)) if os.path.isdir(out_dir) else []
-    if foreign:
-        raise ValueError(
-            f"--out_dir={out_dir} holds files predict.py did not write ({', '.join(foreign[:3])}), and it is "
-            "replaced as a whole: give a new or empty folder"
-        )
     inside = os.path.realpath(save_frames).startswith(os.path.realpath(out_dir) + os.sep)
     if save_frames and inside:
         raise ValueError(

@@ -56,6 +56,23 @@ def test_a_generation_killed_half_way_leaves_nothing_to_reuse(tmp_path, monkeypa
     assert len(os.listdir(tmp_path)) == 1
 
 
+def test_an_out_dir_holding_other_files_is_refused_not_replaced(tmp_path):
+    """Before: --out_dir=my_data replaced the whole folder, the user's files with it."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    sizes = [f"--{k}={v}" for k, v in TINY.items()]
+    with pytest.raises(
+        SystemExit, match="did not write \\(notes.txt\\), and it is replaced as a whole"
+    ):
+        synthetic.main([f"--out_dir={tmp_path / 'mine'}", *sizes])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    with pytest.raises(SystemExit, match="notes.txt is a file, not a folder"):
+        synthetic.main([f"--out_dir={tmp_path / 'mine' / 'notes.txt'}", *sizes])
+    synthetic.main([f"--out_dir={tmp_path / 'demo'}", *sizes])
+    synthetic.main([f"--out_dir={tmp_path / 'demo'}", *sizes])  # its own folder: replaced
+    assert sorted(os.listdir(tmp_path / "demo")) == ["hc18", "planes", "scans", "shards"]
+
+
 def test_generator_writes_the_real_formats(tmp_path):
     synthetic.generate(str(tmp_path), seed=0, **TINY)
     rows = protocol.read_planes_db(tmp_path / "planes")

@@ -677,8 +677,12 @@ def main(arguments):
     grid_path = settings.pop("grid")
     if grid_path:
         draw_grid(grid_path, settings["seed"], size=settings["input_size"])
-    else:
-        generate(**settings)
+        return
+    with configurator.user_errors("synthetic.py"):  # out_dir is replaced as a whole
+        configurator.check_replaceable(
+            settings["out_dir"], "--out_dir", layout("").values(), "synthetic.py"
+        )
+    generate(**settings)
 
 
 if __name__ == "__main__":
