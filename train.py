@@ -197,6 +197,19 @@ augment_seed = seed if augment_seed < 0 else augment_seed
 if batch_size % world_size:
     raise SystemExit(f"--batch_size={batch_size} must be divisible by the {world_size} processes")
 torch.manual_seed(seed + rank)
+with configurator.user_errors("train.py"):
+    configurator.check_folder(out_dir, "--out_dir")
+# a new run never writes over another's checkpoints, nor leaves its best.pt beside its own
+held = [
+    f
+    for f in (configurator.CHECKPOINT, configurator.BEST)
+    if os.path.exists(os.path.join(out_dir, f))
+]
+if held and not resume:
+    raise SystemExit(
+        f"--out_dir={out_dir} holds a run already ({', '.join(held)}): --resume=True continues it; a new "
+        "run needs another --out_dir (or those files deleted)"
+    )
 os.makedirs(out_dir, exist_ok=True)
 
 # ------------------------------------------------------------------ data
@@ -423,6 +436,21 @@ def best_of(saved):
     return saved.get("best_score", saved.get("best_avg"))
 
 
+def best_of_this_run(run_config):
+    """out_dir/best.pt, refused when another run wrote it (its settings differ beyond RESUMABLE)."""
+    best = torch.load(best_path, weights_only=True, mmap=True)
+    other = [
+        f"{k} {v!r} -> {run_config.get(k)!r}"
+        for k, v in best["config"].items()
+        if k not in RESUMABLE and run_config.get(k) != v
+    ]
+    if other:
+        raise SystemExit(
+            f"--resume=True: {best_path} is another run's ({', '.join(other[:3])}); move it away to resume"
+        )
+    return best
+
+
 resumed_changes = {}
 if resume:
     with configurator.user_errors("--resume=True"):
@@ -454,7 +482,7 @@ if resume:
     best_score, applied_steps = best_of(checkpoint), checkpoint["applied_steps"]
     # written after ckpt.pt when that epoch's evaluation found a new best
     if os.path.exists(best_path):
-        best_score = max(best_score, best_of(torch.load(best_path, weights_only=True, mmap=True)))
+        best_score = max(best_score, best_of(best_of_this_run(checkpoint["config"])))
     torch.set_rng_state(checkpoint["rng"])
     if max_steps > 0 and opt_step >= max_steps:
         raise SystemExit(f"--resume=True: {ckpt_path} has run its --max_steps={max_steps} already")
@@ -527,9 +555,34 @@ def all_finite(value):
     return bool(finite)
 
 
+def keep_records_until(checkpoint_step, checkpoint_epoch):
+    """log.jsonl as of ckpt.pt: what a killed run logged after its last checkpoint goes, since those steps
+    run again (else every plot of the log would go back on itself)."""
+    with open(log_path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if not logged_after(line, checkpoint_step, checkpoint_epoch)]
+    if len(kept) < len(lines):
+        configurator.write_atomic(log_path, "".join(kept))
+        print(
+            f"{log_path}: {len(lines) - len(kept)} records after {ckpt_path} dropped (run again now)"
+        )
+
+
+def logged_after(line, checkpoint_step, checkpoint_epoch):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # the last line of a run killed while writing it
+        return True
+    if "skipped" in record:  # written at an epoch's end, before its ckpt.pt
+        return record["epoch"] >= checkpoint_epoch
+    return record.get("step", -1) > checkpoint_step
+
+
 if master:
     if not resume and os.path.exists(log_path):
         os.remove(log_path)
+    if resume and os.path.exists(log_path):
+        keep_records_until(step, start_epoch)
     if wandb_log:
         import wandb
 

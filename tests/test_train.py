@@ -250,6 +250,7 @@ def test_an_interrupted_demo_teacher_is_finished_before_it_teaches(bench, tmp_pa
         *common(bench, out, "--epochs=1", "--demo_teacher_epochs=2", "--eval_every=0")
     )
     assert "resuming the demo teacher first" in process.stdout and epochs_done() == 2
+    (out / "ckpt.pt").unlink()  # a new student run in the same folder, beside the same demo teacher
     changed = run_train(
         *common(bench, out, "--epochs=1", "--demo_teacher_epochs=3", "--eval_every=0"), check=False
     )
@@ -314,9 +315,24 @@ def test_resume_continues_exactly(bench, demo_run):
         )
         assert refused.returncode != 0 and "was trained with other settings" in refused.stderr
         assert listed in refused.stderr and "only log_interval, eval_every" in refused.stderr
+    # a new run in its folder, and another run's best.pt beside its ckpt.pt: refused, nothing written
+    fresh = run_train(*common(bench, bench / "resumed", *flags), check=False)
+    assert "holds a run already (ckpt.pt): --resume=True continues it" in fresh.stderr
+    shutil.copy(
+        out / "best.pt", bench / "resumed" / "best.pt"
+    )  # the demo's: mode, epochs, ... differ
+    stale = run_train(*common(bench, bench / "resumed", *flags, "--resume=True"), check=False)
+    assert f"--resume=True: {bench / 'resumed' / 'best.pt'} is another run's (" in stale.stderr
+    (bench / "resumed" / "best.pt").unlink()
+    # what a run killed later would have logged after its checkpoint, the last line cut short
+    with open(bench / "resumed" / "log.jsonl", "a") as log:
+        log.write(
+            '{"step": 9, "loss": 0, "killed": 1}\n{"step": 10, "loss": 0, "killed": 1}\n{"step"'
+        )
     resumed = run_train(
         *common(bench, bench / "resumed", *flags, "--log_interval=2", "--resume=True")
     )
+    assert "3 records after" in resumed.stdout
     assert "resuming" in resumed.stdout and "log_interval 1 -> 2" in resumed.stdout  # allowed, said
     assert_same_weights(bench / "straight" / "ckpt.pt", bench / "resumed" / "ckpt.pt")
     state = torch.load(bench / "resumed" / "ckpt.pt", map_location="cpu", weights_only=True)
@@ -325,6 +341,9 @@ def test_resume_continues_exactly(bench, demo_run):
         json.loads(line) for line in (bench / "resumed" / "log.jsonl").read_text().splitlines()
     ]
     assert {"resumed": 1, "changed": {"log_interval": [1, 2]}} in records
+    # each step logged once, in order (before: the killed run's steps 9 and 10, then 9 to 16 again)
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == list(range(1, 9)) + [10, 12, 14, 16]
     checkpoint = bench / "resumed" / "ckpt.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a save cut short by a full disk, say
     truncated = run_train(*common(bench, bench / "resumed", *flags, "--resume=True"), check=False)
