@@ -3,6 +3,7 @@ called as a user would call it, one demo teacher for every student."""
 
 import ast
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -188,6 +189,14 @@ def test_names_are_checked_in_one_line(tmp_path, monkeypatch):
         sweep.main(["--students=demo_student,demo_studnt"])
     with pytest.raises(SystemExit, match="--teacher=fetalclip needs --teacher_ckpt=PATH"):
         sweep.main(["--teacher=fetalclip"])
+    # before: the later flag won, so every row (or seed) was the same run under its own label; and
+    # --eval_every=0 ended in a traceback after the first run
+    for flag in ("--mode=coupled", "--seed=5", "--eval_every=0", "--max_steps=3"):
+        with pytest.raises(
+            SystemExit, match=f"--train_flags sets {flag.split('=')[0]}, which the sweep"
+        ):
+            sweep.main([f"--train_flags=--epochs=2 {flag}"])
+    assert os.listdir(tmp_path) == []  # refused before any run
 
 
 def test_the_teachers_epochs_are_train_pys():

@@ -69,6 +69,24 @@ METRICS = {
     "Avg": ("avg",),
 }
 PAIRED = ("selective", "static")  # the paper's claim: selective beats static KD (Table 3)
+# train.py settings the sweep sets itself (a row's, a seed's, where a run lives) or reads its runs by: not
+# for --train_flags, where the later flag would win and every row or seed would be the same run
+SWEEP_SETS = (
+    "mode",
+    "lambda0",
+    "beta0",
+    "r",
+    "smoothing",
+    "feature_kd",
+    "student",
+    "teacher",
+    "teacher_ckpt",
+    "seed",
+    "out_dir",
+    "resume",
+    "eval_every",
+    "max_steps",
+)
 
 
 def finished(folder):
@@ -94,6 +112,17 @@ def finished(folder):
 def read_log(folder):
     with open(os.path.join(folder, configurator.LOG)) as f:
         return [json.loads(line) for line in f]
+
+
+def check_train_flags(train_flags):
+    """--train_flags may not set what the sweep sets: refused before any run, naming the flag."""
+    for flag in train_flags.split():
+        key = flag.removeprefix("--").split("=")[0]
+        if key in SWEEP_SETS:
+            raise SystemExit(
+                f"sweep.py: --train_flags sets --{key}, which the sweep sets itself or reads its runs by "
+                f"({', '.join(SWEEP_SETS)}); --rows, --seeds, --teacher_ckpt and --teacher_epochs choose them"
+            )
 
 
 def run(folder, flags, about, config):
@@ -370,6 +399,7 @@ def main(arguments):
     chosen = names(config, "rows", ROWS) or list(ROWS)
     names(config, "teacher", model.MODEL_CONFIGS)
     seed_list = [configurator.parse("seeds", s, 0) for s in config["seeds"].split(",")]
+    check_train_flags(config["train_flags"])
     if not student_list:
         raise SystemExit("--students: expected at least one model.py name")
     if not config["teacher_ckpt"] and config["teacher"] != "demo_teacher":
