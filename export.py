@@ -461,6 +461,7 @@ def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
     with configurator.user_errors("export.py"):
         formats = formats_of(config)
+        configurator.check_folder(config["out_dir"], "--out_dir")
         net = student_of(config)
         options = [config[k] for k in ("zero_shot_head", "text", "tolerance")]
         written, _, _ = export(net, config["ckpt"], config["out_dir"], formats, *options)

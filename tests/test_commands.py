@@ -38,6 +38,11 @@ MISTAKES = {  # a command line (after `python`) with a user's mistake -> what it
     f"predict.py nowhere.pt scans/ --out_dir={README}": f"predict.py: --out_dir={README}: {README} is a file, not",
     f"predict.py nowhere.pt scans/ --save_frames={README}/x": f"--save_frames={README}/x: {README} is a file, not",
     f"evaluate.py nowhere.pt --task=t/ --out_dir={README}": f"evaluate.py: --out_dir={README}: {README} is a file",
+    # before: a FileExistsError traceback, in analysis.py after all the work
+    f"export.py nowhere.pt --out_dir={README}": f"export.py: --out_dir={README}: {README} is a file",
+    f"-m tools.quantize nowhere.pt --out_dir={README}/x": f"quantize: --out_dir={README}/x: {README} is a file",
+    f"-m tools.analysis nowhere.pt --out_dir={README}": f"analysis.py: --out_dir={README}: {README} is a file",
+    f"train.py --out_dir={README}": f"train.py: --out_dir={README}: {README} is a file",
 }
 
 

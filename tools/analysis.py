@@ -493,6 +493,7 @@ def main(arguments):
     )
     out_dir = Path(config["out_dir"] or ckpt.parent / f"{ckpt.stem}_analysis")
     try:
+        configurator.check_folder(out_dir, "--out_dir")  # before the work, not after it
         net = load_model(str(ckpt), config["model"]).to(device).eval()
         if config["probe"]:
             results = probe_folder(net, config, device)

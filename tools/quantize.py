@@ -400,6 +400,7 @@ def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
     with configurator.user_errors("quantize"):
         formats = export.formats_of(config)
+        configurator.check_folder(config["out_dir"], "--out_dir")
         int8 = settings(config)
         net = export.student_of(config, "quantize")
         options = [config[k] for k in ("zero_shot_head", "text", "tolerance")]
