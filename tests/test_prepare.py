@@ -239,10 +239,12 @@ def test_csv_conventions_and_one_line_errors(pairs, tmp_path):
 
 
 def test_a_row_with_unquoted_separators_is_refused_not_cut(pairs, tmp_path):
-    """Before: the caption stored as 'caption one', the rest of the row dropped, 0 refused."""
+    """Before: the caption stored as 'caption one', the rest of the row dropped, 0 refused. A blank row is
+    skipped but counted, so rows are named as a spreadsheet numbers them (before: one less after it)."""
     plain, scan = pairs / "images/plain.png", pairs / "images/scan.jpg"
     rows = [
         "filepath,title",
+        "",
         f"{plain},caption one,EXTRA,MORE",
         f'{scan},"a quoted, whole caption"',
     ]
@@ -250,14 +252,14 @@ def test_a_row_with_unquoted_separators_is_refused_not_cut(pairs, tmp_path):
     report = prepare.prepare(str(tmp_path / "pairs.csv"), str(tmp_path / "shards"))
     assert report["refusals"] == [
         {
-            "row": 2,
+            "row": 3,
             "file": str(plain),
             "reason": "too many cells",
             "detail": "4 cells for the header's 2: quote a caption holding ','",
         }
     ]
     assert read_shard(tmp_path / "shards/train-000000.tar")[1] == (
-        "000000003.txt",
+        "000000004.txt",
         b"a quoted, whole caption",
     )
 

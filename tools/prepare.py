@@ -110,12 +110,15 @@ def csv_entries(path, img_key, caption_key, separator):
         # the columns, as every CSV is checked
         data.read_csv(path, separator, (img_key, caption_key))
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [cells for cells in csv.reader(f, delimiter=separator) if cells]  # as DictReader
+            # (row number as a spreadsheet shows it, cells); blank rows are skipped, as DictReader does,
+            # but still counted
+            numbered = enumerate(csv.reader(f, delimiter=separator), start=1)
+            rows = [(number, cells) for number, cells in numbered if cells]
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    header = [name.strip() for name in rows[0]]
+    header = [name.strip() for name in rows[0][1]]
     folder, entries = os.path.dirname(os.path.abspath(path)), []
-    for row, cells in enumerate(rows[1:], start=2):  # the header is row 1
+    for row, cells in rows[1:]:
         # short rows: empty cells, as csv.DictReader
         cells = cells + [""] * (len(header) - len(cells))
         named = {key: cells[header.index(key.strip())].strip() for key in (img_key, caption_key)}
