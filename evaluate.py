@@ -38,6 +38,7 @@ from protocol import (
     HC_MIN,
     PROMPTS,
     SCALE,
+    SPLITS,
     classification_metrics,
     decode_all,
     ga_validity,
@@ -652,6 +653,14 @@ def run(config):
 
 def main(arguments):
     config = configurator.configure(dict(DEFAULTS), arguments, positional="ckpt")
+    configurator.refuse(
+        config,
+        [
+            configurator.choice("eval_split", config["eval_split"], SPLITS),
+            ("batch_size", config["batch_size"] >= 1, "at least 1"),
+            ("num_workers", config["num_workers"] >= 0, "0 or more"),
+        ],
+    )
     try:
         return run(config)
     except (FileNotFoundError, ValueError) as error:  # the user's files: one line, no traceback

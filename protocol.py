@@ -184,12 +184,16 @@ def read_hc18(root):
 # ------------------------------------------------------------------ splits and rows
 
 
+# --eval_split: 'all' = the published protocol; 'select' / 'report' = patient-disjoint 20 / 80 parts
+SPLITS = ("all", "select", "report")
+
+
 def select_split(patient, split):
     """'all' = the published protocol; 'select' / 'report' = a patient-disjoint 20 / 80 split, fixed
     by a hash of the patient id, for choosing checkpoints on data the report never sees."""
     if split == "all":
         return True
-    if split not in ("select", "report"):
+    if split not in SPLITS:
         raise ValueError(f"eval_split must be 'all', 'select' or 'report', got {split!r}")
     return (zlib.crc32(str(patient).encode()) % 5 == 0) == (split == "select")
 

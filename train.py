@@ -30,6 +30,7 @@ from tqdm import tqdm
 import configurator
 import data
 import evaluate
+import protocol
 from loss import KD_MODES, distill_loss, feature_kd_loss
 from model import (
     MODEL_CONFIGS,
@@ -131,7 +132,7 @@ rules = [  # (setting, holds, expected): checked before anything runs, after eve
     configurator.choice("student", student, MODEL_CONFIGS),
     configurator.choice("teacher", teacher, MODEL_CONFIGS),
     configurator.choice("dtype", dtype, ("", "float32", "bfloat16", "float16")),
-    configurator.choice("eval_split", eval_split, ("all", "select", "report")),
+    configurator.choice("eval_split", eval_split, protocol.SPLITS),
     ("batch_size", batch_size > 0, "a positive number of pairs"),
     ("grad_accum", grad_accum > 0, "at least 1"),
     ("epochs", epochs > 0, "at least 1"),

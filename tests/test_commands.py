@@ -43,6 +43,9 @@ MISTAKES = {  # a command line (after `python`) with a user's mistake -> what it
     f"-m tools.quantize nowhere.pt --out_dir={README}/x": f"quantize: --out_dir={README}/x: {README} is a file",
     f"-m tools.analysis nowhere.pt --out_dir={README}": f"analysis.py: --out_dir={README}: {README} is a file",
     f"train.py --out_dir={README}": f"train.py: --out_dir={README}: {README} is a file",
+    # before: 'bogus' ran and was recorded as the split; --batch_size=0 encoded a whole task in one batch
+    "evaluate.py x.pt --task=t/ --eval_split=bogus": "--eval_split='bogus': expected one of all, select, report",
+    "evaluate.py x.pt --task=t/ --batch_size=0": "--batch_size=0: expected at least 1",
 }
 
 
