@@ -6,6 +6,7 @@ analysis.py holds the paper's further analyses (Tables 4-5, Figures 2-3).
     python evaluate.py mobile_fetal_clip_weights.pt --planes_dir=FETAL_PLANES_DB --hc18_dir=HC18
     python evaluate.py out/best.pt --eval_split=report               # held-out patients only (see README)
     python evaluate.py out/best.pt --task=my_task/                   # my_task/<class>/ scans + my_task/prompts.json
+                                                                     # -> out/best_task_my_task.json
 
 JSON layout: five_planes.{f1, f1_ci_low, f1_ci_high, accuracy, top2, top3, pooled_*, n, per_class.<name>.{f1,
 recall, n}}, brain_subplanes.{same}, hc18.{validity, valid, n, n_images, excluded, ci_low, ci_high, spearman,
@@ -645,10 +646,18 @@ def run(config):
     )
     results = zero_shot(net, planes_dir, hc18_dir, **kwargs)
     print(format_table(results))
-    out_json = out_dir / f"{ckpt.stem}_zeroshot.json"
+    out_json = out_dir / results_name(ckpt, planes_dir or hc18_dir, tasks)
     configurator.write_atomic(out_json, json.dumps(plain(results), indent=1))
     print(f"wrote {out_json}")
     return results
+
+
+def results_name(ckpt, protocol_ran, tasks):
+    """<ckpt>_zeroshot.json where the protocol ran, <ckpt>_task_<names>.json for tasks alone: evaluating a
+    task never replaces the protocol's results."""
+    if protocol_ran:
+        return f"{ckpt.stem}_zeroshot.json"
+    return f"{ckpt.stem}_task_{'_'.join(task.name for task in tasks)}.json"
 
 
 def main(arguments):

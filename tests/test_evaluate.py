@@ -380,7 +380,9 @@ def test_every_view_of_a_clip_counts_and_the_cli_runs_tasks_alone(tmp_path, monk
     )  # 3 x 2 views
     assert r["selection"] == {"value": r["tasks"]["echo"]["f1"], "rule": "mean task F1"}
     assert len(r["tasks"]["echo"]["ignored"]) == 1 and "Task echo (n=7)" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "best_zeroshot.json").read_text())
+    # its own file: before, best_zeroshot.json, replacing the protocol's results
+    assert not (tmp_path / "best_zeroshot.json").exists()
+    saved = json.loads((tmp_path / "best_task_echo.json").read_text())
     assert saved["tasks"]["echo"]["per_class"]["other"]["n"] == 1
     (folder / "stray").mkdir()
     with pytest.raises(
