@@ -182,7 +182,6 @@ def atomic_path(path):
     in one rename, so a crash never leaves a half-written file (or folder, e.g. a .mlpackage) where a good
     one is expected. The temporary file is flushed to disk first and removed when the block fails. A link
     (out_dir -> elsewhere) is written through: the folder it points to is replaced, the link stays."""
-    # a link is written through: its target is replaced, the link kept
     path = os.path.realpath(os.fspath(path))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:

@@ -6,10 +6,11 @@ and analysis.py --probe read through it; run it alone to check a folder before a
     python -m tools.scans exports/ --save_frames=frames/    # every view of every frame as an 8-bit PNG, to look at
 
 What is read (DICOM PS3.3 C.7.6.3 and C.8.5.5; pydicom decodes, with Pillow's JPEG Baseline and JPEG 2000 codecs):
-- Files and folders (recursively, sorted; linked folders followed, each real folder once, a loop or a second link
-  and hidden folders listed as ignored). Images by extension (PNG, JPEG, TIFF, BMP, WebP, GIF; every page of a
-  multi-page file), video clips by extension (MP4, AVI, MOV, M4V, MKV, WebM; PyAV), DICOM by content (the 'DICM'
-  marker, any extension). Other files are listed as ignored; a scan that cannot be read is skipped with its reason.
+- Files and folders (recursively, sorted; linked folders followed, each real folder and file read once, a loop, a
+  second link or name and hidden folders listed as ignored). Images by extension (PNG, JPEG, TIFF, BMP, WebP, GIF;
+  every page of a multi-page file), video clips by extension (MP4, AVI, MOV, M4V, MKV, WebM; PyAV), DICOM by
+  content (the 'DICM' marker, any extension; a DICOMDIR, an export's index, is ignored). Other files are listed
+  as ignored; a scan that cannot be read is skipped with its reason.
 - Colour as the file means it: pydicom returns YBR (JPEG Baseline's YBR_FULL_422, JPEG 2000's YBR_RCT / YBR_ICT) as
   RGB, converted once; PALETTE COLOR goes through its lookup tables (pydicom's apply_color_lut); MONOCHROME1 is
   inverted; every bit depth other than 8 scales by BitsStored (1 -> 255, 63 of 6 bits -> 255, 4095 of 12 bits -> 255),
@@ -158,8 +159,9 @@ def find(paths, exclude=None):
         if not os.path.exists(item):
             skipped.append((item, "not found"))
             continue
-        if os.path.realpath(item) in excluded:
-            ignored.append((item, excluded[os.path.realpath(item)]))
+        why_excluded = excluded.get(os.path.realpath(item))
+        if why_excluded:
+            ignored.append((item, why_excluded))
             continue
         files = walk(item, ignored, skipped, excluded) if os.path.isdir(item) else [item]
         for path in files:
@@ -383,8 +385,9 @@ def pydicom_frames(path, dataset, wanted):
     from pydicom.pixels import iter_pixels
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if dataset.get("PhotometricInterpretation") == "YBR_FULL_422" and not syntax.is_compressed:
+    syntax = transfer_syntax(dataset)
+    native = syntax is not None and not syntax.is_compressed
+    if dataset.get("PhotometricInterpretation") == "YBR_FULL_422" and native:
         array = dataset.pixel_array  # (frames, H, W, 3), or (H, W, 3) for one frame
         frames = array if int(dataset.get("NumberOfFrames") or 1) > 1 else array[None]
         yield from (frames[i] for i in (range(len(frames)) if wanted is None else wanted))
@@ -404,11 +407,16 @@ def pydicom_frames(path, dataset, wanted):
     yield from from_file
 
 
+def transfer_syntax(dataset):
+    """The file's TransferSyntaxUID (a pydicom UID: .is_compressed, .name), or None where it has no file meta."""
+    return dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+
+
 def frames_held(path, dataset, promised):
     """How many whole frames uncompressed pixel data holds (the bytes the file holds of it, read from its
     header and the file's size); compressed data counts as `promised` (dicom_views counts the frames its
     decoder gives)."""
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    syntax = transfer_syntax(dataset)
     if "PixelData" not in dataset or (syntax is not None and syntax.is_compressed):
         return promised
     samples = int(dataset.get("SamplesPerPixel") or 1)
@@ -440,7 +448,7 @@ def pillow_rgb_frames(path, dataset, frames, wanted):
     (tests/test_scans.py), in a fifth of the time: pydicom's frames of that cine took 10 ms each, Pillow's
     1.9 ms, on 2 loaded cores. JPEG coded in RGB stays with pydicom, which reads the photometric
     interpretation that Pillow does not (Pillow would convert it as YCbCr)."""
-    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID", "")
+    syntax = transfer_syntax(dataset)
     photometric = str(dataset.get("PhotometricInterpretation", ""))
     offset = getattr(dataset.get_item(PIXEL_DATA), "value_tell", None)  # where the file holds them
     if syntax != JPEG_BASELINE or photometric not in PILLOW_YBR or offset is None:
@@ -468,7 +476,7 @@ def check_decoder(dataset):
     """A compressed transfer syntax whose decoder is missing: say which and what decodes it."""
     from pydicom.pixels import get_decoder
 
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    syntax = transfer_syntax(dataset)
     if syntax is None or not syntax.is_compressed:
         return
     try:
@@ -489,7 +497,7 @@ def check_photometric(dataset):
     from pydicom.uid import JPEG2000TransferSyntaxes
 
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    syntax = transfer_syntax(dataset)
     if photometric in JPEG_2000_ONLY and syntax not in JPEG2000TransferSyntaxes:
         carried = syntax.name if syntax is not None else "without a transfer syntax"
         raise Unreadable(

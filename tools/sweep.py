@@ -69,15 +69,18 @@ METRICS = {
     "Avg": ("avg",),
 }
 PAIRED = ("selective", "static")  # the paper's claim: selective beats static KD (Table 3)
-# train.py settings the sweep sets itself (a row's, a seed's, where a run lives) or reads its runs by: not
-# for --train_flags, where the later flag would win and every row or seed would be the same run
+
+
+def setting_of(flag):
+    """'--beta0=2' -> 'beta0'."""
+    return flag.removeprefix("--").split("=")[0]
+
+
+# train.py settings the sweep sets itself (every row's, a seed's, where a run lives) or reads its runs by:
+# not for --train_flags, where the later flag would win and every row or seed would be the same run
+ROW_SETTINGS = sorted({setting_of(flag) for flags in ROWS.values() for flag in flags.split()})
 SWEEP_SETS = (
-    "mode",
-    "lambda0",
-    "beta0",
-    "r",
-    "smoothing",
-    "feature_kd",
+    *ROW_SETTINGS,
     "student",
     "teacher",
     "teacher_ckpt",
@@ -117,7 +120,7 @@ def read_log(folder):
 def check_train_flags(train_flags):
     """--train_flags may not set what the sweep sets: refused before any run, naming the flag."""
     for flag in train_flags.split():
-        key = flag.removeprefix("--").split("=")[0]
+        key = setting_of(flag)
         if key in SWEEP_SETS:
             raise SystemExit(
                 f"sweep.py: --train_flags sets --{key}, which the sweep sets itself or reads its runs by "
